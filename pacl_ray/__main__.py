@@ -1,0 +1,3 @@
+from pacl_ray.cli import main
+
+raise SystemExit(main())

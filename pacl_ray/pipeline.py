@@ -1,0 +1,65 @@
+"""Chaining the stages. Each ``stage_*`` function returns the stage's output, running it only
+when its content key has no complete output yet, and running any missing upstream stage first.
+
+    ingest -> partition (scores, then thresholds) -+
+           -> embed -> cluster --------------------+-> train -> evaluate
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pacl_ray.cache import StageOutput
+from pacl_ray.config import RunConfig
+
+
+def stage_ingest(cfg: RunConfig) -> StageOutput:
+    from pacl_ray.ingest import run_ingest
+
+    return run_ingest(cfg)
+
+
+def stage_scores(cfg: RunConfig) -> StageOutput:
+    """Model scores of every pair (the expensive half of partitioning; independent of sigma)."""
+    from pacl_ray.partition import run_scoring
+
+    return run_scoring(cfg, stage_ingest(cfg))
+
+
+def stage_partition(cfg: RunConfig) -> StageOutput:
+    """Scores thresholded at the configured sigma (cheap; re-run per sigma)."""
+    from pacl_ray.partition import run_partition
+
+    return run_partition(cfg, stage_scores(cfg))
+
+
+def stage_embed(cfg: RunConfig) -> StageOutput:
+    from pacl_ray.embed import run_embed
+
+    return run_embed(cfg, stage_ingest(cfg))
+
+
+def stage_cluster(cfg: RunConfig) -> StageOutput:
+    from pacl_ray.cluster import run_cluster
+
+    return run_cluster(cfg, stage_embed(cfg))
+
+
+@dataclass
+class PipelineResult:
+    partition: StageOutput
+    cluster: StageOutput
+    train: Any  # pacl_ray.train.TrainResult
+
+
+def stage_train(cfg: RunConfig) -> Any:
+    from pacl_ray.train import run_train
+
+    return run_train(
+        cfg,
+        ingest=stage_ingest(cfg),
+        partition=stage_partition(cfg),
+        embed=stage_embed(cfg),
+        cluster=stage_cluster(cfg),
+    )
