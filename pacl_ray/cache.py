@@ -32,10 +32,11 @@ class StageOutput:
 
 
 def _jsonable(obj: Any) -> Any:
+    # An upstream stage is identified by its content key, never by where it was written.
+    if isinstance(obj, StageOutput):
+        return {"stage": obj.stage, "key": obj.key}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
-    if isinstance(obj, StageOutput):
-        return obj.key
     return str(obj)
 
 
