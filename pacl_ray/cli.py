@@ -105,6 +105,26 @@ def main(argv: list[str] | None = None) -> int:
         print(config_mod.dump_config(cfg))
         return 0
 
+    try:
+        return _run_stage(args, cfg)
+    except _user_errors() as err:
+        # Bad input, not a bug: the message names the file, row and field; no traceback.
+        print(f"pacl-ray {args.stage}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's data or settings, reported without a traceback."""
+    from pacl_ray.datasets import DatasetError
+    from pacl_ray.evaluate import ExportError, TaskSpecError
+    from pacl_ray.ingest import IngestError
+    from pacl_ray.kmeans import NotEnoughPointsError
+
+    return (config_mod.ConfigError, IngestError, NotEnoughPointsError, DatasetError,
+            TaskSpecError, ExportError, FileNotFoundError)
+
+
+def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
     from pacl_ray import pipeline
     from pacl_ray.runtime import init_ray
 
@@ -123,8 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         from pacl_ray.evaluate import main as evaluate_main
 
         return evaluate_main(cfg, backbone=args.backbone)
-    else:  # run
+    else:  # run: the whole pipeline, then the export against its initial weights
         out = pipeline.stage_train(cfg)
+        print(f"train: {out.uri} (exported {out.backbone_checkpoint})")
+        if not cfg.evaluate.tasks:
+            print("run: no evaluate.tasks set; skipping evaluation")
+            return 0
+        from pacl_ray.evaluate import main as evaluate_main
+
+        return evaluate_main(cfg, backbone=out.backbone_checkpoint.rsplit("/", 1)[0])
     print(f"{args.stage}: {out}")
     return 0
 

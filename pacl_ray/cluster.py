@@ -239,18 +239,23 @@ def feature_files(embed: StageOutput) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def choose_num_shards(cfg: RunConfig, n: int, use_gpu: bool) -> int:
-    """cluster.num_shards, or one per 50k rows, capped by what the Ray cluster can host."""
+def choose_num_shards(cfg: RunConfig, n: int) -> tuple[int, bool]:
+    """(shards, actors on GPU): cluster.num_shards, or one per 50k rows, capped by what the Ray
+    cluster can host (one GPU per actor when it has GPUs and cluster.use_gpu, else one CPU)."""
     from pacl_ray import runtime
 
     wanted = cfg.cluster.num_shards or max(1, math.ceil(n / ROWS_PER_SHARD))
     if wanted <= 1:
-        return 1
+        return 1, False
+    runtime.init_ray(cfg.ray)
+    use_gpu = cfg.cluster.use_gpu and runtime.cluster_gpus() > 0
     capacity = runtime.cluster_gpus() if use_gpu else runtime.cluster_cpus()
-    return max(1, min(wanted, int(capacity) or 1, n))
+    return max(1, min(wanted, int(capacity) or 1, n)), use_gpu
 
 
-def _write_outputs(uri: str, ids: pa.Array, ks: list[int], results: dict[str, dict[int, kmeans.KMeansResult]]) -> dict:
+def _write_outputs(
+    uri: str, ids: pa.Array, ks: list[int], results: dict[str, dict[int, kmeans.KMeansResult]], num_shards: int
+) -> dict:
     from safetensors.numpy import save as save_safetensors
 
     columns = {schema.ID: ids}
@@ -264,7 +269,7 @@ def _write_outputs(uri: str, ids: pa.Array, ks: list[int], results: dict[str, di
     for k in ks:
         blob = save_safetensors({m: results[m][k].centroids for m in MODALITY_COLUMNS})
         storage.write_bytes(storage.join(uri, "centroids", f"k{k}.safetensors"), blob)
-    report = {"num_points": len(ids), "ks": ks, "per_k": {}}
+    report = {"num_points": len(ids), "num_shards": num_shards, "ks": ks, "per_k": {}}
     for k in ks:
         report["per_k"][str(k)] = {
             m: {
@@ -301,15 +306,11 @@ def run_cluster(cfg: RunConfig, embed: StageOutput) -> StageOutput:
     what = f"cluster: features {embed.path('features')}"
     for k in ks:
         kmeans.check_enough_points(n, k, what)
-    from pacl_ray import runtime
-
-    use_gpu = cfg.cluster.use_gpu and runtime.cluster_gpus() > 0
-    num_shards = choose_num_shards(cfg, n, use_gpu)
+    num_shards, use_gpu = choose_num_shards(cfg, n)
     everything = ParquetSlice(files, 0, n)
     if num_shards == 1:
         shards: list[Any] = [ShardWorker(everything, use_gpu=cfg.cluster.use_gpu)]
     else:
-        runtime.init_ray(cfg.ray)
         shards = shard_actors(everything, num_shards, use_gpu=use_gpu)
     try:
         results = {
@@ -324,9 +325,8 @@ def run_cluster(cfg: RunConfig, embed: StageOutput) -> StageOutput:
                 ray.kill(actor)
     ids = read_parquet_slice(everything, [schema.ID])[schema.ID].combine_chunks()
     storage.delete_dir(uri)  # leftovers of an interrupted run
-    report = _write_outputs(uri, ids, ks, results)
+    report = _write_outputs(uri, ids, ks, results, num_shards)
     config_mod.save_config(cfg, uri)
-    report["num_shards"] = num_shards
     cache.mark_complete(uri, report)
     print(format_report(report))
     return StageOutput(STAGE, key, uri, cached=False)

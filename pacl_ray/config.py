@@ -30,7 +30,7 @@ class RayConfig:
     """How to reach Ray. An empty address starts (or joins) a local instance."""
 
     address: str = ""
-    num_cpus: Optional[int] = None  # local instance only; None = all cores
+    num_cpus: Optional[int] = None  # local instance only; None = max(cores, 8) logical CPUs
     num_gpus: Optional[int] = None  # local instance only; None = autodetect
 
 

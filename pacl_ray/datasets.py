@@ -43,8 +43,8 @@ Layouts (``ROOT`` is the path given in the task spec; see :mod:`pacl_ray.evaluat
 
   - ``ROOT/{train,val,test}.csv`` with a header and columns ``image,level1,level2,level3`` (class
     names; ``image`` relative to ``ROOT``), ``val.csv`` optional; or
-  - the published lists ``ROOT/train25.txt`` and ``ROOT/test25.txt``: one ``<url-or-path> <label>``
-    per line, ``label`` an index 0-24 into the 25 fine emotions in alphabetical order
+  - the published lists ``ROOT/train25.txt`` and ``ROOT/test25.txt`` (optional ``val25.txt``): one
+    ``<url-or-path> <label>`` per line, ``label`` an index 0-24 into the 25 fine emotions in alphabetical order
     (:data:`WEBEMO_FINE`), images downloaded to ``ROOT/images/<basename of the url>``. Levels 1 and
     2 come from :data:`WEBEMO_HIERARCHY`, or from ``ROOT/hierarchy.csv`` (columns
     ``level3,level2,level1``) when present.
@@ -68,10 +68,8 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
-import io
 import json
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -173,36 +171,17 @@ class _Record:
 
 
 def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
-    """Validate one image file: None when it decodes fully, else ``(reason, detail)`` with reason in
-    :data:`pacl_ray.schema.QUARANTINE_REASONS`."""
-    from PIL import Image, UnidentifiedImageError
+    """Validate one image file (local path or pyarrow URI) with ingest's shared checks: None when
+    it decodes fully, else ``(reason, detail)`` with reason in :data:`pacl_ray.schema.QUARANTINE_REASONS`
+    (missing_file, unreadable_file, zero_size_image, decompression_bomb, corrupt_image,
+    truncated_image)."""
+    from pacl_ray.ingest import Rejected, read_image_file
+    from pacl_ray.ingest import check_image as check_image_bytes
 
-    if not os.path.exists(path):
-        return "missing_file", f"{path} does not exist"
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        return "unreadable_file", f"{path}: {err}"
-    if not data:
-        return "zero_size_image", f"{path} is an empty file"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width == 0 or height == 0:
-                    return "zero_size_image", f"{path} is {width}x{height}"
-                if width * height > max_pixels:
-                    return "decompression_bomb", f"{path} is {width}x{height} > {max_pixels} pixels"
-                image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            return "decompression_bomb", f"{path}: {err}"
-        except UnidentifiedImageError as err:
-            return "corrupt_image", f"{path}: {err}"
-        except (OSError, SyntaxError, ValueError) as err:
-            reason = "truncated_image" if "truncat" in str(err).lower() else "corrupt_image"
-            return reason, f"{path}: {err}"
+        check_image_bytes(read_image_file(path), max_pixels)
+    except Rejected as err:
+        return err.reason, err.detail if path in err.detail else f"{path}: {err.detail}"
     return None
 
 
@@ -374,17 +353,10 @@ def _read_class_folders(
     splits = _split_dirs(root)
     records: list[_Record] = []
     if splits:
-        found = classes
+        if classes is None:  # a split may lack a rare class: the classes are the union
+            classes = sorted({d for directory in splits.values() for d in _subdirs(directory)})
         for split, directory in splits.items():
-            found_here, part = _class_folder_records(directory, name, classes, split, quarantine)
-            if found is None:
-                found = found_here
-            elif classes is None and found_here != found:
-                raise DatasetError(
-                    f"{name}: {directory} has classes {found_here}, but the other split has {found}"
-                )
-            records.extend(part)
-        classes = found
+            records.extend(_class_folder_records(directory, name, classes, split, quarantine)[1])
     else:
         classes, records = _class_folder_records(root, name, classes, None, quarantine)
     if not classes or not records:

@@ -86,9 +86,9 @@ def _autocast(device, precision: str):
 class ImageFeatureExtractor:
     """Actor UDF: pixels [B, 3, H, W] -> the initial backbone's pooled features [B, D_image]."""
 
-    def __init__(self, backbone: str, pretrained: str, checkpoint: str, precision: str):
+    def __init__(self, backbone: str, pretrained: str, checkpoint: str, input_size: int, precision: str):
         self.device = models.default_device()
-        self.model = models.create_backbone(backbone, pretrained, checkpoint).model
+        self.model = models.create_backbone(backbone, pretrained, checkpoint, input_size).model
         self.model.to(self.device).eval().requires_grad_(False)
         self.precision = precision
 
@@ -127,7 +127,7 @@ def embed_key(cfg: RunConfig, ingest: StageOutput) -> str:
     m = cfg.model
     checkpoint = cache.file_fingerprint(m.backbone_checkpoint) if m.backbone_checkpoint else ""
     return cache.content_key(
-        STAGE, ingest, m.backbone, m.backbone_pretrained, checkpoint,
+        STAGE, ingest, m.backbone, m.backbone_pretrained, checkpoint, m.backbone_input_size,
         m.text_encoder, m.text_pooling, m.text_max_length, cfg.embed.feature_dtype,
     )
 
@@ -148,9 +148,13 @@ def parquet_rows(uri: str) -> int:
 
 
 def _actor_resources(cfg: RunConfig) -> dict:
+    import ray
+
     from pacl_ray import runtime
 
-    kwargs: dict = dict(concurrency=cfg.embed.concurrency, batch_size=cfg.embed.batch_size)
+    kwargs: dict = dict(
+        compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency), batch_size=cfg.embed.batch_size
+    )
     if runtime.cluster_gpus() > 0:
         kwargs["num_gpus"] = cfg.embed.num_gpus
     return kwargs
@@ -170,7 +174,7 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
     runtime.init_ray(cfg.ray)
     m = cfg.model
     # The driver builds the backbone once only to learn its eval transform and feature width.
-    backbone = models.create_backbone(m.backbone, m.backbone_pretrained, m.backbone_checkpoint)
+    backbone = models.create_backbone(m.backbone, m.backbone_pretrained, m.backbone_checkpoint, m.backbone_input_size)
     transform, image_dim = backbone.eval_transform, backbone.num_features
     del backbone
     pairs_uri = ingest.path("pairs")
@@ -181,7 +185,7 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
         ImageFeatureExtractor,
         fn_constructor_kwargs=dict(
             backbone=m.backbone, pretrained=m.backbone_pretrained, checkpoint=m.backbone_checkpoint,
-            precision=cfg.embed.precision,
+            input_size=m.backbone_input_size, precision=cfg.embed.precision,
         ),
         **_actor_resources(cfg),
     )

@@ -133,7 +133,10 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         "backbone_file": BACKBONE_FILE,
         "heads_file": HEADS_FILE,
         "load_with": loader,
-        "image_size": cfg.train.image_size or None,
+        "image_size": cfg.train.image_size or cfg.model.backbone_input_size or None,
+        # The initial weights, so evaluation can compare "X" with "X + PACL".
+        "backbone_pretrained": cfg.model.backbone_pretrained,
+        "backbone_checkpoint": cfg.model.backbone_checkpoint,
         "image_dim": int(model.image_head.in_features),
         "text_dim": int(text_dim),
         "embed_dim": int(model.image_head.out_features),

@@ -29,7 +29,6 @@ import json
 import math
 import posixpath
 import warnings
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
@@ -152,6 +151,11 @@ def check_image(data: bytes, max_image_pixels: int) -> tuple[bytes, int, int, Op
         Image.MAX_IMAGE_PIXELS = previous_limit
 
 
+def _broken_image_reason(err: Exception) -> str:
+    """Pillow reports a cut-off file as an OSError mentioning truncation; anything else is corrupt."""
+    return "truncated_image" if isinstance(err, OSError) and "truncated" in str(err).lower() else "corrupt_image"
+
+
 def _check_image(data: bytes, Image, UnidentifiedImageError) -> tuple[bytes, int, int, Optional[str]]:
     bomb_errors = (Image.DecompressionBombError, Image.DecompressionBombWarning)
     with warnings.catch_warnings():
@@ -162,8 +166,8 @@ def _check_image(data: bytes, Image, UnidentifiedImageError) -> tuple[bytes, int
             raise Rejected("decompression_bomb", "image", str(err)) from err
         except UnidentifiedImageError as err:
             raise Rejected("corrupt_image", "image", f"not a recognised image ({len(data)} bytes)") from err
-        except Exception as err:
-            raise Rejected("corrupt_image", "image", f"{type(err).__name__}: {err}") from err
+        except Exception as err:  # e.g. OSError "Truncated File Read" inside the header
+            raise Rejected(_broken_image_reason(err), "image", f"{type(err).__name__}: {err}") from err
         width, height = image.size
         if width <= 0 or height <= 0:
             raise Rejected("zero_size_image", "image", f"{width}x{height} pixels")
@@ -171,11 +175,8 @@ def _check_image(data: bytes, Image, UnidentifiedImageError) -> tuple[bytes, int
             image.load()
         except bomb_errors as err:
             raise Rejected("decompression_bomb", "image", str(err)) from err
-        except OSError as err:
-            reason = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
-            raise Rejected(reason, "image", str(err)) from err
-        except Exception as err:  # Pillow raises SyntaxError/ValueError for some broken streams
-            raise Rejected("corrupt_image", "image", f"{type(err).__name__}: {err}") from err
+        except Exception as err:  # Pillow raises OSError/SyntaxError/ValueError for broken streams
+            raise Rejected(_broken_image_reason(err), "image", f"{type(err).__name__}: {err}") from err
     if image.mode == "RGB":
         return data, width, height, None
     fmt = "JPEG" if image.format == "JPEG" else "PNG"
@@ -262,6 +263,11 @@ def _as_str(value: Any) -> Optional[str]:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _optional(value: Any) -> Any:
+    """Optional columns: blank strings (empty CSV cells) mean absent."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _as_anps(value: Any) -> Optional[str]:
     import numpy as np
 
@@ -304,11 +310,12 @@ def _blank_record(source: str) -> dict:
 def _fill_optional(record: dict, row: dict) -> None:
     """Copy the optional columns, turning bad values into a bad_value verdict on the record."""
     try:
-        record["anps"] = _as_anps(row.get("anps"))
-        record["factual_score"] = _as_float(row.get("factual_score"), "factual_score")
-        record["emotional_score"] = _as_float(row.get("emotional_score"), "emotional_score")
-        record["label"] = _as_str(row.get("label", row.get("emotion_label")))
-        record["planted_partition"] = _as_planted(row.get("planted_partition"))
+        record["anps"] = _as_anps(_optional(row.get("anps")))
+        record["factual_score"] = _as_float(_optional(row.get("factual_score")), "factual_score")
+        record["emotional_score"] = _as_float(_optional(row.get("emotional_score")), "emotional_score")
+        label = row.get("label") if _present(row.get("label")) else row.get("emotion_label")
+        record["label"] = _as_str(_optional(label))
+        record["planted_partition"] = _as_planted(_optional(row.get("planted_partition")))
     except Rejected as bad:
         record.update(reason=bad.reason, field=bad.field, detail=bad.detail)
 
@@ -350,12 +357,12 @@ def normalize_webdataset_row(row: dict) -> dict:
     record = _blank_record(f"{row.get('__url__') or row.get('path')}#{row['__key__']}")
     record["id"] = posixpath.basename(str(row["__key__"]))
     for suffix in IMAGE_SUFFIXES:
-        if row.get(suffix) is not None:
+        if _present(row.get(suffix)):
             record["image_bytes"] = bytes(row[suffix])
             record["image_name"] = f"{record['source']}.{suffix}"
             break
     meta: dict = {}
-    if row.get("json") is not None:
+    if _present(row.get("json")):
         try:
             meta = json.loads(bytes(row["json"]).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -363,7 +370,7 @@ def normalize_webdataset_row(row: dict) -> dict:
             return record
         if not isinstance(meta, dict):
             meta = {}
-    if row.get("txt") is not None:
+    if _present(row.get("txt")):
         record["text_bytes"] = bytes(row["txt"])
     else:
         record["text"] = _as_str(meta.get("caption", meta.get("text")))
@@ -381,7 +388,8 @@ def _manifest_batches(ds, uri_of_path: dict) -> list[pa.Table]:
     """
     row_numbers: dict[str, int] = {}
     tables = []
-    for df in ds.iter_batches(batch_format="pandas", batch_size=4096):
+    # Small tables, so that validation (one task per block) runs in parallel.
+    for df in ds.iter_batches(batch_format="pandas", batch_size=4 * VALIDATE_BATCH_SIZE):
         records = []
         for row in df.to_dict("records"):
             path = row.pop("path", None)
@@ -468,7 +476,6 @@ def _fs_paths(uris: list[str]) -> dict:
 
 def read_records(manifest: str, fmt: str, files: list[str]):
     """A Ray Dataset of normalised :data:`RECORD` rows for any supported input format."""
-    import pyarrow.csv as pacsv
     import ray
 
     if fmt in ("jsonl", "csv", "parquet"):

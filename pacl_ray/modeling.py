@@ -66,9 +66,11 @@ def _resize_timm_backbone(backbone: models.Backbone, image_size: int) -> models.
 
 
 def build_backbone(cfg: RunConfig) -> models.Backbone:
-    """The configured backbone, at ``cfg.train.image_size`` px when that is set (timm only)."""
+    """The configured backbone at ``model.backbone_input_size`` (as the embed stage saw it), or at
+    ``cfg.train.image_size`` px when that is set (timm only)."""
     backbone = models.create_backbone(
-        cfg.model.backbone, cfg.model.backbone_pretrained, cfg.model.backbone_checkpoint
+        cfg.model.backbone, cfg.model.backbone_pretrained, cfg.model.backbone_checkpoint,
+        cfg.model.backbone_input_size,
     )
     size = cfg.train.image_size
     if size and size != backbone.image_size:

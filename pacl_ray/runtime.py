@@ -20,7 +20,20 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **kwargs)
+        ray.init(num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus, **kwargs)
+
+
+# A pipeline holds several Ray Data actor pools, their read/decode tasks and Train workers at
+# once; with logical CPUs = physical cores, a 2-core laptop deadlocks waiting for a free CPU.
+# Ray's CPU resource is a scheduling token, so a local instance gets at least this many.
+MIN_LOCAL_LOGICAL_CPUS = 8
+
+
+def local_num_cpus(cfg: RayConfig) -> int:
+    """Logical CPUs for a local Ray instance: ``cfg.num_cpus``, else max(cores, 8)."""
+    if cfg.num_cpus:
+        return cfg.num_cpus
+    return max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS)
 
 
 def cluster_gpus() -> float:

@@ -16,6 +16,7 @@ Pure: no Ray. A space file looks like::
     metric: {name: fi/Acc-8, mode: max}
     resources: {workers_per_trial: 1, use_gpu: true}
     asha: {grace_period: 1, reduction_factor: 2}
+    max_failures: 1              # retries of a trial whose process died (lost node)
 
 ``one_at_a_time`` is the paper's Table 5: each searched key is varied alone, every other key at
 its adopted (fixed or default) value; the all-adopted trial is run once and shared by every key.
@@ -43,7 +44,7 @@ DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
 MODES = ("one_at_a_time", "product")
 TOP_LEVEL_KEYS = (
     "name", "mode", "num_samples", "seed", "fixed", "search", "baselines", "downstream",
-    "metric", "resources", "asha",
+    "metric", "resources", "asha", "max_failures",
 )
 
 
@@ -107,17 +108,21 @@ class Resources:
 
     workers_per_trial: int = 1
     use_gpu: Optional[bool] = None  # None = when the cluster has GPUs
-    trial_cpus: float = 0.0
+    trial_cpus: float = 1.0  # Ray Tune needs the trial process to reserve something (> 0)
     trial_gpus: float = 0.0
     max_concurrent: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
 
 
 @dataclass(frozen=True)
 class Asha:
-    """Asynchronous successive halving over training epochs (Ray Tune's ``ASHAScheduler``)."""
+    """Asynchronous successive halving over training epochs (Ray Tune's ``ASHAScheduler``).
 
-    metric: str = "loss"  # a per-epoch training metric the train stage reports
+    It acts on what the training stage reports while training (the downstream metric only exists
+    once a trial has finished), so its default is the training loss at equal epochs."""
+
+    metric: str = "total"  # a metric the train stage reports per step/epoch
     mode: str = "min"
+    time_attr: str = "epoch"
     grace_period: int = 1
     reduction_factor: float = 2.0
     max_t: int = 0  # 0 = train.epochs
@@ -137,6 +142,7 @@ class SweepSpace:
     metric: Optional[Metric]
     resources: Resources
     asha: Optional[Asha]
+    max_failures: int = 1  # retries of a trial whose process died (e.g. its node was reclaimed)
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,8 @@ def parse_domain(where: str, key: str, spec: Any) -> Domain:
     annotation = _leaf_type(key)
     if annotation is int:
         raise SpaceError(f"{where}.{kind}: {key} is an integer key; use grid or choice")
+    if annotation not in (float, Optional[float]):
+        raise SpaceError(f"{where}.{kind}: {key} is not a number key; use grid or choice")
     _check_config_value(f"{where}.{kind}", key, low)
     return Domain(kind, (), low, high)
 
@@ -380,6 +388,9 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
     _check_number(f"{path}: resources.trial_cpus", resources.trial_cpus)
     _check_number(f"{path}: resources.trial_gpus", resources.trial_gpus)
     _check_number(f"{path}: resources.max_concurrent", resources.max_concurrent, integer=True)
+    if resources.trial_cpus + resources.trial_gpus <= 0:
+        raise SpaceError(f"{path}: resources.trial_cpus: the trial process must reserve some CPU or GPU "
+                         f"(e.g. 0.1); Ray Tune cannot schedule a trial that reserves nothing")
     if resources.use_gpu not in (None, True, False):
         raise SpaceError(f"{path}: resources.use_gpu: expected true, false or null")
 
@@ -393,11 +404,14 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
         if asha.mode not in ("max", "min"):
             raise SpaceError(f"{path}: asha.mode: expected max or min, got {asha.mode!r}")
 
+    max_failures = data.get("max_failures", 1)
+    _check_number(f"{path}: max_failures", max_failures, integer=True)
+
     name = data.get("name") or _stem(path)
     return SweepSpace(
         path=path, name=str(name), mode=mode, num_samples=num_samples, seed=seed,
         fixed=fixed_nested, search=search, baselines=baselines, downstream=tuple(downstream),
-        metric=metric, resources=resources, asha=asha,
+        metric=metric, resources=resources, asha=asha, max_failures=max_failures,
     )
 
 

@@ -200,25 +200,19 @@ def load_training_table(
     )
 
 
-class _JoinMeta:
-    """Ray Data UDF: add the row's metadata (looked up by id) to a batch of (id, image)."""
-
-    def __init__(self, meta: pa.Table, where: str):
-        self.meta = meta
-        self.ids = meta.column(schema.ID).to_numpy(zero_copy_only=False).astype(str)
-        self.where = where
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column(schema.ID).to_numpy(zero_copy_only=False).astype(str)
-        idx = np.searchsorted(self.ids, ids)
-        ok = (idx < len(self.ids)) & (self.ids[np.minimum(idx, len(self.ids) - 1)] == ids)
-        if not ok.all():
-            raise ValueError(f"{self.where}: id {ids[~ok][0]!r} has no metadata row")
-        meta = self.meta.take(pa.array(idx)).drop_columns([schema.ID])
-        out = batch.select([schema.ID, "image"])
-        for name in meta.column_names:
-            out = out.append_column(name, meta.column(name))
-        return out
+def _join_meta(batch: pa.Table, meta: pa.Table, where: str) -> pa.Table:
+    """Ray Data UDF: add each pair's metadata row (looked up by id) to a batch of (id, image)."""
+    meta_ids = meta.column(schema.ID).to_numpy(zero_copy_only=False).astype(str)
+    ids = batch.column(schema.ID).to_numpy(zero_copy_only=False).astype(str)
+    idx = np.searchsorted(meta_ids, ids)
+    ok = (idx < len(meta_ids)) & (meta_ids[np.minimum(idx, len(meta_ids) - 1)] == ids)
+    if not ok.all():
+        raise ValueError(f"{where}: id {ids[~ok][0]!r} has no metadata row")
+    rows = meta.take(pa.array(idx)).drop_columns([schema.ID])
+    out = batch.select([schema.ID, "image"])
+    for name in rows.column_names:
+        out = out.append_column(name, rows.column(name))
+    return out
 
 
 def build_dataset(ingest: StageOutput, meta: pa.Table):
@@ -227,8 +221,7 @@ def build_dataset(ingest: StageOutput, meta: pa.Table):
 
     pairs = ray.data.read_parquet(ingest.path("pairs"), columns=[schema.ID, "image"])
     joined = pairs.map_batches(
-        _JoinMeta, fn_constructor_kwargs=dict(meta=meta, where=f"ingest pairs ({ingest.path('pairs')})"),
-        batch_format="pyarrow", concurrency=1,
+        _join_meta, fn_kwargs=dict(meta=meta, where=f"ingest pairs ({ingest.path('pairs')})"), batch_format="pyarrow",
     )
     return joined.materialize()
 
@@ -278,16 +271,12 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
 def rank_batches(base, partition_by_row: np.ndarray, phase: tuple[int, ...], epoch: int, start_step: int,
                  rank: int, world_size: int, global_batch: int, seed: int, transform, device) -> Iterator[dict]:
     """This rank's batches of the epoch from global step ``start_step`` on, in global order."""
-    import ray.data
     from ray.data.expressions import col
 
     lo, hi = rank_slots(global_batch, rank, world_size)
     positions = epoch_positions(partition_by_row, phase, seed, epoch, global_batch)
     if hi == lo or (positions >= start_step * global_batch).sum() == 0:
         return iter(())
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
     ds = base.filter(expr=col("partition").is_in(list(phase)))  # the phase's data (Eqs. 15-17)
     ds = ds.map_batches(
         _select_rank_rows, fn_kwargs=dict(positions=positions, lo=lo, hi=hi, global_batch=global_batch, start_step=start_step),
@@ -295,6 +284,9 @@ def rank_batches(base, partition_by_row: np.ndarray, phase: tuple[int, ...], epo
     )
     ds = ds.sort("position")
     ds = ds.map_batches(_decode_batch, fn_kwargs=dict(transform=transform, seed=seed, epoch=epoch), batch_format="pyarrow", batch_size=32)
+    # The dataset carries the driver's DataContext; order must survive every operator after sort.
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
     return ds.iter_torch_batches(batch_size=hi - lo, device=device, prefetch_batches=2, drop_last=False)
 
 
@@ -314,13 +306,14 @@ def _optimizer(model, cfg: RunConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def _step_metrics(losses: dict, partition: torch.Tensor, optimizer, epoch: int, phase, global_step: int, seconds: float) -> dict:
+def _step_metrics(losses: dict, partition: torch.Tensor, optimizer, epoch: int, phase, global_step: int) -> dict:
+    """One step's metrics (time and throughput are filled in once the step is done)."""
     n = max(int(partition.numel()), 1)
     row = {"global_step": global_step, "epoch": epoch, "phase": "".join(map(str, phase))}
     row.update({k: float(losses[k].detach()) for k in (*PHASE_COLUMNS, "total")})
     row.update({f"share_{k}": float((partition == k).sum()) / n for k in loss.PARTITION_CODES})
     row.update({f"lr_{g['name']}": float(g["lr"]) for g in optimizer.param_groups})
-    row.update({"batch_size": int(partition.numel()), "step_time_s": seconds, "samples_per_s": partition.numel() / max(seconds, 1e-9)})
+    row["batch_size"] = int(partition.numel())
     return row
 
 
@@ -369,6 +362,8 @@ def _unwrap(model):
 
 
 def load_state(checkpoint_dir: str) -> dict:
+    """The training state saved in a (local) checkpoint directory: model, optimizer, scheduler,
+    counters (epoch, step_in_epoch, global_step) and step_rows (the per-step metric log)."""
     return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
 
 
@@ -395,18 +390,20 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model, backbone = build_model(cfg, config["text_dim"])
-    optimizer, scheduler = _optimizer(model, cfg, total_steps)
-    epoch, step_in_epoch, global_step, step_rows = 0, 0, 0, []
+    epoch, step_in_epoch, global_step, step_rows, state = 0, 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_state(directory)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         epoch, step_in_epoch, global_step = (state["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
         step_rows = state["step_rows"]
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model)  # to the device (+ DDP when W > 1)
+    # The optimiser is built on the moved parameters so its restored state lands on their device.
+    optimizer, scheduler = _optimizer(_unwrap(model), cfg, total_steps)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
     amp_dtype = models.autocast_dtype(cfg.train.precision, device)
     writer = _tensorboard(config["run_uri"]) if rank == 0 else None
 
@@ -436,7 +433,7 @@ def train_loop_per_worker(config: dict) -> None:
             losses["total"].backward()
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            row = _step_metrics(losses, partition, optimizer, epoch, phase, global_step, 0.0)
+            row = _step_metrics(losses, partition, optimizer, epoch, phase, global_step)
             optimizer.step()
             scheduler.step()
             global_step += 1
@@ -523,9 +520,17 @@ def _scaling_config(cfg: RunConfig):
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu), use_gpu
 
 
+def _checkpoint_uri(run_uri: str, path: str) -> str:
+    """A Ray checkpoint's path as a URI of the same kind as the run directory."""
+    return f"{run_uri.split('://', 1)[0]}://{path.lstrip('/')}" if storage.is_remote(run_uri) else path
+
+
 def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed: StageOutput, cluster: StageOutput,
-              *, fault: Optional[FaultInjection] = None) -> TrainResult:
-    """Train (or resume, or take from the cache) and export; see the module docstring."""
+              *, fault: Optional[FaultInjection] = None, callbacks: Optional[list] = None) -> TrainResult:
+    """Train (or resume, or take from the cache) and export; see the module docstring.
+
+    ``callbacks`` go to Ray Train's ``RunConfig`` (e.g. Tune's ``TuneReportCallback`` so that a
+    sweep's scheduler sees every report of a trial's training)."""
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -565,6 +570,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
             name="ray_train", storage_path=uri,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
         ),
     )
     result = trainer.fit()
@@ -584,7 +590,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     final = {**history[-1], "total_steps": sum(steps), "num_pairs": meta.num_rows}
     cache.mark_complete(uri, {
         "backbone_checkpoint": exported.backbone, "heads_checkpoint": exported.heads,
-        "export_info": exported.info, "checkpoint": result.checkpoint.path, "history": history,
+        "export_info": exported.info, "checkpoint": _checkpoint_uri(uri, result.checkpoint.path), "history": history,
         "final_metrics": final,
     })
     return _result_from_summary(uri, key, cached=False)

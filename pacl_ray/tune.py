@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import io
 import json
 import math
@@ -47,8 +46,7 @@ from pacl_ray.spaces import (
 
 DEFAULT_SPACE = "default"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Columns of evaluate_backbone rows that describe the row rather than measure it.
-ROW_META_KEYS = ("task", "label", "backbone", "checkpoint", "protocol", "split", "kind", "type", "name")
+INSTALLED_SPACES_ROOT = Path(sys.prefix) / "share" / "pacl_ray"  # pip install . puts tune_spaces/ here
 
 
 # --------------------------------------------------------------------------- space files
@@ -58,14 +56,15 @@ def resolve_space_path(name: str, cwd: str | None = None) -> str:
     """A space given as a path, a file in ``tune_spaces/``, or a bare name like ``table5_sigma``.
 
     Looked up relative to the working directory first, then to the repository root beside the
-    installed package, so it works from a source checkout and from an installed package."""
+    package (a source checkout), then to ``{sys.prefix}/share/pacl_ray`` where ``pip install``
+    puts the shipped ``tune_spaces/`` (pyproject's data-files)."""
     if "://" in name:
         return name
     candidates = [name]
     if not name.endswith((".yaml", ".yml")):
         candidates.append(f"{name}.yaml")
     candidates += [os.path.join("tune_spaces", c) for c in list(candidates) if os.sep not in c and "/" not in c]
-    roots = [Path(cwd or os.getcwd()), REPO_ROOT]
+    roots = [Path(cwd or os.getcwd()), REPO_ROOT, INSTALLED_SPACES_ROOT]
     tried = []
     for root in roots:
         for candidate in candidates:
@@ -145,7 +144,7 @@ def trial_config_dict(base: dict, trial: Trial, ks: list[int]) -> dict:
     return config_mod.to_dict(config_mod.from_dict(data))
 
 
-def sweep_fingerprint(base: dict, trial_configs: dict[str, dict]) -> str:
+def sweep_fingerprint(trial_configs: dict[str, dict]) -> str:
     """Identifies a sweep's exact trial list, so a relaunch only restores the same experiment."""
     return cache.content_key("sweep", sorted(trial_configs.items()))
 
@@ -181,57 +180,54 @@ def max_concurrent_trials(space: SweepSpace, num_trials: int, use_gpu: bool,
 
 
 def flatten_rows(rows: list[dict]) -> dict[str, float]:
-    """evaluate_backbone rows (one per task) into ``{"<task>/<column>": value}``."""
+    """evaluate_backbone rows (one per task and protocol) into ``{"<dataset>/<column>": value}``
+    over the metric columns (Acc-C, F1-C, mAP, AUC, MSE, R2). Linear evaluation is the paper's
+    Table 5 protocol; other protocols and zero-shot prompts are suffixed to the dataset name."""
+    from pacl_ray.evaluate import METRIC_COLUMN
+
     out: dict[str, float] = {}
     for i, row in enumerate(rows):
-        task = str(row.get("task") or row.get("name") or f"task{i}")
+        name = str(row.get("dataset") or row.get("task") or f"task{i}").replace("/", "_")
+        if row.get("protocol", "linear") != "linear":
+            name += f"-{row['protocol']}"
+        if row.get("prompt"):
+            name += f"[{row['prompt']}]".replace("/", "_")
         for key, value in row.items():
-            if key in ROW_META_KEYS or isinstance(value, bool):
-                continue
-            if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                out[f"{task}/{key}"] = float(value)
+            if METRIC_COLUMN.match(str(key)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if math.isfinite(float(value)):
+                    out[f"{name}/{key}"] = float(value)
     return out
 
 
-def evaluate_cached(cfg: config_mod.RunConfig, backbone: str, checkpoint: str, label: str,
-                    upstream_key: str = "") -> list[dict]:
-    """evaluate_backbone, cached by content key (model, checkpoint, evaluate config, tasks), so a
-    relaunched sweep and the initial-backbone row are not re-evaluated."""
+def evaluate_rows(cfg: config_mod.RunConfig, backbone: str, checkpoint: str, label: str, out_dir: str) -> list[dict]:
+    """Downstream evaluation of one backbone on ``evaluate.tasks`` (its rows are cached by
+    :mod:`pacl_ray.evaluate`, so a relaunched sweep does not re-train probes)."""
     from pacl_ray.evaluate import evaluate_backbone
 
-    fingerprint = cache.file_fingerprint(checkpoint) if checkpoint and storage.exists(checkpoint) else checkpoint
-    key = cache.content_key("evaluate", backbone, fingerprint, upstream_key, cfg.evaluate,
-                            cfg.model.backbone_input_size, cfg.seed)
-    uri = cache.stage_uri(cfg.output_dir, "evaluate", key)
-    rows_uri = storage.join(uri, "rows.json")
-    if cache.is_complete(uri):
-        return json.loads(storage.read_text(rows_uri))
-    rows = evaluate_backbone(cfg, backbone, checkpoint, list(cfg.evaluate.tasks), uri, label=label)
-    rows = json.loads(json.dumps(rows, default=str))
-    storage.write_text(rows_uri, json.dumps(rows, indent=2))
-    config_mod.save_config(cfg, uri)
-    cache.mark_complete(uri, {"label": label, "backbone": backbone, "checkpoint": checkpoint})
-    return rows
+    return evaluate_backbone(cfg, backbone, checkpoint, list(cfg.evaluate.tasks), out_dir, label=label)
+
+
+def _safe_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^\w.=,+-]+", "_", name)
 
 
 # --------------------------------------------------------------------------- the trial
 
 
 def _call_train(cfg: config_mod.RunConfig, callbacks: list) -> Any:
-    """The training stage with Tune's report callback when the stage accepts callbacks."""
+    """The training stage (its upstream stages are cached) with Tune's report callbacks."""
     from pacl_ray import pipeline
     from pacl_ray.train import run_train
 
-    kwargs: dict = dict(
-        ingest=pipeline.stage_ingest(cfg), partition=pipeline.stage_partition(cfg),
-        embed=pipeline.stage_embed(cfg), cluster=pipeline.stage_cluster(cfg),
+    return run_train(
+        cfg, ingest=pipeline.stage_ingest(cfg), partition=pipeline.stage_partition(cfg),
+        embed=pipeline.stage_embed(cfg), cluster=pipeline.stage_cluster(cfg), callbacks=callbacks,
     )
-    if callbacks and "callbacks" in inspect.signature(run_train).parameters:
-        kwargs["callbacks"] = callbacks
-    return run_train(cfg, **kwargs)
 
 
-def make_trainable(trial_configs: dict[str, dict], driver_cwd: str, report_epochs: bool) -> Callable:
+def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: str, report_epochs: bool) -> Callable:
     """The Tune function trainable: train (a TorchTrainer inside the trial), evaluate, report."""
 
     def pacl_trial(config: dict) -> None:
@@ -247,8 +243,8 @@ def make_trainable(trial_configs: dict[str, dict], driver_cwd: str, report_epoch
 
             callbacks.append(TuneReportCallback())
         result = _call_train(cfg, callbacks)
-        rows = evaluate_cached(cfg, cfg.model.backbone, result.backbone_checkpoint, name,
-                               upstream_key=result.uri)
+        out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
+        rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
         ray.tune.report({
             **metrics, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
@@ -288,6 +284,14 @@ def default_metric(columns: list[str]) -> str:
         if column.split("/", 1)[1].lower().startswith("acc"):
             return column
     return columns[0] if columns else ""
+
+
+def resolve_metric(name: str, columns: list[str]) -> str:
+    """The result column for a space's metric: exact, or ``"<task>/Acc"`` matching ``"<task>/Acc-C"``
+    whatever the class count C; "" when no column matches."""
+    if name in columns:
+        return name
+    return next((c for c in columns if c.startswith(f"{name}-")), "")
 
 
 def table_rows(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
@@ -340,7 +344,7 @@ def _sort_key(value: Any) -> tuple:
 def _fmt_metric(value: Any) -> str:
     if value is None or value == "":
         return "-"
-    return f"{float(value):.4f}"
+    return f"{float(value):.2f}"  # evaluate reports percentages; the paper's precision
 
 
 def results_markdown(rows: list[dict], columns: list[str]) -> str:
@@ -443,7 +447,11 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
                  outcomes: list[TrialOutcome], sweep_dir: str, initial: dict | None = None) -> SweepReport:
     """Table (Markdown + CSV), one plot per searched key, best config and trials.json."""
     columns = metric_columns(outcomes, initial)
-    metric = space.metric.name if space.metric else default_metric(columns)
+    metric = resolve_metric(space.metric.name, columns) if space.metric else default_metric(columns)
+    if space.metric and not metric and columns:
+        metric = default_metric(columns)
+        print(f"[tune] warning: metric {space.metric.name!r} is not a result column "
+              f"({', '.join(columns)}); using {metric!r}", file=sys.stderr)
     mode = space.metric.mode if space.metric else "max"
     rows = table_rows(space, base, outcomes, initial)
     markdown, csv_text = results_markdown(rows, columns), results_csv(rows, columns)
@@ -512,8 +520,8 @@ def run_sweep(
 ) -> tuple[list[TrialOutcome], SweepReport, dict]:
     """Expand, prepare shared stages, run (or restore) the Tune experiment, write the report.
 
-    Returns (outcomes, report, partitions). ``trainable_factory(trial_configs, driver_cwd,
-    report_epochs)`` builds the function trainable (tests substitute a cheap one)."""
+    Returns (outcomes, report, partitions). ``trainable_factory(trial_configs, sweep_dir,
+    driver_cwd, report_epochs)`` builds the function trainable (tests substitute a cheap one)."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -526,7 +534,7 @@ def run_sweep(
         data["train"]["num_workers"] = space.resources.workers_per_trial
         if space.resources.use_gpu is not None:
             data["train"]["use_gpu"] = space.resources.use_gpu
-    fingerprint = sweep_fingerprint(base, trial_configs)
+    fingerprint = sweep_fingerprint(trial_configs)
     sweep_dir = storage.join(base["output_dir"], "sweeps", name)
     experiment_root = storage.join(sweep_dir, "tune")
     experiment_name = f"{name}-{fingerprint[:8]}"
@@ -542,16 +550,16 @@ def run_sweep(
     use_gpu = resolve_use_gpu(space, base, cluster_gpus())
     concurrency = max_concurrent or max_concurrent_trials(
         space, len(trials), use_gpu, cluster_cpus(), cluster_gpus())
-    trainable = trainable_factory(trial_configs, os.getcwd(), space.asha is not None)
+    trainable = trainable_factory(trial_configs, sweep_dir, os.getcwd(), space.asha is not None)
     trainable = ray.tune.with_resources(
         trainable, {"cpu": space.resources.trial_cpus, "gpu": space.resources.trial_gpus})
 
     scheduler = None
     if space.asha is not None:
         epochs = max(int(d["train"]["epochs"]) for d in trial_configs.values())
-        # +1: the downstream evaluation is reported one iteration after the last epoch.
+        # +1: ASHA stops a trial at max_t, and the last epoch must still reach its evaluation.
         scheduler = ASHAScheduler(
-            time_attr="training_iteration", metric=space.asha.metric, mode=space.asha.mode,
+            time_attr=space.asha.time_attr, metric=space.asha.metric, mode=space.asha.mode,
             max_t=(space.asha.max_t or epochs) + 1, grace_period=space.asha.grace_period,
             reduction_factor=space.asha.reduction_factor)
 
@@ -570,7 +578,7 @@ def run_sweep(
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler),
             run_config=ray.tune.RunConfig(
                 name=experiment_name, storage_path=experiment_root,
-                failure_config=ray.tune.FailureConfig(max_failures=0),
+                failure_config=ray.tune.FailureConfig(max_failures=space.max_failures),
             ),
         )
     grid = tuner.fit()
@@ -635,30 +643,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_world(world: Any) -> None:
-    report = getattr(world, "report", {}) or {}
-    print("\n== Embedded world: the affective gap (downstream emotion probe accuracy) ==")
-    for key, value in report.items():
-        print(f"  {key}: {_fmt_report(value)}")
+    from pacl_ray.world import format_report
+
+    print("\n== Embedded world: the affective gap and the planted partitions ==")
+    print(format_report(world.report))
 
 
-def _fmt_report(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt_report(v)}" for k, v in value.items())
-    return str(value)
+def _print_partition(name: str, partition: Any) -> None:
+    from pacl_ray.partition import format_split
 
-
-def _print_partition(partition: Any) -> None:
-    if partition is None:
-        return
     try:
         summary = cache.read_summary(partition.uri)
     except (OSError, ValueError):
         return
-    print("\n== Partition at the adopted sigma (planted split and scorer agreement) ==")
-    for key, value in summary.items():
-        print(f"  {key}: {_fmt_report(value)}")
+    if "partitions" in summary:
+        print(f"\n== Partition of trial {name} (scorer vs the planted split) ==")
+        print(format_split(summary))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -696,21 +696,24 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.ray)
     if world is not None:
         _print_world(world)
-    initial_rows = evaluate_cached(cfg, cfg.model.backbone, cfg.model.backbone_checkpoint, "initial")
-    initial = flatten_rows(initial_rows)
+    sweep_dir = storage.join(base["output_dir"], "sweeps", name)
+    initial = flatten_rows(evaluate_rows(cfg, cfg.model.backbone, cfg.model.backbone_checkpoint, "initial",
+                                         storage.join(sweep_dir, "initial")))
     outcomes, report, partitions = run_sweep(space, base, name, resume=args.resume,
                                              max_concurrent=args.max_concurrent, initial=initial)
-    _print_partition(partitions.get("adopted") or next(iter(partitions.values()), None))
+    if partitions:
+        shown = "adopted" if "adopted" in partitions else next(iter(partitions))
+        _print_partition(shown, partitions[shown])
     print("\n== Initial backbone (before PACL) ==")
     for key, value in initial.items():
-        print(f"  {key}: {value:.4f}")
+        print(f"  {key}: {value:.2f}")
     print(f"\n== Sweep {name}: {report.sweep_dir} ==\n")
     print(report.markdown)
+    print("Exported backbones:")
     for outcome in outcomes:
-        if outcome.backbone:
-            print(f"  {outcome.trial.name}: {outcome.backbone}")
+        print(f"  {outcome.trial.name}: {outcome.backbone or '-'}")
     if report.best is not None:
-        print(f"\n== Best config ({report.metric} = {report.best.metrics[report.metric]:.4f}, "
+        print(f"\n== Best config ({report.metric} = {report.best.metrics[report.metric]:.2f}, "
               f"trial {report.best.trial.name}) -> {storage.join(report.sweep_dir, 'best_config.yaml')} ==\n")
         print(report.best_config_yaml)
     failed = [o for o in outcomes if o.error and o.error != "stopped early"]

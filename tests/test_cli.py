@@ -32,3 +32,12 @@ def test_config_error_exits_2(capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "pacl_ray", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "partition" in out.stdout
+
+
+def test_all_bad_input_exits_1_with_summary(tmp_path, ray_local, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "missing.jpg", "text": "hello"}\n{"image": "gone.png", "text": "  "}\n')
+    code = cli.main(["ingest", "--manifest", str(manifest), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "IngestError" in err and "missing_file" in err

@@ -126,8 +126,8 @@ def test_run_cluster_writes_labels_centroids_report_and_caches(ray_local, tmp_pa
     table = pa.concat_tables([pq.read_table(f) for f in files])
     assert table.schema.equals(schema.labels_schema([2, 4]))
     assert table[schema.ID].to_pylist() == [f"pair-{i:04d}" for i in range(80)]
-    labels4 = load = cluster.load_labels(out, 4)
-    assert load.column_names == ["id", "factual_label", "emotional_label"]
+    labels4 = cluster.load_labels(out, 4)
+    assert labels4.column_names == ["id", "factual_label", "emotional_label"]
     # Grouped rows: the 4 factual groups are contiguous, the 4 emotional groups reversed.
     truth = np.repeat(np.arange(4), 20)
     assert same_partition(np.asarray(labels4["factual_label"]), truth)
