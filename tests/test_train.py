@@ -204,6 +204,7 @@ def test_complete_run_is_cached(runs, tables):
     assert again.cached and again.uri == runs["one"].uri and again.history == runs["one"].history
 
 
+@pytest.mark.slow  # two more Ray Train runs (~90 s); the in-run failure test above covers resume in CI
 def test_interrupted_run_relaunched_continues(ray_local, tables, runs, tmp_path):
     cfg = make_cfg(tmp_path / "relaunch", max_failures=0)
     with pytest.raises(Exception, match="injected failure"):
