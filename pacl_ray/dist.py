@@ -99,15 +99,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / get_world_size()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum of ``tensor`` over ranks (a copy)."""
-    if not is_initialized() or get_world_size() == 1:
-        return tensor
-    out = tensor.detach().clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
-    return out
-
-
 def init_process_group(backend: str, init_method: str, rank: int, world_size: int) -> None:
     """Start a process group (tests and tools; Ray Train starts its own for training)."""
     torch_dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)

@@ -7,7 +7,6 @@ when its content key has no complete output yet, and running any missing upstrea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pacl_ray.cache import StageOutput
@@ -46,14 +45,9 @@ def stage_cluster(cfg: RunConfig) -> StageOutput:
     return run_cluster(cfg, stage_embed(cfg))
 
 
-@dataclass
-class PipelineResult:
-    partition: StageOutput
-    cluster: StageOutput
-    train: Any  # pacl_ray.train.TrainResult
-
-
-def stage_train(cfg: RunConfig) -> Any:
+def stage_train(cfg: RunConfig, callbacks: list | None = None) -> Any:
+    """Training on the four upstream outputs; ``callbacks`` go to Ray Train (a sweep passes
+    Tune's report callback). Returns :class:`pacl_ray.train.TrainResult`."""
     from pacl_ray.train import run_train
 
     return run_train(
@@ -62,4 +56,5 @@ def stage_train(cfg: RunConfig) -> Any:
         partition=stage_partition(cfg),
         embed=stage_embed(cfg),
         cluster=stage_cluster(cfg),
+        callbacks=callbacks,
     )

@@ -216,17 +216,6 @@ def _safe_name(name: str) -> str:
 # --------------------------------------------------------------------------- the trial
 
 
-def _call_train(cfg: config_mod.RunConfig, callbacks: list) -> Any:
-    """The training stage (its upstream stages are cached) with Tune's report callbacks."""
-    from pacl_ray import pipeline
-    from pacl_ray.train import run_train
-
-    return run_train(
-        cfg, ingest=pipeline.stage_ingest(cfg), partition=pipeline.stage_partition(cfg),
-        embed=pipeline.stage_embed(cfg), cluster=pipeline.stage_cluster(cfg), callbacks=callbacks,
-    )
-
-
 def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: str, report_epochs: bool) -> Callable:
     """The Tune function trainable: train (a TorchTrainer inside the trial), evaluate, report."""
 
@@ -242,7 +231,9 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
             from ray.tune.integration.ray_train import TuneReportCallback
 
             callbacks.append(TuneReportCallback())
-        result = _call_train(cfg, callbacks)
+        from pacl_ray import pipeline
+
+        result = pipeline.stage_train(cfg, callbacks=callbacks)
         out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
         rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
