@@ -150,11 +150,12 @@ def cpu_benchmarks(args) -> None:
 
     epochs = [e for e, _ in batches]
     ray_med = statistics.median(steady([r["step_time_s"] for r in ray_rows], epochs))
+    wait_med = statistics.median(steady([r["data_wait_s"] for r in ray_rows], epochs))
     plain_med = min(statistics.median(steady(plain_before, epochs)), statistics.median(steady(plain_after, epochs)))
     ray_losses = [r["total"] for r in ray_rows]
     rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ray_losses, plain_losses))
     print(f"[1] backbone={args.backbone} {args.image_size}px global batch {args.batch}, {len(ray_rows)} steps, 1 worker (CPU, 1 thread)")
-    print(f"    Ray Train step   median {ray_med * 1e3:8.1f} ms")
+    print(f"    Ray Train step   median {ray_med * 1e3:8.1f} ms  (of which waiting for data: {wait_med * 1e3:.1f} ms)")
     print(f"    plain loop step  median {plain_med * 1e3:8.1f} ms  (before/after the Ray run: "
           f"{statistics.median(steady(plain_before, epochs)) * 1e3:.1f} / {statistics.median(steady(plain_after, epochs)) * 1e3:.1f})")
     print(f"    ratio Ray/plain  {ray_med / plain_med:.3f}   (target <= 1.10)")

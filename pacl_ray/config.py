@@ -120,6 +120,9 @@ class TrainConfig:
     global_batch_size: int = 64
     num_workers: int = 1
     max_workers: Optional[int] = None  # set for elastic training: (num_workers, max_workers)
+    # Ray resources of each Train worker, e.g. {CPU: 8, GPU: 1} or a custom node label
+    # {CPU: 1, gpu_node: 1}; empty = Ray Train's default (1 CPU, plus 1 GPU when use_gpu).
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     use_gpu: Optional[bool] = None  # None = when the cluster has GPUs
     lr_backbone: Optional[float] = None  # None = by architecture (SPEC "Paper defaults")
     lr_heads: float = 1e-3
@@ -129,6 +132,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = every epoch only
     max_failures: int = 3
     image_size: int = 0  # 0 = the backbone's own input size
+    # Training augmentation of timm backbones (timm ``create_transform``; open_clip towers keep
+    # open_clip's own train transform): random-resized-crop area range, flip and colour jitter.
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.4
     log_every_steps: int = 10
 
 
@@ -196,6 +204,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (item_type,) = typing.get_args(annotation)
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")

@@ -50,18 +50,25 @@ def head_parameters(model: PACLModel) -> list[nn.Parameter]:
     return [*model.image_head.parameters(), *model.text_head.parameters()]
 
 
-def _resize_timm_backbone(backbone: models.Backbone, image_size: int) -> models.Backbone:
-    """Train/eval at ``image_size`` px with the backbone's own normalisation and interpolation."""
+def _timm_transforms(backbone: models.Backbone, cfg: RunConfig, image_size: int = 0) -> models.Backbone:
+    """Rebuild a timm backbone's transforms with the configured train augmentation, optionally at
+    ``image_size`` px (then with the backbone's own normalisation and interpolation, no crop)."""
     from timm.data import create_transform, resolve_model_data_config
 
-    if hasattr(backbone.model, "set_input_size"):  # ViT-style models with absolute position grids
+    if image_size and hasattr(backbone.model, "set_input_size"):  # ViT-style absolute position grids
         backbone.model.set_input_size(img_size=image_size)
     data_cfg = dict(resolve_model_data_config(backbone.model))
-    data_cfg["input_size"] = (3, image_size, image_size)
-    data_cfg["crop_pct"] = 1.0
-    backbone.eval_transform = create_transform(**data_cfg, is_training=False)
-    backbone.train_transform = create_transform(**data_cfg, is_training=True)
-    backbone.image_size = image_size
+    if image_size:
+        data_cfg["input_size"] = (3, image_size, image_size)
+        data_cfg["crop_pct"] = 1.0
+        backbone.eval_transform = create_transform(**data_cfg, is_training=False)
+        backbone.image_size = image_size
+    scale = tuple(float(v) for v in cfg.train.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cfg.train.crop_scale}")
+    backbone.train_transform = create_transform(
+        **data_cfg, is_training=True, scale=scale, hflip=cfg.train.hflip, color_jitter=cfg.train.color_jitter,
+    )
     return backbone
 
 
@@ -73,14 +80,14 @@ def build_backbone(cfg: RunConfig) -> models.Backbone:
         cfg.model.backbone_input_size,
     )
     size = cfg.train.image_size
-    if size and size != backbone.image_size:
-        if models.is_open_clip_backbone(cfg.model.backbone):
+    if models.is_open_clip_backbone(cfg.model.backbone):
+        if size and size != backbone.image_size:
             raise ValueError(
                 f"train.image_size={size}: open_clip towers train at their own size "
                 f"({backbone.image_size}); leave train.image_size at 0"
             )
-        backbone = _resize_timm_backbone(backbone, size)
-    return backbone
+        return backbone
+    return _timm_transforms(backbone, cfg, size if size and size != backbone.image_size else 0)
 
 
 def build_model(cfg: RunConfig, text_dim: int) -> tuple[PACLModel, models.Backbone]:

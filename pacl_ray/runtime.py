@@ -20,7 +20,22 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus, **kwargs)
+        ray.init(num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus,
+                 runtime_env={"worker_process_setup_hook": "pacl_ray.runtime.quiet_worker_logs"}, **kwargs)
+
+
+# Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) every second
+# whether the controller lives; a local instance here runs without the dashboard, so it would
+# print a warning every second of every training run.
+QUIETED_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker-process setup hook of local instances: silence the loggers in QUIETED_LOGGERS."""
+    import logging
+
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # A pipeline holds several Ray Data actor pools, their read/decode tasks and Train workers at

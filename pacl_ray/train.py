@@ -321,7 +321,7 @@ def epoch_summary(step_rows: list[dict], epoch: int) -> dict:
     """Mean of the numeric step metrics of ``epoch``."""
     rows = [r for r in step_rows if r["epoch"] == epoch]
     out: dict[str, Any] = {"epoch": epoch, "phase": rows[0]["phase"] if rows else "", "steps": len(rows)}
-    for key in (*PHASE_COLUMNS, "total", *(f"share_{k}" for k in loss.PARTITION_CODES), "samples_per_s"):
+    for key in (*PHASE_COLUMNS, "total", *(f"share_{k}" for k in loss.PARTITION_CODES), "samples_per_s", "data_wait_s"):
         out[key] = float(np.mean([r[key] for r in rows])) if rows else float("nan")
     if rows:
         out["global_step"] = rows[-1]["global_step"]
@@ -416,6 +416,7 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in batches:
             if step_in_epoch >= steps[epoch]:
                 break
+            arrived = time.perf_counter()  # time spent waiting for data = arrived - tick
             _maybe_fail(fault, global_step, rank)
             torch.manual_seed(_seed_of(cfg.seed, global_step, rank))  # dropout / drop-path
             expected = batch["position"] // B
@@ -439,7 +440,8 @@ def train_loop_per_worker(config: dict) -> None:
             global_step += 1
             step_in_epoch += 1
             now = time.perf_counter()
-            row.update(step_time_s=now - tick, samples_per_s=row["batch_size"] / max(now - tick, 1e-9))
+            row.update(step_time_s=now - tick, data_wait_s=arrived - tick,
+                       samples_per_s=row["batch_size"] / max(now - tick, 1e-9))
             tick = now
             step_rows.append(row)
             if writer:
@@ -517,7 +519,8 @@ def _scaling_config(cfg: RunConfig):
         workers = (cfg.train.num_workers, cfg.train.max_workers)
     if cfg.train.global_batch_size < (cfg.train.max_workers or cfg.train.num_workers):
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is smaller than the number of workers")
-    return ScalingConfig(num_workers=workers, use_gpu=use_gpu), use_gpu
+    resources = dict(cfg.train.resources_per_worker) or None
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), use_gpu
 
 
 def _checkpoint_uri(run_uri: str, path: str) -> str:
