@@ -124,6 +124,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             TaskSpecError, ExportError, FileNotFoundError)
 
 
+def format_train_result(result) -> str:
+    """A training run in a few lines: where it is, what it exported, the loss per epoch."""
+    lines = [f"train: {result.uri}{' (cached)' if result.cached else ''}",
+             f"  backbone: {result.backbone_checkpoint}", f"  heads:    {result.heads_checkpoint}",
+             "  epoch  partitions  steps  L1      L2      L3      L4      total   samples/s"]
+    for row in result.history:
+        lines.append(f"  {row['epoch']:>5}  {row['phase']:>10}  {row['steps']:>5}  " + "  ".join(
+            f"{row[k]:6.3f}" for k in ("L1", "L2", "L3", "L4", "total")) + f"  {row.get('samples_per_s', float('nan')):9.1f}")
+    return "\n".join(lines)
+
+
 def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
     from pacl_ray import pipeline
     from pacl_ray.runtime import init_ray
@@ -139,6 +150,8 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
         out = pipeline.stage_cluster(cfg)
     elif args.stage == "train":
         out = pipeline.stage_train(cfg)
+        print(format_train_result(out))
+        return 0
     elif args.stage == "evaluate":
         from pacl_ray.evaluate import main as evaluate_main
 

@@ -44,7 +44,7 @@ Stand-in models (each replaces a pretrained model of a real run):
 
 The gap is measured (SPEC): linear-probe emotion accuracy on the downstream set for a randomly
 initialised backbone, the object-pretrained backbone (the starting point) and the same
-architecture fine-tuned on the downstream emotion labels (the ceiling). It is stored in
+architecture trained from scratch on the downstream emotion labels (the ceiling). It is stored in
 ``report.json`` with the planted split, the scorer's zero-shot accuracies, sizes and timings.
 
     world = ensure_world()                     # ~/.cache/pacl_ray/world/<hash>, reused afterwards
@@ -73,7 +73,7 @@ from PIL import Image, ImageDraw
 
 from pacl_ray import models
 
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
 SUCCESS = "_SUCCESS"
 CACHE_ENV = "PACL_RAY_CACHE"
 CLIP_MODEL = "pacl-world-clip"
@@ -158,7 +158,7 @@ class WorldSize:
 
 
 SIZES: dict[str, WorldSize] = {
-    "default": WorldSize(2400, 1200, 2000, clip_epochs=15, backbone_epochs=8, ceiling_epochs=30),
+    "default": WorldSize(2400, 1200, 2000, clip_epochs=15, backbone_epochs=8, ceiling_epochs=25),
     "tiny": WorldSize(200, 120, 160, clip_epochs=1, backbone_epochs=1, ceiling_epochs=1),
 }
 
@@ -569,7 +569,7 @@ def linear_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray])
 
 def measure_gap(root: Path, backbone_checkpoint: Path, size: WorldSize, seed: int) -> dict:
     """Downstream emotion probe accuracy: random init, object-pretrained (start), emotion-trained
-    (ceiling: the start fine-tuned on the downstream train labels). All through create_backbone."""
+    (ceiling: the architecture trained from scratch on the downstream train labels)."""
     import timm
 
     data = _downstream_tensors(root, _backbone_transform())
@@ -581,8 +581,11 @@ def measure_gap(root: Path, backbone_checkpoint: Path, size: WorldSize, seed: in
     torch.manual_seed(seed)
     random_init = models.create_backbone(BACKBONE, "false", input_size=IMAGE_SIZE).model
     start = models.create_backbone(BACKBONE, "true", checkpoint=str(backbone_checkpoint), input_size=IMAGE_SIZE).model
+    # Trained from scratch: the object-pretrained start adapts to the texture several times more
+    # slowly than random weights do (measured: 0.54 after 6 epochs against 0.93 after 3), so a
+    # short ceiling fitted from the start would understate what the architecture can reach.
+    torch.manual_seed(seed)
     ceiling = timm.create_model(BACKBONE, pretrained=False, num_classes=len(EMOTIONS))
-    ceiling.load_state_dict({k: v for k, v in start.state_dict().items()}, strict=False)
     images, targets = data["train"]
     _train_classifier(ceiling, images, targets, size.ceiling_epochs, lr=3e-3, seed=seed, augment=False)
     ceiling.reset_classifier(0)
@@ -641,6 +644,9 @@ class World:
                 "text_pooling": "mean",
                 "embed_dim": 64,
             },
+            # The emotion texture is chiral: a horizontal flip turns left-opening arcs (calm) into
+            # right-opening ones (anger), and crops under half of the 32 px image cut arcs apart.
+            "train": {"hflip": 0.0, "crop_scale": [0.5, 1.0]},
             "evaluate": {"tasks": [f"imagefolder:emotion={self.downstream}"]},
         }
 
