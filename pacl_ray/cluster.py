@@ -11,8 +11,9 @@ re-seeds empty clusters and iterates; all K of the sweep advance in lockstep, on
 iteration, from the same resident shards. The math is :mod:`pacl_ray.kmeans`, shared with the
 single-process :func:`pacl_ray.kmeans.kmeans_fit`, so sharding does not change the result.
 
-Rows are ordered by feature file (sorted path) then row; that order defines the global row index
-used for the seeded init sample, so results depend on the seed and not on the shard count.
+Rows are ordered by feature file (sorted path) then row (the global row index that shards
+split); the seeded init sample is drawn in id order, so results depend on the seed and neither on
+the shard count nor on the order in which the embed stage happened to write its rows.
 
 Outputs under the stage directory::
 
@@ -175,8 +176,13 @@ def fit_distributed(
     tol: float = 1e-6,
     init_centroids: dict[int, np.ndarray] | None = None,
     what: str = "k-means input",
+    init_order: np.ndarray | None = None,
 ) -> dict[int, kmeans.KMeansResult]:
     """Fit k-means for every K in ``ks`` over the rows held by ``shards`` (in global row order).
+
+    ``init_order`` [n] (a permutation of the global rows, e.g. their order by id) makes the seeded
+    init sample and its k-means++ order follow it instead of the storage order, so rows written
+    in another order (Ray Data does not keep order across runs) give the same init.
 
     ``shards`` are :class:`ShardWorker` Ray actor handles or plain instances. Every iteration is
     one call per shard covering all K still running. Returns {K: KMeansResult} with labels for all
@@ -191,9 +197,7 @@ def fit_distributed(
         if init_centroids is not None and k in init_centroids:
             centroids[k] = np.asarray(init_centroids[k], dtype=np.float32)
         else:
-            idx = kmeans.init_sample_indices(n, k, seed)
-            sample = np.concatenate(_call_all(shards, "rows", modality, idx))
-            centroids[k] = kmeans.kmeans_plusplus(sample, k, seed)
+            centroids[k] = kmeans.kmeans_plusplus(_init_sample(shards, modality, n, k, seed, init_order), k, seed)
     n_iter = {k: 0 for k in ks}
     active = list(ks)
     for it in range(1, max_iter + 1):
@@ -216,6 +220,18 @@ def fit_distributed(
         inertia = kmeans.merge_partials([f[k][1] for f in finals]).inertia
         results[k] = kmeans.KMeansResult(centroids=centroids[k], labels=labels, inertia=inertia, n_iter=n_iter[k])
     return results
+
+
+def _init_sample(shards: Sequence[Any], modality: str, n: int, k: int, seed: int,
+                 init_order: np.ndarray | None) -> np.ndarray:
+    """The seeded init sample [m, D], in ``init_order`` (global row order when None)."""
+    idx = kmeans.init_sample_indices(n, k, seed)
+    if init_order is None:
+        return np.concatenate(_call_all(shards, "rows", modality, idx))
+    wanted = np.asarray(init_order, dtype=np.int64)[idx]  # global rows, in init order
+    fetched = np.sort(wanted)
+    rows = np.concatenate(_call_all(shards, "rows", modality, fetched))
+    return rows[np.searchsorted(fetched, wanted)]
 
 
 # --------------------------------------------------------------------------- stage
@@ -312,9 +328,13 @@ def run_cluster(cfg: RunConfig, embed: StageOutput) -> StageOutput:
         shards: list[Any] = [ShardWorker(everything, use_gpu=cfg.cluster.use_gpu)]
     else:
         shards = shard_actors(everything, num_shards, use_gpu=use_gpu)
+    ids = read_parquet_slice(everything, [schema.ID])[schema.ID].combine_chunks()
+    # The embed stage's row order varies between runs; initialise in id order so it does not matter.
+    by_id = np.argsort(ids.to_numpy(zero_copy_only=False).astype(str), kind="stable")
     try:
         results = {
-            m: fit_distributed(shards, ks, m, cfg.seed, cfg.cluster.max_iter, cfg.cluster.tol, what=f"{what} ({m})")
+            m: fit_distributed(shards, ks, m, cfg.seed, cfg.cluster.max_iter, cfg.cluster.tol,
+                               what=f"{what} ({m})", init_order=by_id)
             for m in MODALITY_COLUMNS
         }
     finally:
@@ -323,7 +343,6 @@ def run_cluster(cfg: RunConfig, embed: StageOutput) -> StageOutput:
 
             for actor in shards:
                 ray.kill(actor)
-    ids = read_parquet_slice(everything, [schema.ID])[schema.ID].combine_chunks()
     storage.delete_dir(uri)  # leftovers of an interrupted run
     report = _write_outputs(uri, ids, ks, results, num_shards)
     config_mod.save_config(cfg, uri)

@@ -165,3 +165,24 @@ def test_run_cluster_fewer_points_than_k(tmp_path, output_dir):
     cfg = config.from_dict({"output_dir": output_dir, "cluster": {"ks": [2, 25], "num_shards": 1}})
     with pytest.raises(kmeans.NotEnoughPointsError, match=r"features .*K=25 clusters need at least 25 points, got 8"):
         cluster.run_cluster(cfg, embed)
+
+
+def test_run_cluster_does_not_depend_on_row_order(tmp_path):
+    """The embed stage's rows come back in a different order each run (Ray Data); the labels of
+    each id must not change with it."""
+    embed = write_features(str(tmp_path / "embed"), n=120, files=2)
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "embed" / "features").glob("*.parquet"))])
+    shuffled = table.take(pa.array(np.random.default_rng(5).permutation(table.num_rows)))
+    other = tmp_path / "embed-shuffled" / "features"
+    other.mkdir(parents=True)
+    pq.write_table(shuffled.slice(0, 50), other / "part-0.parquet")
+    pq.write_table(shuffled.slice(50), other / "part-1.parquet")
+    embed_shuffled = StageOutput("embed", embed.key, str(tmp_path / "embed-shuffled"), False)
+
+    def labels(source: StageOutput, out: str) -> dict:
+        cfg = config.from_dict({"output_dir": str(tmp_path / out), "cluster": {"ks": [3, 7], "num_shards": 1}})
+        got = pq.read_table(cache.stage_uri(cfg.output_dir, "cluster", cluster.run_cluster(cfg, source).key)
+                            + "/labels").to_pydict()
+        return {name: dict(zip(got[schema.ID], got[name])) for name in got if name != schema.ID}
+
+    assert labels(embed, "a") == labels(embed_shuffled, "b")
