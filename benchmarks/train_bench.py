@@ -20,7 +20,6 @@ From one run it prints:
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import tempfile
@@ -35,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pacl_ray import config, loss, models, schema
+from pacl_ray import config, loss, models, synthetic
 from pacl_ray.cache import StageOutput
 from pacl_ray.modeling import build_model
 from pacl_ray.train import _decode_batch, _optimizer, _seed_of, epoch_phases, epoch_positions, load_state, load_training_table, run_train
@@ -45,38 +44,11 @@ WORDS = "happy sad calm angry bright dark storm beach dog city night joy fear lo
 
 def write_world(root: Path, n: int, text_dim: int, image_px: int, seed: int = 0) -> tuple[dict[str, StageOutput], list[str]]:
     """Random images and features as the four upstream Parquet tables; also returns the texts."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
-    ids = [f"pair-{i:05d}" for i in range(n)]
     texts = [" ".join(rng.choice(WORDS, 20)) for _ in range(n)]
-    images = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (image_px, image_px, 3), dtype=np.uint8)).save(buf, format="JPEG")
-        images.append(buf.getvalue())
-    outs = {}
-    for stage, table in (("ingest", "pairs"), ("partition", "scores"), ("embed", "features"), ("cluster", "labels")):
-        (root / stage / table).mkdir(parents=True, exist_ok=True)
-        outs[stage] = StageOutput(stage, f"bench-{stage}", str(root / stage), False)
-    given = {"id": ids, "image": images, "image_source": ids, "text_raw": texts, "text": texts, "source": ["bench"] * n}
-    pq.write_table(pa.table({f.name: given.get(f.name, [None] * n) for f in schema.PAIRS}, schema=schema.PAIRS),
-                   root / "ingest" / "pairs" / "part-0.parquet")
-    score = rng.random(n).astype(np.float32)
-    codes = rng.integers(1, 5, n).astype(np.int8)
-    scores = {"id": ids, "factual_score": score, "emotional_score": score, "factual_calibrated": score,
-              "emotional_calibrated": score, "partition": codes}
-    pq.write_table(pa.table({f.name: scores.get(f.name, [None] * n) for f in schema.SCORES}, schema=schema.SCORES),
-                   root / "partition" / "scores" / "part-0.parquet")
-
-    def fixed(width):
-        return pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * width).astype(np.float32)), width)
-
-    pq.write_table(pa.table({"id": ids, "image_feature": fixed(8), "text_feature": fixed(text_dim)},
-                            schema=schema.features_schema(8, text_dim)), root / "embed" / "features" / "part-0.parquet")
-    labels = {"id": ids, "factual_label_2": rng.integers(0, 2, n).astype(np.int32),
-              "emotional_label_2": rng.integers(0, 2, n).astype(np.int32)}
-    pq.write_table(pa.table(labels, schema=schema.labels_schema([2])), root / "cluster" / "labels" / "part-0.parquet")
+    codes = rng.integers(1, 5, n)
+    outs = synthetic.write_stage_tables(root, codes, text_dim, seed=seed, image_px=image_px, image_format="JPEG",
+                                        texts=texts)
     return outs, texts
 
 

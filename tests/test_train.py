@@ -7,18 +7,14 @@ legitimately differ. Runs are shared by the module's tests (a trainer start cost
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
-from PIL import Image
 
-from pacl_ray import config, schema
+from pacl_ray import config, synthetic
 from pacl_ray.cache import StageOutput
 from pacl_ray.modeling import build_model
 from pacl_ray.train import (
@@ -35,37 +31,7 @@ TOTAL_STEPS = 8
 
 def write_stage_tables(root, codes=CODES, text_dim=TEXT_DIM, seed=0) -> dict[str, StageOutput]:
     """The four upstream tables (Parquet) of a tiny world, as StageOutputs."""
-    rng = np.random.default_rng(seed)
-    n = len(codes)
-    ids = [f"pair-{i:03d}" for i in range(n)]
-    images = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
-        images.append(buf.getvalue())
-    shuffled = rng.permutation(np.asarray(codes, dtype=np.int8))
-    outputs = {}
-    for stage, table in (("ingest", "pairs"), ("partition", "scores"), ("embed", "features"), ("cluster", "labels")):
-        os.makedirs(root / stage / table, exist_ok=True)
-        outputs[stage] = StageOutput(stage, f"{stage}-key-{seed}", str(root / stage), False)
-    given = {"id": ids, "image": images, "image_source": ids, "text_raw": ["t"] * n, "text": ["t"] * n, "source": ["m"] * n}
-    pairs = pa.table({f.name: given.get(f.name, [None] * n) for f in schema.PAIRS}, schema=schema.PAIRS)
-    pq.write_table(pairs, root / "ingest" / "pairs" / "part-0.parquet")
-    score = rng.random(n).astype(np.float32)
-    scores = {"id": ids, "factual_score": score, "emotional_score": score, "anps": [None] * n,
-              "factual_calibrated": score, "emotional_calibrated": score, "partition": shuffled}
-    pq.write_table(pa.table({f.name: scores.get(f.name, [None] * n) for f in schema.SCORES}, schema=schema.SCORES),
-                   root / "partition" / "scores" / "part-0.parquet")
-
-    def fixed(width):
-        return pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * width).astype(np.float32)), width)
-
-    pq.write_table(pa.table({"id": ids, "image_feature": fixed(8), "text_feature": fixed(text_dim)},
-                            schema=schema.features_schema(8, text_dim)), root / "embed" / "features" / "part-0.parquet")
-    labels = {"id": ids, "factual_label_2": rng.integers(0, 2, n).astype(np.int32),
-              "emotional_label_2": rng.integers(0, 2, n).astype(np.int32)}
-    pq.write_table(pa.table(labels, schema=schema.labels_schema([2])), root / "cluster" / "labels" / "part-0.parquet")
-    return outputs
+    return synthetic.write_stage_tables(root, codes, text_dim, seed=seed)
 
 
 def make_cfg(output_dir, **train) -> config.RunConfig:
