@@ -91,12 +91,17 @@ class TextEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Pooled features of ``texts`` -> float32 [N, dim] on the model's device."""
+        """Pooled features of ``texts`` -> float32 [N, dim] on the model's device, in input order.
+
+        Texts are batched in order of length, so each batch pads to similar lengths (padding is
+        most of the work for short posts batched with long ones); pooling ignores padding, so the
+        features equal those of unsorted batches up to float rounding."""
         device = next(self.model.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         chunks = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(
-                list(texts[start : start + batch_size]), padding=True, truncation=True,
+                [texts[i] for i in order[start : start + batch_size]], padding=True, truncation=True,
                 max_length=self.max_length, return_tensors="pt",
             ).to(device)
             hidden = self.model(**batch).last_hidden_state
@@ -108,7 +113,9 @@ class TextEncoder(nn.Module):
             chunks.append(pooled.float())
         if not chunks:
             return torch.empty((0, self.dim), device=device)
-        return torch.cat(chunks)
+        features = torch.empty((len(texts), chunks[0].shape[1]), dtype=chunks[0].dtype, device=device)
+        features[torch.tensor(order, device=device)] = torch.cat(chunks)
+        return features
 
 
 # --------------------------------------------------------------------------- CLIP scorers

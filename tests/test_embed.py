@@ -109,3 +109,12 @@ def test_bad_feature_dtype_is_rejected(tmp_path):
     cfg = config.from_dict({"output_dir": str(tmp_path), "embed": {"feature_dtype": "int8"}})
     with pytest.raises(ValueError, match="embed.feature_dtype"):
         embed.run_embed(cfg, StageOutput("ingest", "x", str(tmp_path / "nothing"), cached=False))
+
+
+def test_text_encoder_returns_input_order_whatever_the_lengths(minilm_path):
+    """encode batches texts by length; the rows must still come back in input order."""
+    encoder = models.TextEncoder(minilm_path, "mean", 32)
+    texts = ["a much longer post about a gloomy little star drifting alone #sad", "ok", "happy ball #joy", "calm"]
+    together = encoder.encode(texts, batch_size=2)
+    one_by_one = torch.cat([encoder.encode([t]) for t in texts])
+    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-4)

@@ -191,3 +191,45 @@ def test_emotion_is_not_a_global_colour_or_brightness_shift():
 def test_unknown_size_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown world size"):
         world.ensure_world(str(tmp_path), size="huge")
+
+
+def test_object_pretraining_keeps_the_stem_at_its_seeded_init(tiny_world):
+    """The first stem convolutions stay generic (random) filters; the layers above do change."""
+    import timm
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)  # tiny_world's seed: fit_backbone seeds timm's init with it
+    init = timm.create_model(world.BACKBONE, pretrained=False, num_classes=len(world.OBJECTS)).state_dict()
+    fitted = load_file(str(Path(tiny_world.root) / "backbone.safetensors"))
+    frozen = [k for k in init if k.startswith(world.FROZEN_STEM) and init[k].is_floating_point() and "running" not in k]
+    assert frozen, "FROZEN_STEM names no parameter of the backbone"
+    for key in frozen:
+        assert torch.equal(fitted[key], init[key]), key
+    trained = [k for k in init if k.startswith("layer") and k.endswith("conv1.weight")]
+    assert trained and all(not torch.equal(fitted[k], init[k]) for k in trained)
+
+
+def test_text_warm_start_teaches_object_and_emotion_words(tiny_world):
+    """After the warm start, the text tower's features separate captions by emotion and object
+    (linear heads fit on them) better than the random tower's."""
+    import open_clip
+
+    models.register_model_configs()
+    rows = world.read_jsonl(Path(tiny_world.root) / "clean" / "clean.jsonl")
+    tokenizer = open_clip.get_tokenizer(world.CLIP_MODEL)
+    tokens = tokenizer([c for r in rows for c in r["captions"]]).view(len(rows), len(rows[0]["captions"]), -1)
+    emotions = torch.tensor([list(world.EMOTIONS).index(r["emotion"]) for r in rows])
+
+    def emotion_separation(model) -> float:
+        """Between-class over total variance of the text features, emotion classes."""
+        with torch.inference_mode():
+            features = model.encode_text(tokens[:, 0], normalize=True)
+        means = torch.stack([features[emotions == c].mean(0) for c in emotions.unique()])
+        return float(means.var(0).sum() / features.var(0).sum())
+
+    torch.manual_seed(0)
+    model = open_clip.create_model_and_transforms(world.CLIP_MODEL, pretrained=None)[0]
+    before = emotion_separation(model)
+    world._warm_start_text_tower(model, tokens, rows, seed=0, epochs=3)
+    after = emotion_separation(model)
+    assert after > 2 * before
