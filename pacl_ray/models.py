@@ -113,9 +113,7 @@ class TextEncoder(nn.Module):
             chunks.append(pooled.float())
         if not chunks:
             return torch.empty((0, self.dim), device=device)
-        features = torch.empty((len(texts), chunks[0].shape[1]), dtype=chunks[0].dtype, device=device)
-        features[torch.tensor(order, device=device)] = torch.cat(chunks)
-        return features
+        return torch.cat(chunks)[torch.argsort(torch.tensor(order, device=device))]  # back to input order
 
 
 # --------------------------------------------------------------------------- CLIP scorers

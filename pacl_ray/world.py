@@ -468,7 +468,6 @@ def fit_backbone(root: Path, size: WorldSize, seed: int) -> Path:
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not name.startswith(FROZEN_STEM))
     _train_classifier(model, images, labels, size.backbone_epochs, lr=3e-3, seed=seed, augment=True)
-    model.requires_grad_(True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # timm's default num_classes is the pretrained cfg's 1000: pad the classifier with rows that
     # never win, so loading with or without num_classes=0 both work
@@ -529,17 +528,17 @@ def _warm_start_text_tower(model: torch.nn.Module, tokens: torch.Tensor, rows: l
     """Teach the text tower the world's words before contrastive training: linear heads on
     ``encode_text`` [B, D] predict each caption's object and emotion (clean-split labels).
 
-    A real CLIP's text tower already tells "gloomy" from "cheerful". Ours starts from random
-    weights while its image tower starts blind to emotion (object pre-training), so contrastive
-    training alone never aligns emotion: the gradient for it is the product of two near-zero
-    signals (measured: ANP emotion accuracy 0.26, chance 0.25, after 10 epochs)."""
+    A real CLIP's text tower already tells "ball" from "ring" and "gloomy" from "cheerful". Ours
+    starts from random weights, and without this warm start contrastive training aligns only what
+    the random image tower picks up first, the emotion texture: measured after 10 epochs, object
+    zero-shot accuracy 0.15 (chance 0.125) and a factual-score AUC of 0.51 against the planted
+    codes; with it, 0.79 after 6 epochs."""
     objects, emotions = list(OBJECTS), list(EMOTIONS)
     n_captions = tokens.shape[1]
     flat_tokens = tokens.reshape(-1, tokens.shape[-1])  # [N * n_captions, L]
     object_labels = torch.tensor([objects.index(r["object"]) for r in rows]).repeat_interleave(n_captions)
     emotion_labels = torch.tensor([emotions.index(r["emotion"]) for r in rows]).repeat_interleave(n_captions)
-    dim = model.text_projection.shape[1] if getattr(model, "text_projection", None) is not None else None
-    dim = dim or model.encode_text(flat_tokens[:1]).shape[-1]
+    dim = model.encode_text(flat_tokens[:1]).shape[-1]
     heads = torch.nn.ModuleDict({"object": torch.nn.Linear(dim, len(objects)), "emotion": torch.nn.Linear(dim, len(emotions))})
     text_parameters = [p for n, p in model.named_parameters() if not n.startswith(("visual.", "logit_"))]
     optimizer = torch.optim.AdamW(text_parameters + list(heads.parameters()), lr=CLIP_LR, weight_decay=0.1)
@@ -763,8 +762,8 @@ def build_world(root: Path, seed: int, size: str, progress: bool = True) -> dict
         return out
 
     planted, downstream = timed("data", generate_data, root, seed, spec)
-    backbone_path = timed("object-pretrained backbone", fit_backbone, root, spec, seed)
     clip_path = timed("factual scorer (open_clip)", fit_clip, root, spec, seed)
+    backbone_path = timed("object-pretrained backbone", fit_backbone, root, spec, seed)
     gap = timed("affective gap", measure_gap, root, backbone_path, spec, seed)
     scorer = timed("scorer check", clip_zero_shot, root, clip_path)
     return {
