@@ -11,6 +11,7 @@ Unknown keys and values of the wrong type raise :class:`ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class TrainConfig:
     hflip: float = 0.5
     color_jitter: float = 0.4
     log_every_steps: int = 10
+    # A joined dataset (encoded images + metadata) up to this size is copied into each worker once
+    # and batched there, instead of streamed through a Ray Data pipeline every epoch (same batches;
+    # saves seconds per epoch on small data). 0 = always stream.
+    in_memory_max_mb: float = 256.0
 
 
 @dataclass
@@ -183,6 +188,9 @@ class RunConfig:
 # --------------------------------------------------------------------------- coercion
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a type annotation, converting only lossless cases (int -> float)."""
     origin = typing.get_origin(annotation)
@@ -223,6 +231,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads exponents without a dot, as in "lr: 1e-5", as strings
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:

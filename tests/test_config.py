@@ -26,6 +26,14 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.cluster.ks == [2, 6] and cfg.name == "x"
 
 
+def test_exponent_floats_without_a_dot():
+    # PyYAML reads "3e-3" as a string (YAML 1.1); a float field still takes it, a string field keeps it
+    path_cfg = C.load_config(None, ["train.lr_backbone=3e-3", "train.lr_heads=-1E2", "name=1e3"])
+    assert path_cfg.train.lr_backbone == 3e-3 and path_cfg.train.lr_heads == -100.0 and path_cfg.name == "1e3"
+    with pytest.raises(C.ConfigError, match="train.lr_heads"):
+        C.load_config(None, ["train.lr_heads=e-3"])
+
+
 def test_optional_fields_accept_null_and_values():
     cfg = C.load_config(None, ["train.max_workers=4", "partition.sigma_factual=null"])
     assert cfg.train.max_workers == 4 and cfg.partition.sigma_factual is None

@@ -18,7 +18,8 @@ from pacl_ray import config, synthetic
 from pacl_ray.cache import StageOutput
 from pacl_ray.modeling import build_model
 from pacl_ray.train import (
-    FaultInjection, epoch_phases, epoch_positions, load_state, rank_slots, run_train, steps_per_epoch,
+    FaultInjection, build_dataset, epoch_phases, epoch_positions, fits_in_memory, joined_table, load_state,
+    load_training_table, rank_batches, rank_slots, run_train, steps_per_epoch,
 )
 
 pytestmark = pytest.mark.timeout(900)  # Ray Train starts are slow on a shared, loaded 2-core machine
@@ -61,11 +62,13 @@ def runs(ray_local, tables, tmp_path_factory):
     """An uninterrupted 1-worker run and a 2-worker run whose rank 1 dies once mid-epoch (before
     global step 7; the latest checkpoint is at step 6, inside the last epoch). The 2-worker run
     doubles as the 1-vs-2 comparison: its replayed steps are recomputed, so a lost or repeated
-    step would show in both its step log and its parameters."""
+    step would show in both its step log and its parameters. The 1-worker run streams its data
+    through Ray Data every epoch, the 2-worker run batches an in-memory copy, so the comparison
+    also checks that both data paths train the same."""
     base = tmp_path_factory.mktemp("runs")
     marker = str(base / "fault-marker")
     return {
-        "one": _run(tables, make_cfg(base / "one")),
+        "one": _run(tables, make_cfg(base / "one", in_memory_max_mb=0)),
         "two": _run(tables, make_cfg(base / "two", num_workers=2, max_failures=2), FaultInjection(step=7, marker=marker)),
         "marker": marker,
     }
@@ -101,6 +104,32 @@ def test_phases_and_steps():
 
 
 # --------------------------------------------------------------------------- Ray Train runs
+
+
+@pytest.mark.parametrize("rank, start_step", [(0, 0), (1, 2)])
+def test_in_memory_batches_equal_streamed_batches(ray_local, tables, rank, start_step):
+    cfg = make_cfg("unused")
+    meta = load_training_table(tables["ingest"], tables["partition"], tables["embed"], tables["cluster"], cfg)
+    dataset = build_dataset(tables["ingest"], meta)
+    partition = meta.column("partition").to_numpy()
+    _, backbone = build_model(cfg, TEXT_DIM)
+    plan = dict(partition_by_row=partition, phase=(1, 2, 3, 4), epoch=2, start_step=start_step, rank=rank,
+                world_size=2, global_batch=8, seed=5, transform=backbone.train_transform, device=torch.device("cpu"))
+    streamed = list(rank_batches(dataset, **plan))
+    in_memory = list(rank_batches(joined_table(tables["ingest"], meta), **plan))
+    assert len(streamed) == len(in_memory) == 4 - start_step
+    for a, b in zip(streamed, in_memory):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype, name
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert (torch.cat([b["position"] for b in in_memory]) // 8).tolist() == [s for s in range(start_step, 4) for _ in range(4)]
+
+
+def test_fits_in_memory_compares_the_pairs_files_with_the_limit(tables):
+    assert fits_in_memory(tables["ingest"], 1.0)  # 32 noise images of 40 px: a few hundred KB
+    assert not fits_in_memory(tables["ingest"], 0.0)
+    assert not fits_in_memory(tables["ingest"], 1e-3)
 
 
 def _steps(result):
@@ -165,14 +194,14 @@ def test_exported_backbone_matches_trained_model(runs):
 
 
 def test_complete_run_is_cached(runs, tables):
-    cfg = make_cfg(os.path.dirname(os.path.dirname(os.path.dirname(runs["one"].uri))))
+    cfg = make_cfg(os.path.dirname(os.path.dirname(os.path.dirname(runs["one"].uri))), in_memory_max_mb=0)
     again = _run(tables, cfg)
     assert again.cached and again.uri == runs["one"].uri and again.history == runs["one"].history
 
 
 @pytest.mark.slow  # two more Ray Train runs (~90 s); the in-run failure test above covers resume in CI
 def test_interrupted_run_relaunched_continues(ray_local, tables, runs, tmp_path):
-    cfg = make_cfg(tmp_path / "relaunch", max_failures=0)
+    cfg = make_cfg(tmp_path / "relaunch", max_failures=0, in_memory_max_mb=0)
     with pytest.raises(Exception, match="injected failure"):
         _run(tables, cfg, FaultInjection(step=5, rank=0, marker=str(tmp_path / "marker")))
     result = _run(tables, cfg)
