@@ -392,7 +392,10 @@ def extract_features_many(
             offsets[uri] = (start, start + len(split_data))
             items.extend([{"row": start + i, "path": p} for i, p in enumerate(split_data.paths)])
         num_gpus = cfg.evaluate.num_gpus if cluster_gpus() > 0 else 0
-        features = ray.data.from_items(items).map_batches(
+        # Blocks of a few batches: from_items' default of 200 blocks makes ten-image blocks on a
+        # small set, each with its own scheduling overhead (2000 images of 32 px: 16.2 s -> 14.6 s).
+        blocks = max(1, math.ceil(len(items) / (4 * cfg.evaluate.batch_size)))
+        features = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             FeatureExtractor,
             fn_constructor_kwargs=dict(name=ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
                                        precision=cfg.evaluate.precision, input_size=ref.input_size),

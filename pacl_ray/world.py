@@ -76,7 +76,7 @@ from PIL import Image, ImageDraw
 
 from pacl_ray import models
 
-WORLD_VERSION = "3"
+WORLD_VERSION = "4"
 SUCCESS = "_SUCCESS"
 CACHE_ENV = "PACL_RAY_CACHE"
 CLIP_MODEL = "pacl-world-clip"
@@ -141,14 +141,18 @@ EMOTIONS: dict[str, Emotion] = {
     ),
 }
 
+# Posts say how they feel more than once (feelings, adjectives, hashtags) and name the object once,
+# as emotional social-media posts do; in the text encoder's space the emotion then carries about as
+# much of the variance as the object and the wording together (measured with all-MiniLM-L6-v2:
+# between-emotion share 0.45, between-object 0.15). With the emotion mentioned once in longer
+# scene templates (0.18 / 0.19) the text side's emotion signal is too weak for the image side to
+# pick the texture up in a few epochs (oracle-partition PACL stayed at chance after 6 epochs;
+# 0.36 with these posts).
 CAPTION_TEMPLATES = (
-    "a {adj} {noun} {scene}, feeling so {feeling} today #{tag}",
-    "this {noun} looks so {adj}. i feel {feeling} #{tag}",
-    "{adj} {noun} #{tag} #{tag2}",
-    "can't stop feeling {feeling} when i look at this {noun}",
-    "the {noun} {scene} and i am {feeling}",
-    "my {adj} {noun} {scene} #{tag}",
-    "{adj} {noun}",
+    "so {feeling}, so {feeling2}! {adj} {noun} #{tag} #{tag2}",
+    "{adj} {noun}. feeling {feeling}, {feeling2} #{tag}",
+    "this {adj} {noun} makes me {feeling}. {feeling2} #{tag} #{tag2}",
+    "{feeling}. {feeling2}. {adj} {noun} {scene} #{tag}",
 )
 
 
@@ -165,7 +169,8 @@ class WorldSize:
 
 
 SIZES: dict[str, WorldSize] = {
-    "default": WorldSize(2400, 1200, 2000, clip_epochs=6, backbone_epochs=12, ceiling_epochs=25),
+    # 2000 downstream images: 300 test images, so the probe's standard error is about 2.7 points
+    "default": WorldSize(2400, 2000, 2000, clip_epochs=6, backbone_epochs=12, ceiling_epochs=15),
     "tiny": WorldSize(200, 120, 160, clip_epochs=1, backbone_epochs=1, ceiling_epochs=1),
 }
 
@@ -282,10 +287,11 @@ def caption(rng: np.random.Generator, sample: Sample) -> str:
     """An English post naming ``sample``'s object and emotion with random synonyms."""
     emotion = EMOTIONS[sample.emotion]
     tags = rng.permutation(len(emotion.hashtags))
+    feelings = [emotion.feelings[i] for i in rng.permutation(len(emotion.feelings))[:2]]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
     return template.format(
         adj=_pick(rng, emotion.adjectives), noun=_pick(rng, OBJECTS[sample.object]),
-        feeling=_pick(rng, emotion.feelings), scene=_pick(rng, emotion.scenes),
+        feeling=feelings[0], feeling2=feelings[1], scene=_pick(rng, emotion.scenes),
         tag=emotion.hashtags[tags[0]], tag2=emotion.hashtags[tags[1]],
     )
 
