@@ -445,7 +445,9 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     amp_dtype = models.autocast_dtype(cfg.train.precision, device)
-    data = ray.get(config["dataset"]) if config["in_memory"] else config["dataset"]
+    data = config["dataset"]
+    if isinstance(data, ray.ObjectRef):  # small data: the joined table, batched here
+        data = ray.get(data)
     writer = _tensorboard(config["run_uri"]) if rank == 0 else None
 
     while epoch < len(phases):
@@ -605,12 +607,14 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     text_dim = int(meta.column("text_feature").type.list_size)
     # Small data: one table in the object store that each worker batches itself; a Ray Data
     # pipeline per epoch would cost more than the epoch's steps.
-    in_memory = fits_in_memory(ingest, cfg.train.in_memory_max_mb)
-    dataset = ray.put(joined_table(ingest, meta)) if in_memory else build_dataset(ingest, meta)
+    if fits_in_memory(ingest, cfg.train.in_memory_max_mb):
+        dataset = ray.put(joined_table(ingest, meta))
+    else:
+        dataset = build_dataset(ingest, meta)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg, "dataset": dataset, "in_memory": in_memory, "partition_by_row": partition_by_row,
+            "cfg": cfg, "dataset": dataset, "partition_by_row": partition_by_row,
             "phases": phases, "steps_per_epoch": steps, "text_dim": text_dim, "run_uri": uri, "fault": fault,
         },
         scaling_config=scaling,

@@ -143,11 +143,11 @@ EMOTIONS: dict[str, Emotion] = {
 
 # Posts say how they feel more than once (feelings, adjectives, hashtags) and name the object once,
 # as emotional social-media posts do; in the text encoder's space the emotion then carries about as
-# much of the variance as the object and the wording together (measured with all-MiniLM-L6-v2:
-# between-emotion share 0.45, between-object 0.15). With the emotion mentioned once in longer
-# scene templates (0.18 / 0.19) the text side's emotion signal is too weak for the image side to
-# pick the texture up in a few epochs (oracle-partition PACL stayed at chance after 6 epochs;
-# 0.36 with these posts).
+# much of the variance as the object and the wording together (measured with all-MiniLM-L6-v2 on
+# 1000 posts: between-emotion share 0.40, between-object 0.15). With the emotion mentioned once in
+# longer scene templates (0.18 / 0.19) the text side's emotion signal is too weak for the image side
+# to pick the texture up in a few epochs (PACL with the planted partitions: emotion probe 0.26 after
+# 6 epochs, against 0.36 with posts of this kind).
 CAPTION_TEMPLATES = (
     "so {feeling}, so {feeling2}! {adj} {noun} #{tag} #{tag2}",
     "{adj} {noun}. feeling {feeling}, {feeling2} #{tag}",
@@ -169,7 +169,7 @@ class WorldSize:
 
 
 SIZES: dict[str, WorldSize] = {
-    # 2000 downstream images: 300 test images, so the probe's standard error is about 2.7 points
+    # 2000 downstream images: 300 test images, so the probe's standard error is about 2.6 points
     "default": WorldSize(2400, 2000, 2000, clip_epochs=6, backbone_epochs=12, ceiling_epochs=15),
     "tiny": WorldSize(200, 120, 160, clip_epochs=1, backbone_epochs=1, ceiling_epochs=1),
 }
