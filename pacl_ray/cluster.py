@@ -279,9 +279,7 @@ def _write_outputs(
         columns[schema.factual_label_column(k)] = pa.array(results["factual"][k].labels, pa.int32())
         columns[schema.emotional_label_column(k)] = pa.array(results["emotional"][k].labels, pa.int32())
     table = pa.Table.from_pydict(columns, schema=schema.labels_schema(ks))
-    storage.makedirs(storage.join(uri, "labels"))
-    fs, path = storage.resolve(storage.join(uri, "labels", "part-00000.parquet"))
-    pq.write_table(table, path, filesystem=fs)
+    storage.write_parquet(table, storage.join(uri, "labels"))
     for k in ks:
         blob = save_safetensors({m: results[m][k].centroids for m in MODALITY_COLUMNS})
         storage.write_bytes(storage.join(uri, "centroids", f"k{k}.safetensors"), blob)

@@ -14,6 +14,9 @@ every training step, about half the compute of a naive implementation. Anything 
 text features (``model.text_encoder``, ``text_pooling``, ``text_max_length``,
 ``embed.feature_dtype``) changes this stage's content key, and therefore training's inputs.
 
+Inputs of at most ``ray.in_process_max_rows`` pairs run the same UDFs in a loop in the calling
+process instead (:func:`embed_table_locally`): actor start-up would dominate them.
+
 Models load once per actor (callable classes). Actors take ``embed.num_gpus`` GPUs each when the
 Ray cluster has GPUs, and then run under bf16/fp16 autocast (``embed.precision``); on CPU they
 run in float32.
@@ -120,6 +123,22 @@ class TextFeatureExtractor:
         return features_table(batch[schema.ID], image_features, text_features, self.dtype)
 
 
+def embed_table_locally(
+    pairs: pa.Table, transform: Callable, image_kwargs: dict, text_kwargs: dict, batch_size: int
+) -> pa.Table:
+    """The stage's UDFs in a plain loop in this process: PAIRS (id, image, text) -> FEATURES.
+    ``image_kwargs`` / ``text_kwargs`` are the extractors' constructor arguments."""
+    from pacl_ray.runtime import numpy_batches
+
+    image_extractor = ImageFeatureExtractor(**image_kwargs)
+    text_extractor = TextFeatureExtractor(**text_kwargs)
+    tables = [
+        text_extractor(image_extractor(decode_and_transform(batch, transform)))
+        for batch in numpy_batches(pairs, batch_size)
+    ]
+    return pa.concat_tables(tables)
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -136,15 +155,6 @@ def text_dim(name_or_path: str) -> int:
     from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(models.resolve_hf_path(name_or_path)).hidden_size)
-
-
-def parquet_rows(uri: str) -> int:
-    total = 0
-    for file_uri in storage.list_files(uri, ".parquet"):
-        fs, path = storage.resolve(file_uri)
-        with fs.open_input_file(path) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
-    return total
 
 
 def _actor_resources(cfg: RunConfig) -> dict:
@@ -178,34 +188,38 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
     transform, image_dim = backbone.eval_transform, backbone.num_features
     del backbone
     pairs_uri = ingest.path("pairs")
-    fs, pairs_path = storage.resolve(pairs_uri)
-    ds = ray.data.read_parquet(pairs_path, filesystem=fs, columns=[schema.ID, "image", "text"])
-    ds = ds.map_batches(decode_and_transform, fn_kwargs=dict(transform=transform), batch_size=cfg.embed.batch_size)
-    ds = ds.map_batches(
-        ImageFeatureExtractor,
-        fn_constructor_kwargs=dict(
-            backbone=m.backbone, pretrained=m.backbone_pretrained, checkpoint=m.backbone_checkpoint,
-            input_size=m.backbone_input_size, precision=cfg.embed.precision,
-        ),
-        **_actor_resources(cfg),
-    )
-    ds = ds.map_batches(
-        TextFeatureExtractor,
-        fn_constructor_kwargs=dict(
-            name=m.text_encoder, pooling=m.text_pooling, max_length=m.text_max_length,
-            precision=cfg.embed.precision, dtype=cfg.embed.feature_dtype,
-        ),
-        **_actor_resources(cfg),
-    )
-    storage.delete_dir(uri)  # leftovers of an interrupted run
     features_uri = storage.join(uri, "features")
-    out_fs, features_path = storage.resolve(features_uri)
-    ds.write_parquet(features_path, filesystem=out_fs)
-    expected, written = parquet_rows(pairs_uri), parquet_rows(features_uri)
-    if written != expected:
-        raise RuntimeError(f"embed: wrote {written} feature rows to {features_uri}, expected {expected} pairs")
+    storage.delete_dir(uri)  # leftovers of an interrupted run
+    image_kwargs = dict(
+        backbone=m.backbone, pretrained=m.backbone_pretrained, checkpoint=m.backbone_checkpoint,
+        input_size=m.backbone_input_size, precision=cfg.embed.precision,
+    )
+    text_kwargs = dict(
+        name=m.text_encoder, pooling=m.text_pooling, max_length=m.text_max_length,
+        precision=cfg.embed.precision, dtype=cfg.embed.feature_dtype,
+    )
+    rows = storage.parquet_rows(pairs_uri)
+    if rows == 0:
+        raise ValueError(f"embed: {pairs_uri} holds no pairs (every record was quarantined at ingest?)")
+    in_process = runtime.runs_in_process(rows, cfg.ray)
+    if in_process:
+        pairs = storage.read_parquet_dir(pairs_uri, columns=[schema.ID, "image", "text"])
+        features = embed_table_locally(pairs, transform, image_kwargs, text_kwargs, cfg.embed.batch_size)
+        storage.write_parquet(features, features_uri)
+    else:
+        fs, pairs_path = storage.resolve(pairs_uri)
+        ds = ray.data.read_parquet(pairs_path, filesystem=fs, columns=[schema.ID, "image", "text"])
+        ds = ds.map_batches(decode_and_transform, fn_kwargs=dict(transform=transform), batch_size=cfg.embed.batch_size)
+        ds = ds.map_batches(ImageFeatureExtractor, fn_constructor_kwargs=image_kwargs, **_actor_resources(cfg))
+        ds = ds.map_batches(TextFeatureExtractor, fn_constructor_kwargs=text_kwargs, **_actor_resources(cfg))
+        out_fs, features_path = storage.resolve(features_uri)
+        ds.write_parquet(features_path, filesystem=out_fs)
+    written = storage.parquet_rows(features_uri)
+    if written != rows:
+        raise RuntimeError(f"embed: wrote {written} feature rows to {features_uri}, expected {rows} pairs")
     config_mod.save_config(cfg, uri)
-    summary = dict(rows=written, image_dim=image_dim, text_dim=text_dim(m.text_encoder), dtype=cfg.embed.feature_dtype)
+    summary = dict(rows=written, image_dim=image_dim, text_dim=text_dim(m.text_encoder), dtype=cfg.embed.feature_dtype,
+                   executor="in_process" if in_process else "ray_data")
     cache.mark_complete(uri, summary)
     print(f"embed: {written} pairs -> image {image_dim}-d, text {summary['text_dim']}-d {cfg.embed.feature_dtype} features")
     return StageOutput(STAGE, key, uri, cached=False)

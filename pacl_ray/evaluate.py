@@ -85,7 +85,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -360,20 +360,47 @@ def _load_array(uri: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
 
+def _features_in_process(items: list[dict], extractor_kwargs: dict, batch_size: int) -> Iterator[dict]:
+    """FeatureExtractor over ``items`` (row, path) in a loop in this process: batches (row, feature)."""
+    extractor = FeatureExtractor(**extractor_kwargs)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        rows = np.array([item["row"] for item in chunk])
+        paths = np.array([item["path"] for item in chunk], dtype=object)
+        yield extractor({"row": rows, "path": paths})
+
+
+def _features_on_ray_data(items: list[dict], extractor_kwargs: dict, cfg: RunConfig) -> Iterator[dict]:
+    """FeatureExtractor over ``items`` in a Ray Data actor pool: batches (row, feature)."""
+    import ray
+
+    from pacl_ray.runtime import cluster_gpus
+
+    num_gpus = cfg.evaluate.num_gpus if cluster_gpus() > 0 else 0
+    # Blocks of a few batches: from_items' default of 200 blocks makes ten-image blocks on a
+    # small set, each with its own scheduling overhead (2000 images of 32 px: 16.2 s -> 14.6 s).
+    blocks = max(1, math.ceil(len(items) / (4 * cfg.evaluate.batch_size)))
+    features = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        FeatureExtractor, fn_constructor_kwargs=extractor_kwargs,
+        batch_size=cfg.evaluate.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.evaluate.concurrency)), num_gpus=num_gpus,
+    )
+    yield from features.iter_batches(batch_size=None, batch_format="numpy")
+
+
 def extract_features(cfg: RunConfig, ref: BackboneRef, data: TaskData, splits: Sequence[str]) -> dict[str, np.ndarray]:
-    """Pooled backbone features float32 [N, D] per split, from the cache or one Ray Data pass over
-    every split that is missing."""
+    """Pooled backbone features float32 [N, D] per split, from the cache or one extraction pass
+    over every split that is missing."""
     return extract_features_many(cfg, ref, [(data, splits)])[0]
 
 
 def extract_features_many(
     cfg: RunConfig, ref: BackboneRef, requests: Sequence[tuple[TaskData, Sequence[str]]],
 ) -> list[dict[str, np.ndarray]]:
-    """Features for several (task, splits) requests; everything not cached is extracted in ONE Ray
-    Data pass, so the backbone loads once per actor however many tasks there are."""
-    import ray
-
-    from pacl_ray.runtime import cluster_gpus, init_ray
+    """Features for several (task, splits) requests; everything not cached is extracted in ONE pass
+    (in this process for few images, else Ray Data; see ``ray.in_process_max_rows``), so the
+    backbone loads once however many tasks there are."""
+    from pacl_ray.runtime import init_ray, runs_in_process
 
     out: list[dict[str, np.ndarray]] = [{} for _ in requests]
     todo: dict[str, tuple[int, str, Split, str]] = {}  # cache uri -> (request, split, data, task)
@@ -391,19 +418,14 @@ def extract_features_many(
             start = len(items)
             offsets[uri] = (start, start + len(split_data))
             items.extend([{"row": start + i, "path": p} for i, p in enumerate(split_data.paths)])
-        num_gpus = cfg.evaluate.num_gpus if cluster_gpus() > 0 else 0
-        # Blocks of a few batches: from_items' default of 200 blocks makes ten-image blocks on a
-        # small set, each with its own scheduling overhead (2000 images of 32 px: 16.2 s -> 14.6 s).
-        blocks = max(1, math.ceil(len(items) / (4 * cfg.evaluate.batch_size)))
-        features = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            FeatureExtractor,
-            fn_constructor_kwargs=dict(name=ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
-                                       precision=cfg.evaluate.precision, input_size=ref.input_size),
-            batch_size=cfg.evaluate.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=max(1, cfg.evaluate.concurrency)), num_gpus=num_gpus,
-        )
+        extractor_kwargs = dict(name=ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
+                                precision=cfg.evaluate.precision, input_size=ref.input_size)
+        if runs_in_process(len(items), cfg.ray):
+            batches = _features_in_process(items, extractor_kwargs, cfg.evaluate.batch_size)
+        else:
+            batches = _features_on_ray_data(items, extractor_kwargs, cfg)
         rows, chunks = [], []
-        for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             rows.append(batch["row"])
             chunks.append(batch["feature"])
         row_ids = np.concatenate(rows)

@@ -33,7 +33,6 @@ from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pacl_ray import cache, schema, storage
 from pacl_ray.config import RunConfig, save_config
@@ -631,12 +630,6 @@ def ingest_key(cfg: RunConfig, files: list[str], fmt: str) -> str:
     return cache.content_key(STAGE, INGEST_VERSION, fingerprints, fmt, icfg.clean_text, icfg.max_image_pixels)
 
 
-def _write_table(table: pa.Table, directory: str) -> None:
-    fs, path = storage.resolve(storage.join(directory, "part-00000.parquet"))
-    storage.makedirs(directory)
-    pq.write_table(table, path, filesystem=fs)
-
-
 def run_ingest(cfg: RunConfig) -> cache.StageOutput:
     """Read, validate and store ``cfg.ingest.manifest``; cached by the inputs' fingerprints + config."""
     icfg = cfg.ingest
@@ -690,7 +683,7 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
     summary = summarize(counts, n_pairs, converted)
     summary.update(format=fmt, manifest=icfg.manifest)
 
-    _write_table(pa.Table.from_pylist(quarantine, schema=schema.QUARANTINE), storage.join(uri, "quarantine"))
+    storage.write_parquet(pa.Table.from_pylist(quarantine, schema=schema.QUARANTINE), storage.join(uri, "quarantine"))
     print(format_summary(summary))
     if n_pairs == 0:
         storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2))
@@ -699,7 +692,7 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
                 f"{format_summary(summary)}\nevery record of {icfg.manifest} is bad; "
                 f"see {storage.join(uri, 'quarantine')}", summary,
             )
-        _write_table(schema.PAIRS.empty_table(), storage.join(uri, "pairs"))
+        storage.write_parquet(schema.PAIRS.empty_table(), storage.join(uri, "pairs"))
     else:
         validated.map_batches(
             _pairs_only, batch_format="pyarrow", fn_kwargs={"drop_sources": set(duplicates)}
@@ -711,7 +704,4 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
 
 def read_pairs_table(ingest: cache.StageOutput, columns: Optional[list[str]] = None) -> pa.Table:
     """The whole PAIRS table of a finished ingest (driver-side; use Ray Data for big reads)."""
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(ingest.path("pairs"))
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    return storage.read_parquet_dir(ingest.path("pairs"), columns=columns)

@@ -12,7 +12,9 @@ Two cached stages, so that a sigma sweep never re-runs a model:
   Actors load their model once; they ask for ``cfg.partition.num_gpus`` GPUs only when the
   cluster has GPUs, and autocast to bf16/fp16 there. Precomputed ``factual_score`` /
   ``emotional_score`` / ``anps`` columns are used as given, and a model is skipped entirely when
-  nothing needs it.
+  nothing needs it. Inputs of at most ``ray.in_process_max_rows`` pairs skip the actor pools: the
+  same UDFs run in a loop in the calling process (:func:`score_table_locally`), since a pool's
+  process starts and model loads would take longer than the scoring itself.
 * :func:`run_partition` (stage ``partition``): calibrates the stored scores, thresholds them
   (:func:`pacl_ray.scores.assign_partitions`), writes :data:`schema.SCORES` under ``scores/`` and
   a report (``report.json``, ``histograms.png``, ``gallery.html``) and prints the split.
@@ -32,7 +34,6 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pacl_ray import cache, models, schema, storage
 from pacl_ray.config import PartitionConfig, RunConfig, save_config
@@ -271,7 +272,7 @@ def _needed_models(pairs_uri: str) -> tuple[bool, bool]:
     """
     import pyarrow.compute as pc
 
-    table = read_parquet_dir(pairs_uri, columns=["factual_score", "emotional_score", "anps"])
+    table = storage.read_parquet_dir(pairs_uri, columns=["factual_score", "emotional_score", "anps"])
     no_emotional = table.column("emotional_score").is_null()
     no_anps = table.column("anps").is_null()
     need_sentiment = bool(pc.any(no_emotional).as_py())
@@ -330,17 +331,30 @@ def build_scoring_pipeline(ds, pcfg: PartitionConfig, vocab: list[str], need_cli
     return ds.map_batches(to_raw_scores, batch_format="numpy", batch_size=pcfg.batch_size)
 
 
-def score_table_locally(pairs: pa.Table, pcfg: PartitionConfig, vocab: list[str], batch_size: int = 0) -> pa.Table:
-    """The same UDFs in a plain single-process loop (reference for tests and the benchmark)."""
+def score_table_locally(
+    pairs: pa.Table, pcfg: PartitionConfig, vocab: list[str], batch_size: int = 0,
+    need_clip: bool = True, need_sentiment: bool = True,
+) -> pa.Table:
+    """The scoring pipeline's UDFs in a plain loop in this process: PAIRS rows -> RAW_SCORES rows.
+
+    The small-input path of :func:`run_scoring`, and the reference its Ray Data pipeline is tested
+    against. ``need_clip`` / ``need_sentiment`` False skip a model, as the pipeline does.
+    """
+    from pacl_ray.runtime import numpy_batches
+
     batch_size = batch_size or pcfg.batch_size
-    transform = clip_eval_transform(pcfg.clip_model, pcfg.clip_pretrained)
-    clip = ClipScorer(pcfg.clip_model, pcfg.clip_pretrained, vocab, pcfg.anp_top_k, pcfg.precision)
-    sentiment = SentimentScorer(pcfg.sentiment_model, pcfg.sentiment_pooling, pcfg.precision)
+    steps = []
+    if need_clip:
+        transform = clip_eval_transform(pcfg.clip_model, pcfg.clip_pretrained)
+        clip = ClipScorer(pcfg.clip_model, pcfg.clip_pretrained, vocab, pcfg.anp_top_k, pcfg.precision)
+        steps += [lambda batch: preprocess_images(batch, transform), clip]
+    if need_sentiment:
+        steps.append(SentimentScorer(pcfg.sentiment_model, pcfg.sentiment_pooling, pcfg.precision))
+    columns = [c for c in SCORING_INPUT_COLUMNS if need_clip or c != "image"]
     tables = []
-    for start in range(0, pairs.num_rows, batch_size):
-        chunk = pairs.slice(start, batch_size).select(SCORING_INPUT_COLUMNS)
-        batch = {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}
-        batch = sentiment(clip(preprocess_images(batch, transform)))
+    for batch in numpy_batches(pairs.select(columns), batch_size):
+        for step in steps:
+            batch = step(batch)
         tables.append(to_raw_scores(batch))
     return pa.concat_tables(tables) if tables else RAW_SCORES.empty_table()
 
@@ -377,28 +391,30 @@ def run_scoring(cfg: RunConfig, ingest: cache.StageOutput) -> cache.StageOutput:
         return cache.StageOutput(SCORES_STAGE, key, uri, cached=True)
     storage.delete_dir(uri)
 
-    from pacl_ray.runtime import init_ray
+    from pacl_ray.runtime import init_ray, runs_in_process
 
     init_ray(cfg.ray)
     vocab = load_anp_vocab(pcfg.anp_vocab)
-    need_clip, need_sentiment = _needed_models(ingest.path("pairs"))
-    pairs = ray.data.read_parquet(ingest.path("pairs"))
-    scored = build_scoring_pipeline(pairs, pcfg, vocab, need_clip, need_sentiment)
-    scored.write_parquet(storage.join(uri, "raw_scores"))
+    pairs_uri, raw_uri = ingest.path("pairs"), storage.join(uri, "raw_scores")
+    need_clip, need_sentiment = _needed_models(pairs_uri)
+    in_process = runs_in_process(storage.parquet_rows(pairs_uri), cfg.ray)
+    if in_process:
+        pairs = storage.read_parquet_dir(pairs_uri, columns=SCORING_INPUT_COLUMNS)
+        raw = score_table_locally(pairs, pcfg, vocab, need_clip=need_clip, need_sentiment=need_sentiment)
+        storage.write_parquet(raw, raw_uri)
+    else:
+        scored = build_scoring_pipeline(ray.data.read_parquet(pairs_uri), pcfg, vocab, need_clip, need_sentiment)
+        scored.write_parquet(raw_uri)
     save_config(cfg, uri)
-    summary = {"ingest_uri": ingest.uri, "ingest_key": ingest.key, "ran_clip": need_clip, "ran_sentiment": need_sentiment}
+    summary = {
+        "ingest_uri": ingest.uri, "ingest_key": ingest.key, "ran_clip": need_clip, "ran_sentiment": need_sentiment,
+        "executor": "in_process" if in_process else "ray_data",
+    }
     cache.mark_complete(uri, summary)
     return cache.StageOutput(SCORES_STAGE, key, uri, cached=False)
 
 
 # --------------------------------------------------------------------------- thresholds and report
-
-
-def read_parquet_dir(uri: str, columns: Optional[list[str]] = None, filter_expr: Any = None) -> pa.Table:
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter_expr)
 
 
 def partition_key(cfg: RunConfig, scores: cache.StageOutput) -> str:
@@ -563,20 +579,18 @@ def run_partition(cfg: RunConfig, scores: cache.StageOutput) -> cache.StageOutpu
         return cache.StageOutput(PARTITION_STAGE, key, uri, cached=True)
     storage.delete_dir(uri)
 
-    raw = read_parquet_dir(scores.path("raw_scores")).cast(RAW_SCORES)
+    raw = storage.read_parquet_dir(scores.path("raw_scores")).cast(RAW_SCORES)
     table = scores_table(raw, pcfg)
     codes = table.column("partition").to_numpy()
     planted = raw.column("planted_partition").fill_null(0).to_numpy()
     report = split_report(codes, pcfg, planted)
 
-    fs, path = storage.resolve(storage.join(uri, "scores", "part-00000.parquet"))
-    storage.makedirs(storage.join(uri, "scores"))
-    pq.write_table(table, path, filesystem=fs)
+    storage.write_parquet(table, storage.join(uri, "scores"))
     storage.write_bytes(storage.join(uri, "histograms.png"), plot_histograms(table, pcfg))
     examples = _gallery_examples(table, pcfg.report_examples, cfg.seed)
     ingest_uri = cache.read_summary(scores.uri).get("ingest_uri")
     if ingest_uri and examples.num_rows:
-        pairs = read_parquet_dir(
+        pairs = storage.read_parquet_dir(
             storage.join(ingest_uri, "pairs"), columns=["id", "image", "text"],
             filter_expr=pc.field("id").isin(examples.column("id")),
         )
@@ -590,4 +604,4 @@ def run_partition(cfg: RunConfig, scores: cache.StageOutput) -> cache.StageOutpu
 
 def read_scores(partition: cache.StageOutput) -> pa.Table:
     """The :data:`schema.SCORES` table of a finished partition stage."""
-    return read_parquet_dir(partition.path("scores")).cast(schema.SCORES)
+    return storage.read_parquet_dir(partition.path("scores")).cast(schema.SCORES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -98,3 +99,36 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         if i.type == pafs.FileType.File and i.path.endswith(suffix)
     )
     return [join(uri, rel) for rel in rels]
+
+
+# --------------------------------------------------------------------------- Parquet directories
+
+
+def read_parquet_dir(uri: str, columns: list[str] | None = None, filter_expr=None) -> pa.Table:
+    """Every Parquet file below a directory as one table (column projection and row filter pushed
+    down to the files)."""
+    import pyarrow.dataset as pads
+
+    fs, path = resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter_expr)
+
+
+def write_parquet(table: pa.Table, directory: str, name: str = "part-00000.parquet") -> None:
+    """Write ``table`` as one Parquet file ``name`` in ``directory`` (created if missing)."""
+    import pyarrow.parquet as pq
+
+    makedirs(directory)
+    fs, path = resolve(join(directory, name))
+    pq.write_table(table, path, filesystem=fs)
+
+
+def parquet_rows(uri: str) -> int:
+    """Rows of every Parquet file below a directory, from the file footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for file_uri in list_files(uri, ".parquet"):
+        fs, path = resolve(file_uri)
+        with fs.open_input_file(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total

@@ -1,7 +1,9 @@
-"""The embed stage through the real Ray Data path: tiny timm backbone and the offline MiniLM."""
+"""The embed stage through the real Ray Data path and the small-input in-process path: tiny timm
+backbone and the offline MiniLM."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -62,6 +64,7 @@ def embedded(ray_local, tmp_path_factory, minilm_path):
                   "text_pooling": "mean", "text_max_length": 32},
         "embed": {"feature_dtype": "float16", "batch_size": 8},
         "cluster": {"ks": [2, 3], "num_shards": 1},
+        "ray": {"in_process_max_rows": 0},  # the Ray Data pipeline, however small the input
     })
     return cfg, ingest, embed.run_embed(cfg, ingest)
 
@@ -90,6 +93,20 @@ def test_features_schema_rows_and_values(embedded, minilm_path):
     text_got = cluster.fixed_size_list_to_numpy(table["text_feature"])[:4]
     np.testing.assert_allclose(image_got, image_ref, rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(text_got, text_ref, rtol=2e-3, atol=2e-3)
+
+
+def test_small_input_in_process_equals_ray_data(embedded, tmp_path):
+    cfg, ingest, out = embedded
+    assert cache.read_summary(out.uri)["executor"] == "ray_data"
+    small = copy.deepcopy(cfg)
+    small.output_dir, small.ray.in_process_max_rows = str(tmp_path / "runs"), 4096
+    local = embed.run_embed(small, ingest)
+    assert cache.read_summary(local.uri)["executor"] == "in_process" and local.key == out.key
+    ray_table, local_table = embed.load_features(out).sort_by("id"), embed.load_features(local).sort_by("id")
+    assert local_table.schema.equals(ray_table.schema) and local_table["id"].equals(ray_table["id"])
+    for column in ("image_feature", "text_feature"):
+        np.testing.assert_allclose(cluster.fixed_size_list_to_numpy(local_table[column]),
+                                   cluster.fixed_size_list_to_numpy(ray_table[column]), rtol=1e-3, atol=1e-3)
 
 
 def test_rerun_is_cached(embedded):

@@ -276,9 +276,8 @@ def test_linear_and_zeroshot_end_to_end(ray_local, world, monkeypatch):
     export = evaluate.load_export(world["export"])
     data = evaluate.load_task(evaluate.parse_task(task))
     ref = evaluate.resolve_backbone(cfg, world["export"])
-    import ray.data
-
-    monkeypatch.setattr(ray.data, "from_items", _fail_if_called)  # the features are cached
+    monkeypatch.setattr(evaluate, "_features_in_process", _fail_if_called)  # the features are cached
+    monkeypatch.setattr(evaluate, "_features_on_ray_data", _fail_if_called)
     features = torch.as_tensor(evaluate.extract_features(cfg, ref, data, ("test",))["test"])
     from pacl_ray.models import TextEncoder
 
@@ -294,6 +293,19 @@ def test_linear_and_zeroshot_end_to_end(ray_local, world, monkeypatch):
     with open(os.path.join(out_dir, "results.md")) as handle:
         table = handle.read()
     assert "| again | Linear Evaluation |" in table and f"| {TINY_TIMM} + PACL | Zero-shot |" in table
+
+
+def test_features_in_process_equal_ray_data(ray_local, world, tmp_path):
+    task = evaluate.load_task(evaluate.parse_task(f"imagefolder:toy={world['root']}"))
+    found = {}
+    for max_rows in (0, 4096):  # Ray Data actor pool, then this process
+        cfg = _cfg(world)
+        cfg.output_dir, cfg.ray.in_process_max_rows = str(tmp_path / f"runs{max_rows}"), max_rows
+        ref = evaluate.resolve_backbone(cfg, world["export"])
+        found[max_rows] = evaluate.extract_features(cfg, ref, task, ("train", "test"))
+    for split in ("train", "test"):
+        assert found[0][split].shape == (len(task.splits[split]), found[0][split].shape[1])
+        np.testing.assert_allclose(found[4096][split], found[0][split], rtol=1e-5, atol=1e-5)
 
 
 def _fail_if_called(*args, **kwargs):

@@ -1,5 +1,5 @@
-"""pacl_ray.partition: scoring through the real Ray Data path on the tiny CLIP and offline MiniLM,
-thresholding stored scores, reports and caching."""
+"""pacl_ray.partition: scoring through the real Ray Data path and the small-input in-process path
+on the tiny CLIP and offline MiniLM, thresholding stored scores, reports and caching."""
 
 from __future__ import annotations
 
@@ -91,10 +91,12 @@ def test_split_report_hand_case():
 
 def test_scoring_and_partition_on_ray(ray_local, tmp_path, output_dir, minilm_path, monkeypatch, capsys):
     cfg = tiny_cfg(output_dir, write_manifest(tmp_path / "data"), minilm_path)
+    cfg.ray.in_process_max_rows = 0  # the Ray Data pipeline, however small the input
     ingest = run_ingest(cfg)
     scores = run_scoring(cfg, ingest)
     assert scores.stage == "scores" and not scores.cached
-    assert cache.read_summary(scores.uri)["ran_clip"] is True
+    summary = cache.read_summary(scores.uri)
+    assert summary["ran_clip"] is True and summary["executor"] == "ray_data"
     raw = pq.read_table(scores.path("raw_scores")).cast(RAW_SCORES).sort_by("id")
     assert raw.num_rows == N_PAIRS
     factual = raw.column("factual_score").to_numpy()
@@ -110,6 +112,17 @@ def test_scoring_and_partition_on_ray(ray_local, tmp_path, output_dir, minilm_pa
     np.testing.assert_allclose(local.column("factual_score").to_numpy(), factual, atol=1e-5)
     np.testing.assert_allclose(local.column("emotional_score").to_numpy(), emotional, atol=1e-5)
     assert local.column("anps").to_pylist() == raw.column("anps").to_pylist()
+
+    # The small-input path (the same UDFs in this process) stores the same scores.
+    small = tiny_cfg(str(tmp_path / "in_process_runs"), cfg.ingest.manifest, minilm_path)
+    small_scores = run_scoring(small, run_ingest(small))
+    assert cache.read_summary(small_scores.uri)["executor"] == "in_process"
+    assert small_scores.key == scores.key  # the executor is not part of the content
+    small_raw = pq.read_table(small_scores.path("raw_scores")).cast(RAW_SCORES).sort_by("id")
+    np.testing.assert_allclose(small_raw.column("factual_score").to_numpy(), factual, atol=1e-5)
+    np.testing.assert_allclose(small_raw.column("emotional_score").to_numpy(), emotional, atol=1e-5)
+    assert small_raw.column("anps").to_pylist() == raw.column("anps").to_pylist()
+    capsys.readouterr()
 
     part = run_partition(cfg, scores)
     printed = capsys.readouterr().out
@@ -147,13 +160,15 @@ def test_scoring_and_partition_on_ray(ray_local, tmp_path, output_dir, minilm_pa
     np.testing.assert_array_equal(np.isin(codes, (1, 2)), emotional_matched)
 
 
-def test_precomputed_scores_skip_models(ray_local, tmp_path, output_dir, minilm_path):
+@pytest.mark.parametrize("in_process_max_rows, executor", [(0, "ray_data"), (4096, "in_process")])
+def test_precomputed_scores_skip_models(ray_local, tmp_path, output_dir, minilm_path, in_process_max_rows, executor):
     cfg = tiny_cfg(output_dir, write_manifest(tmp_path / "pre", n=8, precomputed=True), minilm_path)
     cfg.partition.clip_model = "no-such-model"  # proves CLIP is never built
+    cfg.ray.in_process_max_rows = in_process_max_rows
     ingest = run_ingest(cfg)
     scores = run_scoring(cfg, ingest)
     summary = cache.read_summary(scores.uri)
-    assert summary["ran_clip"] is False and summary["ran_sentiment"] is False
+    assert summary["ran_clip"] is False and summary["ran_sentiment"] is False and summary["executor"] == executor
     raw = pq.read_table(scores.path("raw_scores")).sort_by("id")
     pairs = read_pairs_table(ingest).sort_by("id")
     np.testing.assert_allclose(raw.column("factual_score").to_numpy(), pairs.column("factual_score").to_numpy())
