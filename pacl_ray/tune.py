@@ -630,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world", choices=["default", "tiny"], default="default",
                         help="size of the embedded world used when no --data is given")
     parser.add_argument("--world-dir", help="cache directory of the embedded world")
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="seed of the embedded world (another seed: another world, to check that an "
+                             "effect is not one world's accident)")
     return parser
 
 
@@ -667,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     if not probe["ingest"]["manifest"]:
         from pacl_ray.world import ensure_world
 
-        world = ensure_world(cache_dir=args.world_dir, size=args.world)
+        world = ensure_world(cache_dir=args.world_dir, seed=args.world_seed, size=args.world)
     try:
         base = base_config_dict(space, world_overrides=world.config_overrides() if world else None,
                                 config_file=args.config, overrides=args.overrides, data=args.data,

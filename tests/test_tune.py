@@ -51,6 +51,24 @@ def test_space_names_resolve_from_cwd_then_the_repository(tmp_path, monkeypatch)
 # --------------------------------------------------------------------------- configs
 
 
+def test_world_flags_choose_the_world(monkeypatch, tmp_path):
+    import pacl_ray.world
+
+    class Chosen(Exception):
+        pass
+
+    def ensure_world(cache_dir=None, seed=0, size="default", progress=True):
+        raise Chosen(cache_dir, seed, size)
+
+    monkeypatch.setattr(pacl_ray.world, "ensure_world", ensure_world)
+    with pytest.raises(Chosen) as chosen:
+        tune.main(["--world", "tiny", "--world-seed", "3", "--world-dir", str(tmp_path)])
+    assert chosen.value.args == (str(tmp_path), 3, "tiny")
+    with pytest.raises(Chosen) as chosen:
+        tune.main([])
+    assert chosen.value.args == (None, 0, "default")
+
+
 def test_base_config_layers_world_file_fixed_sets_and_flags(tmp_path):
     space = parse_space({"fixed": {"train": {"epochs": 3, "temperature": 0.05}},
                          "downstream": ["imagefolder:space=/space"]})
@@ -313,8 +331,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # world generation + every stage; minutes on a loaded 2-core machine
+@pytest.mark.timeout(900)  # world generation + every stage; about a minute, more on a loaded machine
 def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     """`python -m pacl_ray.tune` on the tiny embedded world: 2 trials of 1 epoch, then a relaunch
     that resumes the finished sweep instead of training again."""
