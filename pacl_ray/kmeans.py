@@ -29,8 +29,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError as err:  # neither extra installed
+    raise ImportError(
+        "pacl_ray needs FAISS: install it with the project, pip install '.[cpu]' (or '.[gpu]' on CUDA machines)"
+    ) from err
 
 MAX_POINTS_PER_CENTROID = 256  # init sample size per centroid, as FAISS subsamples
 

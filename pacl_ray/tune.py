@@ -662,10 +662,16 @@ def main(argv: list[str] | None = None) -> int:
         space = load_space(resolve_space_path(args.space))
         probe = base_config_dict(space, config_file=args.config, overrides=args.overrides,
                                  data=args.data, downstream=args.downstream, output_dir=args.output_dir)
+        ray_cfg = config_mod.from_dict(probe).ray
     except (SpaceError, config_mod.ConfigError, FileNotFoundError) as err:
         print(f"pacl-ray tune: {err}", file=sys.stderr)
         return 2
 
+    from pacl_ray.runtime import init_ray
+
+    # Ray first: its processes start in the background while a first run builds the world (whose
+    # data generation leaves a core free).
+    init_ray(ray_cfg)
     world = None
     if not probe["ingest"]["manifest"]:
         from pacl_ray.world import ensure_world
@@ -683,11 +689,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    from pacl_ray.runtime import init_ray
-
     name = args.name or space.name
     cfg = config_mod.from_dict(base)
-    init_ray(cfg.ray)
     if world is not None:
         _print_world(world)
     sweep_dir = storage.join(base["output_dir"], "sweeps", name)

@@ -69,7 +69,7 @@ def test_aws_cpu_head_and_autoscaled_gpu_workers():
 def test_setup_installs_the_package_and_sets_one_bucket():
     config = load(REPO / "cluster.yaml")
     commands = "\n".join(config["setup_commands"])
-    assert 'pip install ".[test]"' in commands
+    assert 'pip install ".[gpu,test]"' in commands  # FAISS on GPU, and the tests for checking a node
     assert "~/pacl_ray" in config["file_mounts"]
     values = json.dumps(config)  # comments (usage examples) are not settings
     assert values.count("s3://") == 1, "the storage bucket should be set in one place"

@@ -52,6 +52,7 @@ def test_space_names_resolve_from_cwd_then_the_repository(tmp_path, monkeypatch)
 
 
 def test_world_flags_choose_the_world(monkeypatch, tmp_path):
+    import pacl_ray.runtime
     import pacl_ray.world
 
     class Chosen(Exception):
@@ -61,6 +62,7 @@ def test_world_flags_choose_the_world(monkeypatch, tmp_path):
         raise Chosen(cache_dir, seed, size)
 
     monkeypatch.setattr(pacl_ray.world, "ensure_world", ensure_world)
+    monkeypatch.setattr(pacl_ray.runtime, "init_ray", lambda cfg=None: None)
     with pytest.raises(Chosen) as chosen:
         tune.main(["--world", "tiny", "--world-seed", "3", "--world-dir", str(tmp_path)])
     assert chosen.value.args == (str(tmp_path), 3, "tiny")
