@@ -87,12 +87,14 @@ def _autocast(device, precision: str):
 
 
 class ImageFeatureExtractor:
-    """Actor UDF: pixels [B, 3, H, W] -> the initial backbone's pooled features [B, D_image]."""
+    """Actor UDF: pixels [B, 3, H, W] -> the initial backbone's pooled features [B, D_image].
+    Also keeps the backbone's eval transform and feature width for callers in the same process."""
 
     def __init__(self, backbone: str, pretrained: str, checkpoint: str, input_size: int, precision: str):
         self.device = models.default_device()
-        self.model = models.create_backbone(backbone, pretrained, checkpoint, input_size).model
-        self.model.to(self.device).eval().requires_grad_(False)
+        built = models.create_backbone(backbone, pretrained, checkpoint, input_size)
+        self.model = built.model.to(self.device).eval().requires_grad_(False)
+        self.eval_transform, self.num_features = built.eval_transform, built.num_features
         self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,16 +126,13 @@ class TextFeatureExtractor:
 
 
 def embed_table_locally(
-    pairs: pa.Table, transform: Callable, image_kwargs: dict, text_kwargs: dict, batch_size: int
+    pairs: pa.Table, image_extractor: ImageFeatureExtractor, text_extractor: TextFeatureExtractor, batch_size: int
 ) -> pa.Table:
-    """The stage's UDFs in a plain loop in this process: PAIRS (id, image, text) -> FEATURES.
-    ``image_kwargs`` / ``text_kwargs`` are the extractors' constructor arguments."""
+    """The stage's UDFs in a plain loop in this process: PAIRS (id, image, text) -> FEATURES."""
     from pacl_ray.runtime import numpy_batches
 
-    image_extractor = ImageFeatureExtractor(**image_kwargs)
-    text_extractor = TextFeatureExtractor(**text_kwargs)
     tables = [
-        text_extractor(image_extractor(decode_and_transform(batch, transform)))
+        text_extractor(image_extractor(decode_and_transform(batch, image_extractor.eval_transform)))
         for batch in numpy_batches(pairs, batch_size)
     ]
     return pa.concat_tables(tables)
@@ -183,10 +182,6 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
         return StageOutput(STAGE, key, uri, cached=True)
     runtime.init_ray(cfg.ray)
     m = cfg.model
-    # The driver builds the backbone once only to learn its eval transform and feature width.
-    backbone = models.create_backbone(m.backbone, m.backbone_pretrained, m.backbone_checkpoint, m.backbone_input_size)
-    transform, image_dim = backbone.eval_transform, backbone.num_features
-    del backbone
     pairs_uri = ingest.path("pairs")
     features_uri = storage.join(uri, "features")
     storage.delete_dir(uri)  # leftovers of an interrupted run
@@ -203,10 +198,16 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
         raise ValueError(f"embed: {pairs_uri} holds no pairs (every record was quarantined at ingest?)")
     in_process = runtime.runs_in_process(rows, cfg.ray)
     if in_process:
+        image_extractor = ImageFeatureExtractor(**image_kwargs)
+        image_dim = image_extractor.num_features
         pairs = storage.read_parquet_dir(pairs_uri, columns=[schema.ID, "image", "text"])
-        features = embed_table_locally(pairs, transform, image_kwargs, text_kwargs, cfg.embed.batch_size)
+        features = embed_table_locally(pairs, image_extractor, TextFeatureExtractor(**text_kwargs), cfg.embed.batch_size)
         storage.write_parquet(features, features_uri)
     else:
+        # The driver builds the backbone once only to learn its eval transform and feature width.
+        backbone = models.create_backbone(m.backbone, m.backbone_pretrained, m.backbone_checkpoint, m.backbone_input_size)
+        transform, image_dim = backbone.eval_transform, backbone.num_features
+        del backbone
         fs, pairs_path = storage.resolve(pairs_uri)
         ds = ray.data.read_parquet(pairs_path, filesystem=fs, columns=[schema.ID, "image", "text"])
         ds = ds.map_batches(decode_and_transform, fn_kwargs=dict(transform=transform), batch_size=cfg.embed.batch_size)
