@@ -4,7 +4,7 @@
     python benchmarks/kmeans_bench.py --n 20000 --dim 256   # quicker
 
 All three fit the same L2-normalised float32 data from the same initial centroids (seeded
-k-means++ from :mod:`pacl_ray.kmeans`) for the same number of Lloyd iterations (``tol=0``;
+k-means++ from :mod:`pacl_ray.core.kmeans`) for the same number of Lloyd iterations (``tol=0``;
 scikit-learn with ``n_init=1``, ``algorithm="lloyd"``), so the time ratio compares the Lloyd
 loops and the inertia ratio checks they reach the same solution. Data loading (for the sharded
 run: shipping the shards to the actors) is excluded from the timings and reported separately.
@@ -21,7 +21,7 @@ import numpy as np
 
 
 def make_data(n: int, dim: int, groups: int, seed: int) -> np.ndarray:
-    from pacl_ray.kmeans import l2_normalize
+    from pacl_ray.core.kmeans import l2_normalize
 
     rng = np.random.default_rng(seed)
     centers = l2_normalize(rng.standard_normal((groups, dim), dtype=np.float32))
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from sklearn.cluster import KMeans
 
-    from pacl_ray import cluster, kmeans
+    from pacl_ray.stages import pseudo_labels
+    from pacl_ray.core import kmeans
 
     x, t_data = timed(lambda: make_data(args.n, args.dim, args.groups, args.seed))
     print(f"data {args.n} x {args.dim} float32 ({x.nbytes / 2**20:.0f} MiB) in {t_data:.1f}s; "
@@ -63,14 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     init = {k: kmeans.initial_centroids(x, k, args.seed) for k in ks}
 
     ray.init(num_cpus=max(args.shards, os.cpu_count() or 1), include_dashboard=False, configure_logging=False)
-    actors, t_ship = timed(lambda: cluster.shard_actors({"x": x}, args.shards))
+    actors, t_ship = timed(lambda: pseudo_labels.shard_actors({"x": x}, args.shards))
     _, t_ready = timed(lambda: ray.get([a.num_rows.remote() for a in actors]))
     print(f"sharded: {args.shards} actors loaded in {t_ship + t_ready:.1f}s (excluded below)")
 
     rows = []
     for k in ks:
         single, t_single = timed(lambda: kmeans.kmeans_fit(x, k, max_iter=args.max_iter, tol=0.0, init_centroids=init[k]))
-        sharded, t_sharded = timed(lambda: cluster.fit_distributed(
+        sharded, t_sharded = timed(lambda: pseudo_labels.fit_distributed(
             actors, [k], "x", max_iter=args.max_iter, tol=0.0, init_centroids={k: init[k]})[k])
         if args.skip_sklearn:
             sk_inertia, t_sk, sk_iter = float("nan"), float("nan"), 0
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((k, f"faiss ray x{args.shards}", t_sharded, sharded.n_iter, sharded.inertia, t_sk, sk_inertia))
         rows.append((k, "sklearn", t_sk, sk_iter, sk_inertia, t_sk, sk_inertia))
 
-    sweep, t_sweep = timed(lambda: cluster.fit_distributed(
+    sweep, t_sweep = timed(lambda: pseudo_labels.fit_distributed(
         actors, ks, "x", max_iter=args.max_iter, tol=0.0, init_centroids=init))
     for actor in actors:
         ray.kill(actor)

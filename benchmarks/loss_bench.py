@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pacl_ray.loss import clip_loss, pacl_loss
+from pacl_ray.core.loss import clip_loss, pacl_loss
 
 
 def _time(fn, repeats: int, device: str) -> float:

@@ -1,6 +1,6 @@
 """Pairs/s of the Ray Data scoring pipeline next to a plain single-process loop, from one run.
 
-Both paths score the same ingested pairs with the same UDFs (pacl_ray.partition.ClipScorer and
+Both paths score the same ingested pairs with the same UDFs (pacl_ray.stages.partition.ClipScorer and
 SentimentScorer) and include model loading, since a scoring job pays it once either way:
 
     python benchmarks/partition_bench.py                          # 300 pairs, tiny CLIP + MiniLM
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pacl_ray.config import RayConfig, RunConfig
-    from pacl_ray.ingest import read_pairs_table, run_ingest
-    from pacl_ray.partition import build_scoring_pipeline, load_anp_vocab, score_table_locally
-    from pacl_ray.runtime import cluster_gpus, init_ray
+    from pacl_ray.stages.ingest import read_pairs_table, run_ingest
+    from pacl_ray.stages.partition import build_scoring_pipeline, load_anp_vocab, score_table_locally
+    from pacl_ray.stages.runtime import cluster_gpus, init_ray
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="partition_bench_"))
     manifest, _ = make_manifest(workdir / "data", args.pairs)

@@ -34,10 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pacl_ray import config, loss, models, synthetic
-from pacl_ray.cache import StageOutput
-from pacl_ray.modeling import build_model
-from pacl_ray.train import _decode_batch, _optimizer, _seed_of, epoch_phases, epoch_positions, load_state, load_training_table, run_train
+from pacl_ray import config
+from pacl_ray.core import loss
+from pacl_ray.core import backbones
+from pacl_ray.world import stage_tables
+from pacl_ray.stages.cache import StageOutput
+from pacl_ray.core.pacl_model import build_model
+from pacl_ray.stages.train import _decode_batch, _optimizer, _seed_of, epoch_phases, epoch_positions, load_state, load_training_table, run_train
 
 WORDS = "happy sad calm angry bright dark storm beach dog city night joy fear love gloomy sunny".split()
 
@@ -47,7 +50,7 @@ def write_world(root: Path, n: int, text_dim: int, image_px: int, seed: int = 0)
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(WORDS, 20)) for _ in range(n)]
     codes = rng.integers(1, 5, n)
-    outs = synthetic.write_stage_tables(root, codes, text_dim, seed=seed, image_px=image_px, image_format="JPEG",
+    outs = stage_tables.write_stage_tables(root, codes, text_dim, seed=seed, image_px=image_px, image_format="JPEG",
                                         texts=texts)
     return outs, texts
 
@@ -95,7 +98,7 @@ def plain_loop(cfg, batches, text_dim, text_step=None) -> tuple[list[float], lis
 
 
 def cpu_benchmarks(args) -> None:
-    from pacl_ray.runtime import init_ray
+    from pacl_ray.stages.runtime import init_ray
 
     workdir = Path(tempfile.mkdtemp(prefix="pacl-train-bench-"))
     outs, texts = write_world(workdir / "world", args.pairs, args.text_dim, args.image_size + 8)
@@ -134,14 +137,14 @@ def cpu_benchmarks(args) -> None:
     print(f"    loss trajectories: max relative difference {rel:.2e}; epoch-mean loss "
           f"{[round(h['total'], 3) for h in result.history]}")
 
-    encoder = models.TextEncoder(models.MINILM_ID, pooling="mean", max_length=64)
+    encoder = backbones.TextEncoder(backbones.MINILM_ID, pooling="mean", max_length=64)
     batches = batches[: args.text_steps]
     text_batches = [texts[i * args.batch:(i + 1) * args.batch] for i in range(len(batches))]
     text_batches = [t if len(t) == args.batch else texts[: args.batch] for t in text_batches]
     encode_times, _ = plain_loop(cfg, batches, encoder.dim, text_step=lambda s: encoder.encode(text_batches[s]).clone())
     cached_times, _ = plain_loop(cfg, [(e, {**b, "text_feature": torch.randn(args.batch, encoder.dim)}) for e, b in batches], encoder.dim)
     enc_med, cached_med = statistics.median(encode_times[1:]), statistics.median(cached_times[1:])
-    print(f"[2] text encoder {models.MINILM_ID} in the step: {enc_med * 1e3:.1f} ms/step; cached features: "
+    print(f"[2] text encoder {backbones.MINILM_ID} in the step: {enc_med * 1e3:.1f} ms/step; cached features: "
           f"{cached_med * 1e3:.1f} ms/step; speed-up {enc_med / cached_med:.2f}x")
 
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="linear probe / fine-tuning / zero-shot on emotion tasks (4.4, 4.5)")
     _add_common(p)
     p.add_argument("--backbone", help="timm name, open_clip:<arch>, or an exported checkpoint")
-    p.add_argument("--task", action="append", default=[], help="task spec (repeatable); see pacl_ray.evaluate")
+    p.add_argument("--task", action="append", default=[], help="task spec (repeatable); see pacl_ray.evaluation.evaluate")
     p.add_argument("--protocol", choices=["linear", "finetune", "zeroshot"])
 
     p = sub.add_parser("run", help="the whole pipeline for one config, then evaluation")
@@ -92,7 +92,7 @@ def _overrides_from_flags(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "tune":
-        from pacl_ray.tune import main as tune_main
+        from pacl_ray.sweeps.driver import main as tune_main
 
         return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's data or settings, reported without a traceback."""
-    from pacl_ray.datasets import DatasetError
-    from pacl_ray.evaluate import ExportError, TaskSpecError
-    from pacl_ray.ingest import IngestError
-    from pacl_ray.kmeans import NotEnoughPointsError
+    from pacl_ray.evaluation.datasets import DatasetError
+    from pacl_ray.evaluation.evaluate import ExportError, TaskSpecError
+    from pacl_ray.stages.ingest import IngestError
+    from pacl_ray.core.kmeans import NotEnoughPointsError
 
     return (config_mod.ConfigError, IngestError, NotEnoughPointsError, DatasetError,
             TaskSpecError, ExportError, FileNotFoundError)
@@ -136,8 +136,8 @@ def format_train_result(result) -> str:
 
 
 def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
-    from pacl_ray import pipeline
-    from pacl_ray.runtime import init_ray
+    from pacl_ray.stages import pipeline
+    from pacl_ray.stages.runtime import init_ray
 
     init_ray(cfg.ray)
     if args.stage == "ingest":
@@ -153,7 +153,7 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
         print(format_train_result(out))
         return 0
     elif args.stage == "evaluate":
-        from pacl_ray.evaluate import main as evaluate_main
+        from pacl_ray.evaluation.evaluate import main as evaluate_main
 
         return evaluate_main(cfg, backbone=args.backbone)
     else:  # run: the whole pipeline, then the export against its initial weights
@@ -162,7 +162,7 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
         if not cfg.evaluate.tasks:
             print("run: no evaluate.tasks set; skipping evaluation")
             return 0
-        from pacl_ray.evaluate import main as evaluate_main
+        from pacl_ray.evaluation.evaluate import main as evaluate_main
 
         return evaluate_main(cfg, backbone=out.backbone_checkpoint.rsplit("/", 1)[0])
     print(f"{args.stage}: {out}")

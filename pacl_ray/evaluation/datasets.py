@@ -1,0 +1,683 @@
+"""Downstream emotion datasets (paper 4.1, 4.4): readers for the published layouts.
+
+Every reader returns a :class:`TaskData`: a task kind, the label names, and ``train`` / ``val`` /
+``test`` :class:`Split` s of image paths and targets. Images are validated on read (exists, not
+empty, decodes fully, not a decompression bomb); a bad image is dropped into ``quarantine`` with a
+reason from :data:`pacl_ray.formats.tables.QUARANTINE_REASONS`, exactly as ingest does for pairs, and a bad
+annotation row (unknown class, unparsable number) is quarantined with the file and row.
+
+Targets per kind (``Split.targets``):
+
+=============  =====================  ==================================================
+kind           dtype / shape          meaning
+=============  =====================  ==================================================
+single         int64 [N]              class index into ``label_names[0]``
+hierarchical   int64 [N, L]           one class index per level into ``label_names[l]``
+multilabel     float32 [N, C]         multi-hot over ``label_names[0]`` (C categories)
+vad            float32 [N, 3]         valence, arousal, dominance scaled to [0, 1]
+=============  =====================  ==================================================
+
+Splits (paper 4.2): the original split when the dataset ships one, else a seeded random 8:1:1
+split (``split_seed``). When only train and test are given (WebEmo), validation is a seeded 1/9 of
+train, so the three parts are again about 8:1:1. The split is drawn before images are validated, so
+a bad image never moves another image to a different split.
+
+Layouts (``ROOT`` is the path given in the task spec; see :mod:`pacl_ray.evaluation.evaluate`):
+
+* **ImageFolder** (:func:`read_imagefolder`) -- ``ROOT/{train,val,test}/<class>/<image>``
+  (``val`` may be spelled ``valid`` or ``validation``), or ``ROOT/<class>/<image>`` split 8:1:1.
+  Class names are the sorted folder names. Images are files with an image extension, any depth
+  below the class folder.
+* **FI** (:func:`read_fi`, You et al. 2016) -- the public release is one folder per emotion:
+  ``ROOT/<emotion>/<emotion>_<n>.jpg`` (also accepted under ``ROOT/emotion_dataset/``), emotions
+  ``amusement anger awe contentment disgust excitement fear sadness``; or the same classes in the
+  pre-split ImageFolder layout. Folder names are matched case-insensitively; any other folder is an
+  error naming it.
+* **Emotion-6** (:func:`read_emotion6`, Panda et al. 2018) -- ``ROOT/<emotion>/*.jpg`` (also under
+  ``ROOT/images/``), emotions ``anger disgust fear joy sadness surprise``; or pre-split.
+* **UnbiasedEmo** (:func:`read_unbiasedemo`, Panda et al. 2018) -- ``ROOT/images/<emotion>/<object>/
+  *.jpg`` (``images/`` optional), emotions ``anger fear joy love sadness surprise``; the label is the
+  emotion folder, the object sub-folder is ignored; or pre-split.
+* **WebEmo** (:func:`read_webemo`, Panda et al. 2018; three levels: 2 polarities, 6 Parrott primary
+  emotions, 25 fine emotions) -- either
+
+  - ``ROOT/{train,val,test}.csv`` with a header and columns ``image,level1,level2,level3`` (class
+    names; ``image`` relative to ``ROOT``), ``val.csv`` optional; or
+  - the published lists ``ROOT/train25.txt`` and ``ROOT/test25.txt`` (optional ``val25.txt``): one
+    ``<url-or-path> <label>`` per line, ``label`` an index 0-24 into the 25 fine emotions in alphabetical order
+    (:data:`WEBEMO_FINE`), images downloaded to ``ROOT/images/<basename of the url>``. Levels 1 and
+    2 come from :data:`WEBEMO_HIERARCHY`, or from ``ROOT/hierarchy.csv`` (columns
+    ``level3,level2,level1``) when present.
+* **Emotic** (:func:`read_emotic`, Kosti et al. 2017) -- the CSVs of the widely used conversion of
+  ``Annotations.mat`` (one row per annotated person): ``ROOT/{train,val,test}.csv`` (also under
+  ``ROOT/annotations/`` or ``ROOT/emotic_pre/``) with columns ``Folder, Filename,
+  Categorical_Labels, Continuous_Labels`` (others ignored), e.g.
+  ``mscoco/images,COCO_val2014_000000562243.jpg,"['Engagement', 'Happiness']","[6, 5, 7]"``; the
+  image is ``ROOT/<Folder>/<Filename>``. **Choice** (whole image, as the paper evaluates): rows of
+  one image are merged: categories are the union over persons, VAD the mean over persons, scaled
+  from 1-10 to [0, 1] by dividing by 10.
+* **IAPS** (:func:`read_iaps`, Lang et al.) -- a ratings table in the technical manual's layout,
+  ``ROOT/ratings.csv`` / ``.tsv`` / ``.txt`` or ``ROOT/AllSubjects*.txt`` (comma, tab or whitespace
+  separated, with a header) holding columns ``IAPS`` (picture number, e.g. ``2352.2``), ``valmn``,
+  ``aromn`` and ``dom1mn`` (or ``dommn``/``dom2mn``); images ``ROOT/images/<IAPS>.<ext>`` (or
+  directly under ``ROOT``). Ratings 1-9 are scaled to [0, 1] by dividing by 9; seeded 8:1:1 split.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+KINDS = ("single", "hierarchical", "multilabel", "vad")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit
+VAD_NAMES = ["valence", "arousal", "dominance"]
+
+FI_CLASSES = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+EMOTION6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
+UNBIASEDEMO_CLASSES = ["anger", "fear", "joy", "love", "sadness", "surprise"]
+EMOTIC_CATEGORIES = [
+    "Affection", "Anger", "Annoyance", "Anticipation", "Aversion", "Confidence", "Disapproval",
+    "Disconnection", "Disquietment", "Doubt/Confusion", "Embarrassment", "Engagement", "Esteem",
+    "Excitement", "Fatigue", "Fear", "Happiness", "Pain", "Peace", "Pleasure", "Sadness",
+    "Sensitivity", "Suffering", "Surprise", "Sympathy", "Yearning",
+]
+# WebEmo's 25 fine emotions -> (Parrott primary emotion, polarity). **Choice**: reconstructed from
+# Parrott's tree (the release gives indices only); confusion sits under surprise and gratitude
+# under love. Override with ROOT/hierarchy.csv when you have the authors' mapping.
+WEBEMO_HIERARCHY = {
+    "affection": ("love", "positive"), "cheerfulness": ("joy", "positive"),
+    "confusion": ("surprise", "negative"), "contentment": ("joy", "positive"),
+    "disappointment": ("sadness", "negative"), "disgust": ("anger", "negative"),
+    "enthrallment": ("joy", "positive"), "envy": ("anger", "negative"),
+    "exasperation": ("anger", "negative"), "gratitude": ("love", "positive"),
+    "horror": ("fear", "negative"), "irritation": ("anger", "negative"),
+    "lust": ("love", "positive"), "neglect": ("sadness", "negative"),
+    "nervousness": ("fear", "negative"), "optimism": ("joy", "positive"),
+    "pride": ("joy", "positive"), "rage": ("anger", "negative"), "relief": ("joy", "positive"),
+    "sadness": ("sadness", "negative"), "shame": ("sadness", "negative"),
+    "suffering": ("sadness", "negative"), "surprise": ("surprise", "positive"),
+    "sympathy": ("sadness", "negative"), "zest": ("joy", "positive"),
+}
+WEBEMO_FINE = sorted(WEBEMO_HIERARCHY)
+
+
+class DatasetError(ValueError):
+    """A dataset's layout or annotations are wrong; the message names the file, row and field."""
+
+
+# --------------------------------------------------------------------------- containers
+
+
+@dataclass
+class Split:
+    """One split: image paths, their targets (see the module table) and where each came from."""
+
+    paths: list[str]
+    targets: np.ndarray
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, keep: Sequence[int]) -> "Split":
+        keep = list(keep)
+        return Split([self.paths[i] for i in keep], self.targets[keep], [self.sources[i] for i in keep])
+
+
+@dataclass
+class TaskData:
+    """A validated downstream dataset. ``label_names`` holds one list per output group:
+    single/multilabel ``[classes]``, hierarchical ``[level1, level2, level3]``, vad ``[VAD_NAMES]``."""
+
+    name: str
+    kind: str
+    label_names: list[list[str]]
+    splits: dict[str, Split]
+    quarantine: list[dict] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)  # split -> content hash
+
+    @property
+    def out_dims(self) -> list[int]:
+        """Head widths: one per level for hierarchical, else a single group."""
+        return [len(names) for names in self.label_names]
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name, "kind": self.kind, "out_dims": self.out_dims,
+            "sizes": {k: len(v) for k, v in self.splits.items()},
+            "quarantined": len(self.quarantine),
+        }
+
+
+@dataclass
+class _Record:
+    path: str
+    target: object
+    source: str
+    split: str | None = None  # None = assign by the seeded 8:1:1 split
+
+
+# --------------------------------------------------------------------------- image validation
+
+
+def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
+    """Validate one image file (local path or pyarrow URI) with ingest's shared checks: None when
+    it decodes fully, else ``(reason, detail)`` with reason in :data:`pacl_ray.formats.tables.QUARANTINE_REASONS`
+    (missing_file, unreadable_file, zero_size_image, decompression_bomb, corrupt_image,
+    truncated_image)."""
+    from pacl_ray.stages.ingest import Rejected, read_image_file
+    from pacl_ray.stages.ingest import check_image as check_image_bytes
+
+    try:
+        check_image_bytes(read_image_file(path), max_pixels)
+    except Rejected as err:
+        return err.reason, err.detail if path in err.detail else f"{path}: {err.detail}"
+    return None
+
+
+def quarantine_row(source: str, field_name: str, reason: str, detail: str, row_id: str = "") -> dict:
+    """A row of :data:`pacl_ray.formats.tables.QUARANTINE`."""
+    return {"id": row_id or None, "source": source, "field": field_name, "reason": reason, "detail": detail}
+
+
+def _validate(records: list[_Record], quarantine: list[dict], workers: int = 8) -> list[_Record]:
+    """Drop records whose image is bad (quarantined with the reason); keeps order."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        verdicts = list(pool.map(lambda r: check_image(r.path), records))
+    good = []
+    for record, verdict in zip(records, verdicts):
+        if verdict is None:
+            good.append(record)
+        else:
+            quarantine.append(quarantine_row(record.source, "image", verdict[0], verdict[1], record.path))
+    return good
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def split_indices(n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> list[np.ndarray]:
+    """A seeded random partition of range(n) into parts of the given fractions (last takes the rest)."""
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.floor(np.cumsum(fractions)[:-1] * n + 1e-9).astype(int)
+    return np.split(order, bounds)
+
+
+def _assign_splits(records: list[_Record], seed: int) -> None:
+    """Fill in missing splits: all missing -> 8:1:1; train given without val -> val = 1/9 of train."""
+    unassigned = [r for r in records if r.split is None]
+    if unassigned:
+        for part, name in zip(split_indices(len(unassigned), seed), SPLITS):
+            for i in part:
+                unassigned[i].split = name
+    if not any(r.split == "val" for r in records):
+        train = [r for r in records if r.split == "train"]
+        _, val = split_indices(len(train), seed, (8 / 9, 1 / 9))
+        for i in val:
+            train[i].split = "val"
+
+
+def _fingerprint(split: Split) -> str:
+    """Content hash of a split: paths, targets, and each file's size and mtime."""
+    digest = hashlib.sha256()
+    for path in split.paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    digest.update(np.ascontiguousarray(split.targets).tobytes())
+    digest.update(str(split.targets.dtype).encode())
+    return digest.hexdigest()[:16]
+
+
+def _stack(kind: str, targets: list, width: int) -> np.ndarray:
+    if kind in ("single", "hierarchical"):
+        return np.asarray(targets, dtype=np.int64).reshape((len(targets),) + (() if kind == "single" else (width,)))
+    return np.asarray(targets, dtype=np.float32).reshape(len(targets), width)
+
+
+def _build(
+    name: str, kind: str, label_names: list[list[str]], records: list[_Record], quarantine: list[dict],
+    seed: int, limit: int = 0,
+) -> TaskData:
+    """Split, validate images, and pack targets into arrays."""
+    _assign_splits(records, seed)
+    if limit:  # cap each split (quick runs); a seeded choice so it is stable
+        capped = []
+        for split in SPLITS:
+            part = [r for r in records if r.split == split]
+            keep = sorted(np.random.default_rng(seed).permutation(len(part))[:limit])
+            capped.extend(part[i] for i in keep)
+        records = capped
+    good = _validate(records, quarantine)
+    if not good:
+        raise DatasetError(f"{name}: no valid images (first problem: {quarantine[0] if quarantine else 'none found'})")
+    width = len(label_names[0]) if kind == "multilabel" else len(label_names) if kind == "hierarchical" else 3
+    splits = {}
+    for split in SPLITS:
+        part = [r for r in good if r.split == split]
+        splits[split] = Split(
+            paths=[r.path for r in part], targets=_stack(kind, [r.target for r in part], width),
+            sources=[r.source for r in part],
+        )
+        if not part:
+            raise DatasetError(f"{name}: the {split} split is empty after validation ({len(good)} valid images)")
+    data = TaskData(name=name, kind=kind, label_names=label_names, splits=splits, quarantine=quarantine)
+    data.fingerprints = {k: _fingerprint(v) for k, v in splits.items()}
+    return data
+
+
+# --------------------------------------------------------------------------- folder layouts
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_below(directory: str) -> list[str]:
+    """Image files below a directory, recursively, sorted (hidden files skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f) and not f.startswith("."))
+    return found
+
+
+def _subdirs(directory: str) -> list[str]:
+    return sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+
+
+def _split_dirs(root: str) -> dict[str, str] | None:
+    """``{split: dir}`` when ROOT is pre-split (train/ and test/ at least), else None."""
+    names = {d.lower(): d for d in _subdirs(root)}
+    aliases = {"train": ["train"], "val": ["val", "valid", "validation"], "test": ["test"]}
+    found = {}
+    for split, spellings in aliases.items():
+        for spelling in spellings:
+            if spelling in names:
+                found[split] = os.path.join(root, names[spelling])
+                break
+    return found if "train" in found and "test" in found else None
+
+
+def _require_dir(root: str, name: str) -> str:
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise DatasetError(f"{name}: dataset root {root} is not a directory")
+    return root
+
+
+def _class_folder_records(
+    root: str, name: str, classes: list[str] | None, split: str | None, quarantine: list[dict],
+) -> tuple[list[str], list[_Record]]:
+    """Records of ``root/<class>/**/<image>``; ``classes=None`` takes the sorted folder names."""
+    folders = _subdirs(root)
+    if classes is None:
+        classes = folders
+    lookup = {c.lower(): i for i, c in enumerate(classes)}
+    records = []
+    for folder in folders:
+        if folder.lower() not in lookup:
+            raise DatasetError(
+                f"{name}: unexpected class folder {os.path.join(root, folder)!r}; expected one of {classes}"
+            )
+        label = lookup[folder.lower()]
+        for path in _images_below(os.path.join(root, folder)):
+            records.append(_Record(path, label, path, split))
+    for path in sorted(os.listdir(root)):
+        full = os.path.join(root, path)
+        if os.path.isfile(full) and _is_image(path):
+            quarantine.append(quarantine_row(full, "label", "missing_field", "image is not inside a class folder", full))
+    return classes, records
+
+
+def _read_class_folders(
+    root: str, name: str, classes: list[str] | None, seed: int, limit: int, roots: Sequence[str] = ("",),
+) -> TaskData:
+    """Shared reader of the ImageFolder-style layouts (pre-split, or one folder split 8:1:1)."""
+    root = _require_dir(root, name)
+    for sub in roots:  # e.g. FI's emotion_dataset/ wrapper folder
+        candidate = os.path.join(root, sub) if sub else root
+        if os.path.isdir(candidate) and (_split_dirs(candidate) or (classes and _has_class_folder(candidate, classes))):
+            root = candidate
+            break
+    quarantine: list[dict] = []
+    splits = _split_dirs(root)
+    records: list[_Record] = []
+    if splits:
+        if classes is None:  # a split may lack a rare class: the classes are the union
+            classes = sorted({d for directory in splits.values() for d in _subdirs(directory)})
+        for split, directory in splits.items():
+            records.extend(_class_folder_records(directory, name, classes, split, quarantine)[1])
+    else:
+        classes, records = _class_folder_records(root, name, classes, None, quarantine)
+    if not classes or not records:
+        raise DatasetError(f"{name}: no images found in class folders under {root}")
+    return _build(name, "single", [list(classes)], records, quarantine, seed, limit)
+
+
+def _has_class_folder(directory: str, classes: list[str]) -> bool:
+    wanted = {c.lower() for c in classes}
+    return any(d.lower() in wanted for d in _subdirs(directory))
+
+
+def read_imagefolder(root: str, name: str = "imagefolder", seed: int = 0, limit: int = 0) -> TaskData:
+    """Generic single-label layout: ``ROOT/{train,val,test}/<class>/*`` or ``ROOT/<class>/*``."""
+    return _read_class_folders(root, name, None, seed, limit)
+
+
+def read_fi(root: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """FI (8 classes): ``ROOT/<emotion>/*`` or ``ROOT/emotion_dataset/<emotion>/*`` or pre-split."""
+    return _read_class_folders(root, "fi", FI_CLASSES, seed, limit, roots=("", "emotion_dataset"))
+
+
+def read_emotion6(root: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """Emotion-6 (6 classes): ``ROOT/<emotion>/*`` or ``ROOT/images/<emotion>/*`` or pre-split."""
+    return _read_class_folders(root, "emotion6", EMOTION6_CLASSES, seed, limit, roots=("", "images"))
+
+
+def read_unbiasedemo(root: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """UnbiasedEmo (6 classes): ``ROOT/images/<emotion>/<object>/*`` (``images/`` optional)."""
+    return _read_class_folders(root, "unbiasedemo", UNBIASEDEMO_CLASSES, seed, limit, roots=("images", ""))
+
+
+# --------------------------------------------------------------------------- table layouts
+
+
+def _read_table(path: str) -> list[dict]:
+    """Rows of a CSV/TSV/whitespace table with a header, as dicts (keys stripped)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        text = handle.read()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DatasetError(f"{path}: empty table")
+    header = lines[0]
+    if "\t" in header:
+        reader = csv.reader(lines, delimiter="\t")
+    elif "," in header:
+        reader = csv.reader(lines)
+    else:
+        reader = (line.split() for line in lines)
+    rows = list(reader)
+    names = [h.strip() for h in rows[0]]
+    return [dict(zip(names, [v.strip() for v in row])) for row in rows[1:]]
+
+
+class _MissingField(Exception):
+    def __init__(self, where: str, field_name: str):
+        super().__init__(f"{where}: missing field {field_name!r}")
+        self.where = where
+        self.field = field_name
+
+    def quarantine(self) -> dict:
+        return quarantine_row(self.where, self.field, "missing_field", str(self))
+
+
+def _column(row: dict, names: Sequence[str], where: str) -> str:
+    """The first present, non-empty column among ``names`` (case-insensitive)."""
+    lowered = {k.lower(): v for k, v in row.items() if k is not None}
+    for name in names:
+        value = lowered.get(name.lower())
+        if value not in (None, ""):
+            return value
+    raise _MissingField(where, names[0])
+
+
+def _first_existing(root: str, candidates: Sequence[str]) -> str | None:
+    for candidate in candidates:
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _load_webemo_hierarchy(root: str) -> dict[str, tuple[str, str]]:
+    path = os.path.join(root, "hierarchy.csv")
+    if not os.path.isfile(path):
+        return dict(WEBEMO_HIERARCHY)
+    mapping = {}
+    for i, row in enumerate(_read_table(path), start=2):
+        try:
+            mapping[_column(row, ["level3"], f"{path}:{i}").lower()] = (
+                _column(row, ["level2"], f"{path}:{i}").lower(), _column(row, ["level1"], f"{path}:{i}").lower()
+            )
+        except _MissingField as err:
+            raise DatasetError(str(err)) from None
+    return mapping
+
+
+def read_webemo(root: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """WebEmo, three levels predicted together (see the module docstring for both layouts)."""
+    root = _require_dir(root, "webemo")
+    quarantine: list[dict] = []
+    if os.path.isfile(os.path.join(root, "train.csv")):
+        records, label_names = _webemo_csv_records(root, quarantine)
+    elif os.path.isfile(os.path.join(root, "train25.txt")):
+        records, label_names = _webemo_txt_records(root, quarantine)
+    else:
+        raise DatasetError(f"webemo: expected {root}/train.csv (+ test.csv) or {root}/train25.txt (+ test25.txt)")
+    if not records:
+        raise DatasetError(f"webemo: no usable rows under {root}")
+    return _build("webemo", "hierarchical", label_names, records, quarantine, seed, limit)
+
+
+def _webemo_csv_records(root: str, quarantine: list[dict]) -> tuple[list[_Record], list[list[str]]]:
+    rows_by_split = {}
+    for split in SPLITS:
+        path = os.path.join(root, f"{split}.csv")
+        if os.path.isfile(path):
+            rows_by_split[split] = (path, _read_table(path))
+    if "test" not in rows_by_split:
+        raise DatasetError(f"webemo: {root}/train.csv given but {root}/test.csv is missing")
+    levels: list[set] = [set(), set(), set()]
+    parsed = []
+    for split, (path, rows) in rows_by_split.items():
+        for i, row in enumerate(rows, start=2):
+            where = f"{path}:{i}"
+            try:
+                image = _column(row, ["image", "path"], where)
+                labels = [_column(row, [f"level{k}"], where) for k in (1, 2, 3)]
+            except _MissingField as err:
+                quarantine.append(err.quarantine())
+                continue
+            for level, label in zip(levels, labels):
+                level.add(label)
+            parsed.append((os.path.join(root, image), labels, where, split))
+    names = [sorted(level) for level in levels]
+    index = [{n: i for i, n in enumerate(level)} for level in names]
+    records = [_Record(p, [index[k][l] for k, l in enumerate(labels)], w, s) for p, labels, w, s in parsed]
+    return records, names
+
+
+def _webemo_txt_records(root: str, quarantine: list[dict]) -> tuple[list[_Record], list[list[str]]]:
+    hierarchy = _load_webemo_hierarchy(root)
+    fine = sorted(hierarchy)
+    level2 = sorted({v[0] for v in hierarchy.values()})
+    level1 = sorted({v[1] for v in hierarchy.values()})
+    records = []
+    for split, filename in (("train", "train25.txt"), ("val", "val25.txt"), ("test", "test25.txt")):
+        path = os.path.join(root, filename)
+        if not os.path.isfile(path):
+            if split == "test":
+                raise DatasetError(f"webemo: {path} is missing")
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for i, line in enumerate(handle, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                where = f"{path}:{i}"
+                if len(parts) < 2:
+                    quarantine.append(quarantine_row(where, "label", "missing_field", "expected '<url-or-path> <label>'"))
+                    continue
+                try:
+                    label = int(parts[-1])
+                    if not 0 <= label < len(fine):
+                        raise ValueError(f"label {label} outside 0..{len(fine) - 1}")
+                except ValueError as err:
+                    quarantine.append(quarantine_row(where, "label", "bad_value", str(err)))
+                    continue
+                ref = parts[0]
+                image = os.path.join(root, "images", ref.rstrip("/").rsplit("/", 1)[-1]) if "://" in ref else os.path.join(root, ref)
+                name = fine[label]
+                second, first = hierarchy[name]
+                records.append(_Record(image, [level1.index(first), level2.index(second), label], where, split))
+    return records, [level1, level2, fine]
+
+
+def _emotic_tables(root: str) -> dict[str, str]:
+    for sub in ("", "annotations", "emotic_pre"):
+        base = os.path.join(root, sub) if sub else root
+        found = {s: os.path.join(base, f"{s}.csv") for s in SPLITS if os.path.isfile(os.path.join(base, f"{s}.csv"))}
+        if found:
+            return found
+    raise DatasetError(f"emotic: no {{train,val,test}}.csv under {root} (or its annotations/, emotic_pre/)")
+
+
+def _parse_list(text: str, where: str, field_name: str) -> list:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"{where}: field {field_name!r} is not a list literal: {text!r} ({err})") from None
+    if isinstance(value, (str, int, float)):
+        value = [value]
+    return list(value)
+
+
+def read_emotic(root: str, kind: str = "multilabel", seed: int = 0, limit: int = 0) -> TaskData:
+    """Emotic, whole image: ``kind="multilabel"`` (26 categories) or ``"vad"`` (continuous VAD)."""
+    if kind not in ("multilabel", "vad"):
+        raise DatasetError(f"emotic: kind must be multilabel or vad, got {kind!r}")
+    root = _require_dir(root, "emotic")
+    lookup = {c.lower(): i for i, c in enumerate(EMOTIC_CATEGORIES)}
+    quarantine: list[dict] = []
+    merged: dict[tuple[str, str], dict] = {}  # (split, image) -> categories, vad list, source
+    for split, path in _emotic_tables(root).items():
+        for i, row in enumerate(_read_table(path), start=2):
+            where = f"{path}:{i}"
+            try:
+                image = os.path.join(root, _column(row, ["Folder"], where), _column(row, ["Filename"], where))
+                if kind == "multilabel":
+                    names = _parse_list(_column(row, ["Categorical_Labels"], where), where, "Categorical_Labels")
+                    unknown = [n for n in names if str(n).lower() not in lookup]
+                    if unknown:
+                        raise ValueError(f"{where}: field 'Categorical_Labels' has unknown categories {unknown}")
+                    value = [lookup[str(n).lower()] for n in names]
+                else:
+                    value = [float(v) for v in _parse_list(_column(row, ["Continuous_Labels"], where), where, "Continuous_Labels")]
+                    if len(value) != 3:
+                        raise ValueError(f"{where}: field 'Continuous_Labels' needs 3 values, got {value}")
+            except _MissingField as err:
+                quarantine.append(err.quarantine())
+                continue
+            except (ValueError, TypeError) as err:
+                quarantine.append(quarantine_row(where, "labels", "bad_value", str(err)))
+                continue
+            entry = merged.setdefault((split, image), {"values": [], "source": where})
+            entry["values"].append(value)
+    records = []
+    for (split, image), entry in merged.items():
+        if kind == "multilabel":
+            target = np.zeros(len(EMOTIC_CATEGORIES), dtype=np.float32)
+            for cats in entry["values"]:
+                target[cats] = 1.0
+        else:
+            target = np.mean(np.asarray(entry["values"], dtype=np.float32), axis=0) / 10.0
+        records.append(_Record(image, target, entry["source"], split))
+    if not records:
+        raise DatasetError(f"emotic: no usable rows under {root}")
+    label_names = [list(EMOTIC_CATEGORIES)] if kind == "multilabel" else [list(VAD_NAMES)]
+    return _build("emotic", kind, label_names, records, quarantine, seed, limit)
+
+
+def _iaps_table(root: str) -> str:
+    found = _first_existing(root, ["ratings.csv", "ratings.tsv", "ratings.txt"])
+    if found:
+        return found
+    candidates = sorted(f for f in os.listdir(root) if f.lower().startswith("allsubjects") and f.lower().endswith(".txt"))
+    if candidates:
+        return os.path.join(root, candidates[0])
+    raise DatasetError(f"iaps: no ratings table under {root} (ratings.csv/.tsv/.txt or AllSubjects*.txt)")
+
+
+def _find_image(directories: Sequence[str], stem: str) -> str:
+    """The image named ``stem`` with any image extension, else the .jpg path (reported missing)."""
+    for directory in directories:
+        for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+            path = os.path.join(directory, stem + ext)
+            if os.path.isfile(path):
+                return path
+    return os.path.join(directories[0], stem + ".jpg")
+
+
+def read_iaps(root: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """IAPS VAD ratings (1-9, scaled to [0, 1]); seeded 8:1:1 split."""
+    root = _require_dir(root, "iaps")
+    table = _iaps_table(root)
+    image_dirs = [os.path.join(root, "images"), root] if os.path.isdir(os.path.join(root, "images")) else [root]
+    quarantine: list[dict] = []
+    records = []
+    seen = set()
+    for i, row in enumerate(_read_table(table), start=2):
+        where = f"{table}:{i}"
+        try:
+            number = _column(row, ["IAPS"], where)
+            vad = [
+                float(_column(row, names, where))
+                for names in (["valmn"], ["aromn"], ["dom1mn", "dommn", "dom2mn"])
+            ]
+        except _MissingField as err:
+            quarantine.append(err.quarantine())
+            continue
+        except ValueError as err:
+            quarantine.append(quarantine_row(where, "ratings", "bad_value", f"{where}: {err}"))
+            continue
+        if number in seen:
+            quarantine.append(quarantine_row(where, "IAPS", "duplicate_id", f"{where}: picture {number} listed twice", number))
+            continue
+        seen.add(number)
+        records.append(_Record(_find_image(image_dirs, number), np.asarray(vad, dtype=np.float32) / 9.0, where))
+    if not records:
+        raise DatasetError(f"iaps: no usable rows in {table}")
+    return _build("iaps", "vad", [list(VAD_NAMES)], records, quarantine, seed, limit)
+
+
+# --------------------------------------------------------------------------- registry
+
+# (kind, dataset) -> reader(root, seed, limit). "imagefolder" is handled by load_dataset.
+READERS: dict[tuple[str, str], Callable[..., TaskData]] = {
+    ("single", "fi"): read_fi,
+    ("single", "emotion6"): read_emotion6,
+    ("single", "unbiasedemo"): read_unbiasedemo,
+    ("hierarchical", "webemo"): read_webemo,
+    ("multilabel", "emotic"): lambda root, seed=0, limit=0: read_emotic(root, "multilabel", seed, limit),
+    ("vad", "emotic"): lambda root, seed=0, limit=0: read_emotic(root, "vad", seed, limit),
+    ("vad", "iaps"): read_iaps,
+}
+DISPLAY_NAMES = {
+    "fi": "FI", "emotion6": "Emotion-6", "unbiasedemo": "UnbiasedEmo", "webemo": "WebEmo",
+    "emotic": "Emotic", "iaps": "IAPS",
+}
+
+
+def load_dataset(kind: str, dataset: str, root: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """Read and validate a dataset. ``kind="imagefolder"`` reads the generic layout under any name."""
+    if kind == "imagefolder":
+        return read_imagefolder(root, name=dataset, seed=seed, limit=limit)
+    reader = READERS.get((kind, dataset))
+    if reader is None:
+        known = ", ".join(f"{k}:{d}" for k, d in READERS) + ", imagefolder:<any name>"
+        raise DatasetError(f"no reader for {kind}:{dataset}; known: {known}")
+    return reader(root, seed=seed, limit=limit)
+
+
+def quarantine_json(data: TaskData) -> str:
+    return json.dumps(data.quarantine, indent=1)

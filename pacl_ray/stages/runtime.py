@@ -1,0 +1,91 @@
+"""Starting or joining Ray, and asking what the cluster offers."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pacl_ray.config import RayConfig
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join ``cfg.address`` (or ``RAY_ADDRESS``), or start a local instance; a no-op if connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    # Keep the driver's log quiet; progress bars and stage summaries are what users read.
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus,
+                 runtime_env={"worker_process_setup_hook": "pacl_ray.stages.runtime.quiet_worker_logs"}, **kwargs)
+
+
+# Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) every second
+# whether the controller lives; a local instance here runs without the dashboard, so it would
+# print a warning every second of every training run.
+QUIETED_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker-process setup hook of local instances: silence the loggers in QUIETED_LOGGERS."""
+    import logging
+
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# A pipeline holds several Ray Data actor pools, their read/decode tasks and Train workers at
+# once; with logical CPUs = physical cores, a 2-core laptop deadlocks waiting for a free CPU.
+# Ray's CPU resource is a scheduling token, so a local instance gets at least this many.
+MIN_LOCAL_LOGICAL_CPUS = 8
+
+
+def local_num_cpus(cfg: RayConfig) -> int:
+    """Logical CPUs for a local Ray instance: ``cfg.num_cpus``, else max(cores, 8)."""
+    if cfg.num_cpus:
+        return cfg.num_cpus
+    return max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS)
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster (0 when Ray is not started)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def runs_in_process(rows: int, cfg: RayConfig) -> bool:
+    """Whether an inference stage over ``rows`` inputs runs its UDFs in this process
+    (``cfg.in_process_max_rows``) rather than in Ray Data actor pools. Never when the cluster has
+    GPUs that this process cannot use: the models belong on them. Call after :func:`init_ray`."""
+    import torch
+
+    if cfg.in_process_max_rows <= 0 or rows > cfg.in_process_max_rows:
+        return False
+    return cluster_gpus() == 0 or torch.cuda.is_available()
+
+
+def numpy_batches(table: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """``table`` in batches of ``batch_size`` rows, each a dict column -> array [B], the form
+    Ray Data's ``batch_format="numpy"`` hands a UDF (strings and bytes as object arrays)."""
+    for start in range(0, table.num_rows, max(1, batch_size)):
+        chunk = table.slice(start, batch_size)
+        yield {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}

@@ -1,0 +1,726 @@
+"""Sweeps: ``python -m pacl_ray.tune [--space FILE] [--data MANIFEST --downstream TASK ...]``.
+
+With no arguments this runs ``tune_spaces/default.yaml`` on the embedded synthetic world
+(:mod:`pacl_ray.world.build`) and prints the world's affective gap, the initial backbone's downstream
+accuracy, the sweep table (with the vanilla contrastive baseline) and the best config.
+
+How a sweep runs:
+
+1. The space file (:mod:`pacl_ray.sweeps.spaces`) is expanded into a fixed list of trials.
+2. The upstream stages that trials share run once, here on the driver: ingest, scoring (one pass
+   for every sigma: the scores' content key excludes sigma), embedding, and k-means for the union
+   of every K in the sweep in one pass (``cluster.ks``). Stage outputs are content-keyed, so
+   trials find them in the cache and only threshold, train and evaluate.
+3. Ray Tune runs one function trainable per trial (Ray's Train-inside-Tune pattern): it calls the
+   training stage, which builds and fits a ``TorchTrainer`` with its own workers, then evaluates
+   the exported backbone on the downstream tasks and reports the metrics with ``ray.tune.report``.
+4. The experiment lives under ``{output_dir}/sweeps/<name>/tune``; relaunching the same sweep
+   restores it (finished trials are kept, unfinished and errored ones re-run, and the training
+   stage resumes from its own checkpoint).
+5. Outputs under ``{output_dir}/sweeps/<name>/``: ``results.md`` and ``results.csv`` (the layout
+   of the paper's Table 5), ``plot_<key>.png`` per searched key, ``best_config.yaml``, and
+   ``trials.json`` with each trial's metrics and exported backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from pacl_ray.stages import cache
+from pacl_ray.formats import storage
+from pacl_ray import config as config_mod
+from pacl_ray.sweeps.spaces import (
+    SpaceError, SweepSpace, Trial, apply_dotted, expand_trials, format_value, get_dotted, load_space,
+)
+
+DEFAULT_SPACE = "default"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INSTALLED_SPACES_ROOT = Path(sys.prefix) / "share" / "pacl_ray"  # pip install . puts tune_spaces/ here
+
+
+# --------------------------------------------------------------------------- space files
+
+
+def resolve_space_path(name: str, cwd: str | None = None) -> str:
+    """A space given as a path, a file in ``tune_spaces/``, or a bare name like ``table5_sigma``.
+
+    Looked up relative to the working directory first, then to the repository root beside the
+    package (a source checkout), then to ``{sys.prefix}/share/pacl_ray`` where ``pip install``
+    puts the shipped ``tune_spaces/`` (pyproject's data-files)."""
+    if "://" in name:
+        return name
+    candidates = [name]
+    if not name.endswith((".yaml", ".yml")):
+        candidates.append(f"{name}.yaml")
+    candidates += [os.path.join("tune_spaces", c) for c in list(candidates) if os.sep not in c and "/" not in c]
+    roots = [Path(cwd or os.getcwd()), REPO_ROOT, INSTALLED_SPACES_ROOT]
+    tried = []
+    for root in roots:
+        for candidate in candidates:
+            path = Path(candidate).expanduser()
+            path = path if path.is_absolute() else root / path
+            tried.append(str(path))
+            if path.is_file():
+                return str(path)
+    raise SpaceError(f"space {name!r} not found; looked for: {', '.join(dict.fromkeys(tried))}")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def base_config_dict(
+    space: SweepSpace,
+    *,
+    world_overrides: dict | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    downstream: list[str] | None = None,
+    output_dir: str | None = None,
+) -> dict:
+    """The sweep's base config, nested and validated. Later layers win: config defaults, the
+    embedded world's settings, ``--config``, the space's ``fixed``/``downstream``, ``--set``, then
+    ``--data``/``--downstream``/``--output-dir``."""
+    data_dict = config_mod.to_dict(config_mod.RunConfig())
+    data_dict = config_mod.merge(data_dict, world_overrides or {})
+    if config_file:
+        loaded = yaml.safe_load(storage.read_text(config_file)) or {}
+        if not isinstance(loaded, dict):
+            raise config_mod.ConfigError(f"{config_file}: the top level must be a mapping")
+        data_dict = config_mod.merge(data_dict, loaded)
+    data_dict = config_mod.merge(data_dict, space.fixed)
+    if space.downstream:
+        data_dict["evaluate"]["tasks"] = list(space.downstream)
+    config_mod.apply_overrides(data_dict, list(overrides or []))
+    if data:
+        data_dict["ingest"]["manifest"] = data
+    if downstream:
+        data_dict["evaluate"]["tasks"] = list(downstream)
+    if output_dir:
+        data_dict["output_dir"] = output_dir
+    data_dict = _absolute_paths(data_dict)
+    return config_mod.to_dict(config_mod.from_dict(data_dict))
+
+
+def _absolute_paths(data: dict) -> dict:
+    """Make local paths absolute: Tune trials may run in another working directory."""
+    def fix(value: str) -> str:
+        if not value or "://" in value:
+            return value
+        expanded = os.path.expanduser(value)
+        return os.path.abspath(expanded) if os.path.exists(expanded) or value.startswith((".", "~")) else value
+
+    data["output_dir"] = storage.normalize(data["output_dir"])
+    for section, key in (("ingest", "manifest"), ("model", "backbone_checkpoint"),
+                         ("partition", "clip_pretrained"), ("partition", "anp_vocab")):
+        data[section][key] = fix(data[section][key])
+    return data
+
+
+def sweep_ks(base: dict, trials: list[Trial]) -> list[int]:
+    """Every K the sweep's trials use, plus the base's ``cluster.ks``: clustered in one pass."""
+    ks = set(base["cluster"]["ks"]) | {int(base["train"]["k"])}
+    for trial in trials:
+        if "train.k" in trial.overrides:
+            ks.add(int(trial.overrides["train.k"]))
+    return sorted(ks)
+
+
+def trial_config_dict(base: dict, trial: Trial, ks: list[int]) -> dict:
+    """The full nested config of one trial (validated)."""
+    data = apply_dotted(base, trial.overrides)
+    data["cluster"]["ks"] = list(ks)
+    return config_mod.to_dict(config_mod.from_dict(data))
+
+
+def sweep_fingerprint(trial_configs: dict[str, dict]) -> str:
+    """Identifies a sweep's exact trial list, so a relaunch only restores the same experiment."""
+    return cache.content_key("sweep", sorted(trial_configs.items()))
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def resolve_use_gpu(space: SweepSpace, base: dict, cluster_gpus: float) -> bool:
+    if space.resources.use_gpu is not None:
+        return bool(space.resources.use_gpu)
+    if base["train"]["use_gpu"] is not None:
+        return bool(base["train"]["use_gpu"])
+    return cluster_gpus > 0
+
+
+def max_concurrent_trials(space: SweepSpace, num_trials: int, use_gpu: bool,
+                          cluster_cpus: float, cluster_gpus: float) -> int:
+    """Trials that fit at once: each needs ``workers_per_trial`` Train workers (1 GPU or 1 CPU
+    each) plus the trial process's own ``trial_gpus``/``trial_cpus``. At least 1 (an autoscaling
+    cluster may start with no GPU node); ``resources.max_concurrent`` or ``--max-concurrent``
+    override it."""
+    res = space.resources
+    if res.max_concurrent:
+        return max(1, min(res.max_concurrent, num_trials))
+    if use_gpu:
+        need, have = res.workers_per_trial + res.trial_gpus, cluster_gpus
+    else:
+        need, have = res.workers_per_trial + res.trial_cpus, cluster_cpus
+    return max(1, min(num_trials, int(math.floor(have / need + 1e-9))))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def flatten_rows(rows: list[dict]) -> dict[str, float]:
+    """evaluate_backbone rows (one per task and protocol) into ``{"<dataset>/<column>": value}``
+    over the metric columns (Acc-C, F1-C, mAP, AUC, MSE, R2). Linear evaluation is the paper's
+    Table 5 protocol; other protocols and zero-shot prompts are suffixed to the dataset name."""
+    from pacl_ray.evaluation.evaluate import METRIC_COLUMN
+
+    out: dict[str, float] = {}
+    for i, row in enumerate(rows):
+        name = str(row.get("dataset") or row.get("task") or f"task{i}").replace("/", "_")
+        if row.get("protocol", "linear") != "linear":
+            name += f"-{row['protocol']}"
+        if row.get("prompt"):
+            name += f"[{row['prompt']}]".replace("/", "_")
+        for key, value in row.items():
+            if METRIC_COLUMN.match(str(key)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if math.isfinite(float(value)):
+                    out[f"{name}/{key}"] = float(value)
+    return out
+
+
+def evaluate_rows(cfg: config_mod.RunConfig, backbone: str, checkpoint: str, label: str, out_dir: str) -> list[dict]:
+    """Downstream evaluation of one backbone on ``evaluate.tasks`` (its rows are cached by
+    :mod:`pacl_ray.evaluation.evaluate`, so a relaunched sweep does not re-train probes)."""
+    from pacl_ray.evaluation.evaluate import evaluate_backbone
+
+    return evaluate_backbone(cfg, backbone, checkpoint, list(cfg.evaluate.tasks), out_dir, label=label)
+
+
+def _safe_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^\w.=,+-]+", "_", name)
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: str, report_epochs: bool) -> Callable:
+    """The Tune function trainable: train (a TorchTrainer inside the trial), evaluate, report."""
+
+    def pacl_trial(config: dict) -> None:
+        import ray.tune
+
+        if os.path.isdir(driver_cwd):
+            os.chdir(driver_cwd)  # relative task specs resolve as on the command line
+        name = config["trial"]
+        cfg = config_mod.from_dict(trial_configs[name])
+        callbacks = []
+        if report_epochs:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            callbacks.append(TuneReportCallback())
+        from pacl_ray.stages import pipeline
+
+        result = pipeline.stage_train(cfg, callbacks=callbacks)
+        out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
+        rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
+        metrics = flatten_rows(rows)
+        ray.tune.report({
+            **metrics, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
+            "train_uri": result.uri, "evaluated": 1,
+        })
+
+    return pacl_trial
+
+
+# --------------------------------------------------------------------------- results table
+
+
+@dataclass
+class TrialOutcome:
+    trial: Trial
+    metrics: dict = field(default_factory=dict)  # "<task>/<col>" -> value
+    backbone: str = ""
+    error: str = ""
+
+
+def metric_columns(outcomes: list[TrialOutcome], initial: dict | None = None) -> list[str]:
+    """Metric columns in first-seen order, grouped by task (accuracy before F1 as evaluated)."""
+    seen: dict[str, None] = {}
+    for metrics in [initial or {}] + [o.metrics for o in outcomes]:
+        for key in metrics:
+            if "/" in key:
+                seen.setdefault(key, None)
+    tasks: dict[str, list[str]] = {}
+    for key in seen:
+        tasks.setdefault(key.split("/", 1)[0], []).append(key)
+    return [key for keys in tasks.values() for key in keys]
+
+
+def default_metric(columns: list[str]) -> str:
+    """The first accuracy column when the space names no metric."""
+    for column in columns:
+        if column.split("/", 1)[1].lower().startswith("acc"):
+            return column
+    return columns[0] if columns else ""
+
+
+def resolve_metric(name: str, columns: list[str]) -> str:
+    """The result column for a space's metric: exact, or ``"<task>/Acc"`` matching ``"<task>/Acc-C"``
+    whatever the class count C; "" when no column matches."""
+    if name in columns:
+        return name
+    return next((c for c in columns if c.startswith(f"{name}-")), "")
+
+
+def table_rows(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
+               initial: dict | None = None) -> list[dict]:
+    """Rows of the Table-5 layout: one block per searched key (its values in order, the adopted
+    value marked), then baselines and the initial backbone."""
+    by_name = {o.trial.name: o for o in outcomes}
+    rows: list[dict] = []
+
+    def row(section: str, value: str, outcome: TrialOutcome | None, adopted: bool = False,
+            metrics: dict | None = None) -> dict:
+        return {
+            "hyperparameter": section, "value": value, "adopted": adopted,
+            "trial": outcome.trial.name if outcome else "",
+            "metrics": dict(metrics if metrics is not None else (outcome.metrics if outcome else {})),
+            "backbone": outcome.backbone if outcome else "",
+            "error": outcome.error if outcome else "",
+        }
+
+    if space.mode == "one_at_a_time":
+        adopted_outcome = by_name.get("adopted")
+        for key in space.search:
+            adopted_value = get_dotted(base, key)
+            entries = [(adopted_value, adopted_outcome, True)]
+            entries += [(o.trial.varied[key], o, False) for o in outcomes if set(o.trial.varied) == {key}]
+            entries.sort(key=lambda e: _sort_key(e[0]))
+            for value, outcome, adopted in entries:
+                label = format_value(value) + (" (adopted)" if adopted else "")
+                rows.append(row(key, label, outcome, adopted))
+    else:
+        for outcome in outcomes:
+            if outcome.trial.baseline:
+                continue
+            rows.append(row("+".join(space.search) or "config", outcome.trial.name, outcome))
+    for outcome in outcomes:
+        if outcome.trial.baseline:
+            overrides = ", ".join(f"{k}={format_value(v)}" for k, v in outcome.trial.baseline_overrides.items())
+            rows.append(row("baseline", f"{outcome.trial.baseline} ({overrides})", outcome))
+    if initial is not None:
+        rows.append(row("initial backbone", "before training", None, metrics=initial))
+    return rows
+
+
+def _sort_key(value: Any) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def _fmt_metric(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    return f"{float(value):.2f}"  # evaluate reports percentages; the paper's precision
+
+
+def results_markdown(rows: list[dict], columns: list[str]) -> str:
+    """The table as Markdown: hyperparameter | value | <task>/<metric> ..."""
+    header = ["hyperparameter", "value"] + columns
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    previous = None
+    for r in rows:
+        section = r["hyperparameter"] if r["hyperparameter"] != previous else ""
+        previous = r["hyperparameter"]
+        cells = [_fmt_metric(r["metrics"].get(c)) for c in columns]
+        if r["error"] and not r["metrics"]:
+            cells = [f"failed: {r['error'][:40]}"] + ["-"] * (len(columns) - 1) if columns else []
+        lines.append("| " + " | ".join([section, r["value"]] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_csv(rows: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + ["backbone", "error"])
+    for r in rows:
+        writer.writerow([r["hyperparameter"], r["value"], r["adopted"], r["trial"]]
+                        + [r["metrics"].get(c, "") for c in columns] + [r["backbone"], r["error"]])
+    return buffer.getvalue()
+
+
+def plot_hyperparameter(key: str, rows: list[dict], columns: list[str], metric: str,
+                        reference: dict[str, float], log_scale: bool) -> bytes:
+    """PNG of every accuracy column (and the sweep metric, bold) against one key's values, with
+    baselines and the initial backbone as dashed lines of the sweep metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    block = [r for r in rows if r["hyperparameter"] == key and r["metrics"]]
+    raw = [r["value"].replace(" (adopted)", "") for r in block]
+    numeric = all(_is_number(v) for v in raw)
+    xs: list = [float(v) for v in raw] if numeric else list(range(len(raw)))
+    shown = [c for c in columns if c == metric or c.split("/", 1)[1].lower().startswith("acc")]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for column in shown:
+        ys = [r["metrics"].get(column, float("nan")) for r in block]
+        ax.plot(xs, ys, marker="o", linewidth=2.4 if column == metric else 1.2, label=column)
+    for r in block:
+        if r["adopted"] and metric in r["metrics"]:
+            ax.scatter([xs[block.index(r)]], [r["metrics"][metric]], s=120, facecolors="none",
+                       edgecolors="black", zorder=5, label="adopted")
+    for (name, value), style in zip(reference.items(), ["--", ":", "-.", (0, (5, 1))] * 4):
+        ax.axhline(value, linestyle=style, color="gray", linewidth=1.0, label=f"{name} ({metric})")
+    if numeric and log_scale and all(x > 0 for x in xs):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(xs, raw, rotation=30, ha="right")
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {key}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> Optional[TrialOutcome]:
+    """The best searched trial by ``metric`` (baselines are comparisons, not candidates)."""
+    best = None
+    for outcome in outcomes:
+        value = outcome.metrics.get(metric)
+        if outcome.trial.baseline or value is None:
+            continue
+        if best is None or (value > best.metrics[metric] if mode == "max" else value < best.metrics[metric]):
+            best = outcome
+    return best
+
+
+@dataclass
+class SweepReport:
+    sweep_dir: str
+    markdown: str
+    csv: str
+    best: Optional[TrialOutcome]
+    best_config_yaml: str
+    metric: str
+    plots: list[str]
+
+
+def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
+                 outcomes: list[TrialOutcome], sweep_dir: str, initial: dict | None = None) -> SweepReport:
+    """Table (Markdown + CSV), one plot per searched key, best config and trials.json."""
+    columns = metric_columns(outcomes, initial)
+    metric = resolve_metric(space.metric.name, columns) if space.metric else default_metric(columns)
+    if space.metric and not metric and columns:
+        metric = default_metric(columns)
+        print(f"[tune] warning: metric {space.metric.name!r} is not a result column "
+              f"({', '.join(columns)}); using {metric!r}", file=sys.stderr)
+    mode = space.metric.mode if space.metric else "max"
+    rows = table_rows(space, base, outcomes, initial)
+    markdown, csv_text = results_markdown(rows, columns), results_csv(rows, columns)
+    storage.write_text(storage.join(sweep_dir, "results.md"), markdown)
+    storage.write_text(storage.join(sweep_dir, "results.csv"), csv_text)
+
+    reference = {r["value"].split(" (")[0] if r["hyperparameter"] == "baseline" else r["hyperparameter"]:
+                 r["metrics"][metric]
+                 for r in rows if r["hyperparameter"] in ("baseline", "initial backbone") and metric in r["metrics"]}
+    plots = []
+    for key, domain in space.search.items():
+        if not any(r["hyperparameter"] == key and r["metrics"] for r in rows) or not metric:
+            continue
+        uri = storage.join(sweep_dir, f"plot_{key.replace('.', '_')}.png")
+        storage.write_bytes(uri, plot_hyperparameter(key, rows, columns, metric, reference, domain.log_scale))
+        plots.append(uri)
+
+    best = best_outcome(outcomes, metric, mode) if metric else None
+    best_yaml = ""
+    if best is not None:
+        best_yaml = config_mod.dump_config(config_mod.from_dict(trial_configs[best.trial.name]))
+        storage.write_text(storage.join(sweep_dir, "best_config.yaml"), best_yaml)
+    trials_json = [
+        {**o.trial.to_dict(), "metrics": o.metrics, "backbone_checkpoint": o.backbone, "error": o.error}
+        for o in outcomes
+    ]
+    storage.write_text(storage.join(sweep_dir, "trials.json"),
+                       json.dumps({"metric": metric, "mode": mode, "initial": initial,
+                                   "best": best.trial.name if best else None, "trials": trials_json},
+                                  indent=2, default=str))
+    return SweepReport(sweep_dir, markdown, csv_text, best, best_yaml, metric, plots)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] = print) -> dict:
+    """Run the stages trials share, once, on the driver. Every trial's partition is thresholded
+    here too (cheap), so its report is available; scoring and clustering hit the cache after the
+    first trial because their content keys exclude sigma and hold every K."""
+    from pacl_ray.stages import pipeline
+
+    partitions = {}
+    for name, data in trial_configs.items():
+        cfg = config_mod.from_dict(data)
+        start = time.time()
+        partitions[name] = pipeline.stage_partition(cfg)
+        cluster = pipeline.stage_cluster(cfg)
+        log(f"[tune] upstream for {name}: partition {partitions[name].key}"
+            f"{' (cached)' if partitions[name].cached else ''}, cluster {cluster.key}"
+            f"{' (cached)' if cluster.cached else ''} [{time.time() - start:.1f}s]")
+    return partitions
+
+
+def run_sweep(
+    space: SweepSpace,
+    base: dict,
+    name: str,
+    *,
+    resume: bool = True,
+    max_concurrent: int = 0,
+    trainable_factory: Callable[..., Callable] = make_trainable,
+    prepare: bool = True,
+    initial: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[TrialOutcome], SweepReport, dict]:
+    """Expand, prepare shared stages, run (or restore) the Tune experiment, write the report.
+
+    Returns (outcomes, report, partitions). ``trainable_factory(trial_configs, sweep_dir,
+    driver_cwd, report_epochs)`` builds the function trainable (tests substitute a cheap one)."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pacl_ray.stages.runtime import cluster_cpus, cluster_gpus
+
+    trials = expand_trials(space, base)
+    ks = sweep_ks(base, trials)
+    trial_configs = {t.name: trial_config_dict(base, t, ks) for t in trials}
+    for data in trial_configs.values():
+        data["train"]["num_workers"] = space.resources.workers_per_trial
+        if space.resources.use_gpu is not None:
+            data["train"]["use_gpu"] = space.resources.use_gpu
+    fingerprint = sweep_fingerprint(trial_configs)
+    sweep_dir = storage.join(base["output_dir"], "sweeps", name)
+    experiment_root = storage.join(sweep_dir, "tune")
+    experiment_name = f"{name}-{fingerprint[:8]}"
+    experiment_path = storage.join(experiment_root, experiment_name)
+    storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps({
+        "space": space.path, "fingerprint": fingerprint, "experiment": experiment_path,
+        "trials": [t.to_dict() for t in trials], "cluster_ks": ks,
+    }, indent=2, default=str))
+    log(f"[tune] sweep {name}: {len(trials)} trials ({space.mode}); K values clustered once: {ks}")
+
+    partitions = prepare_upstream(trial_configs, log) if prepare else {}
+
+    use_gpu = resolve_use_gpu(space, base, cluster_gpus())
+    concurrency = max_concurrent or max_concurrent_trials(
+        space, len(trials), use_gpu, cluster_cpus(), cluster_gpus())
+    trainable = trainable_factory(trial_configs, sweep_dir, os.getcwd(), space.asha is not None)
+    trainable = ray.tune.with_resources(
+        trainable, {"cpu": space.resources.trial_cpus, "gpu": space.resources.trial_gpus})
+
+    scheduler = None
+    if space.asha is not None:
+        epochs = max(int(d["train"]["epochs"]) for d in trial_configs.values())
+        # +1: ASHA stops a trial at max_t, and the last epoch must still reach its evaluation.
+        scheduler = ASHAScheduler(
+            time_attr=space.asha.time_attr, metric=space.asha.metric, mode=space.asha.mode,
+            max_t=(space.asha.max_t or epochs) + 1, grace_period=space.asha.grace_period,
+            reduction_factor=space.asha.reduction_factor)
+
+    if not resume and storage.exists(experiment_path):
+        storage.delete_dir(experiment_path)
+    if resume and ray.tune.Tuner.can_restore(experiment_path):
+        log(f"[tune] resuming {experiment_path} (finished trials are kept)")
+        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+    else:
+        log(f"[tune] starting {experiment_path}; up to {concurrency} trial(s) at once"
+            f"{' on GPU' if use_gpu else ' on CPU'}")
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={"trial": ray.tune.grid_search([t.name for t in trials])},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler),
+            run_config=ray.tune.RunConfig(
+                name=experiment_name, storage_path=experiment_root,
+                failure_config=ray.tune.FailureConfig(max_failures=space.max_failures),
+            ),
+        )
+    grid = tuner.fit()
+    outcomes = collect_outcomes(grid, trials)
+    report = write_report(space, base, trial_configs, outcomes, sweep_dir, initial)
+    return outcomes, report, partitions
+
+
+def collect_outcomes(grid: Any, trials: list[Trial]) -> list[TrialOutcome]:
+    """Per trial (in sweep order): its last reported metrics, exported backbone, or error."""
+    by_name: dict[str, TrialOutcome] = {}
+    for result in grid:
+        name = (result.config or {}).get("trial")
+        if name is None:
+            continue
+        metrics = result.metrics or {}
+        outcome = TrialOutcome(
+            trial=next(t for t in trials if t.name == name),
+            metrics={k: float(v) for k, v in metrics.items()
+                     if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and metrics.get("evaluated")},
+            backbone=str(metrics.get("backbone_checkpoint", "") or ""),
+            error=_short_error(result.error) if result.error else ("" if metrics.get("evaluated") else "stopped early"),
+        )
+        by_name[name] = outcome
+    return [by_name.get(t.name, TrialOutcome(t, error="not run")) for t in trials]
+
+
+def _short_error(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[-1] if text else type(error).__name__)[:200]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pacl_ray.tune",
+        description="Ray Tune sweeps of PACL (paper Table 5). With no arguments: the default sweep "
+        "on the embedded synthetic world (no network, no GPU needed).",
+    )
+    parser.add_argument("--space", default=DEFAULT_SPACE,
+                        help="space file or name in tune_spaces/ (default: %(default)s)")
+    parser.add_argument("--data", help="manifest of real image-text pairs (sets ingest.manifest); "
+                        "the paper's models become the defaults")
+    parser.add_argument("--downstream", action="append", default=[], metavar="TASKSPEC",
+                        help="downstream task spec for evaluation (repeatable; see pacl_ray.evaluation.evaluate)")
+    parser.add_argument("--name", help="sweep name (default: the space file's name)")
+    parser.add_argument("--output-dir", help="where stage outputs and sweeps go (path, s3://, gs://)")
+    parser.add_argument("--config", help="base YAML config under the space's fixed settings")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="restore an interrupted sweep of the same name (default: on)")
+    parser.add_argument("--max-concurrent", type=int, default=0,
+                        help="trials at once (default: as many as the cluster's resources fit)")
+    parser.add_argument("--world", choices=["default", "tiny"], default="default",
+                        help="size of the embedded world used when no --data is given")
+    parser.add_argument("--world-dir", help="cache directory of the embedded world")
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="seed of the embedded world (another seed: another world, to check that an "
+                             "effect is not one world's accident)")
+    return parser
+
+
+def _print_world(world: Any) -> None:
+    from pacl_ray.world.build import format_report
+
+    print("\n== Embedded world: the affective gap and the planted partitions ==")
+    print(format_report(world.report))
+
+
+def _print_partition(name: str, partition: Any) -> None:
+    from pacl_ray.stages.partition import format_split
+
+    try:
+        summary = cache.read_summary(partition.uri)
+    except (OSError, ValueError):
+        return
+    if "partitions" in summary:
+        print(f"\n== Partition of trial {name} (scorer vs the planted split) ==")
+        print(format_split(summary))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        space = load_space(resolve_space_path(args.space))
+        probe = base_config_dict(space, config_file=args.config, overrides=args.overrides,
+                                 data=args.data, downstream=args.downstream, output_dir=args.output_dir)
+        ray_cfg = config_mod.from_dict(probe).ray
+    except (SpaceError, config_mod.ConfigError, FileNotFoundError) as err:
+        print(f"pacl-ray tune: {err}", file=sys.stderr)
+        return 2
+
+    from pacl_ray.stages.runtime import init_ray
+
+    # Ray first: its processes start in the background while a first run builds the world (whose
+    # data generation leaves a core free).
+    init_ray(ray_cfg)
+    world = None
+    if not probe["ingest"]["manifest"]:
+        from pacl_ray.world.build import ensure_world
+
+        world = ensure_world(cache_dir=args.world_dir, seed=args.world_seed, size=args.world)
+    try:
+        base = base_config_dict(space, world_overrides=world.config_overrides() if world else None,
+                                config_file=args.config, overrides=args.overrides, data=args.data,
+                                downstream=args.downstream, output_dir=args.output_dir)
+    except config_mod.ConfigError as err:
+        print(f"pacl-ray tune: {err}", file=sys.stderr)
+        return 2
+    if not base["evaluate"]["tasks"]:
+        print("pacl-ray tune: no downstream tasks: give --downstream TASKSPEC or `downstream:` in the space",
+              file=sys.stderr)
+        return 2
+
+    name = args.name or space.name
+    cfg = config_mod.from_dict(base)
+    if world is not None:
+        _print_world(world)
+    sweep_dir = storage.join(base["output_dir"], "sweeps", name)
+    initial = flatten_rows(evaluate_rows(cfg, cfg.model.backbone, cfg.model.backbone_checkpoint, "initial",
+                                         storage.join(sweep_dir, "initial")))
+    outcomes, report, partitions = run_sweep(space, base, name, resume=args.resume,
+                                             max_concurrent=args.max_concurrent, initial=initial)
+    if partitions:
+        shown = "adopted" if "adopted" in partitions else next(iter(partitions))
+        _print_partition(shown, partitions[shown])
+    print("\n== Initial backbone (before PACL) ==")
+    for key, value in initial.items():
+        print(f"  {key}: {value:.2f}")
+    print(f"\n== Sweep {name}: {report.sweep_dir} ==\n")
+    print(report.markdown)
+    print("Exported backbones:")
+    for outcome in outcomes:
+        print(f"  {outcome.trial.name}: {outcome.backbone or '-'}")
+    if report.best is not None:
+        print(f"\n== Best config ({report.metric} = {report.best.metrics[report.metric]:.2f}, "
+              f"trial {report.best.trial.name}) -> {storage.join(report.sweep_dir, 'best_config.yaml')} ==\n")
+        print(report.best_config_yaml)
+    failed = [o for o in outcomes if o.error and o.error != "stopped early"]
+    if failed:
+        for outcome in failed:
+            print(f"pacl-ray tune: trial {outcome.trial.name} failed: {outcome.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

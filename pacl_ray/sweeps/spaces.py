@@ -1,0 +1,512 @@
+"""Search spaces for sweeps: parse and validate a ``tune_spaces/*.yaml`` file, expand it into trials.
+
+Pure: no Ray. A space file looks like::
+
+    mode: one_at_a_time          # or: product
+    num_samples: 1               # draws per random key (uniform / loguniform / choice)
+    seed: 0
+    fixed:                       # nested config overrides shared by every trial
+      train: {epochs: 30}
+    search:                      # dotted config key -> domain
+      partition.sigma: {grid: [0, 0.3, 0.5, 0.7, 0.9, 1]}
+      train.temperature: {loguniform: [0.01, 0.5]}
+    baselines:                   # extra named trials (dotted overrides)
+      vanilla: {train.objective: clip}
+    downstream: ["fi=imagefolder:/data/FI"]   # evaluate task specs
+    metric: {name: fi/Acc-8, mode: max}
+    resources: {workers_per_trial: 1, use_gpu: true}
+    asha: {grace_period: 1, reduction_factor: 2}
+    max_failures: 1              # retries of a trial whose process died (lost node)
+
+``one_at_a_time`` is the paper's Table 5: each searched key is varied alone, every other key at
+its adopted (fixed or default) value; the all-adopted trial is run once and shared by every key.
+``product`` is the cartesian product of grid keys, repeated ``num_samples`` times with fresh
+draws of the random keys (Ray Tune's ``grid_search`` x ``num_samples`` semantics).
+
+Trials are expanded here, deterministically from ``seed``, rather than by Tune's own samplers:
+the one-at-a-time layout and the shared adopted trial are not expressible as a Tune space, and a
+fixed trial list is what lets an interrupted sweep be resumed trial for trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from pacl_ray import config as config_mod
+
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
+MODES = ("one_at_a_time", "product")
+TOP_LEVEL_KEYS = (
+    "name", "mode", "num_samples", "seed", "fixed", "search", "baselines", "downstream",
+    "metric", "resources", "asha", "max_failures",
+)
+
+
+class SpaceError(ValueError):
+    """A search-space file is malformed; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------- typed space
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Values one searched key takes. ``values`` for grid/choice; ``low``/``high`` for ranges."""
+
+    kind: str
+    values: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+
+    @property
+    def is_random(self) -> bool:
+        """Sampled (choice, uniform, loguniform) rather than enumerated (grid)."""
+        return self.kind != "grid"
+
+    def sample(self, rng: random.Random) -> Any:
+        if self.kind == "choice":
+            return rng.choice(self.values)
+        if self.kind == "uniform":
+            return rng.uniform(self.low, self.high)
+        if self.kind == "loguniform":
+            return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        raise SpaceError("grid domains are enumerated, not sampled")
+
+    @property
+    def log_scale(self) -> bool:
+        """Whether a plot of this key reads best on a log axis."""
+        if self.kind == "loguniform":
+            return True
+        numbers = [v for v in self.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        positive = [v for v in numbers if v > 0]
+        return len(positive) == len(self.values) >= 2 and max(positive) / min(positive) >= 20
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The result column a sweep optimises, ``"<task>/<column>"``, e.g. ``"fi/Acc-8"``."""
+
+    name: str
+    mode: str = "max"
+
+    def better(self, a: float, b: float) -> bool:
+        """True when ``a`` is strictly better than ``b``."""
+        return a > b if self.mode == "max" else a < b
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial uses. The trial process itself (which waits on its TorchTrainer and then
+    runs the downstream evaluation) reserves ``trial_cpus``/``trial_gpus``; its Ray Train workers
+    reserve their own (1 CPU or 1 GPU each)."""
+
+    workers_per_trial: int = 1
+    use_gpu: Optional[bool] = None  # None = when the cluster has GPUs
+    trial_cpus: float = 1.0  # Ray Tune needs the trial process to reserve something (> 0)
+    trial_gpus: float = 0.0
+    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
+
+
+@dataclass(frozen=True)
+class Asha:
+    """Asynchronous successive halving over training epochs (Ray Tune's ``ASHAScheduler``).
+
+    It acts on what the training stage reports while training (the downstream metric only exists
+    once a trial has finished), so its default is the training loss at equal epochs."""
+
+    metric: str = "total"  # a metric the train stage reports per step/epoch
+    mode: str = "min"
+    time_attr: str = "epoch"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_t: int = 0  # 0 = train.epochs
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    path: str
+    name: str
+    mode: str
+    num_samples: int
+    seed: int
+    fixed: dict
+    search: dict  # dotted key -> Domain, in file order
+    baselines: dict  # name -> {dotted key: value}
+    downstream: tuple
+    metric: Optional[Metric]
+    resources: Resources
+    asha: Optional[Asha]
+    max_failures: int = 1  # retries of a trial whose process died (e.g. its node was reclaimed)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration to train and evaluate.
+
+    ``varied`` holds the searched keys this trial sets away from the base config (empty for the
+    shared adopted trial); ``baseline`` names a baseline trial ("" otherwise)."""
+
+    name: str
+    varied: dict = field(default_factory=dict)
+    baseline: str = ""
+    baseline_overrides: dict = field(default_factory=dict)
+
+    @property
+    def overrides(self) -> dict:
+        """Dotted-key overrides to apply on top of the sweep's base config."""
+        return {**self.baseline_overrides, **self.varied}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "varied": dict(self.varied), "baseline": self.baseline,
+                "baseline_overrides": dict(self.baseline_overrides)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trial":
+        return cls(data["name"], dict(data.get("varied", {})), data.get("baseline", ""),
+                   dict(data.get("baseline_overrides", {})))
+
+
+# --------------------------------------------------------------------------- dotted keys
+
+
+def get_dotted(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """Set ``a.b.c`` in a nested mapping (in place; also returned)."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return data
+
+
+def apply_dotted(base: dict, overrides: dict) -> dict:
+    """A deep copy of ``base`` with dotted-key ``overrides`` applied."""
+    out = _deepcopy(base)
+    for key, value in overrides.items():
+        set_dotted(out, key, value)
+    return out
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _fail(where: str, message: str) -> SpaceError:
+    return SpaceError(f"{where}: {message}")
+
+
+def _check_config_value(where: str, key: str, value: Any) -> None:
+    """Raise unless ``key=value`` is a valid override of :class:`pacl_ray.config.RunConfig`."""
+    try:
+        config_mod.from_dict(set_dotted({}, key, value))
+    except config_mod.ConfigError as err:
+        raise _fail(where, str(err)) from None
+
+
+def _leaf_type(key: str) -> Any:
+    """The annotation of a dotted RunConfig key (e.g. ``float`` for ``partition.sigma``)."""
+    import dataclasses
+    import typing
+
+    cls: Any = config_mod.RunConfig
+    annotation: Any = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        annotation = typing.get_type_hints(cls).get(part)
+        cls = annotation
+    return annotation
+
+
+def parse_domain(where: str, key: str, spec: Any) -> Domain:
+    """One ``search:`` entry: ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}`` or
+    ``{loguniform: [lo, hi]}``; every value is type-checked against the config key."""
+    where = f"{where}: search.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SpaceError(
+            f"{where}: expected exactly one of {', '.join(DOMAIN_KINDS)}, e.g. {{grid: [0.5, 0.7]}}; "
+            f"got {spec!r}"
+        )
+    ((kind, values),) = spec.items()
+    if kind not in DOMAIN_KINDS:
+        raise SpaceError(f"{where}: unknown domain {kind!r}; expected one of {', '.join(DOMAIN_KINDS)}")
+    if kind in ("grid", "choice"):
+        if not isinstance(values, list) or not values:
+            raise SpaceError(f"{where}.{kind}: expected a non-empty list of values, got {values!r}")
+        if len({yaml.safe_dump(v) for v in values}) != len(values):
+            raise SpaceError(f"{where}.{kind}: repeated values in {values!r}")
+        for i, value in enumerate(values):
+            _check_config_value(f"{where}.{kind}[{i}]", key, value)
+        return Domain(kind, tuple(values))
+    if (
+        not isinstance(values, list) or len(values) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
+        raise SpaceError(f"{where}.{kind}: expected [low, high] numbers, got {values!r}")
+    low, high = float(values[0]), float(values[1])
+    if not low < high:
+        raise SpaceError(f"{where}.{kind}: low {low} must be below high {high}")
+    if kind == "loguniform" and low <= 0:
+        raise SpaceError(f"{where}.{kind}: bounds must be positive, got {values!r}")
+    annotation = _leaf_type(key)
+    if annotation is int:
+        raise SpaceError(f"{where}.{kind}: {key} is an integer key; use grid or choice")
+    if annotation not in (float, Optional[float]):
+        raise SpaceError(f"{where}.{kind}: {key} is not a number key; use grid or choice")
+    _check_config_value(f"{where}.{kind}", key, low)
+    return Domain(kind, (), low, high)
+
+
+def _parse_overrides(where: str, data: Any) -> dict:
+    """A mapping of overrides, nested or dotted, flattened to dotted keys and validated."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpaceError(f"{where}: expected a mapping of config keys, got {data!r}")
+    flat: dict = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and _is_section(dotted):
+                walk(f"{dotted}.", value)
+            else:
+                flat[dotted] = value
+
+    walk("", data)
+    nested: dict = {}
+    for key, value in flat.items():
+        set_dotted(nested, key, value)
+    try:
+        config_mod.from_dict(nested)
+    except config_mod.ConfigError as err:
+        raise _fail(where, str(err)) from None
+    return flat
+
+
+def _parse_dataclass(where: str, cls: type, data: Any) -> Any:
+    import dataclasses
+
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise SpaceError(f"{where}: expected a mapping, got {data!r}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise SpaceError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def _check_number(where: str, value: Any, *, integer: bool = False, minimum: float = 0) -> None:
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not ok or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise SpaceError(f"{where}: expected {kind} >= {minimum}, got {value!r}")
+
+
+def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
+    """Validate a loaded space mapping; every error names ``path`` and the offending key."""
+    if not isinstance(data, dict):
+        raise SpaceError(f"{path}: the top level must be a mapping")
+    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise SpaceError(f"{path}: {unknown[0]}: unknown key; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
+
+    mode = data.get("mode", "one_at_a_time")
+    if mode not in MODES:
+        raise SpaceError(f"{path}: mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    num_samples = data.get("num_samples", 1)
+    _check_number(f"{path}: num_samples", num_samples, integer=True, minimum=1)
+    seed = data.get("seed", 0)
+    _check_number(f"{path}: seed", seed, integer=True)
+
+    fixed = _parse_overrides(f"{path}: fixed", data.get("fixed"))
+    fixed_nested: dict = {}
+    for key, value in fixed.items():
+        set_dotted(fixed_nested, key, value)
+
+    search_data = data.get("search") or {}
+    if not isinstance(search_data, dict):
+        raise SpaceError(f"{path}: search: expected a mapping of dotted config keys to domains")
+    search = {}
+    for key, spec in search_data.items():
+        if not isinstance(key, str) or "." not in key:
+            raise SpaceError(f"{path}: search.{key}: keys are dotted config keys like partition.sigma")
+        if _leaf_type(key) is None or _is_section(key):
+            raise SpaceError(f"{path}: search.{key}: not a config key (see pacl_ray/config.py)")
+        search[key] = parse_domain(path, key, spec)
+
+    baselines_data = data.get("baselines") or {}
+    if not isinstance(baselines_data, dict):
+        raise SpaceError(f"{path}: baselines: expected a mapping of name -> config overrides")
+    baselines = {}
+    for name, overrides in baselines_data.items():
+        if not overrides:
+            raise SpaceError(f"{path}: baselines.{name}: give at least one config override")
+        baselines[str(name)] = _parse_overrides(f"{path}: baselines.{name}", overrides)
+
+    downstream = data.get("downstream") or []
+    if isinstance(downstream, str):
+        downstream = [downstream]
+    if not isinstance(downstream, list) or not all(isinstance(t, str) and t for t in downstream):
+        raise SpaceError(f"{path}: downstream: expected a list of task specs, got {downstream!r}")
+
+    metric = None
+    metric_data = data.get("metric")
+    if isinstance(metric_data, str):
+        metric_data = {"name": metric_data}
+    if metric_data is not None:
+        metric = _parse_dataclass(f"{path}: metric", Metric, metric_data)
+        if not isinstance(metric.name, str) or "/" not in metric.name:
+            raise SpaceError(f"{path}: metric.name: expected '<task>/<column>' like fi/Acc-8, got {metric.name!r}")
+        if metric.mode not in ("max", "min"):
+            raise SpaceError(f"{path}: metric.mode: expected max or min, got {metric.mode!r}")
+
+    resources = _parse_dataclass(f"{path}: resources", Resources, data.get("resources"))
+    _check_number(f"{path}: resources.workers_per_trial", resources.workers_per_trial, integer=True, minimum=1)
+    _check_number(f"{path}: resources.trial_cpus", resources.trial_cpus)
+    _check_number(f"{path}: resources.trial_gpus", resources.trial_gpus)
+    _check_number(f"{path}: resources.max_concurrent", resources.max_concurrent, integer=True)
+    if resources.trial_cpus + resources.trial_gpus <= 0:
+        raise SpaceError(f"{path}: resources.trial_cpus: the trial process must reserve some CPU or GPU "
+                         f"(e.g. 0.1); Ray Tune cannot schedule a trial that reserves nothing")
+    if resources.use_gpu not in (None, True, False):
+        raise SpaceError(f"{path}: resources.use_gpu: expected true, false or null")
+
+    asha = None
+    if data.get("asha") is not None:
+        asha = _parse_dataclass(f"{path}: asha", Asha, data.get("asha"))
+        _check_number(f"{path}: asha.grace_period", asha.grace_period, integer=True, minimum=1)
+        _check_number(f"{path}: asha.max_t", asha.max_t, integer=True)
+        if not (isinstance(asha.reduction_factor, (int, float)) and asha.reduction_factor > 1):
+            raise SpaceError(f"{path}: asha.reduction_factor: expected a number > 1")
+        if asha.mode not in ("max", "min"):
+            raise SpaceError(f"{path}: asha.mode: expected max or min, got {asha.mode!r}")
+
+    max_failures = data.get("max_failures", 1)
+    _check_number(f"{path}: max_failures", max_failures, integer=True)
+
+    name = data.get("name") or _stem(path)
+    return SweepSpace(
+        path=path, name=str(name), mode=mode, num_samples=num_samples, seed=seed,
+        fixed=fixed_nested, search=search, baselines=baselines, downstream=tuple(downstream),
+        metric=metric, resources=resources, asha=asha, max_failures=max_failures,
+    )
+
+
+def _is_section(key: str) -> bool:
+    import dataclasses
+
+    return dataclasses.is_dataclass(_leaf_type(key))
+
+
+def _stem(path: str) -> str:
+    import os
+
+    base = os.path.basename(path)
+    for suffix in (".yaml", ".yml"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base or "sweep"
+
+
+def load_space(path: str) -> SweepSpace:
+    """Read and validate a space file (local path or pyarrow URI)."""
+    from pacl_ray.formats import storage
+
+    try:
+        text = storage.read_text(path)
+    except (FileNotFoundError, OSError) as err:
+        raise SpaceError(f"{path}: cannot read the space file ({err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpaceError(f"{path}: not valid YAML: {err}") from None
+    return parse_space(data, path)
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _values(domain: Domain, num_samples: int, rng: random.Random) -> list:
+    if domain.kind == "grid":
+        return list(domain.values)
+    return [domain.sample(rng) for _ in range(num_samples)]
+
+
+def expand_trials(space: SweepSpace, base: dict) -> list[Trial]:
+    """The sweep's trials, in a stable order, given the resolved base config (nested dict).
+
+    one_at_a_time: the adopted trial first (every key at its ``base`` value), then each key's
+    other values alone; values equal to the adopted one are the shared adopted trial.
+    product: every combination. Baselines come last. Trial names are unique."""
+    rng = random.Random(space.seed)
+    trials: list[Trial] = []
+    if space.mode == "one_at_a_time":
+        trials.append(Trial("adopted"))
+        for key, domain in space.search.items():
+            adopted = get_dotted(base, key)
+            for value in _values(domain, space.num_samples, rng):
+                if _same(value, adopted):
+                    continue
+                trials.append(Trial(f"{key}={format_value(value)}", {key: value}))
+    else:
+        grid_keys = [k for k, d in space.search.items() if not d.is_random]
+        random_keys = [k for k, d in space.search.items() if d.is_random]
+        grids = [list(space.search[k].values) for k in grid_keys]
+        for _ in range(space.num_samples):
+            for combo in itertools.product(*grids):
+                varied = dict(zip(grid_keys, combo))
+                for key in random_keys:
+                    varied[key] = space.search[key].sample(rng)
+                varied = {k: varied[k] for k in space.search}  # file order
+                name = ",".join(f"{k}={format_value(v)}" for k, v in varied.items()) or "base"
+                trials.append(Trial(name, varied))
+    for name, overrides in space.baselines.items():
+        trials.append(Trial(f"baseline:{name}", {}, name, dict(overrides)))
+    return _unique_names(trials)
+
+
+def _unique_names(trials: list[Trial]) -> list[Trial]:
+    seen: dict[str, int] = {}
+    out = []
+    for trial in trials:
+        count = seen.get(trial.name, 0)
+        seen[trial.name] = count + 1
+        if count:
+            trial = Trial(f"{trial.name}#{count + 1}", trial.varied, trial.baseline, trial.baseline_overrides)
+        out.append(trial)
+    return out

@@ -1,0 +1,5 @@
+import sys
+
+from pacl_ray.world.build import main
+
+sys.exit(main())

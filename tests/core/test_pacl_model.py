@@ -1,0 +1,68 @@
+"""The PACL model: backbone + bias-free projection heads with unit-norm outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from pacl_ray import config
+from pacl_ray.core.pacl_model import PACLModel, build_model, head_parameters
+
+TINY = "test_convnext"  # LayerNorm only, any input size
+
+
+def _cfg(**train) -> config.RunConfig:
+    return config.from_dict({
+        "model": {"backbone": TINY, "backbone_pretrained": "false", "embed_dim": 12},
+        "train": {"image_size": 32, **train},
+    })
+
+
+def test_outputs_are_unit_norm_projections():
+    model, backbone = build_model(_cfg(), text_dim=7)
+    z_image, z_text = model(torch.randn(3, 3, 32, 32), torch.randn(3, 7))
+    assert z_image.shape == z_text.shape == (3, 12)
+    torch.testing.assert_close(z_image.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(z_text.norm(dim=-1), torch.ones(3))
+    assert model.image_head.bias is None and model.text_head.bias is None
+    assert model.image_head.in_features == backbone.num_features
+
+
+def test_text_head_is_a_linear_map_of_cached_features():
+    model = PACLModel(torch.nn.Flatten(), image_dim=4, text_dim=3, embed_dim=2)
+    feats = torch.randn(5, 3)
+    expected = feats @ model.text_head.weight.T
+    torch.testing.assert_close(model.encode_text(feats), expected / expected.norm(dim=-1, keepdim=True))
+
+
+def test_gradients_reach_backbone_and_both_heads():
+    model, _ = build_model(_cfg(), text_dim=5)
+    z_image, z_text = model(torch.randn(2, 3, 32, 32), torch.randn(2, 5))
+    (z_image @ z_text.T).sum().backward()
+    assert all(p.grad is not None for p in head_parameters(model))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_build_is_seeded():
+    a, _ = build_model(_cfg(), text_dim=5)
+    b, _ = build_model(_cfg(), text_dim=5)
+    for (name, pa_), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa_, pb), name
+
+
+def test_image_size_override_sets_transforms():
+    _, backbone = build_model(_cfg(), text_dim=5)
+    image = Image.new("RGB", (50, 70), color=(10, 200, 30))
+    assert backbone.image_size == 32
+    assert tuple(backbone.train_transform(image).shape) == (3, 32, 32)
+    assert tuple(backbone.eval_transform(image).shape) == (3, 32, 32)
+
+
+def test_open_clip_rejects_image_size_override():
+    cfg = config.from_dict({
+        "model": {"backbone": "open_clip:pacl-tiny-clip", "backbone_pretrained": ""},
+        "train": {"image_size": 64},
+    })
+    with pytest.raises(ValueError, match="train.image_size"):
+        build_model(cfg, text_dim=4)

@@ -1,0 +1,102 @@
+"""pacl_ray.core.partitions: calibrations, thresholds and partition codes against hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from pacl_ray.config import PartitionConfig
+from pacl_ray.core.partitions import (
+    assign_partitions,
+    calibrate,
+    confusion_matrix,
+    partition_codes,
+    partition_counts,
+    percentile_rank,
+    thresholds,
+)
+
+
+def pcfg(**kw) -> PartitionConfig:
+    cfg = PartitionConfig()
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_partition_codes_follow_the_spec_table():
+    # (factual matched, emotional matched) -> code, SPEC "Partitions"
+    assert partition_codes([True, False, True, False], [True, True, False, False]).tolist() == [1, 2, 3, 4]
+    assert partition_codes([True], [True]).dtype == np.int8
+
+
+def test_raw_and_clipscore():
+    cos = [-0.2, 0.0, 0.1, 0.28, 0.4]
+    np.testing.assert_allclose(calibrate(cos, "raw"), cos)
+    np.testing.assert_allclose(calibrate(cos, "clipscore"), [0.0, 0.0, 0.25, 0.7, 1.0])
+
+
+def test_rank_is_weak_percentile_with_ties():
+    # sorted: 0.1, 0.2, 0.2, 0.5 -> #{<= x} / 4
+    np.testing.assert_allclose(percentile_rank([0.5, 0.2, 0.1, 0.2]), [1.0, 0.75, 0.25, 0.75])
+    np.testing.assert_allclose(calibrate([3.0], "rank"), [1.0])
+    assert calibrate([], "rank").size == 0
+
+
+def test_rank_matches_brute_force():
+    x = np.random.default_rng(0).normal(size=50).round(1)  # rounding makes ties
+    brute = np.array([(x <= v).mean() for v in x])
+    np.testing.assert_allclose(percentile_rank(x), brute)
+
+
+def test_unknown_calibration_and_non_finite_scores():
+    with pytest.raises(ValueError, match="unknown calibration"):
+        calibrate([0.1], "zscore")
+    with pytest.raises(ValueError, match="index 1"):
+        calibrate([0.1, np.nan], "raw")
+
+
+def test_thresholds_default_to_sigma():
+    assert thresholds(pcfg(sigma=0.5)) == (0.5, 0.5)
+    assert thresholds(pcfg(sigma=0.5, sigma_factual=0.2)) == (0.2, 0.5)
+    assert thresholds(pcfg(sigma=0.5, sigma_emotional=0.9)) == (0.5, 0.9)
+
+
+def test_assign_hand_case_clipscore():
+    # clipscore: factual 2.5*[0.3, 0.2, 0.35, 0.1] = [0.75, 0.5, 0.875, 0.25]
+    #            emotional 2.5*[0.4, 0.3, 0.1, 0.2] = [1.0, 0.75, 0.25, 0.5]
+    factual = [0.3, 0.2, 0.35, 0.1]
+    emotional = [0.4, 0.3, 0.1, 0.2]
+    codes = assign_partitions(factual, emotional, pcfg(sigma=0.7))
+    assert codes.tolist() == [1, 2, 3, 4]
+    # "matched" is strictly greater: cos 0.25 -> clipscore exactly 0.625 (binary-exact) is NOT matched
+    assert assign_partitions([0.25], [0.4], pcfg(sigma=0.625)).tolist() == [2]
+
+
+def test_assign_mixed_calibrations_and_separate_sigmas():
+    factual = [0.1, 0.2, 0.3, 0.4]  # rank: 0.25, 0.5, 0.75, 1.0
+    emotional = [0.9, 0.1, 0.5, 0.0]  # raw
+    cfg = pcfg(factual_calibration="rank", emotional_calibration="raw", sigma=0.7,
+               sigma_factual=0.5, sigma_emotional=0.3)
+    # factual > 0.5: F F T T ; emotional > 0.3: T F T F
+    assert assign_partitions(factual, emotional, cfg).tolist() == [2, 4, 1, 3]
+
+
+@pytest.mark.parametrize("calibration", ["raw", "clipscore", "rank"])
+def test_sigma_zero_and_one_edges(calibration):
+    factual = np.array([0.05, 0.2, 0.3, 0.35])
+    emotional = np.array([0.1, 0.15, 0.25, 0.45])
+    cfg = pcfg(factual_calibration=calibration, emotional_calibration=calibration)
+    cfg.sigma = 0.0
+    # every positive score is > 0 on all three scales (rank is always > 0): all strong-coupled
+    assert assign_partitions(factual, emotional, cfg).tolist() == [1, 1, 1, 1]
+    cfg.sigma = 1.0
+    # raw cosines and ranks never exceed 1; clipscore exceeds 1 only for cos > 0.4
+    expected = {"raw": [4, 4, 4, 4], "rank": [4, 4, 4, 4], "clipscore": [4, 4, 4, 2]}[calibration]
+    assert assign_partitions(factual, emotional, cfg).tolist() == expected
+
+
+def test_counts_and_confusion():
+    assert partition_counts([1, 1, 4, 2]) == {1: 2, 2: 1, 3: 0, 4: 1}
+    matrix = confusion_matrix([1, 2, 2, 4, 0], [1, 2, 3, 4, 1])  # planted 0 = unknown, skipped
+    expected = np.zeros((4, 4), dtype=int)
+    expected[0, 0] = expected[1, 1] = expected[1, 2] = expected[3, 3] = 1
+    np.testing.assert_array_equal(matrix, expected)

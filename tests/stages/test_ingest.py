@@ -1,0 +1,305 @@
+"""pacl_ray.stages.ingest: every quarantine reason on crafted bad files, every input format, caching."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pacl_ray.stages import cache
+from pacl_ray.formats import tables
+from pacl_ray.config import RunConfig
+from pacl_ray.stages.ingest import (
+    IngestError,
+    Rejected,
+    check_image,
+    decode_text,
+    detect_format,
+    find_duplicates,
+    read_image_file,
+    read_pairs_table,
+    run_ingest,
+)
+
+
+def encode(mode="RGB", size=(24, 24), fmt="PNG", color=None) -> bytes:
+    color = color if color is not None else {"RGB": (200, 30, 30), "CMYK": (0, 50, 100, 0), "L": 128,
+                                            "LA": (128, 100), "RGBA": (10, 20, 30, 0), "P": 3}[mode]
+    image = Image.new(mode, size, color)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def read_quarantine(out: cache.StageOutput) -> pa.Table:
+    return pq.read_table(out.path("quarantine"))
+
+
+def reasons(out: cache.StageOutput) -> dict:
+    counts: dict = {}
+    for reason in read_quarantine(out).column("reason").to_pylist():
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def make_cfg(output_dir: str, manifest, **ingest) -> RunConfig:
+    cfg = RunConfig(output_dir=output_dir)
+    cfg.ingest.manifest = str(manifest)
+    for key, value in ingest.items():
+        setattr(cfg.ingest, key, value)
+    return cfg
+
+
+# --------------------------------------------------------------------------- pure validation
+
+
+def test_rgb_image_bytes_are_kept():
+    data = encode("RGB", (30, 20), "JPEG")
+    assert check_image(data, 10**6) == (data, 30, 20, None)
+
+
+@pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG")])
+def test_non_rgb_modes_are_converted(mode, fmt):
+    data, width, height, converted_from = check_image(encode(mode, fmt=fmt), 10**6)
+    image = Image.open(io.BytesIO(data))
+    assert (image.mode, image.format, width, height, converted_from) == ("RGB", fmt, 24, 24, mode)
+
+
+def test_transparent_pixels_become_white():
+    data, *_ = check_image(encode("RGBA"), 10**6)  # fully transparent
+    assert Image.open(io.BytesIO(data)).getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "data, limit, reason",
+    [
+        (b"", 10**6, "zero_size_image"),
+        (b"this is not an image at all", 10**6, "corrupt_image"),
+        (encode("RGB", (64, 64), "JPEG")[:300], 10**6, "truncated_image"),
+        (encode("RGB", (101, 100)), 5_000, "decompression_bomb"),  # Pillow warns above the limit
+        (encode("RGB", (200, 200)), 5_000, "decompression_bomb"),  # and raises above twice it
+    ],
+)
+def test_bad_images(data, limit, reason):
+    with pytest.raises(Rejected) as info:
+        check_image(data, limit)
+    assert info.value.reason == reason and info.value.field == "image"
+
+
+def test_bomb_limit_is_restored():
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(Rejected):
+        check_image(encode("RGB", (101, 100)), 5_000)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(Rejected, match="missing_file"):
+        read_image_file(str(tmp_path / "nope.jpg"))
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(Rejected, match="unreadable_file"):
+        read_image_file(str(tmp_path / "dir.jpg"))
+
+
+@pytest.mark.parametrize(
+    "text, raw, reason",
+    [(None, None, "missing_field"), ("", None, "empty_text"), (" \t\n", None, "empty_text"),
+     (None, b"caf\xe9 \xff", "undecodable_text"), (None, b"   ", "empty_text")],
+)
+def test_bad_texts(text, raw, reason):
+    with pytest.raises(Rejected) as info:
+        decode_text(text, raw)
+    assert info.value.reason == reason
+
+
+def test_text_bytes_are_decoded():
+    assert decode_text(None, "café".encode("utf-8")) == "café"
+
+
+def test_find_duplicates_keeps_first_by_file_and_row():
+    ids = ["a", "b", "a", "a"]
+    sources = ["m.jsonl:10", "m.jsonl:2", "m.jsonl:9", "m.jsonl:100"]
+    assert find_duplicates(ids, sources) == {"m.jsonl:10": "m.jsonl:9", "m.jsonl:100": "m.jsonl:9"}
+
+
+def test_detect_format():
+    assert detect_format("m", ["/d/m.jsonl"]) == "jsonl"
+    assert detect_format("m", ["/d/m.csv"]) == "csv"
+    assert detect_format("d", ["/d/a.tar", "/d/b.tar"]) == "webdataset"
+    assert detect_format("d", ["/d/1.jpg", "/d/1.txt"]) == "tumemo"
+    assert detect_format("d", ["/d/m.csv"], "parquet") == "parquet"
+    with pytest.raises(IngestError, match="cannot tell the format"):
+        detect_format("d", ["/d/a.bin"])
+
+
+# --------------------------------------------------------------------------- Ray Data runs
+
+
+@pytest.fixture()
+def bad_jsonl(tmp_path):
+    """A JSONL manifest with 5 good rows (2 converted) and one record per quarantine reason."""
+    images = tmp_path / "images"
+    images.mkdir()
+    files = {
+        "good0.jpg": encode("RGB", fmt="JPEG"), "good1.png": encode("RGB"), "good2.png": encode("RGB"),
+        "cmyk.jpg": encode("CMYK", fmt="JPEG"), "gray.png": encode("L"),
+        "empty.jpg": b"", "corrupt.jpg": b"garbage bytes", "trunc.jpg": encode("RGB", (64, 64), "JPEG")[:300],
+        "bomb.png": encode("RGB", (120, 120)),
+    }
+    for name, data in files.items():
+        (images / name).write_bytes(data)
+    (images / "adir.jpg").mkdir()
+    rows = [
+        {"id": "g0", "image": "images/good0.jpg", "text": "Happy day @ann https://x.co #SunnyDay", "planted_partition": 1},
+        {"id": "g1", "image": str(images / "good1.png"), "text": "I can't wait", "anps": ["happy dog", "sunny beach"]},
+        {"id": "g2", "image": "images/good2.png", "text": "fine", "factual_score": 0.3, "emotional_score": 0.5},
+        {"id": "c1", "image": "images/cmyk.jpg", "text": "cmyk"},
+        {"id": "c2", "image": "images/gray.png", "text": "gray"},
+        {"id": "g0", "image": "images/good1.png", "text": "same id again"},  # duplicate_id
+        {"id": "m1", "image": "images/nope.jpg", "text": "missing"},  # missing_file
+        {"id": "u1", "image": "images/adir.jpg", "text": "a directory"},  # unreadable_file
+        {"id": "z1", "image": "images/empty.jpg", "text": "empty"},  # zero_size_image
+        {"id": "k1", "image": "images/corrupt.jpg", "text": "corrupt"},  # corrupt_image
+        {"id": "t1", "image": "images/trunc.jpg", "text": "truncated"},  # truncated_image
+        {"id": "b1", "image": "images/bomb.png", "text": "bomb"},  # decompression_bomb
+        {"id": "e1", "image": "images/good0.jpg", "text": "   "},  # empty_text
+        {"id": "f1", "text": "no image"},  # missing_field
+        {"id": "v1", "image": "images/good0.jpg", "text": "bad score", "factual_score": "high"},  # bad_value
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return manifest
+
+
+def test_jsonl_every_reason_and_cache(ray_local, bad_jsonl, output_dir, capsys):
+    cfg = make_cfg(output_dir, bad_jsonl, max_image_pixels=10_000)
+    out = run_ingest(cfg)
+    assert out.stage == "ingest" and not out.cached
+    expected = {r: 1 for r in tables.QUARANTINE_REASONS if r != "undecodable_text"}
+    assert reasons(out) == expected
+    printed = capsys.readouterr().out
+    assert "15 records -> 5 pairs, 10 quarantined" in printed and "duplicate_id=1" in printed
+
+    quarantine = read_quarantine(out)
+    assert quarantine.schema.equals(tables.QUARANTINE, check_metadata=False)
+    by_reason = {r["reason"]: r for r in quarantine.to_pylist()}
+    assert by_reason["missing_file"]["source"] == f"{bad_jsonl}:7"
+    assert by_reason["duplicate_id"]["source"] == f"{bad_jsonl}:6"
+    assert f"{bad_jsonl}:1" in by_reason["duplicate_id"]["detail"]
+    assert by_reason["bad_value"]["field"] == "factual_score"
+
+    pairs = read_pairs_table(out)
+    assert pairs.schema.names == tables.PAIRS.names
+    rows = {r["id"]: r for r in pairs.to_pylist()}
+    assert sorted(rows) == ["c1", "c2", "g0", "g1", "g2"]
+    assert rows["g0"]["text"] == "Happy day Sunny Day"
+    assert rows["g0"]["text_raw"] == "Happy day @ann https://x.co #SunnyDay"
+    assert rows["g0"]["planted_partition"] == 1 and rows["g1"]["planted_partition"] is None
+    assert rows["g1"]["text"] == "I cannot wait" and rows["g1"]["anps"] == "happy dog; sunny beach"
+    assert rows["g2"]["factual_score"] == pytest.approx(0.3) and rows["g2"]["emotional_score"] == pytest.approx(0.5)
+    assert (rows["c1"]["converted_from"], rows["c2"]["converted_from"], rows["g0"]["converted_from"]) == ("CMYK", "L", None)
+    assert Image.open(io.BytesIO(rows["c1"]["image"])).mode == "RGB"
+    summary = cache.read_summary(out.uri)
+    assert summary["pairs"] == 5 and summary["quarantine_reasons"]["missing_file"] == 1
+    assert summary["converted_to_rgb"] == {"CMYK": 1, "L": 1}
+
+    again = run_ingest(cfg)
+    assert again.cached and again.uri == out.uri
+    changed = run_ingest(make_cfg(output_dir, bad_jsonl, max_image_pixels=10**8))
+    assert not changed.cached and changed.key != out.key
+    assert "decompression_bomb" not in reasons(changed)
+
+
+def test_csv_and_parquet_manifests(ray_local, tmp_path, output_dir):
+    (tmp_path / "a.png").write_bytes(encode("RGB"))
+    (tmp_path / "b.png").write_bytes(encode("P"))
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(
+        b"image,text,label\n"
+        b"a.png,first post,joy\n"
+        b"b.png,second post,sad\n"
+        b"a.png,caf\xe9 \xff broken,joy\n"  # undecodable_text
+        b"a.png,first post,joy\n"  # identical row -> same content id -> duplicate_id
+    )
+    out = run_ingest(make_cfg(output_dir, csv))
+    assert reasons(out) == {"undecodable_text": 1, "duplicate_id": 1}
+    rows = read_pairs_table(out).to_pylist()
+    assert [(r["text"], r["label"]) for r in sorted(rows, key=lambda r: r["text"])] == [
+        ("first post", "joy"), ("second post", "sad")]
+    assert {r["converted_from"] for r in rows} == {None, "P"}
+    assert read_quarantine(out).to_pylist()[0]["source"] == f"{csv}:3"
+
+    parquet = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "image": ["a.png", "b.png"], "text": ["x", "y"]}), parquet)
+    out = run_ingest(make_cfg(output_dir, parquet))
+    assert sorted(read_pairs_table(out).column("id").to_pylist()) == ["1", "2"]
+    assert read_quarantine(out).num_rows == 0
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards(ray_local, tmp_path, output_dir):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        _add(tar, "000000001.jpg", encode("RGB", fmt="JPEG"))
+        _add(tar, "000000001.txt", b"a caption #Fun")
+        _add(tar, "000000001.json", json.dumps({"caption": "ignored, txt wins", "url": "http://x"}).encode())
+        _add(tar, "000000002.png", encode("LA"))
+        _add(tar, "000000002.json", json.dumps({"caption": "from json"}).encode())
+        _add(tar, "000000003.txt", b"no image here")  # missing_field
+    with tarfile.open(shards / "00001.tar", "w") as tar:
+        _add(tar, "000000004.jpg", encode("RGB", fmt="JPEG")[:200])  # truncated
+        _add(tar, "000000004.txt", b"cut")
+        _add(tar, "000000005.jpg", encode("RGB", fmt="JPEG"))
+        _add(tar, "000000005.txt", b"\xff\xfe\xfa")  # undecodable_text
+    out = run_ingest(make_cfg(output_dir, shards))
+    assert reasons(out) == {"missing_field": 1, "truncated_image": 1, "undecodable_text": 1}
+    rows = {r["id"]: r for r in read_pairs_table(out).to_pylist()}
+    assert rows["000000001"]["text"] == "a caption Fun"
+    assert rows["000000002"]["text"] == "from json" and rows["000000002"]["converted_from"] == "LA"
+    assert rows["000000001"]["source"].endswith("00000.tar#000000001")
+
+
+def test_tumemo_layouts(ray_local, tmp_path, output_dir):
+    per_id = tmp_path / "tumemo_txt"
+    (per_id / "image").mkdir(parents=True)
+    (per_id / "text").mkdir()
+    for i in range(3):
+        (per_id / "image" / f"{i}.jpg").write_bytes(encode("RGB", fmt="JPEG"))
+    for i in (0, 1, 7):  # 7 has no image; 2 has no text
+        (per_id / "text" / f"{i}.txt").write_text(f"post {i} :)")
+    out = run_ingest(make_cfg(output_dir, per_id))
+    assert sorted(read_pairs_table(out).column("id").to_pylist()) == ["0", "1"]
+    assert reasons(out) == {"missing_file": 1, "missing_field": 1}
+
+    listed = tmp_path / "tumemo_json"
+    listed.mkdir()
+    for i in range(2):
+        (listed / f"{i}.jpg").write_bytes(encode("RGB", fmt="JPEG"))
+    entries = [{"id": "0", "text": "love it", "emotion_label": "Happy"},
+               {"id": "1", "text": "", "emotion_label": "Sad"}]
+    (listed / "all.json").write_text(json.dumps(entries))
+    out = run_ingest(make_cfg(output_dir, listed))
+    rows = read_pairs_table(out).to_pylist()
+    assert [(r["id"], r["label"]) for r in rows] == [("0", "Happy")]
+    assert reasons(out) == {"empty_text": 1}
+
+
+def test_all_bad_raises_with_summary(ray_local, tmp_path, output_dir):
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text(json.dumps({"image": "missing.jpg", "text": "x"}) + "\n"
+                        + json.dumps({"image": "missing2.jpg", "text": " "}) + "\n")
+    with pytest.raises(IngestError, match="every record") as info:
+        run_ingest(make_cfg(output_dir, manifest))
+    assert info.value.summary["quarantine_reasons"] == {"missing_file": 1, "empty_text": 1}
+    assert "missing_file=1" in str(info.value)

@@ -1,0 +1,376 @@
+"""The sweep driver: space lookup, config layering, cache keys shared by trials, the Table-5 report,
+resume of an interrupted sweep, and a tiny sweep end to end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pacl_ray.stages import cache
+from pacl_ray import config
+from pacl_ray.formats import storage
+from pacl_ray.sweeps import driver
+from pacl_ray.sweeps.spaces import SpaceError, Trial, expand_trials, load_space, parse_space
+
+REPO = Path(__file__).resolve().parents[2]
+INGEST = cache.StageOutput("ingest", "ingestkey", "/runs/stages/ingest/ingestkey", False)
+EMBED = cache.StageOutput("embed", "embedkey", "/runs/stages/embed/embedkey", False)
+SCORES = cache.StageOutput("scores", "scoreskey", "/runs/stages/scores/scoreskey", False)
+
+
+def sweep_configs(space_name: str, tmp_path, **kwargs) -> tuple[list[Trial], dict[str, config.RunConfig]]:
+    """The trials and resolved trial configs that the driver builds for a shipped space."""
+    space = load_space(driver.resolve_space_path(space_name))
+    base = driver.base_config_dict(space, output_dir=str(tmp_path), **kwargs)
+    trials = expand_trials(space, base)
+    ks = driver.sweep_ks(base, trials)
+    return trials, {t.name: config.from_dict(driver.trial_config_dict(base, t, ks)) for t in trials}
+
+
+# --------------------------------------------------------------------------- space lookup
+
+
+def test_space_names_resolve_from_cwd_then_the_repository(tmp_path, monkeypatch):
+    expected = str(REPO / "tune_spaces" / "table5_sigma.yaml")
+    monkeypatch.chdir(tmp_path)  # not a checkout: falls back to the repo beside the package
+    for name in ("table5_sigma", "table5_sigma.yaml", "tune_spaces/table5_sigma.yaml"):
+        assert driver.resolve_space_path(name) == expected
+    local = tmp_path / "tune_spaces" / "table5_sigma.yaml"
+    local.parent.mkdir()
+    local.write_text("mode: product\n")
+    assert driver.resolve_space_path("table5_sigma") == str(local)  # the working directory wins
+    with pytest.raises(SpaceError, match="space 'nope' not found; looked for:"):
+        driver.resolve_space_path("nope")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_world_flags_choose_the_world(monkeypatch, tmp_path):
+    import pacl_ray.stages.runtime
+    import pacl_ray.world.build
+
+    class Chosen(Exception):
+        pass
+
+    def ensure_world(cache_dir=None, seed=0, size="default", progress=True):
+        raise Chosen(cache_dir, seed, size)
+
+    monkeypatch.setattr(pacl_ray.world.build, "ensure_world", ensure_world)
+    monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: None)
+    with pytest.raises(Chosen) as chosen:
+        driver.main(["--world", "tiny", "--world-seed", "3", "--world-dir", str(tmp_path)])
+    assert chosen.value.args == (str(tmp_path), 3, "tiny")
+    with pytest.raises(Chosen) as chosen:
+        driver.main([])
+    assert chosen.value.args == (None, 0, "default")
+
+
+def test_base_config_layers_world_file_fixed_sets_and_flags(tmp_path):
+    space = parse_space({"fixed": {"train": {"epochs": 3, "temperature": 0.05}},
+                         "downstream": ["imagefolder:space=/space"]})
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump({"train": {"epochs": 9, "lr_heads": 0.5}, "seed": 4}))
+    world = {"train": {"epochs": 1, "global_batch_size": 8}, "ingest": {"manifest": "/world/pairs.jsonl"},
+             "evaluate": {"tasks": ["imagefolder:world=/w"]}}
+    base = driver.base_config_dict(space, world_overrides=world, config_file=str(user),
+                                 overrides=["train.temperature=0.2"], output_dir="runs-rel")
+    assert base["train"]["global_batch_size"] == 8  # world
+    assert base["train"]["lr_heads"] == 0.5 and base["seed"] == 4  # --config over the world
+    assert base["train"]["epochs"] == 3  # the space's fixed over --config
+    assert base["train"]["temperature"] == 0.2  # --set over fixed
+    assert base["evaluate"]["tasks"] == ["imagefolder:space=/space"]  # the space's downstream
+    assert base["ingest"]["manifest"] == "/world/pairs.jsonl"
+    assert os.path.isabs(base["output_dir"])  # trials may run in another working directory
+    real = driver.base_config_dict(space, world_overrides=world, data="/data/pairs.jsonl",
+                                 downstream=["single:fi=/data/FI"])
+    assert real["ingest"]["manifest"] == "/data/pairs.jsonl"
+    assert real["evaluate"]["tasks"] == ["single:fi=/data/FI"]
+    with pytest.raises(config.ConfigError, match="train.epochz"):
+        driver.base_config_dict(space, overrides=["train.epochz=3"])
+
+
+def test_real_data_defaults_are_the_papers_models(tmp_path):
+    _, configs = sweep_configs("table5", tmp_path, data="/data/pairs.jsonl", downstream=["single:fi=/data/FI"])
+    cfg = configs["adopted"]
+    assert cfg.partition.clip_model == "ViT-B-32" and cfg.partition.clip_pretrained == "openai"
+    assert cfg.partition.sentiment_model == "finiteautomata/bertweet-base-sentiment-analysis"
+    assert cfg.model.backbone == "resnet50" and cfg.model.text_encoder == "Yaxin/roberta-large-ernie2-skep-en"
+    assert (cfg.partition.sigma, cfg.train.k, cfg.train.temperature) == (0.7, 2, 0.07)
+    assert (cfg.train.epochs, cfg.train.global_batch_size) == (30, 64)
+    assert configs["baseline:vanilla"].train.objective == "clip"
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def test_sigma_sweep_scores_once_and_a_model_change_rescores(tmp_path):
+    from pacl_ray.stages.partition import partition_key, scoring_key
+
+    _, configs = sweep_configs("table5_sigma", tmp_path)
+    assert len({c.partition.sigma for c in configs.values()}) == 6
+    assert len({scoring_key(c, INGEST) for c in configs.values()}) == 1  # sigma is not in the key
+    assert len({partition_key(c, SCORES) for c in configs.values()}) == 6  # thresholding is per sigma
+    other = config.from_dict(config.apply_overrides(config.to_dict(configs["adopted"]),
+                                                    ["partition.clip_model=ViT-B-16"]))
+    assert scoring_key(other, INGEST) != scoring_key(configs["adopted"], INGEST)
+    other = config.from_dict(config.apply_overrides(config.to_dict(configs["adopted"]),
+                                                    ["partition.sentiment_model=bert-base-uncased"]))
+    assert scoring_key(other, INGEST) != scoring_key(configs["adopted"], INGEST)
+
+
+def test_k_sweep_clusters_once_for_every_k(tmp_path):
+    from pacl_ray.stages.pseudo_labels import cluster_key
+    from pacl_ray.stages.embed import embed_key
+
+    _, configs = sweep_configs("table5_k", tmp_path)
+    assert {c.train.k for c in configs.values()} == {2, 3, 6, 10, 15, 25}
+    assert all(c.cluster.ks == [2, 3, 6, 10, 15, 25] for c in configs.values())
+    assert len({cluster_key(c, EMBED) for c in configs.values()}) == 1
+    assert len({embed_key(c, INGEST) for c in configs.values()}) == 1
+
+
+def test_tau_sweep_reuses_scores_partition_and_clusters(tmp_path):
+    from pacl_ray.stages.pseudo_labels import cluster_key
+    from pacl_ray.stages.partition import partition_key, scoring_key
+
+    _, configs = sweep_configs("table5_tau", tmp_path)
+    assert len({c.train.temperature for c in configs.values()}) == 5
+    for key_fn, upstream in ((scoring_key, INGEST), (partition_key, SCORES), (cluster_key, EMBED)):
+        assert len({key_fn(c, upstream) for c in configs.values()}) == 1
+
+
+def test_fingerprint_tracks_the_trial_list(tmp_path):
+    _, sigma = sweep_configs("table5_sigma", tmp_path)
+    _, again = sweep_configs("table5_sigma", tmp_path)
+    _, tau = sweep_configs("table5_tau", tmp_path)
+    as_dicts = lambda cfgs: {k: config.to_dict(v) for k, v in cfgs.items()}  # noqa: E731
+    assert driver.sweep_fingerprint(as_dicts(sigma)) == driver.sweep_fingerprint(as_dicts(again))
+    assert driver.sweep_fingerprint(as_dicts(sigma)) != driver.sweep_fingerprint(as_dicts(tau))
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@pytest.mark.parametrize("resources, gpu, cpus, gpus, expected", [
+    ({}, False, 2, 0, 1),  # 1 CPU worker per trial + 1 CPU for the trial process
+    ({"trial_cpus": 0.5}, False, 3, 0, 2),
+    ({"workers_per_trial": 4}, True, 16, 8, 2),
+    ({"workers_per_trial": 4, "trial_gpus": 1}, True, 16, 8, 1),
+    ({"workers_per_trial": 2}, True, 4, 0, 1),  # autoscaling cluster with no GPU node yet
+    ({"max_concurrent": 3}, True, 4, 64, 3),
+    ({}, False, 64, 0, 5),  # never more than the trials
+    ({"workers_per_trial": 2}, False, 4, 0, 1),
+])
+def test_max_concurrent_trials(resources, gpu, cpus, gpus, expected):
+    space = parse_space({"resources": resources})
+    assert driver.max_concurrent_trials(space, 5, gpu, cpus, gpus) == expected
+
+
+# --------------------------------------------------------------------------- report
+
+
+def evaluate_row(dataset: str, acc: float, f1: float, protocol: str = "linear") -> dict:
+    """A row shaped like pacl_ray.evaluation.evaluate's."""
+    return {"model": "m", "protocol": protocol, "prompt": "", "task": f"imagefolder:{dataset}=/x",
+            "dataset": dataset, "kind": "single", "backbone": "test_resnet", "checkpoint": "/c",
+            "Acc-4": acc, "F1-4": f1, "best_epoch": 3, "val_score": 0.1, "n_train": 10, "quarantined": 0}
+
+
+def test_flatten_rows_keeps_metric_columns_per_dataset():
+    rows = [evaluate_row("emotion", 61.5, 60.25), evaluate_row("fi", 40.0, 39.0),
+            evaluate_row("emotion", 70.0, 69.0, protocol="finetune")]
+    assert driver.flatten_rows(rows) == {
+        "emotion/Acc-4": 61.5, "emotion/F1-4": 60.25, "fi/Acc-4": 40.0, "fi/F1-4": 39.0,
+        "emotion-finetune/Acc-4": 70.0, "emotion-finetune/F1-4": 69.0,
+    }
+
+
+def sigma_outcomes() -> tuple[object, dict, list[driver.TrialOutcome], dict]:
+    space = parse_space({
+        "fixed": {"partition": {"sigma": 0.7}},
+        "search": {"partition.sigma": {"grid": [0.3, 0.7, 1.0]}, "train.temperature": {"grid": [0.01, 0.5]}},
+        "baselines": {"vanilla": {"train.objective": "clip"}},
+        "metric": {"name": "emotion/Acc-4", "mode": "max"},
+    }, "tiny.yaml")
+    base = config.to_dict(config.from_dict(space.fixed))
+    trials = expand_trials(space, base)
+    scores = {"adopted": 60.0, "partition.sigma=0.3": 55.0, "partition.sigma=1": 40.0,
+              "train.temperature=0.01": 62.0, "train.temperature=0.5": 58.0, "baseline:vanilla": 70.0}
+    outcomes = [driver.TrialOutcome(t, {"emotion/Acc-4": scores[t.name], "emotion/F1-4": scores[t.name] - 1},
+                                  backbone=f"/runs/{t.name}/backbone.safetensors") for t in trials]
+    outcomes[2] = driver.TrialOutcome(trials[2], error="RuntimeError: out of memory")
+    configs = {t.name: driver.trial_config_dict(base, t, [2]) for t in trials}
+    return space, base, outcomes, configs
+
+
+def test_table_has_the_table5_layout():
+    space, base, outcomes, _ = sigma_outcomes()
+    rows = driver.table_rows(space, base, outcomes, initial={"emotion/Acc-4": 30.0, "emotion/F1-4": 29.0})
+    layout = [(r["hyperparameter"], r["value"]) for r in rows]
+    assert layout == [
+        ("partition.sigma", "0.3"), ("partition.sigma", "0.7 (adopted)"), ("partition.sigma", "1"),
+        ("train.temperature", "0.01"), ("train.temperature", "0.07 (adopted)"), ("train.temperature", "0.5"),
+        ("baseline", "vanilla (train.objective=clip)"), ("initial backbone", "before training"),
+    ]
+    # the adopted trial's result appears in both blocks
+    assert rows[1]["metrics"] == rows[4]["metrics"] == {"emotion/Acc-4": 60.0, "emotion/F1-4": 59.0}
+    columns = driver.metric_columns(outcomes)
+    assert columns == ["emotion/Acc-4", "emotion/F1-4"]
+    markdown = driver.results_markdown(rows, columns)
+    lines = markdown.splitlines()
+    assert lines[0] == "| hyperparameter | value | emotion/Acc-4 | emotion/F1-4 |"
+    assert lines[2] == "| partition.sigma | 0.3 | 55.00 | 54.00 |"
+    assert lines[3] == "|  | 0.7 (adopted) | 60.00 | 59.00 |"
+    assert "failed: RuntimeError: out of memory" in lines[4]
+    parsed = list(csv.DictReader(io.StringIO(driver.results_csv(rows, columns))))
+    assert [r["value"] for r in parsed][:3] == ["0.3", "0.7 (adopted)", "1"]
+    assert parsed[0]["emotion/Acc-4"] == "55.0" and parsed[0]["backbone"].endswith("sigma=0.3/backbone.safetensors")
+    assert parsed[2]["error"].startswith("RuntimeError")
+
+
+def test_best_config_ignores_baselines_and_follows_the_mode():
+    _, _, outcomes, _ = sigma_outcomes()
+    assert driver.best_outcome(outcomes, "emotion/Acc-4", "max").trial.name == "train.temperature=0.01"
+    assert driver.best_outcome(outcomes, "emotion/Acc-4", "min").trial.name == "partition.sigma=0.3"
+    assert driver.best_outcome(outcomes, "missing/Acc-4", "max") is None
+
+
+def test_write_report_files(tmp_path):
+    space, base, outcomes, configs = sigma_outcomes()
+    sweep_dir = f"file://{tmp_path}/sweeps/tiny"  # through a pyarrow filesystem URI
+    report = driver.write_report(space, base, configs, outcomes, sweep_dir, initial={"emotion/Acc-4": 30.0})
+    for name in ("results.md", "results.csv", "best_config.yaml", "trials.json",
+                 "plot_partition_sigma.png", "plot_train_temperature.png"):
+        assert storage.exists(storage.join(sweep_dir, name)), name
+    png = storage.read_bytes(storage.join(sweep_dir, "plot_train_temperature.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    best = config.load_config(storage.join(sweep_dir, "best_config.yaml"))
+    assert best.train.temperature == 0.01 and best.partition.sigma == 0.7
+    trials = json.loads(storage.read_text(storage.join(sweep_dir, "trials.json")))
+    assert trials["best"] == "train.temperature=0.01" and trials["metric"] == "emotion/Acc-4"
+    assert {t["name"]: t["backbone_checkpoint"] for t in trials["trials"]}["adopted"] == "/runs/adopted/backbone.safetensors"
+    assert report.metric == "emotion/Acc-4" and report.best.trial.name == "train.temperature=0.01"
+
+
+def test_metric_names_resolve_to_result_columns():
+    columns = ["emotion/Acc-4", "emotion/F1-4", "fi/Acc-8"]
+    assert driver.resolve_metric("emotion/Acc-4", columns) == "emotion/Acc-4"
+    assert driver.resolve_metric("emotion/Acc", columns) == "emotion/Acc-4"  # any class count
+    assert driver.resolve_metric("fi/Acc", columns) == "fi/Acc-8"
+    assert driver.resolve_metric("emotion/Acc-6", columns) == ""
+
+
+def test_default_metric_is_the_first_accuracy():
+    assert driver.default_metric(["fi/F1-8", "fi/Acc-8", "e6/Acc-6"]) == "fi/Acc-8"
+    assert driver.default_metric(["emotic/mAP"]) == "emotic/mAP"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def counting_factory(log_dir: str, fail_flag: str, fail_trial: str):
+    """A stand-in trainable: records each run, fails ``fail_trial`` while ``fail_flag`` exists."""
+
+    def factory(trial_configs, sweep_dir, driver_cwd, report_epochs):
+        def trainable(config):
+            import ray.tune
+
+            name = config["trial"]
+            with open(os.path.join(log_dir, name.replace(":", "_")), "a") as handle:
+                handle.write("run\n")
+            if name == fail_trial and os.path.exists(fail_flag):
+                raise RuntimeError("node lost")
+            sigma = trial_configs[name]["partition"]["sigma"]
+            ray.tune.report({"emotion/Acc-4": 50 + sigma, "emotion/F1-4": 49 + sigma, "evaluated": 1,
+                             "backbone_checkpoint": f"/b/{name}"})
+
+        return trainable
+
+    return factory
+
+
+def runs_of(log_dir, name: str) -> int:
+    path = Path(log_dir) / name.replace(":", "_")
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    space = parse_space({
+        "search": {"partition.sigma": {"grid": [0.5, 0.7]}},
+        "metric": "emotion/Acc-4", "resources": {"max_concurrent": 2, "trial_cpus": 0.5},
+        "max_failures": 0,
+    }, "resume.yaml")
+    base = driver.base_config_dict(space, output_dir=str(tmp_path / "runs"), downstream=["imagefolder:e=/x"])
+    log_dir, flag = tmp_path / "log", tmp_path / "fail"
+    log_dir.mkdir()
+    flag.write_text("")
+    factory = counting_factory(str(log_dir), str(flag), "partition.sigma=0.5")
+    kwargs = dict(trainable_factory=factory, prepare=False, log=lambda _: None)
+
+    outcomes, _, _ = driver.run_sweep(space, base, "resume", **kwargs)
+    assert {o.trial.name: bool(o.error) for o in outcomes} == {"adopted": False, "partition.sigma=0.5": True}
+
+    flag.unlink()
+    outcomes, report, _ = driver.run_sweep(space, base, "resume", **kwargs)
+    assert [o.error for o in outcomes] == ["", ""]
+    assert runs_of(log_dir, "adopted") == 1  # finished: kept, not re-run
+    assert runs_of(log_dir, "partition.sigma=0.5") == 2
+    assert report.best.trial.name == "adopted"  # 50.7 > 50.5
+
+    driver.run_sweep(space, base, "resume", resume=False, **kwargs)
+    assert runs_of(log_dir, "adopted") == 2  # --no-resume starts over
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.timeout(900)  # world generation + every stage; about a minute, more on a loaded machine
+def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
+    """`python -m pacl_ray.tune` on the tiny embedded world: 2 trials of 1 epoch, then a relaunch
+    that resumes the finished sweep instead of training again."""
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump({
+        "fixed": {"train": {"epochs": 1, "global_batch_size": 16},
+                  "evaluate": {"linear_epochs": 3, "batch_size": 32}},
+        "search": {"partition.sigma": {"grid": [0.3, 0.5]}},  # the world's adopted sigma is 0.5
+        "metric": {"name": "emotion/Acc", "mode": "max"},
+        "resources": {"max_concurrent": 2, "trial_cpus": 0.5},
+    }))
+    output = tmp_path / "runs"
+    # The world itself is generated once into its default cache ($PACL_RAY_CACHE or ~/.cache) and
+    # shared with other tests; everything the sweep writes goes to tmp_path.
+    argv = ["--space", str(space), "--world", "tiny", "--output-dir", str(output), "--name", "tiny"]
+    assert driver.main(argv) == 0
+    printed = capsys.readouterr().out
+    sweep = output / "sweeps" / "tiny"
+    assert re.search(r"\| hyperparameter \| value \| emotion/Acc-(\d+) \| emotion/F1-\1 \|", printed)
+    assert "0.5 (adopted)" in printed and "initial backbone" in printed
+    assert "== Best config" in printed and "affective gap" in printed.lower()
+    rows = list(csv.DictReader(io.StringIO((sweep / "results.csv").read_text())))
+    assert [r["value"] for r in rows] == ["0.3", "0.5 (adopted)", "before training"]
+    accuracy = next(c for c in rows[0] if c.startswith("emotion/Acc-"))
+    assert all(0 <= float(r[accuracy]) <= 100 for r in rows)
+    trials = json.loads((sweep / "trials.json").read_text())["trials"]
+    assert all(Path(t["backbone_checkpoint"]).is_file() for t in trials)
+    assert (sweep / "plot_partition_sigma.png").is_file() and (sweep / "best_config.yaml").is_file()
+    stages = output / "stages"
+    count = lambda stage: len([p for p in (stages / stage).iterdir() if (p / "_SUCCESS").exists()])  # noqa: E731
+    # a sigma sweep scores and clusters once, thresholds and trains per sigma
+    assert count("scores") == 1 and count("cluster") == 1
+    assert count("partition") == 2 and count("train") == 2
+
+    assert driver.main(argv) == 0  # relaunch: restored, nothing retrained
+    assert "resuming" in capsys.readouterr().out
+    assert count("train") == 2

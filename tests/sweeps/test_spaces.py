@@ -1,0 +1,223 @@
+"""Search-space parsing, validation and expansion (pure; no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pacl_ray import config
+from pacl_ray.sweeps.spaces import (
+    Domain, SpaceError, Trial, apply_dotted, expand_trials, load_space, parse_space,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER_GRIDS = {
+    "partition.sigma": [0, 0.3, 0.5, 0.7, 0.9, 1],
+    "train.k": [2, 3, 6, 10, 15, 25],
+    "train.temperature": [0.01, 0.03, 0.05, 0.07, 0.5],
+}
+ADOPTED = {"partition.sigma": 0.7, "train.k": 2, "train.temperature": 0.07}
+
+
+def base_of(space) -> dict:
+    return config.to_dict(config.from_dict(space.fixed))
+
+
+def test_full_space_parses_every_section():
+    space = parse_space({
+        "mode": "product", "num_samples": 2, "seed": 3,
+        "fixed": {"train": {"epochs": 2}, "partition.sigma": 0.5},
+        "search": {
+            "train.k": {"grid": [2, 3]},
+            "train.objective": {"choice": ["pacl", "clip"]},
+            "train.temperature": {"loguniform": [0.01, 0.5]},
+            "partition.sigma": {"uniform": [0.3, 0.9]},
+        },
+        "baselines": {"vanilla": {"train": {"objective": "clip"}}},
+        "downstream": ["emotion=imagefolder:/data/e"],
+        "metric": {"name": "emotion/Acc-4", "mode": "max"},
+        "resources": {"workers_per_trial": 2, "use_gpu": True, "trial_cpus": 1},
+        "asha": {"grace_period": 1, "reduction_factor": 3},
+    }, "s.yaml")
+    assert space.name == "s"
+    assert space.fixed == {"train": {"epochs": 2}, "partition": {"sigma": 0.5}}
+    assert space.search["train.k"] == Domain("grid", (2, 3))
+    assert space.search["train.temperature"].kind == "loguniform"
+    assert space.baselines == {"vanilla": {"train.objective": "clip"}}
+    assert space.metric.name == "emotion/Acc-4" and space.metric.mode == "max"
+    assert space.resources.workers_per_trial == 2 and space.resources.use_gpu is True
+    assert space.asha.reduction_factor == 3 and space.asha.metric == "total"
+
+
+def test_metric_as_a_string_defaults_to_max():
+    space = parse_space({"metric": "fi/Acc-8"})
+    assert space.metric.name == "fi/Acc-8" and space.metric.mode == "max"
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"serach": {}}, "serach: unknown key"),
+    ({"mode": "random"}, "mode: expected one of"),
+    ({"num_samples": 0}, "num_samples: expected an integer >= 1"),
+    ({"search": {"partition.sigmaa": {"grid": [0.5]}}}, "search.partition.sigmaa: not a config key"),
+    ({"search": {"sigma": {"grid": [0.5]}}}, "search.sigma: keys are dotted"),
+    ({"search": {"partition": {"grid": [0.5]}}}, "search.partition: keys are dotted"),
+    ({"search": {"train": {"grid": [1]}}}, "search.train: keys are dotted"),
+    ({"search": {"partition.sigma": {"gird": [0.5]}}}, "search.partition.sigma: unknown domain 'gird'"),
+    ({"search": {"partition.sigma": [0.5, 0.7]}}, "search.partition.sigma: expected exactly one of"),
+    ({"search": {"partition.sigma": {"grid": []}}}, "search.partition.sigma.grid: expected a non-empty list"),
+    ({"search": {"partition.sigma": {"grid": [0.5, 0.5]}}}, "search.partition.sigma.grid: repeated values"),
+    ({"search": {"train.k": {"grid": [2, "three"]}}}, "search.train.k.grid[1]: train.k: expected an integer"),
+    ({"search": {"partition.sigma": {"uniform": [0.9, 0.3]}}}, "search.partition.sigma.uniform: low 0.9 must be below"),
+    ({"search": {"partition.sigma": {"uniform": [0.3]}}}, "search.partition.sigma.uniform: expected [low, high]"),
+    ({"search": {"train.temperature": {"loguniform": [0, 0.5]}}}, "loguniform: bounds must be positive"),
+    ({"search": {"train.k": {"uniform": [2, 25]}}}, "search.train.k.uniform: train.k is an integer key"),
+    ({"search": {"train.objective": {"uniform": [0, 1]}}}, "train.objective is not a number key"),
+    ({"fixed": {"train": {"epochz": 3}}}, "fixed: unknown config key train.epochz"),
+    ({"fixed": {"train": {"epochs": "many"}}}, "fixed: train.epochs: expected an integer"),
+    ({"baselines": {"vanilla": {"train.objectiv": "clip"}}}, "baselines.vanilla: unknown config key train.objectiv"),
+    ({"baselines": {"vanilla": None}}, "baselines.vanilla: give at least one"),
+    ({"metric": {"name": "Acc-4"}}, "metric.name: expected '<task>/<column>'"),
+    ({"metric": {"name": "e/Acc-4", "mode": "up"}}, "metric.mode: expected max or min"),
+    ({"metric": {"name": "e/Acc-4", "goal": "max"}}, "metric.goal: unknown key"),
+    ({"resources": {"gpus": 1}}, "resources.gpus: unknown key"),
+    ({"resources": {"workers_per_trial": 0}}, "resources.workers_per_trial: expected an integer >= 1"),
+    ({"resources": {"trial_cpus": 0}}, "resources.trial_cpus: the trial process must reserve"),
+    ({"asha": {"reduction_factor": 1}}, "asha.reduction_factor: expected a number > 1"),
+    ({"downstream": [3]}, "downstream: expected a list of task specs"),
+    ({"max_failures": -1}, "max_failures: expected an integer >= 0"),
+])
+def test_bad_spaces_are_clear_errors_naming_file_and_key(data, fragment):
+    with pytest.raises(SpaceError) as info:
+        parse_space(data, "spaces/bad.yaml")
+    message = str(info.value)
+    assert message.startswith("spaces/bad.yaml: ")
+    assert fragment in message
+
+
+def test_load_space_reports_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(SpaceError, match="cannot read the space file"):
+        load_space(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: {partition.sigma: {grid: [0.5, }\n")
+    with pytest.raises(SpaceError, match="bad.yaml: not valid YAML"):
+        load_space(str(bad))
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(SpaceError, match="list.yaml: the top level must be a mapping"):
+        load_space(str(top))
+
+
+def test_one_at_a_time_shares_the_adopted_trial():
+    space = parse_space({
+        "fixed": {"partition": {"sigma": 0.7}, "train": {"k": 2}},
+        "search": {"partition.sigma": {"grid": [0.3, 0.7, 1]}, "train.k": {"grid": [2, 6]}},
+        "baselines": {"vanilla": {"train.objective": "clip"}},
+    })
+    trials = expand_trials(space, base_of(space))
+    assert [t.name for t in trials] == [
+        "adopted", "partition.sigma=0.3", "partition.sigma=1", "train.k=6", "baseline:vanilla"]
+    assert trials[0].overrides == {}
+    assert trials[2].varied == {"partition.sigma": 1}
+    assert trials[-1].overrides == {"train.objective": "clip"} and trials[-1].baseline == "vanilla"
+
+
+def test_adopted_value_matches_numerically_equal_grid_values():
+    # 1 and 1.0, and 0.7 from YAML vs the config default 0.7, are the same trial.
+    space = parse_space({"fixed": {"partition": {"sigma": 1}}, "search": {"partition.sigma": {"grid": [0.5, 1.0]}}})
+    assert [t.name for t in expand_trials(space, base_of(space))] == ["adopted", "partition.sigma=0.5"]
+
+
+def test_product_mode_is_grid_product_times_samples():
+    space = parse_space({
+        "mode": "product", "num_samples": 3, "seed": 7,
+        "search": {"train.k": {"grid": [2, 3]}, "partition.sigma": {"grid": [0.5, 0.7]},
+                   "train.temperature": {"loguniform": [0.01, 0.5]}},
+    })
+    trials = expand_trials(space, base_of(space))
+    assert len(trials) == 3 * 2 * 2
+    assert len({t.name for t in trials}) == len(trials)
+    combos = {(t.varied["train.k"], t.varied["partition.sigma"]) for t in trials}
+    assert combos == {(2, 0.5), (2, 0.7), (3, 0.5), (3, 0.7)}
+    taus = [t.varied["train.temperature"] for t in trials]
+    assert all(0.01 <= tau <= 0.5 for tau in taus)
+    assert len(set(taus)) == len(taus)
+    # Deterministic from the seed: a relaunched sweep expands to the very same trials.
+    assert expand_trials(space, base_of(space)) == trials
+
+
+def test_random_domains_sample_within_bounds_and_by_seed():
+    space = parse_space({
+        "num_samples": 200, "seed": 1,
+        "search": {"partition.sigma": {"uniform": [0.2, 0.4]},
+                   "train.temperature": {"loguniform": [0.01, 1.0]},
+                   "train.objective": {"choice": ["pacl", "clip"]}},
+    })
+    trials = expand_trials(space, base_of(space))
+    sigmas = [t.varied["partition.sigma"] for t in trials if "partition.sigma" in t.varied]
+    taus = [t.varied["train.temperature"] for t in trials if "train.temperature" in t.varied]
+    objectives = [t.varied["train.objective"] for t in trials if "train.objective" in t.varied]
+    assert len(sigmas) == 200 and all(0.2 <= s <= 0.4 for s in sigmas)
+    assert all(0.01 <= t <= 1.0 for t in taus)
+    # loguniform: about half the draws fall below the geometric mean 0.1
+    assert 0.35 < sum(t < 0.1 for t in taus) / len(taus) < 0.65
+    # choice draws equal to the adopted value (pacl) are the shared adopted trial
+    assert set(objectives) == {"clip"}
+    other_seed = parse_space({"num_samples": 5, "seed": 2, "search": {"partition.sigma": {"uniform": [0.2, 0.4]}}})
+    assert [t.varied["partition.sigma"] for t in expand_trials(other_seed, base_of(other_seed))[1:]] != sigmas[:5]
+
+
+def test_trial_round_trips_and_applies_overrides():
+    trial = Trial("baseline:vanilla", {"partition.sigma": 0.3}, "vanilla", {"train.objective": "clip"})
+    assert Trial.from_dict(trial.to_dict()) == trial
+    base = config.to_dict(config.RunConfig())
+    data = apply_dotted(base, trial.overrides)
+    assert data["partition"]["sigma"] == 0.3 and data["train"]["objective"] == "clip"
+    assert base["partition"]["sigma"] == 0.7  # the base is not modified
+
+
+def test_log_scale_for_wide_positive_grids():
+    assert Domain("grid", (0.01, 0.03, 0.05, 0.07, 0.5)).log_scale
+    assert not Domain("grid", (2, 3, 6, 10, 15, 25)).log_scale
+    assert not Domain("grid", (0, 0.3, 0.5, 0.7, 0.9, 1)).log_scale
+    assert Domain("loguniform", (), 0.01, 0.5).log_scale
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("table5_sigma", ["partition.sigma"]),
+    ("table5_k", ["train.k"]),
+    ("table5_tau", ["train.temperature"]),
+    ("table5", ["partition.sigma", "train.k", "train.temperature"]),
+])
+def test_shipped_table5_spaces_are_the_papers_grids(name, keys):
+    space = load_space(str(REPO / "tune_spaces" / f"{name}.yaml"))
+    assert space.mode == "one_at_a_time"
+    assert list(space.search) == keys
+    base = config.to_dict(config.from_dict(space.fixed))
+    for key in PAPER_GRIDS:
+        section, leaf = key.split(".")
+        assert base[section][leaf] == ADOPTED[key]  # the others at the adopted values
+    for key in keys:
+        assert space.search[key].kind == "grid"
+        assert list(space.search[key].values) == PAPER_GRIDS[key]
+    trials = expand_trials(space, base)
+    searched = [t for t in trials if not t.baseline]
+    # the adopted trial is shared: one trial per grid value, minus the adopted duplicates
+    assert len(searched) == 1 + sum(len(PAPER_GRIDS[k]) - 1 for k in keys)
+
+
+def test_default_space_is_small_and_has_the_vanilla_baseline():
+    space = load_space(str(REPO / "tune_spaces" / "default.yaml"))
+    trials = expand_trials(space, config.to_dict(config.from_dict(space.fixed)))
+    assert 2 <= len(trials) <= 5
+    assert any(t.baseline and t.overrides.get("train.objective") == "clip" for t in trials)
+    assert space.metric is not None
+
+
+def test_every_shipped_space_is_valid_yaml_with_comments():
+    for path in sorted((REPO / "tune_spaces").glob("*.yaml")):
+        text = path.read_text()
+        assert text.lstrip().startswith("#"), f"{path.name} should explain itself in a header comment"
+        load_space(str(path))
+        assert isinstance(yaml.safe_load(text), dict)
