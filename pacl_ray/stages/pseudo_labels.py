@@ -68,7 +68,7 @@ def fixed_size_list_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def read_parquet_slice(part: ParquetSlice, columns: Sequence[str]) -> pa.Table:
     """The rows of ``part`` (only the files overlapping it are read)."""
-    tables, first = [], 0
+    pieces, first = [], 0
     for uri, rows in part.files:
         lo, hi = max(part.start, first), min(part.stop, first + rows)
         if lo < hi:
@@ -76,9 +76,9 @@ def read_parquet_slice(part: ParquetSlice, columns: Sequence[str]) -> pa.Table:
             table = pq.read_table(path, columns=list(columns), filesystem=fs)
             if table.num_rows != rows:
                 raise ValueError(f"{uri}: expected {rows} rows (from its metadata), read {table.num_rows}")
-            tables.append(table.slice(lo - first, hi - lo))
+            pieces.append(table.slice(lo - first, hi - lo))
         first += rows
-    if not tables:
+    if not pieces:
         raise ValueError(f"no rows in [{part.start}, {part.stop}) of {[u for u, _ in part.files]}")
     return pa.concat_tables(tables)
 
@@ -364,8 +364,8 @@ def load_labels(cluster: StageOutput, k: int) -> pa.Table:
     if columns[1] not in available:
         ks = sorted(int(c.rsplit("_", 1)[1]) for c in available if c.startswith("factual_label_"))
         raise KeyError(f"{cluster.path('labels')}: no pseudo-labels for K={k}; this cluster run has K={ks}")
-    tables = []
+    pieces = []
     for uri in files:
         fs, path = storage.resolve(uri)
-        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
-    return pa.concat_tables(tables).rename_columns([tables.ID, "factual_label", "emotional_label"])
+        pieces.append(pq.read_table(path, columns=columns, filesystem=fs))
+    return pa.concat_tables(pieces).rename_columns([tables.ID, "factual_label", "emotional_label"])

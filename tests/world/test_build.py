@@ -146,7 +146,7 @@ def test_second_call_reuses_the_world(tiny_world, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the world was rebuilt")
 
-    monkeypatch.setattr(world, "build_world", fail)
+    monkeypatch.setattr(build, "build_world", fail)
     again = build.ensure_world(str(Path(tiny_world.root).parent), seed=0, size="tiny", progress=False)
     assert again == tiny_world
 
@@ -161,7 +161,7 @@ def test_partial_world_is_rebuilt(tmp_path, monkeypatch):
         built.append(path)
         return {"timings_s": {}}
 
-    monkeypatch.setattr(world, "build_world", fake_build)
+    monkeypatch.setattr(build, "build_world", fake_build)
     result = build.ensure_world(str(tmp_path), seed=0, size="tiny", progress=False)
     assert built == [root]
     assert not (root / "leftover.png").exists()
