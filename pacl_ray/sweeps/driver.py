@@ -36,13 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
-
 from pacl_ray.stages import cache
 from pacl_ray.formats import storage
 from pacl_ray import config as config_mod
 from pacl_ray.sweeps.spaces import (
-    SpaceError, SweepSpace, Trial, apply_dotted, expand_trials, format_value, get_dotted, load_space,
+    SpaceError, SweepSpace, Trial, expand_trials, format_value, get_dotted, load_space,
 )
 
 DEFAULT_SPACE = "default"
@@ -90,28 +88,19 @@ def base_config_dict(
     downstream: list[str] | None = None,
     output_dir: str | None = None,
 ) -> dict:
-    """The sweep's base config, nested and validated. Later layers win: config defaults, the
-    embedded world's settings, ``--config``, the space's ``fixed``/``downstream``, ``--set``, then
-    ``--data``/``--downstream``/``--output-dir``."""
-    data_dict = config_mod.to_dict(config_mod.RunConfig())
-    data_dict = config_mod.merge(data_dict, world_overrides or {})
-    if config_file:
-        loaded = yaml.safe_load(storage.read_text(config_file)) or {}
-        if not isinstance(loaded, dict):
-            raise config_mod.ConfigError(f"{config_file}: the top level must be a mapping")
-        data_dict = config_mod.merge(data_dict, loaded)
-    data_dict = config_mod.merge(data_dict, space.fixed)
-    if space.downstream:
-        data_dict["evaluate"]["tasks"] = list(space.downstream)
-    config_mod.apply_overrides(data_dict, list(overrides or []))
-    if data:
-        data_dict["ingest"]["manifest"] = data
-    if downstream:
-        data_dict["evaluate"]["tasks"] = list(downstream)
-    if output_dir:
-        data_dict["output_dir"] = output_dir
-    data_dict = _absolute_paths(data_dict)
-    return config_mod.to_dict(config_mod.from_dict(data_dict))
+    """The sweep's base config, nested and validated (by :func:`pacl_ray.config.layer_config`).
+    Later layers win: config defaults, the embedded world's settings, ``--config``, the space's
+    ``fixed``/``downstream``, ``--set``, then ``--data``/``--downstream``/``--output-dir``."""
+    flags = {"ingest.manifest": data, "evaluate.tasks": list(downstream or []) or None, "output_dir": output_dir}
+    data_dict = config_mod.layer_config(
+        world_overrides,
+        config_file or None,
+        space.fixed,
+        {"evaluate.tasks": list(space.downstream)} if space.downstream else None,
+        list(overrides or []),
+        {key: value for key, value in flags.items() if value},
+    )
+    return config_mod.layer_config(_absolute_paths(data_dict))
 
 
 def _absolute_paths(data: dict) -> dict:
@@ -140,9 +129,7 @@ def sweep_ks(base: dict, trials: list[Trial]) -> list[int]:
 
 def trial_config_dict(base: dict, trial: Trial, ks: list[int]) -> dict:
     """The full nested config of one trial (validated)."""
-    data = apply_dotted(base, trial.overrides)
-    data["cluster"]["ks"] = list(ks)
-    return config_mod.to_dict(config_mod.from_dict(data))
+    return config_mod.layer_config(base, trial.overrides, {"cluster.ks": list(ks)})
 
 
 def sweep_fingerprint(trial_configs: dict[str, dict]) -> str:
