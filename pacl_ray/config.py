@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -608,6 +609,22 @@ def save_config(cfg: RunConfig, directory: str, filename: str = "config.yaml") -
     uri = storage.join(directory, filename)
     storage.write_text(uri, dump_config(cfg))
     return uri
+
+
+def check_output_dir(uri: str, key: str = "output_dir") -> str:
+    """Make sure ``uri`` (local path or pyarrow URI) can be written before any work starts: create
+    it and write and delete a small probe file. Returns the normalised URI; raises
+    :class:`ConfigError` naming ``key``, the value and the filesystem's reason otherwise."""
+    target = storage.normalize(uri)
+    probe = storage.join(target, f".pacl_ray-write-check-{os.getpid()}")
+    try:
+        storage.makedirs(target)
+        storage.write_text(probe, "")
+        fs, path = storage.resolve(probe)
+        fs.delete_file(path)
+    except (OSError, ValueError) as err:  # PermissionError, pyarrow's ArrowIOError / ArrowInvalid
+        raise ConfigError(f"{key}={uri!r} is not writable: {err}") from None
+    return target
 
 
 # --------------------------------------------------------------------------- adapters to core
