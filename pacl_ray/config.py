@@ -300,7 +300,8 @@ class EvaluateConfig:
 class RunConfig:
     """The whole pipeline's configuration."""
 
-    name: str = _f("pacl", "run name, shown in reports")
+    name: str = _f("pacl", "a label saved with the run's config; stage outputs are keyed by content, not "
+                   "by name (a sweep's name is pacl-ray tune --name)")
     output_dir: str = _f("~/.cache/pacl_ray/runs", "where stage outputs go: local path or pyarrow URI "
                          "(s3://, gs://)")
     seed: int = _f(0, "seed of model init, k-means and data order", at_least(0))
