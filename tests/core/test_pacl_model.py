@@ -74,3 +74,17 @@ def test_explicit_arguments_without_a_config():
     assert model.text_head.out_features == 4 and backbone.image_size == 32
     with pytest.raises(ValueError, match="crop_scale"):
         build_model(6, backbone=TINY, pretrained="false", crop_scale=(0.9, 0.5))
+
+
+def test_core_takes_explicit_arguments_not_the_config():
+    import ast
+    import pathlib
+
+    core = pathlib.Path(__file__).resolve().parents[2] / "pacl_ray" / "core"
+    importers = []
+    for path in core.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+            importers += [path.name for n in names if n.startswith("pacl_ray.config")]
+    assert importers == []
