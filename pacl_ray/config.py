@@ -572,10 +572,11 @@ def read_yaml(path: str) -> dict:
 def layer_config(*layers: dict | str | list[str] | None) -> dict:
     """Layer config sources, later winning, into one validated nested dict (every key present).
 
-    Each layer is a nested mapping (world settings, a space's ``fixed``, dotted-key values as
-    ``{"train.k": 3}`` are also accepted), a YAML file path/URI (str), or a list of ``key=value``
-    overrides (``--set``). The result passed through :func:`from_dict`, so every value is
-    type- and domain-checked."""
+    Each layer is a nested mapping (world settings, a space's ``fixed``; deep-merged like a YAML
+    file) whose keys may also be dotted (``{"train.k": 3}``, a sweep trial's values; a dotted key
+    replaces its value), a YAML file path/URI (str, deep-merged), or a list of ``key=value``
+    overrides (``--set``). The result passes through :func:`from_dict`, so every value is type-
+    and domain-checked."""
     data = to_dict(RunConfig())
     for layer in layers:
         if layer is None:
@@ -585,13 +586,11 @@ def layer_config(*layers: dict | str | list[str] | None) -> dict:
         elif isinstance(layer, (list, tuple)):
             apply_overrides(data, list(layer))
         else:
-            nested: dict = {}
             for key, value in layer.items():
                 if isinstance(key, str) and "." in key:
-                    set_dotted(nested, key, value)
+                    set_dotted(data, key, value)  # a dotted key replaces its value, as --set does
                 else:
-                    nested = merge(nested, {key: value})
-            data = merge(data, nested)
+                    data = merge(data, {key: value})
     return to_dict(from_dict(data))
 
 

@@ -199,6 +199,11 @@ def test_layer_config_order_later_wins(tmp_path):
                           ["train.k=4"], None)
     assert (data["train"]["epochs"], data["train"]["k"], data["train"]["temperature"]) == (5, 4, 0.1)
     assert data == C.to_dict(C.from_dict(data))  # every key present and validated
+    # nested layers deep-merge; a dotted key replaces its value (a mapping included), as --set does
+    workers = C.layer_config({"train": {"resources_per_worker": {"CPU": 8}}}, {"train": {"resources_per_worker": {"GPU": 1}}})
+    assert workers["train"]["resources_per_worker"] == {"CPU": 8, "GPU": 1}
+    workers = C.layer_config({"train": {"resources_per_worker": {"CPU": 8}}}, {"train.resources_per_worker": {"GPU": 1}})
+    assert workers["train"]["resources_per_worker"] == {"GPU": 1}
 
 
 def test_missing_and_unreadable_config_files_are_config_errors(tmp_path):
