@@ -120,6 +120,52 @@ def test_missing_inputs_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_unreadable_config_file_exits_2(tmp_path, capsys):
+    assert cli.main(["train", "--config", str(tmp_path)]) == 2  # a directory
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: cannot read the config file" in err and err.count("\n") == 1
+
+
+def _error(kind: str) -> BaseException:
+    from pacl_ray.core.kmeans import NotEnoughPointsError
+    from pacl_ray.evaluation.datasets import DatasetError
+    from pacl_ray.evaluation.evaluate import ExportError, TaskSpecError
+    from pacl_ray.stages.ingest import IngestError
+
+    make = {"kmeans": NotEnoughPointsError, "dataset": DatasetError, "task": TaskSpecError,
+            "export": ExportError, "ingest": IngestError, "missing": FileNotFoundError}[kind]
+    return make(f"{kind}: /data/x.csv row 3 field 'label': bad\nsecond line")
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "dataset", "task", "export", "ingest", "missing"])
+def test_stage_user_errors_exit_2_in_one_line(kind, tmp_path, monkeypatch, capsys):
+    import pacl_ray.stages.pipeline
+    import pacl_ray.stages.runtime
+
+    def fails(cfg):
+        raise _error(kind)
+
+    monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: None)
+    monkeypatch.setattr(pacl_ray.stages.pipeline, "stage_cluster", fails)
+    assert cli.main(["cluster", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"pacl-ray cluster: {type(_error(kind)).__name__}: {kind}: /data/x.csv row 3 field 'label'")
+
+
+def test_a_bug_is_not_a_user_error(tmp_path, monkeypatch):
+    import pacl_ray.stages.pipeline
+    import pacl_ray.stages.runtime
+
+    def bug(cfg):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: None)
+    monkeypatch.setattr(pacl_ray.stages.pipeline, "stage_cluster", bug)
+    with pytest.raises(KeyError):  # a traceback, for a bug report
+        cli.main(["cluster", "--output-dir", str(tmp_path)])
+
+
 @pytest.mark.parametrize("command", [["ingest", "--manifest", "{manifest}"], ["tune"], ["world", "--cache-dir"]])
 @pytest.mark.parametrize("uri", [False, True])
 def test_unwritable_output_dir_exits_2_before_any_work(command, uri, tmp_path, monkeypatch, capsys):
