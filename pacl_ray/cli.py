@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "validated table under {output_dir}/stages/ingest.",
                  ["pacl-ray ingest --manifest pairs.jsonl --output-dir runs/"])
     _add_common(p)
-    p.add_argument("--manifest", help=MANIFEST_HELP)
+    p.add_argument("--manifest", help=MANIFEST_HELP.replace(" to ingest first", ""))
     p.add_argument("--format", choices=config_mod.INGEST_FORMATS,
                    help="manifest format; auto = by file name (sets ingest.format)")
 
