@@ -1,16 +1,23 @@
 """Typed configuration: one dataclass per stage, loaded from YAML, overridden with dotted keys.
 
-This is the only place that parses configuration. Every stage receives the resolved
-:class:`RunConfig` and saves it beside its outputs (see :func:`save_config`).
+This is the only place that parses configuration: YAML files, ``--set`` overrides and sweep-space
+values are all layered and validated here (:func:`layer_config`). Every stage receives the
+resolved :class:`RunConfig` and saves it beside its outputs (see :func:`save_config`).
 
     cfg = load_config("configs/my.yaml", ["train.epochs=30", "partition.sigma=0.5"])
 
-Unknown keys and values of the wrong type raise :class:`ConfigError` naming the dotted key.
+Every field declares, next to its definition, its default, a one-line meaning (paper section or
+SPEC choice) and, where it has one, its domain (named choices or a numeric range). Unknown keys,
+values of the wrong type and values outside their domain raise :class:`ConfigError` naming the
+dotted key, the value and what is allowed. ``pacl-ray config`` prints every key
+(:func:`describe_fields`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -19,168 +26,285 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from pacl_ray.core.partitions import CALIBRATIONS
 from pacl_ray.formats import storage
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
+    """A configuration key is unknown, or its value has the wrong type or is outside its domain."""
+
+
+# --------------------------------------------------------------------------- domains
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a field allows: named ``choices``, or a numeric interval.
+
+    ``separator`` allows several choices joined by it (``"linear,finetune"``). For list fields the
+    domain applies to every item (and ``length`` to the list); for mapping fields, to every value.
+    """
+
+    choices: tuple = ()
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    separator: str = ""
+    length: Optional[int] = None
+    nonempty: bool = False
+
+    def contains(self, value: Any) -> bool:
+        """Whether one scalar ``value`` (an item, for list fields) is allowed."""
+        if self.choices:
+            if self.separator and isinstance(value, str):
+                parts = [p.strip() for p in value.split(self.separator)]
+                return bool(parts) and all(p in self.choices for p in parts)
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        """What is allowed, in words, e.g. ``"one of bf16, fp16, fp32"`` or ``"a number in [0, 1]"``."""
+        if self.choices:
+            names = ", ".join(str(c) for c in self.choices)
+            if self.separator:
+                return f"one or more of {names} (joined by {self.separator!r})"
+            return f"one of {names}"
+        fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+        if self.low is not None and self.high is not None:
+            return (f"a number in {'(' if self.low_open else '['}{fmt(self.low)}, "
+                    f"{fmt(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"a number {'>' if self.low_open else '>='} {fmt(self.low)}"
+        if self.high is not None:
+            return f"a number {'<' if self.high_open else '<='} {fmt(self.high)}"
+        return "any value"
+
+    def describe_field(self) -> str:
+        text = self.describe()
+        if self.length is not None:
+            text = f"{self.length} items, each {text}"
+        elif self.nonempty:
+            text = f"a non-empty list, each {text}"
+        return text
+
+
+def one_of(*choices: Any, separator: str = "") -> Domain:
+    return Domain(choices=tuple(choices), separator=separator)
+
+
+def at_least(low: float, **kw: Any) -> Domain:
+    return Domain(low=low, **kw)
+
+
+def above(low: float, **kw: Any) -> Domain:
+    return Domain(low=low, low_open=True, **kw)
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False, **kw: Any) -> Domain:
+    return Domain(low=low, high=high, low_open=low_open, high_open=high_open, **kw)
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+POOLINGS = ("cls", "mean")
+OBJECTIVES = ("pacl", "clip")
+SCHEDULES = ("progressive", "all")
+PROTOCOLS = ("linear", "finetune", "zeroshot")
+INGEST_FORMATS = ("auto", "jsonl", "csv", "parquet", "webdataset", "tumemo")
+FEATURE_DTYPES = ("float32", "float16")
+
+
+def _f(default: Any, meaning: str, domain: Optional[Domain] = None) -> Any:
+    """A config field: its default, one-line meaning and domain (None = any value of its type).
+    Mutable defaults (lists, mappings) are copied per instance."""
+    metadata = {"meaning": meaning, "domain": domain}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- sections
 
 
 @dataclass
 class RayConfig:
     """How to reach Ray. An empty address starts (or joins) a local instance."""
 
-    address: str = ""
-    num_cpus: Optional[int] = None  # local instance only; None = max(cores, 8) logical CPUs
-    num_gpus: Optional[int] = None  # local instance only; None = autodetect
-    # Inference stages (scoring, embed, evaluation features) over at most this many rows run their
-    # Ray Data UDFs in the calling process instead of actor pools, unless the cluster has GPUs
-    # that process cannot use. An actor pays a process start, imports and a model load, which
-    # dominate a small input (the embedded world's 2400 pairs on 2 cores: scoring 66 s in actor
-    # pools, 20 s in process). 0 = always Ray Data.
-    in_process_max_rows: int = 4096
+    address: str = _f("", "Ray address (auto, ray://host:10001); empty starts or joins a local instance")
+    num_cpus: Optional[int] = _f(None, "logical CPUs of a local instance; null = max(cores, 8)", at_least(1))
+    num_gpus: Optional[int] = _f(None, "GPUs of a local instance; null = autodetect", at_least(0))
+    # An actor pays a process start, imports and a model load, which dominate a small input (the
+    # embedded world's 2400 pairs on 2 cores: scoring 66 s in actor pools, 20 s in process).
+    in_process_max_rows: int = _f(
+        4096, "inference stages over at most this many rows run in the calling process instead of "
+        "Ray Data actor pools (unless GPUs it cannot use exist); 0 = always Ray Data", at_least(0))
 
 
 @dataclass
 class ModelConfig:
     """The models shared by several stages (paper 4.2)."""
 
-    # Target visual backbone: a timm name ("resnet50"), or "open_clip:<arch>" for a CLIP tower.
-    backbone: str = "resnet50"
-    # timm: true/false for the hub weights; open_clip: a pretrained tag ("openai") or "".
-    backbone_pretrained: str = "true"
-    # Local weights (safetensors or torch file); overrides backbone_pretrained when set.
-    backbone_checkpoint: str = ""
-    # Input resolution for the backbone's transforms; 0 = the model's own pretrained_cfg size.
-    backbone_input_size: int = 0
-    # Frozen text encoder: any Hugging Face AutoModel id or local directory (paper: SKEP).
-    text_encoder: str = "Yaxin/roberta-large-ernie2-skep-en"
-    text_pooling: str = "cls"  # "cls" (first token, as in the paper) or "mean"
-    text_max_length: int = 128
-    embed_dim: int = 768  # shared width of the projection heads
+    backbone: str = _f("resnet50", "target visual backbone: a timm name, or open_clip:<arch> for a CLIP "
+                       "tower (paper 4.2)")
+    backbone_pretrained: str = _f("true", "timm: true/false for the hub weights; open_clip: a pretrained "
+                                  "tag (openai) or empty")
+    backbone_checkpoint: str = _f("", "local backbone weights (safetensors or torch file); overrides "
+                                  "backbone_pretrained when set")
+    backbone_input_size: int = _f(0, "input resolution of the backbone's transforms in px; 0 = the "
+                                  "model's pretrained_cfg size", at_least(0))
+    text_encoder: str = _f("Yaxin/roberta-large-ernie2-skep-en", "frozen text encoder: Hugging Face "
+                           "AutoModel id or local directory (paper 4.2: SKEP)")
+    text_pooling: str = _f("cls", "text feature pooling: cls = first token (paper), mean = non-padding "
+                           "average", one_of(*POOLINGS))
+    text_max_length: int = _f(128, "text encoder max tokens per text", at_least(1))
+    embed_dim: int = _f(768, "shared width of the bias-free projection heads (SPEC Paper defaults "
+                         "Choice: 768)", at_least(1))
 
 
 @dataclass
 class IngestConfig:
     """Stage 0: manifests into one validated table."""
 
-    manifest: str = ""  # JSONL/CSV/Parquet file, WebDataset shard dir/glob, or TumEmo folder
-    format: str = "auto"  # auto | jsonl | csv | parquet | webdataset | tumemo
-    clean_text: bool = True
-    max_image_pixels: int = 89_478_485  # Pillow's default decompression-bomb limit
-    fail_if_all_bad: bool = True
+    manifest: str = _f("", "image-text pairs: JSONL/CSV/Parquet file, WebDataset shard dir/glob, or "
+                       "TumEmo folder")
+    format: str = _f("auto", "manifest format; auto = by file name", one_of(*INGEST_FORMATS))
+    clean_text: bool = _f(True, "strip URLs, mentions and markup from texts")
+    max_image_pixels: int = _f(89_478_485, "largest decodable image in pixels (Pillow's decompression-"
+                               "bomb limit)", at_least(1))
+    fail_if_all_bad: bool = _f(True, "stop with an error when no pair survives validation")
 
 
 @dataclass
 class PartitionConfig:
     """Stage 1 (paper 3.1): factual and emotional match scores and the partition code."""
 
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str = "openai"  # open_clip tag, or a local checkpoint path
-    anp_vocab: str = ""  # "" = the vocabulary shipped in pacl_ray/data
-    anp_top_k: int = 3
-    sentiment_model: str = "finiteautomata/bertweet-base-sentiment-analysis"
-    sentiment_pooling: str = "cls"
-    factual_calibration: str = "clipscore"  # raw | clipscore | rank
-    emotional_calibration: str = "clipscore"
-    sigma: float = 0.7
-    sigma_factual: Optional[float] = None  # None = sigma
-    sigma_emotional: Optional[float] = None  # None = sigma
-    batch_size: int = 128
-    concurrency: int = 1  # actors in the scoring pool (per model)
-    num_gpus: float = 1.0  # GPUs per actor when the cluster has GPUs
-    precision: str = "bf16"  # bf16 | fp16 | fp32 (fp32 on CPU regardless)
-    report_examples: int = 8  # pairs per partition in the HTML gallery
+    clip_model: str = _f("ViT-B-32", "open_clip architecture of the factual scorer (paper 3.1: CLIP)")
+    clip_pretrained: str = _f("openai", "open_clip pretrained tag or local checkpoint of the factual scorer")
+    anp_vocab: str = _f("", "adjective-noun-pair vocabulary file; empty = the one shipped in pacl_ray/data "
+                        "(SPEC Partitions Choice)")
+    anp_top_k: int = _f(3, "ANPs per image that form its emotional description (paper 3.1)", at_least(1))
+    sentiment_model: str = _f("finiteautomata/bertweet-base-sentiment-analysis",
+                              "text sentiment model of the emotional score (paper 3.1: BERTweet)")
+    sentiment_pooling: str = _f("cls", "sentiment model feature pooling", one_of(*POOLINGS))
+    factual_calibration: str = _f("clipscore", "scale the factual threshold is read on (SPEC Partitions "
+                                  "Choice)", one_of(*CALIBRATIONS))
+    emotional_calibration: str = _f("clipscore", "scale the emotional threshold is read on (SPEC "
+                                    "Partitions Choice)", one_of(*CALIBRATIONS))
+    sigma: float = _f(0.7, "match threshold sigma of both calibrated scores (paper 3.1, Table 5)",
+                      between(0, 1))
+    sigma_factual: Optional[float] = _f(None, "factual threshold; null = sigma", between(0, 1))
+    sigma_emotional: Optional[float] = _f(None, "emotional threshold; null = sigma", between(0, 1))
+    batch_size: int = _f(128, "pairs per scoring batch", at_least(1))
+    concurrency: int = _f(1, "actors in the scoring pool (per model)", at_least(1))
+    num_gpus: float = _f(1.0, "GPUs per scoring actor when the cluster has GPUs", at_least(0))
+    precision: str = _f("bf16", "autocast dtype of scoring on GPU (CPU always fp32)", one_of(*PRECISIONS))
+    report_examples: int = _f(8, "pairs per partition in the HTML gallery", at_least(0))
 
 
 @dataclass
 class EmbedConfig:
     """Stage 2a (paper 3.2): initial backbone image features and frozen text features."""
 
-    feature_dtype: str = "float32"  # float32 | float16
-    batch_size: int = 128
-    concurrency: int = 1
-    num_gpus: float = 1.0
-    precision: str = "bf16"
+    feature_dtype: str = _f("float32", "stored feature dtype", one_of(*FEATURE_DTYPES))
+    batch_size: int = _f(128, "pairs per embedding batch", at_least(1))
+    concurrency: int = _f(1, "actors in the embedding pool", at_least(1))
+    num_gpus: float = _f(1.0, "GPUs per embedding actor when the cluster has GPUs", at_least(0))
+    precision: str = _f("bf16", "autocast dtype of embedding on GPU (CPU always fp32)", one_of(*PRECISIONS))
 
 
 @dataclass
 class ClusterConfig:
     """Stage 2b (paper 3.2): k-means pseudo-labels for every K in one pass."""
 
-    ks: list[int] = field(default_factory=lambda: [2])
-    max_iter: int = 50
-    tol: float = 1e-6  # stop when the largest centroid shift is below this
-    num_shards: int = 0  # 0 = one shard per 50k points (at least 1); 1 = single-process FAISS
-    use_gpu: bool = True  # FAISS on GPU when the actor has one
+    ks: list[int] = _f([2], "every K whose k-means pseudo-labels are computed, in one pass (paper 3.2)",
+                       at_least(1, nonempty=True))
+    max_iter: int = _f(50, "k-means iterations at most", at_least(1))
+    tol: float = _f(1e-6, "stop when the largest centroid shift is below this", at_least(0))
+    num_shards: int = _f(0, "k-means data shards; 0 = one per 50k points, 1 = single-process FAISS",
+                         at_least(0))
+    use_gpu: bool = _f(True, "FAISS on GPU when the actor has one")
 
 
 @dataclass
 class TrainConfig:
     """Stage 3 (paper 3.3): partition-adaptive contrastive training on Ray Train."""
 
-    objective: str = "pacl"  # pacl | clip (vanilla: every pair strong-coupled)
-    schedule: str = "progressive"  # progressive (Eqs. 15-17) | all
-    k: int = 2  # which K's pseudo-labels to use
-    temperature: float = 0.07
-    epochs: int = 30
-    global_batch_size: int = 64
-    num_workers: int = 1
-    max_workers: Optional[int] = None  # set for elastic training: (num_workers, max_workers)
-    # Ray resources of each Train worker, e.g. {CPU: 8, GPU: 1} or a custom node label
-    # {CPU: 1, gpu_node: 1}; empty = Ray Train's default (1 CPU, plus 1 GPU when use_gpu).
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
-    use_gpu: Optional[bool] = None  # None = when the cluster has GPUs
-    lr_backbone: Optional[float] = None  # None = by architecture (SPEC "Paper defaults")
-    lr_heads: float = 1e-3
-    weight_decay: float = 0.05
-    grad_clip: float = 0.0  # 0 = off
-    precision: str = "bf16"  # autocast dtype on GPU; CPU always fp32
-    checkpoint_every_steps: int = 0  # 0 = every epoch only
-    max_failures: int = 3
-    image_size: int = 0  # 0 = the backbone's own input size
-    # Training augmentation of timm backbones (timm ``create_transform``; open_clip towers keep
-    # open_clip's own train transform): random-resized-crop area range, flip and colour jitter.
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    log_every_steps: int = 10
-    # A joined dataset (encoded images + metadata) up to this size is copied into each worker once
-    # and batched there, instead of streamed through a Ray Data pipeline every epoch (same batches;
-    # saves seconds per epoch on small data). 0 = always stream.
-    in_memory_max_mb: float = 256.0
+    objective: str = _f("pacl", "pacl = partition-adaptive loss (paper 3.3); clip = vanilla contrastive, "
+                        "every pair strong-coupled", one_of(*OBJECTIVES))
+    schedule: str = _f("progressive", "progressive = partitions join by phase (paper Eqs. 15-17); all = "
+                       "every partition from the start", one_of(*SCHEDULES))
+    k: int = _f(2, "which K's pseudo-labels train (paper 4.2: K=2)", at_least(1))
+    temperature: float = _f(0.07, "contrastive temperature tau (paper 4.2: 0.07)", above(0))
+    epochs: int = _f(30, "training epochs (paper 4.2: 30)", at_least(1))
+    global_batch_size: int = _f(64, "pairs per step across all workers (paper 4.2: 64)", at_least(1))
+    num_workers: int = _f(1, "Ray Train data-parallel workers", at_least(1))
+    max_workers: Optional[int] = _f(None, "elastic training upper bound (num_workers..max_workers); null "
+                                    "= fixed", at_least(1))
+    resources_per_worker: dict[str, float] = _f(
+        {}, "Ray resources of each Train worker, e.g. {CPU: 8, GPU: 1} or a node label; empty = Ray "
+        "Train's default", at_least(0))
+    use_gpu: Optional[bool] = _f(None, "train on GPUs; null = when the cluster has GPUs")
+    lr_backbone: Optional[float] = _f(None, "backbone learning rate; null = by architecture (SPEC Paper "
+                                      "defaults)", above(0))
+    lr_heads: float = _f(1e-3, "projection heads' learning rate (paper 4.2: 1e-3)", above(0))
+    weight_decay: float = _f(0.05, "AdamW weight decay (SPEC Training recipe Choice)", at_least(0))
+    grad_clip: float = _f(0.0, "gradient norm clip; 0 = off", at_least(0))
+    precision: str = _f("bf16", "autocast dtype of training on GPU (CPU always fp32)", one_of(*PRECISIONS))
+    checkpoint_every_steps: int = _f(0, "checkpoint every this many steps; 0 = every epoch only", at_least(0))
+    max_failures: int = _f(3, "Ray Train restarts after a worker failure; -1 = unlimited", at_least(-1))
+    image_size: int = _f(0, "training input size in px; 0 = the backbone's own", at_least(0))
+    # timm backbones use timm's create_transform; open_clip towers keep their own train transform.
+    crop_scale: list[float] = _f([0.08, 1.0], "random-resized-crop area range [low, high] (SPEC Training "
+                                 "recipe Choice)", between(0, 1, low_open=True, length=2))
+    hflip: float = _f(0.5, "horizontal flip probability of the training augmentation", between(0, 1))
+    color_jitter: float = _f(0.4, "colour jitter strength of the training augmentation; 0 = off",
+                             at_least(0))
+    log_every_steps: int = _f(10, "report training metrics every this many steps", at_least(1))
+    # Same batches either way; copying saves seconds per epoch on small data.
+    in_memory_max_mb: float = _f(256.0, "a joined dataset up to this size is copied into each worker "
+                                 "instead of streamed by Ray Data every epoch; 0 = always stream", at_least(0))
 
 
 @dataclass
 class EvaluateConfig:
     """Downstream evaluation (paper 4.4, 4.5)."""
 
-    tasks: list[str] = field(default_factory=list)  # task specs, see pacl_ray.evaluation.evaluate
-    protocol: str = "linear"  # linear | finetune | zeroshot
-    linear_lr: float = 1e-2
-    linear_epochs: int = 40
-    finetune_lr: Optional[float] = None  # None = 1e-4 for ResNet-50, 1e-5 otherwise
-    finetune_epochs: int = 10
-    batch_size: int = 64
-    split_seed: int = 0
-    prompts: list[str] = field(
-        default_factory=lambda: ["A photo with {} emotion.", "The photo makes me feel so {}!"]
-    )
-    weight_decay: float = 0.0  # AdamW weight decay of the linear head and of fine-tuning
-    concurrency: int = 1  # feature-extraction actors (Ray Data)
-    num_gpus: float = 1.0  # GPUs per feature-extraction actor / fine-tuning task when the cluster has GPUs
-    precision: str = "bf16"  # bf16 | fp16 | fp32 autocast on GPU (CPU always fp32)
-    compare_initial: bool = True  # with a PACL export, also evaluate its initial weights (Table 1 rows)
-    num_workers: int = 0  # fine-tuning DataLoader workers
+    tasks: list[str] = _f([], "downstream task specs (see pacl_ray.evaluation.evaluate)")
+    protocol: str = _f("linear", "linear probe, fine-tuning or zero-shot (paper 4.4, 4.5.2); several "
+                       "comma-separated", one_of(*PROTOCOLS, separator=","))
+    linear_lr: float = _f(1e-2, "linear probe learning rate (paper 4.4: 1e-2)", above(0))
+    linear_epochs: int = _f(40, "linear probe epochs (paper 4.4: 40)", at_least(1))
+    finetune_lr: Optional[float] = _f(None, "fine-tuning learning rate; null = 1e-4 for ResNet-50, 1e-5 "
+                                      "otherwise (paper 4.4)", above(0))
+    finetune_epochs: int = _f(10, "fine-tuning epochs", at_least(1))
+    batch_size: int = _f(64, "evaluation batch size", at_least(1))
+    split_seed: int = _f(0, "seed of the 8:1:1 split of datasets without one (SPEC Downstream)", at_least(0))
+    prompts: list[str] = _f(["A photo with {} emotion.", "The photo makes me feel so {}!"],
+                            "zero-shot prompt templates, {} = class name (paper 4.5.2)")
+    weight_decay: float = _f(0.0, "AdamW weight decay of the linear head and of fine-tuning", at_least(0))
+    concurrency: int = _f(1, "feature-extraction actors (Ray Data)", at_least(1))
+    num_gpus: float = _f(1.0, "GPUs per feature-extraction actor / fine-tuning task when the cluster "
+                         "has GPUs", at_least(0))
+    precision: str = _f("bf16", "autocast dtype of evaluation on GPU (CPU always fp32)", one_of(*PRECISIONS))
+    compare_initial: bool = _f(True, "with a PACL export, also evaluate its initial weights (Table 1 rows)")
+    num_workers: int = _f(0, "fine-tuning DataLoader worker processes", at_least(0))
 
 
 @dataclass
 class RunConfig:
     """The whole pipeline's configuration."""
 
-    name: str = "pacl"
-    output_dir: str = "~/.cache/pacl_ray/runs"  # local path or pyarrow URI (s3://, gs://)
-    seed: int = 0
+    name: str = _f("pacl", "a label saved with the run's config; stage outputs are keyed by content, not "
+                   "by name (a sweep's name is pacl-ray tune --name)")
+    output_dir: str = _f("~/.cache/pacl_ray/runs", "where stage outputs go: local path or pyarrow URI "
+                         "(s3://, gs://)")
+    seed: int = _f(0, "seed of model init, k-means and data order", at_least(0))
     ray: RayConfig = field(default_factory=RayConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -253,27 +377,128 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {annotation!r}")
 
 
+def check_domain(key: str, value: Any, domain: Optional[Domain]) -> None:
+    """Raise :class:`ConfigError` naming ``key``, ``value`` and what is allowed unless ``value`` (a
+    coerced field value; None passes, it means "derived") is inside ``domain``."""
+    if domain is None or value is None:
+        return
+    allowed = domain.describe_field()
+    if isinstance(value, list):
+        if domain.length is not None and len(value) != domain.length:
+            raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+        if domain.nonempty and not value:
+            raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+        items = list(enumerate(value))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        if not domain.contains(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+        return
+    for index, item in items:
+        if not domain.contains(item):
+            where = f"{key}[{index}]" if isinstance(value, list) else f"{key}.{index}"
+            raise ConfigError(f"{where}={item!r} is not allowed: expected {domain.describe()}")
+
+
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        kwargs[name] = _coerce(value, hints[name], key)
+        check_domain(key, kwargs[name], fields[name].metadata.get("domain"))
     return cls(**kwargs)
 
 
 def from_dict(data: dict | None) -> RunConfig:
-    """Build a :class:`RunConfig` from a nested mapping, validating every key and type."""
+    """Build a :class:`RunConfig` from a nested mapping, validating every key, type and domain."""
     return _from_dict(RunConfig, data or {})
 
 
 def to_dict(cfg: Any) -> dict:
     """The nested plain-dict form of a config dataclass (YAML-serialisable)."""
     return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- keys and descriptions
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One leaf key of :class:`RunConfig` as ``pacl-ray config`` lists it."""
+
+    key: str  # dotted, e.g. "train.temperature"
+    type: str  # e.g. "float", "int | null", "list[int]"
+    default: Any
+    allowed: str  # e.g. "a number > 0"; "" = any value of its type
+    meaning: str
+    domain: Optional[Domain] = None
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(annotation))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[FieldInfo]:
+    """Every leaf key of ``cls`` in definition order, with type, default, allowed values, meaning."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    out: list[FieldInfo] = []
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            out.extend(describe_fields(annotation, f"{prefix}{f.name}."))
+            continue
+        domain = f.metadata.get("domain")
+        out.append(FieldInfo(f"{prefix}{f.name}", _type_name(annotation), getattr(defaults, f.name),
+                             domain.describe_field() if domain else "", f.metadata.get("meaning", ""), domain))
+    return out
+
+
+def format_fields(fields: list[FieldInfo] | None = None) -> str:
+    """The table ``pacl-ray config`` prints: key, type, default, allowed values and meaning."""
+    lines = []
+    for info in fields if fields is not None else describe_fields():
+        default = yaml.safe_dump(info.default, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        lines.append(f"{info.key}  ({info.type}, default {default})")
+        if info.allowed:
+            lines.append(f"    allowed: {info.allowed}")
+        lines.append(f"    {info.meaning}")
+    return "\n".join(lines)
+
+
+def leaf_annotation(key: str) -> Any:
+    """The annotation of a dotted key (``float`` for ``partition.sigma``, a dataclass for a
+    section); None when the key does not exist."""
+    cls: Any = RunConfig
+    annotation: Any = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        annotation = typing.get_type_hints(cls).get(part)
+        cls = annotation
+    return annotation
+
+
+def is_section(key: str) -> bool:
+    """Whether a dotted key names a section (``train``) rather than a value (``train.epochs``)."""
+    return dataclasses.is_dataclass(leaf_annotation(key))
+
+
+# --------------------------------------------------------------------------- layering
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -284,7 +509,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    return key.split("."), value
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """Set ``a.b.c`` in a nested mapping (in place; also returned)."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = value
+    return data
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -311,16 +552,51 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def read_yaml(path: str) -> dict:
+    """A YAML config file (any pyarrow URI) as a mapping; ConfigError when it is not one."""
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err})") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
+def layer_config(*layers: dict | str | list[str] | None) -> dict:
+    """Layer config sources, later winning, into one validated nested dict (every key present).
+
+    Each layer is a nested mapping (world settings, a space's ``fixed``; deep-merged like a YAML
+    file) whose keys may also be dotted (``{"train.k": 3}``, a sweep trial's values; a dotted key
+    replaces its value), a YAML file path/URI (str, deep-merged), or a list of ``key=value``
+    overrides (``--set``). The result passes through :func:`from_dict`, so every value is type-
+    and domain-checked."""
+    data = to_dict(RunConfig())
+    for layer in layers:
+        if layer is None:
+            continue
+        if isinstance(layer, str):
+            data = merge(data, read_yaml(layer))
+        elif isinstance(layer, (list, tuple)):
+            apply_overrides(data, list(layer))
+        else:
+            for key, value in layer.items():
+                if isinstance(key, str) and "." in key:
+                    set_dotted(data, key, value)  # a dotted key replaces its value, as --set does
+                else:
+                    data = merge(data, {key: value})
+    return to_dict(from_dict(data))
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (any pyarrow URI), apply overrides and validate everything."""
-    data: dict = {}
-    if path:
-        loaded = yaml.safe_load(storage.read_text(path)) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded
-    apply_overrides(data, list(overrides or []))
-    return from_dict(data)
+    return from_dict(layer_config(path or None, list(overrides or [])))
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -333,3 +609,50 @@ def save_config(cfg: RunConfig, directory: str, filename: str = "config.yaml") -
     uri = storage.join(directory, filename)
     storage.write_text(uri, dump_config(cfg))
     return uri
+
+
+def check_output_dir(uri: str, key: str = "output_dir") -> str:
+    """Make sure ``uri`` (local path or pyarrow URI) can be written before any work starts: create
+    it and write and delete a small probe file. Returns the normalised URI; raises
+    :class:`ConfigError` naming ``key``, the value and the filesystem's reason otherwise."""
+    target = storage.normalize(uri)
+    probe = storage.join(target, f".pacl_ray-write-check-{os.getpid()}")
+    try:
+        storage.makedirs(target)
+        storage.write_text(probe, "")
+        fs, path = storage.resolve(probe)
+        fs.delete_file(path)
+    except (OSError, ValueError) as err:  # PermissionError, pyarrow's ArrowIOError / ArrowInvalid
+        raise ConfigError(f"{key}={uri!r} is not writable: {err}") from None
+    return target
+
+
+# --------------------------------------------------------------------------- adapters to core
+
+
+def partition_args(pcfg: PartitionConfig) -> dict:
+    """Keyword arguments of :func:`pacl_ray.core.partitions.assign_partitions` from a PartitionConfig
+    (thresholds default to ``sigma``)."""
+    return {
+        "sigma_factual": float(pcfg.sigma if pcfg.sigma_factual is None else pcfg.sigma_factual),
+        "sigma_emotional": float(pcfg.sigma if pcfg.sigma_emotional is None else pcfg.sigma_emotional),
+        "factual_calibration": pcfg.factual_calibration,
+        "emotional_calibration": pcfg.emotional_calibration,
+    }
+
+
+def thresholds(pcfg: PartitionConfig) -> tuple[float, float]:
+    """(sigma_factual, sigma_emotional) of a PartitionConfig; each defaults to ``sigma``."""
+    args = partition_args(pcfg)
+    return args["sigma_factual"], args["sigma_emotional"]
+
+
+def model_args(cfg: RunConfig) -> dict:
+    """Keyword arguments of :func:`pacl_ray.core.pacl_model.build_model` from a RunConfig."""
+    return {
+        "backbone": cfg.model.backbone, "pretrained": cfg.model.backbone_pretrained,
+        "checkpoint": cfg.model.backbone_checkpoint, "input_size": cfg.model.backbone_input_size,
+        "embed_dim": cfg.model.embed_dim, "seed": cfg.seed, "image_size": cfg.train.image_size,
+        "crop_scale": tuple(cfg.train.crop_scale), "hflip": cfg.train.hflip,
+        "color_jitter": cfg.train.color_jitter,
+    }

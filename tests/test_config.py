@@ -28,10 +28,13 @@ def test_yaml_and_overrides(tmp_path):
 
 def test_exponent_floats_without_a_dot():
     # PyYAML reads "3e-3" as a string (YAML 1.1); a float field still takes it, a string field keeps it
-    path_cfg = C.load_config(None, ["train.lr_backbone=3e-3", "train.lr_heads=-1E2", "name=1e3"])
-    assert path_cfg.train.lr_backbone == 3e-3 and path_cfg.train.lr_heads == -100.0 and path_cfg.name == "1e3"
+    path_cfg = C.load_config(None, ["train.lr_backbone=3e-3", "train.lr_heads=+1E2", "name=1e3"])
+    assert path_cfg.train.lr_backbone == 3e-3 and path_cfg.train.lr_heads == 100.0 and path_cfg.name == "1e3"
     with pytest.raises(C.ConfigError, match="train.lr_heads"):
         C.load_config(None, ["train.lr_heads=e-3"])
+    # a negative exponent float parses, and then its domain refuses it (learning rates are > 0)
+    with pytest.raises(C.ConfigError, match=r"train.lr_heads=-100.0 is not allowed: expected a number > 0"):
+        C.load_config(None, ["train.lr_heads=-1E2"])
 
 
 def test_optional_fields_accept_null_and_values():
@@ -77,3 +80,163 @@ def test_save_round_trip_through_file_uri(tmp_path):
 def test_merge_is_deep():
     merged = C.merge({"train": {"epochs": 3, "k": 2}}, {"train": {"epochs": 5}, "name": "n"})
     assert merged == {"train": {"epochs": 5, "k": 2}, "name": "n"}
+
+
+# --------------------------------------------------------------------------- domains (SPEC Training recipe)
+
+
+def _leaf_fields(cls):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from ((f"{f.name}.{k}", sub) for k, sub in _leaf_fields(hints[f.name]))
+        else:
+            yield f.name, f
+
+
+def test_every_field_has_a_type_default_meaning_and_a_default_inside_its_domain():
+    fields = dict(_leaf_fields(C.RunConfig))
+    infos = {info.key: info for info in C.describe_fields()}
+    assert set(infos) == set(fields) and len(fields) > 60
+    defaults = C.to_dict(C.RunConfig())
+    for key, f in fields.items():
+        info = infos[key]
+        assert info.type and info.meaning and len(info.meaning) > 10, key
+        assert "\n" not in info.meaning, key
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        assert info.default == default, key
+        domain = f.metadata["domain"]
+        assert domain is info.domain, key
+        if domain is not None:
+            assert info.allowed, key
+            C.check_domain(key, default, domain)  # raises when the default is outside
+        # every field round-trips its own default through load
+        assert C.load_config(None, [f"{key}={__import__('json').dumps(default)}"]) == C.RunConfig(), key
+
+
+def test_fields_that_must_have_a_domain_have_one():
+    infos = {info.key: info for info in C.describe_fields()}
+    # every named choice, and every number whose meaning has a bound
+    for key in ("train.precision", "embed.precision", "partition.precision", "evaluate.precision",
+                "train.objective", "train.schedule", "partition.factual_calibration",
+                "partition.emotional_calibration", "model.text_pooling", "partition.sentiment_pooling",
+                "evaluate.protocol", "ingest.format", "embed.feature_dtype", "train.temperature",
+                "partition.sigma", "partition.sigma_factual", "partition.sigma_emotional", "train.k",
+                "cluster.ks", "train.global_batch_size", "train.epochs", "train.lr_heads", "train.lr_backbone",
+                "train.crop_scale", "train.hflip", "evaluate.linear_lr", "evaluate.batch_size"):
+        assert infos[key].domain is not None, key
+    for info in C.describe_fields():  # every str field either names its choices or is a free name/path
+        if info.type == "str" and info.domain is None:
+            assert info.key.split(".")[-1] in {
+                "address", "backbone", "backbone_pretrained", "backbone_checkpoint", "text_encoder",
+                "manifest", "clip_model", "clip_pretrained", "anp_vocab", "sentiment_model", "name",
+                "output_dir"}, info.key
+
+
+@pytest.mark.parametrize(
+    "override,named,allowed",
+    [
+        ("train.temperature=0", "train.temperature=0.0", "a number > 0"),
+        ("train.temperature=-0.07", "train.temperature=-0.07", "a number > 0"),
+        ("train.temperature=.nan", "train.temperature=nan", "a number > 0"),
+        ("train.precision=bf61", "train.precision='bf61'", "one of bf16, fp16, fp32"),
+        ("train.objective=simclr", "train.objective='simclr'", "one of pacl, clip"),
+        ("partition.factual_calibration=zscore", "partition.factual_calibration='zscore'",
+         "one of raw, clipscore, rank"),
+        ("partition.sigma=1.5", "partition.sigma=1.5", "a number in [0, 1]"),
+        ("partition.sigma=-0.1", "partition.sigma=-0.1", "a number in [0, 1]"),
+        ("partition.sigma_factual=2", "partition.sigma_factual=2.0", "a number in [0, 1]"),
+        ("train.k=0", "train.k=0", "a number >= 1"),
+        ("cluster.ks=[2, 0]", "cluster.ks[1]=0", "a number >= 1"),
+        ("cluster.ks=[]", "cluster.ks=[]", "a non-empty list, each a number >= 1"),
+        ("train.global_batch_size=0", "train.global_batch_size=0", "a number >= 1"),
+        ("train.epochs=0", "train.epochs=0", "a number >= 1"),
+        ("model.text_pooling=max", "model.text_pooling='max'", "one of cls, mean"),
+        ("evaluate.protocol=probe", "evaluate.protocol='probe'", "one or more of linear, finetune, zeroshot (joined by ',')"),
+        ("ingest.format=xml", "ingest.format='xml'", "one of auto, jsonl, csv, parquet, webdataset, tumemo"),
+        ("train.crop_scale=[0.5]", "train.crop_scale=[0.5]", "2 items, each a number in (0, 1]"),
+        ("train.crop_scale=[0, 1]", "train.crop_scale[0]=0.0", "a number in (0, 1]"),
+        ("train.hflip=1.5", "train.hflip=1.5", "a number in [0, 1]"),
+        ("train.resources_per_worker={GPU: -1}", "train.resources_per_worker.GPU=-1.0", "a number >= 0"),
+        ("train.lr_backbone=0", "train.lr_backbone=0.0", "a number > 0"),
+    ],
+)
+def test_out_of_domain_values_name_key_value_and_allowed(override, named, allowed):
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(None, [override])
+    assert str(err.value) == f"{named} is not allowed: expected {allowed}"
+
+
+def test_domains_apply_to_yaml_files_and_layers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"temperature": 0.0}}))
+    with pytest.raises(C.ConfigError, match=r"train.temperature=0.0 is not allowed"):
+        C.load_config(str(path))
+    with pytest.raises(C.ConfigError, match=r"train.precision='bf61'"):
+        C.layer_config({"train.precision": "bf61"})
+    with pytest.raises(C.ConfigError, match=r"partition.sigma=3.0"):
+        C.layer_config({"partition": {"sigma": 3}})
+
+
+def test_edges_of_domains_are_allowed():
+    cfg = C.load_config(None, ["partition.sigma=0", "partition.sigma_emotional=1", "train.k=1",
+                               "evaluate.protocol=linear,finetune", "train.max_failures=-1",
+                               "train.crop_scale=[1, 1]", "train.temperature=1e-4"])
+    assert cfg.partition.sigma == 0.0 and cfg.evaluate.protocol == "linear,finetune"
+    with pytest.raises(C.ConfigError, match="evaluate.protocol='linear,probe'"):
+        C.load_config(None, ["evaluate.protocol=linear,probe"])
+
+
+def test_layer_config_order_later_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 3, "k": 3}}))
+    data = C.layer_config({"train": {"epochs": 1, "temperature": 0.1}}, str(path), {"train.epochs": 5},
+                          ["train.k=4"], None)
+    assert (data["train"]["epochs"], data["train"]["k"], data["train"]["temperature"]) == (5, 4, 0.1)
+    assert data == C.to_dict(C.from_dict(data))  # every key present and validated
+    # nested layers deep-merge; a dotted key replaces its value (a mapping included), as --set does
+    workers = C.layer_config({"train": {"resources_per_worker": {"CPU": 8}}}, {"train": {"resources_per_worker": {"GPU": 1}}})
+    assert workers["train"]["resources_per_worker"] == {"CPU": 8, "GPU": 1}
+    workers = C.layer_config({"train": {"resources_per_worker": {"CPU": 8}}}, {"train.resources_per_worker": {"GPU": 1}})
+    assert workers["train"]["resources_per_worker"] == {"GPU": 1}
+
+
+def test_missing_and_unreadable_config_files_are_config_errors(tmp_path):
+    with pytest.raises(C.ConfigError, match="nope.yaml: config file not found"):
+        C.load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [1\n")
+    with pytest.raises(C.ConfigError, match="bad.yaml: not valid YAML"):
+        C.load_config(str(bad))
+
+
+def test_partition_args_default_thresholds_to_sigma():
+    pcfg = C.PartitionConfig(sigma=0.5)
+    assert C.thresholds(pcfg) == (0.5, 0.5)
+    assert C.thresholds(C.PartitionConfig(sigma=0.5, sigma_factual=0.2)) == (0.2, 0.5)
+    assert C.thresholds(C.PartitionConfig(sigma=0.5, sigma_emotional=0.9)) == (0.5, 0.9)
+    assert C.partition_args(C.PartitionConfig(factual_calibration="rank")) == {
+        "sigma_factual": 0.7, "sigma_emotional": 0.7, "factual_calibration": "rank",
+        "emotional_calibration": "clipscore"}
+
+
+def test_model_args_are_build_model_arguments():
+    import inspect
+
+    from pacl_ray.core.pacl_model import build_backbone, build_model
+
+    args = C.model_args(C.load_config(None, ["seed=3", "train.image_size=64"]))
+    accepted = set(inspect.signature(build_model).parameters) | set(inspect.signature(build_backbone).parameters)
+    assert set(args) <= accepted and args["seed"] == 3 and args["image_size"] == 64
+
+
+def test_format_fields_lists_every_key():
+    text = C.format_fields()
+    for info in C.describe_fields():
+        assert f"\n{info.key}  (" in f"\n{text}", info.key
+    assert "allowed: one of bf16, fp16, fp32" in text and "allowed: a number > 0" in text

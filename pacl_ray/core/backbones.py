@@ -17,6 +17,7 @@ world) are registered with open_clip on import of this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,26 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for a precision name on a device; None means run in float32."""
-    if torch.device(device).type != "cuda" or precision == "fp32":
+    """The autocast dtype of a precision name (bf16 | fp16 | fp32) on a device; None means float32
+    (always on CPU). Raises ValueError for an unknown precision name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if torch.device(device).type != "cuda":
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return PRECISIONS[precision]
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The one mixed-precision context of every stage: ``torch.autocast`` at ``precision`` on a CUDA
+    ``device``, a no-op (float32) on CPU or for fp32. Argument order follows ``torch.autocast``."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def default_device() -> torch.device:

@@ -4,7 +4,7 @@ modality into a shared width, with L2-normalised outputs.
 The text tower is frozen and its pooled features are cached by the embed stage, so the text side
 of the model is only its projection head: it takes the stored text feature vectors.
 
-    model, backbone = build_model(cfg, text_dim=384)
+    model, backbone = build_model(384, backbone="resnet50", embed_dim=768, seed=0)
     z_image, z_text = model(images, text_features)  # [B, embed_dim] each, unit norm
 """
 
@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from pacl_ray.core import backbones
-from pacl_ray.config import RunConfig
 
 
 class PACLModel(nn.Module):
@@ -50,11 +49,22 @@ def head_parameters(model: PACLModel) -> list[nn.Parameter]:
     return [*model.image_head.parameters(), *model.text_head.parameters()]
 
 
-def _timm_transforms(backbone: backbones.Backbone, cfg: RunConfig, image_size: int = 0) -> backbones.Backbone:
-    """Rebuild a timm backbone's transforms with the configured train augmentation, optionally at
-    ``image_size`` px (then with the backbone's own normalisation and interpolation, no crop)."""
+def _timm_transforms(
+    backbone: backbones.Backbone,
+    image_size: int,
+    crop_scale: tuple[float, float],
+    hflip: float,
+    color_jitter: float,
+) -> backbones.Backbone:
+    """Rebuild a timm backbone's transforms with the train augmentation (random-resized crop of
+    ``crop_scale`` area, flip probability ``hflip``, colour jitter strength ``color_jitter``),
+    optionally at ``image_size`` px (then with the backbone's own normalisation and interpolation,
+    no crop). Raises ValueError for a crop range outside 0 < low <= high <= 1."""
     from timm.data import create_transform, resolve_model_data_config
 
+    scale = tuple(float(v) for v in crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(crop_scale)}")
     if image_size and hasattr(backbone.model, "set_input_size"):  # ViT-style absolute position grids
         backbone.model.set_input_size(img_size=image_size)
     data_cfg = dict(resolve_model_data_config(backbone.model))
@@ -63,41 +73,58 @@ def _timm_transforms(backbone: backbones.Backbone, cfg: RunConfig, image_size: i
         data_cfg["crop_pct"] = 1.0
         backbone.eval_transform = create_transform(**data_cfg, is_training=False)
         backbone.image_size = image_size
-    scale = tuple(float(v) for v in cfg.train.crop_scale)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cfg.train.crop_scale}")
     backbone.train_transform = create_transform(
-        **data_cfg, is_training=True, scale=scale, hflip=cfg.train.hflip, color_jitter=cfg.train.color_jitter,
+        **data_cfg, is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter,
     )
     return backbone
 
 
-def build_backbone(cfg: RunConfig) -> backbones.Backbone:
-    """The configured backbone at ``model.backbone_input_size`` (as the embed stage saw it), or at
-    ``cfg.train.image_size`` px when that is set (timm only)."""
-    backbone = backbones.create_backbone(
-        cfg.model.backbone, cfg.model.backbone_pretrained, cfg.model.backbone_checkpoint,
-        cfg.model.backbone_input_size,
-    )
-    size = cfg.train.image_size
-    if backbones.is_open_clip_backbone(cfg.model.backbone):
-        if size and size != backbone.image_size:
+def build_backbone(
+    backbone: str = "resnet50",
+    pretrained: str = "true",
+    checkpoint: str = "",
+    input_size: int = 0,
+    image_size: int = 0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+) -> backbones.Backbone:
+    """A backbone (see :func:`~pacl_ray.core.backbones.create_backbone`) at ``input_size`` (as the
+    embed stage saw it), or at ``image_size`` px when that is set (timm only), with its training
+    augmentation. Raises ValueError for an ``image_size`` override of an open_clip tower."""
+    model = backbones.create_backbone(backbone, pretrained, checkpoint, input_size)
+    if backbones.is_open_clip_backbone(backbone):
+        if image_size and image_size != model.image_size:
             raise ValueError(
-                f"train.image_size={size}: open_clip towers train at their own size "
-                f"({backbone.image_size}); leave train.image_size at 0"
+                f"train.image_size={image_size}: open_clip towers train at their own size "
+                f"({model.image_size}); leave train.image_size at 0"
             )
-        return backbone
-    return _timm_transforms(backbone, cfg, size if size and size != backbone.image_size else 0)
+        return model
+    size = image_size if image_size and image_size != model.image_size else 0
+    return _timm_transforms(model, size, crop_scale, hflip, color_jitter)
 
 
-def build_model(cfg: RunConfig, text_dim: int) -> tuple[PACLModel, backbones.Backbone]:
-    """The PACL model for ``cfg`` and the :class:`~pacl_ray.core.backbones.Backbone` it wraps.
+def build_model(
+    text_dim: int,
+    *,
+    embed_dim: int = 768,
+    seed: int = 0,
+    **backbone_args,
+) -> tuple[PACLModel, backbones.Backbone]:
+    """The PACL model and the :class:`~pacl_ray.core.backbones.Backbone` it wraps.
 
-    Heads are initialised from ``torch.manual_seed(cfg.seed)`` so every worker builds the same
-    model (DDP also broadcasts rank 0's parameters).
+    Args:
+        text_dim: width of the cached text features.
+        embed_dim: shared projection width (SPEC: 768).
+        seed: heads (and any random backbone init) come from ``torch.manual_seed(seed)``, so every
+            worker builds the same model (DDP also broadcasts rank 0's parameters).
+        backbone_args: :func:`build_backbone`'s arguments (backbone, pretrained, checkpoint,
+            input_size, image_size, crop_scale, hflip, color_jitter).
+
+    A RunConfig's arguments are :func:`pacl_ray.config.model_args`.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        backbone = build_backbone(cfg)
-        model = PACLModel(backbone.model, backbone.num_features, text_dim, cfg.model.embed_dim)
+        torch.manual_seed(seed)
+        backbone = build_backbone(**backbone_args)
+        model = PACLModel(backbone.model, backbone.num_features, text_dim, embed_dim)
     return model, backbone

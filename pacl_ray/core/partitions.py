@@ -61,13 +61,6 @@ def calibrate(scores: Any, method: str) -> np.ndarray:
     raise ValueError(f"unknown calibration {method!r}; expected one of {', '.join(CALIBRATIONS)}")
 
 
-def thresholds(pcfg: Any) -> tuple[float, float]:
-    """(sigma_factual, sigma_emotional) of a PartitionConfig; each defaults to ``sigma``."""
-    sigma_f = pcfg.sigma if pcfg.sigma_factual is None else pcfg.sigma_factual
-    sigma_e = pcfg.sigma if pcfg.sigma_emotional is None else pcfg.sigma_emotional
-    return float(sigma_f), float(sigma_e)
-
-
 def partition_codes(factual_matched: Any, emotional_matched: Any) -> np.ndarray:
     """Partition codes int8 [N] from boolean match flags [N] (table in the module docstring)."""
     f = np.asarray(factual_matched, dtype=bool).reshape(-1)
@@ -78,22 +71,29 @@ def partition_codes(factual_matched: Any, emotional_matched: Any) -> np.ndarray:
     return (1 + (~f).astype(np.int8) + 2 * (~e).astype(np.int8)).astype(np.int8)
 
 
-def calibrated_scores(factual: Any, emotional: Any, pcfg: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Both scores [N] on the scales of ``pcfg.factual_calibration`` / ``emotional_calibration``."""
-    return (
-        calibrate(factual, pcfg.factual_calibration),
-        calibrate(emotional, pcfg.emotional_calibration),
-    )
+def calibrated_scores(
+    factual: Any, emotional: Any, factual_calibration: str, emotional_calibration: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both raw scores [N] on their calibrated scales (methods from :data:`CALIBRATIONS`)."""
+    return calibrate(factual, factual_calibration), calibrate(emotional, emotional_calibration)
 
 
-def assign_partitions(factual: Any, emotional: Any, pcfg: Any) -> np.ndarray:
-    """Partition codes int8 [N] of raw factual and emotional scores [N] under a PartitionConfig.
+def assign_partitions(
+    factual: Any,
+    emotional: Any,
+    sigma_factual: float,
+    sigma_emotional: float,
+    factual_calibration: str = "clipscore",
+    emotional_calibration: str = "clipscore",
+) -> np.ndarray:
+    """Partition codes int8 [N] of raw factual and emotional cosines [N] (paper 3.1, SPEC Partitions).
 
-    Cheap and model-free, so a sigma sweep calls this on stored scores.
+    A score is matched when its calibrated value is strictly above its threshold. Cheap and
+    model-free, so a sigma sweep calls this on stored scores. Raises ValueError for non-finite
+    scores or an unknown calibration.
     """
-    factual_cal, emotional_cal = calibrated_scores(factual, emotional, pcfg)
-    sigma_f, sigma_e = thresholds(pcfg)
-    return partition_codes(factual_cal > sigma_f, emotional_cal > sigma_e)
+    factual_cal, emotional_cal = calibrated_scores(factual, emotional, factual_calibration, emotional_calibration)
+    return partition_codes(factual_cal > float(sigma_factual), emotional_cal > float(sigma_emotional))
 
 
 def partition_counts(codes: Any) -> dict[int, int]:

@@ -332,17 +332,19 @@ class FeatureExtractor:
     """Ray Data UDF: the backbone loads once per actor; batches of paths -> pooled features."""
 
     def __init__(self, name: str, pretrained: str, checkpoint: str, precision: str, input_size: int = 0):
-        from pacl_ray.core.backbones import autocast_dtype, create_backbone, default_device
+        from pacl_ray.core.backbones import create_backbone, default_device
 
         backbone = create_backbone(name, pretrained, checkpoint, input_size)
         self.device = default_device()
         self.model = backbone.model.eval().requires_grad_(False).to(self.device)
         self.transform = backbone.eval_transform
-        self.dtype = autocast_dtype(precision, self.device)
+        self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pacl_ray.core.backbones import autocast
+
         images = torch.stack([self.transform(load_rgb(str(p))) for p in batch["path"]]).to(self.device)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             features = self.model(images)
         return {"row": batch["row"], "feature": features.float().cpu().numpy()}
 
@@ -600,7 +602,7 @@ class _FinetuneModel(nn.Module):
 
 def _finetune_job(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
     """Fine-tune backbone + head on train, select on val, report test (one process, GPU if any)."""
-    from pacl_ray.core.backbones import autocast_dtype, create_backbone, default_device, finetune_lr
+    from pacl_ray.core.backbones import autocast, create_backbone, default_device, finetune_lr
 
     torch.manual_seed(cfg.seed)
     device = default_device()
@@ -608,7 +610,6 @@ def _finetune_job(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
     model = _FinetuneModel(backbone.model, backbone.num_features, data.out_dims)
     init_head(model.head, data.kind, data.splits["train"].targets)
     model = model.to(device)
-    dtype = autocast_dtype(cfg.evaluate.precision, device)
     backbone_lr = cfg.evaluate.finetune_lr or finetune_lr(ref.name)
     optimizer = torch.optim.AdamW(
         [{"params": model.backbone.parameters(), "lr": backbone_lr},
@@ -628,7 +629,7 @@ def _finetune_job(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
         loader = torch.utils.data.DataLoader(_ImageDataset(data.splits[split], backbone.eval_transform, data.kind), **loader_kwargs)
         model.eval()
         outputs = []
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.no_grad(), autocast(device, cfg.evaluate.precision):
             for images, _ in loader:
                 outputs.append(model(images.to(device)).float().cpu())
         return task_predictions(data.kind, torch.cat(outputs), data.out_dims)
@@ -637,7 +638,7 @@ def _finetune_job(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
     for epoch in range(epochs):
         model.train()
         for images, targets in train_loader:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device, cfg.evaluate.precision):
                 logits = model(images.to(device))
             loss = task_loss(data.kind, logits.float(), targets.to(device), data.out_dims)
             optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,6 @@ run in float32.
 
 from __future__ import annotations
 
-import contextlib
 import io
 from typing import Any, Callable
 
@@ -83,13 +82,6 @@ def decode_and_transform(batch: dict[str, np.ndarray], transform: Callable) -> d
     return {tables.ID: batch[tables.ID], "text": batch["text"], "pixels": np.stack(pixels)}
 
 
-def _autocast(device, precision: str):
-    import torch
-
-    dtype = backbones.autocast_dtype(precision, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 class ImageFeatureExtractor:
     """Actor UDF: pixels [B, 3, H, W] -> the initial backbone's pooled features [B, D_image].
     Also keeps the backbone's eval transform and feature width for callers in the same process."""
@@ -105,7 +97,7 @@ class ImageFeatureExtractor:
         import torch
 
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        with torch.inference_mode(), _autocast(self.device, self.precision):
+        with torch.inference_mode(), backbones.autocast(self.device, self.precision):
             features = self.model(pixels).float().cpu().numpy()
         return {tables.ID: batch[tables.ID], "text": batch["text"], "image_feature": features}
 
@@ -123,7 +115,7 @@ class TextFeatureExtractor:
         import torch
 
         texts = [str(t) for t in batch["text"]]
-        with torch.inference_mode(), _autocast(self.device, self.precision):
+        with torch.inference_mode(), backbones.autocast(self.device, self.precision):
             text_features = self.encoder.encode(texts, batch_size=max(1, len(texts))).float().cpu().numpy()
         image_features = np.asarray(batch["image_feature"], dtype=np.float32)
         return features_table(batch[tables.ID], image_features, text_features, self.dtype)

@@ -23,7 +23,6 @@ Two cached stages, so that a sigma sweep never re-runs a model:
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import html
 import io
@@ -39,14 +38,13 @@ from pacl_ray.stages import cache
 from pacl_ray.core import backbones
 from pacl_ray.formats import tables
 from pacl_ray.formats import storage
-from pacl_ray.config import PartitionConfig, RunConfig, save_config
+from pacl_ray.config import PartitionConfig, RunConfig, partition_args, save_config, thresholds
 from pacl_ray.core.partitions import (
     PARTITION_NAMES,
     assign_partitions,
     calibrated_scores,
     confusion_matrix,
     partition_counts,
-    thresholds,
 )
 
 SCORES_STAGE = "scores"
@@ -112,15 +110,6 @@ def preprocess_images(batch: dict, transform) -> dict:
     return out
 
 
-def _autocast(precision: str, device: Any):
-    import torch
-
-    dtype = backbones.autocast_dtype(precision, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
 def _missing(values: Any) -> np.ndarray:
     """Bool [B]: which entries of a nullable numpy column are null (None or NaN)."""
     values = np.asarray(values)
@@ -171,7 +160,7 @@ class ClipScorer:
 
     def _encode_text(self, texts: list[str]):
         tokens = self.tokenizer(list(texts)).to(self.device)
-        with _autocast(self.precision, self.device):
+        with backbones.autocast(self.device, self.precision):
             features = self.model.encode_text(tokens)
         return _l2_normalize(features.float())
 
@@ -185,7 +174,7 @@ class ClipScorer:
             return out
         with torch.inference_mode():
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-            with _autocast(self.precision, self.device):
+            with backbones.autocast(self.device, self.precision):
                 image_features = self.model.encode_image(pixels)
             image_features = _l2_normalize(image_features.float())  # [B, D]
             factual = _as_float32(batch["factual_score"])
@@ -235,7 +224,7 @@ class SentimentScorer:
         no_anps = [int(r) for r in rows if batch["anps"][r] is None]
         if no_anps:
             raise ValueError(f"pair {batch['id'][no_anps[0]]!r} has neither ANPs nor an emotional score")
-        with _autocast(self.precision, self.device):
+        with backbones.autocast(self.device, self.precision):
             anp_features = self.encoder.encode([anp_phrase(batch["anps"][r]) for r in rows])
             text_features = self.encoder.encode([str(batch["text"][r]) for r in rows])
         cosine = (_l2_normalize(anp_features.float()) * _l2_normalize(text_features.float())).sum(-1)
@@ -432,8 +421,8 @@ def scores_table(raw: pa.Table, pcfg: PartitionConfig) -> pa.Table:
     """RAW_SCORES -> :data:`tables.SCORES` (calibrated scores and partition at the config's sigma)."""
     factual = raw.column("factual_score").to_numpy()
     emotional = raw.column("emotional_score").to_numpy()
-    factual_cal, emotional_cal = calibrated_scores(factual, emotional, pcfg)
-    codes = assign_partitions(factual, emotional, pcfg)
+    factual_cal, emotional_cal = calibrated_scores(factual, emotional, pcfg.factual_calibration, pcfg.emotional_calibration)
+    codes = assign_partitions(factual, emotional, **partition_args(pcfg))
     return pa.Table.from_arrays(
         [
             raw.column("id"), raw.column("factual_score"), raw.column("emotional_score"), raw.column("anps"),

@@ -59,7 +59,7 @@ from pacl_ray.stages import runtime
 from pacl_ray.formats import tables
 from pacl_ray.formats import storage
 from pacl_ray.stages.cache import StageOutput
-from pacl_ray.config import RunConfig, save_config
+from pacl_ray.config import RunConfig, model_args, save_config
 
 STAGE = "train"
 STATE_FILE = "state.pt"
@@ -435,7 +435,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    model, backbone = build_model(cfg, config["text_dim"])
+    model, backbone = build_model(config["text_dim"], **model_args(cfg))
     epoch, step_in_epoch, global_step, step_rows, state = 0, 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -450,7 +450,6 @@ def train_loop_per_worker(config: dict) -> None:
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    amp_dtype = backbones.autocast_dtype(cfg.train.precision, device)
     data = config["dataset"]
     if isinstance(data, ray.ObjectRef):  # small data: the joined table, batched here
         data = ray.get(data)
@@ -471,7 +470,7 @@ def train_loop_per_worker(config: dict) -> None:
             expected = batch["position"] // B
             if not bool((expected == step_in_epoch).all()):
                 raise RuntimeError(f"rank {rank}: batch positions {batch['position'].tolist()} are not step {step_in_epoch}")
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with backbones.autocast(device, cfg.train.precision):
                 z_image, z_text = model(batch["image"], batch["text_feature"])
             partition = dist.all_gather_no_grad(batch["partition"])
             losses = loss.pacl_loss(
@@ -643,7 +642,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     step_rows = state["step_rows"]
     history = [epoch_summary(step_rows, e) for e in range(len(phases))]
     write_metric_logs(uri, step_rows, history)
-    model, _ = build_model(cfg, text_dim)
+    model, _ = build_model(text_dim, **model_args(cfg))
     model.load_state_dict(state["model"])
     exported = export_model(model, cfg, storage.join(uri, "export"), text_dim)
     final = {**history[-1], "total_steps": sum(steps), "num_pairs": meta.num_rows}

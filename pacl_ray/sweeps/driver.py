@@ -24,7 +24,6 @@ How a sweep runs:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -32,17 +31,16 @@ import math
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import yaml
 
 from pacl_ray.stages import cache
 from pacl_ray.formats import storage
 from pacl_ray import config as config_mod
 from pacl_ray.sweeps.spaces import (
-    SpaceError, SweepSpace, Trial, apply_dotted, expand_trials, format_value, get_dotted, load_space,
+    SpaceError, SweepSpace, Trial, expand_trials, format_value, get_dotted, load_space,
 )
 
 DEFAULT_SPACE = "default"
@@ -90,28 +88,19 @@ def base_config_dict(
     downstream: list[str] | None = None,
     output_dir: str | None = None,
 ) -> dict:
-    """The sweep's base config, nested and validated. Later layers win: config defaults, the
-    embedded world's settings, ``--config``, the space's ``fixed``/``downstream``, ``--set``, then
-    ``--data``/``--downstream``/``--output-dir``."""
-    data_dict = config_mod.to_dict(config_mod.RunConfig())
-    data_dict = config_mod.merge(data_dict, world_overrides or {})
-    if config_file:
-        loaded = yaml.safe_load(storage.read_text(config_file)) or {}
-        if not isinstance(loaded, dict):
-            raise config_mod.ConfigError(f"{config_file}: the top level must be a mapping")
-        data_dict = config_mod.merge(data_dict, loaded)
-    data_dict = config_mod.merge(data_dict, space.fixed)
-    if space.downstream:
-        data_dict["evaluate"]["tasks"] = list(space.downstream)
-    config_mod.apply_overrides(data_dict, list(overrides or []))
-    if data:
-        data_dict["ingest"]["manifest"] = data
-    if downstream:
-        data_dict["evaluate"]["tasks"] = list(downstream)
-    if output_dir:
-        data_dict["output_dir"] = output_dir
-    data_dict = _absolute_paths(data_dict)
-    return config_mod.to_dict(config_mod.from_dict(data_dict))
+    """The sweep's base config, nested and validated (by :func:`pacl_ray.config.layer_config`).
+    Later layers win: config defaults, the embedded world's settings, ``--config``, the space's
+    ``fixed``/``downstream``, ``--set``, then ``--data``/``--downstream``/``--output-dir``."""
+    flags = {"ingest.manifest": data, "evaluate.tasks": list(downstream or []) or None, "output_dir": output_dir}
+    data_dict = config_mod.layer_config(
+        world_overrides,
+        config_file or None,
+        space.fixed,
+        {"evaluate.tasks": list(space.downstream)} if space.downstream else None,
+        list(overrides or []),
+        {key: value for key, value in flags.items() if value},
+    )
+    return config_mod.layer_config(_absolute_paths(data_dict))
 
 
 def _absolute_paths(data: dict) -> dict:
@@ -140,9 +129,7 @@ def sweep_ks(base: dict, trials: list[Trial]) -> list[int]:
 
 def trial_config_dict(base: dict, trial: Trial, ks: list[int]) -> dict:
     """The full nested config of one trial (validated)."""
-    data = apply_dotted(base, trial.overrides)
-    data["cluster"]["ks"] = list(ks)
-    return config_mod.to_dict(config_mod.from_dict(data))
+    return config_mod.layer_config(base, trial.overrides, {"cluster.ks": list(ks)})
 
 
 def sweep_fingerprint(trial_configs: dict[str, dict]) -> str:
@@ -604,37 +591,7 @@ def _short_error(error: BaseException) -> str:
     return (text[-1] if text else type(error).__name__)[:200]
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pacl_ray.tune",
-        description="Ray Tune sweeps of PACL (paper Table 5). With no arguments: the default sweep "
-        "on the embedded synthetic world (no network, no GPU needed).",
-    )
-    parser.add_argument("--space", default=DEFAULT_SPACE,
-                        help="space file or name in tune_spaces/ (default: %(default)s)")
-    parser.add_argument("--data", help="manifest of real image-text pairs (sets ingest.manifest); "
-                        "the paper's models become the defaults")
-    parser.add_argument("--downstream", action="append", default=[], metavar="TASKSPEC",
-                        help="downstream task spec for evaluation (repeatable; see pacl_ray.evaluation.evaluate)")
-    parser.add_argument("--name", help="sweep name (default: the space file's name)")
-    parser.add_argument("--output-dir", help="where stage outputs and sweeps go (path, s3://, gs://)")
-    parser.add_argument("--config", help="base YAML config under the space's fixed settings")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="restore an interrupted sweep of the same name (default: on)")
-    parser.add_argument("--max-concurrent", type=int, default=0,
-                        help="trials at once (default: as many as the cluster's resources fit)")
-    parser.add_argument("--world", choices=["default", "tiny"], default="default",
-                        help="size of the embedded world used when no --data is given")
-    parser.add_argument("--world-dir", help="cache directory of the embedded world")
-    parser.add_argument("--world-seed", type=int, default=0,
-                        help="seed of the embedded world (another seed: another world, to check that an "
-                             "effect is not one world's accident)")
-    return parser
+# --------------------------------------------------------------------------- the command
 
 
 def _print_world(world: Any) -> None:
@@ -656,17 +613,39 @@ def _print_partition(name: str, partition: Any) -> None:
         print(format_split(summary))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def run_tune(
+    space: str = DEFAULT_SPACE,
+    *,
+    data: str | None = None,
+    downstream: list[str] | None = None,
+    name: str | None = None,
+    output_dir: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    resume: bool = True,
+    max_concurrent: int = 0,
+    world: str = "default",
+    world_dir: str | None = None,
+    world_seed: int = 0,
+    on_sweep_dir: Callable[[str], None] | None = None,
+) -> int:
+    """``pacl-ray tune`` (also ``python -m pacl_ray.tune``; flags in :mod:`pacl_ray.cli`).
+
+    Raises SpaceError / ConfigError (the output directory included: it is checked for
+    writability before Ray starts or the world is built); the CLI reports them in one line.
+    ``on_sweep_dir(uri)`` is told where the sweep keeps its outputs as soon as that is known."""
+    args = types.SimpleNamespace(
+        space=space, data=data, downstream=list(downstream or []), name=name, output_dir=output_dir,
+        config=config, overrides=list(overrides or []), resume=resume, max_concurrent=max_concurrent,
+        world=world, world_dir=world_dir, world_seed=world_seed)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    try:
-        space = load_space(resolve_space_path(args.space))
-        probe = base_config_dict(space, config_file=args.config, overrides=args.overrides,
-                                 data=args.data, downstream=args.downstream, output_dir=args.output_dir)
-        ray_cfg = config_mod.from_dict(probe).ray
-    except (SpaceError, config_mod.ConfigError, FileNotFoundError) as err:
-        print(f"pacl-ray tune: {err}", file=sys.stderr)
-        return 2
+    space = load_space(resolve_space_path(args.space))
+    probe = base_config_dict(space, config_file=args.config, overrides=args.overrides,
+                             data=args.data, downstream=args.downstream, output_dir=args.output_dir)
+    ray_cfg = config_mod.from_dict(probe).ray
+    config_mod.check_output_dir(probe["output_dir"])
+    if args.world_dir and not probe["ingest"]["manifest"]:
+        config_mod.check_output_dir(args.world_dir, key="--world-dir")
 
     from pacl_ray.stages.runtime import init_ray
 
@@ -678,23 +657,20 @@ def main(argv: list[str] | None = None) -> int:
         from pacl_ray.world.build import ensure_world
 
         world = ensure_world(cache_dir=args.world_dir, seed=args.world_seed, size=args.world)
-    try:
-        base = base_config_dict(space, world_overrides=world.config_overrides() if world else None,
-                                config_file=args.config, overrides=args.overrides, data=args.data,
-                                downstream=args.downstream, output_dir=args.output_dir)
-    except config_mod.ConfigError as err:
-        print(f"pacl-ray tune: {err}", file=sys.stderr)
-        return 2
+    base = base_config_dict(space, world_overrides=world.config_overrides() if world else None,
+                            config_file=args.config, overrides=args.overrides, data=args.data,
+                            downstream=args.downstream, output_dir=args.output_dir)
     if not base["evaluate"]["tasks"]:
-        print("pacl-ray tune: no downstream tasks: give --downstream TASKSPEC or `downstream:` in the space",
-              file=sys.stderr)
-        return 2
+        raise config_mod.ConfigError(
+            "evaluate.tasks is empty: give --downstream TASKSPEC or `downstream:` in the space")
 
     name = args.name or space.name
     cfg = config_mod.from_dict(base)
     if world is not None:
         _print_world(world)
     sweep_dir = storage.join(base["output_dir"], "sweeps", name)
+    if on_sweep_dir is not None:
+        on_sweep_dir(sweep_dir)
     initial = flatten_rows(evaluate_rows(cfg, cfg.model.backbone, cfg.model.backbone_checkpoint, "initial",
                                          storage.join(sweep_dir, "initial")))
     outcomes, report, partitions = run_sweep(space, base, name, resume=args.resume,
@@ -721,6 +697,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

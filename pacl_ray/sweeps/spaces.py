@@ -182,14 +182,7 @@ def get_dotted(data: dict, key: str) -> Any:
     return node
 
 
-def set_dotted(data: dict, key: str, value: Any) -> dict:
-    """Set ``a.b.c`` in a nested mapping (in place; also returned)."""
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return data
+set_dotted = config_mod.set_dotted  # "a.b.c" into a nested mapping (in place; also returned)
 
 
 def apply_dotted(base: dict, overrides: dict) -> dict:
@@ -216,26 +209,17 @@ def _fail(where: str, message: str) -> SpaceError:
 
 
 def _check_config_value(where: str, key: str, value: Any) -> None:
-    """Raise unless ``key=value`` is a valid override of :class:`pacl_ray.config.RunConfig`."""
+    """Raise unless ``key=value`` is a valid value of :class:`pacl_ray.config.RunConfig` (its type
+    and its domain, both checked by :mod:`pacl_ray.config`)."""
     try:
-        config_mod.from_dict(set_dotted({}, key, value))
+        config_mod.layer_config({key: value})
     except config_mod.ConfigError as err:
         raise _fail(where, str(err)) from None
 
 
 def _leaf_type(key: str) -> Any:
     """The annotation of a dotted RunConfig key (e.g. ``float`` for ``partition.sigma``)."""
-    import dataclasses
-    import typing
-
-    cls: Any = config_mod.RunConfig
-    annotation: Any = None
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return None
-        annotation = typing.get_type_hints(cls).get(part)
-        cls = annotation
-    return annotation
+    return config_mod.leaf_annotation(key)
 
 
 def parse_domain(where: str, key: str, spec: Any) -> Domain:
@@ -273,7 +257,9 @@ def parse_domain(where: str, key: str, spec: Any) -> Domain:
         raise SpaceError(f"{where}.{kind}: {key} is an integer key; use grid or choice")
     if annotation not in (float, Optional[float]):
         raise SpaceError(f"{where}.{kind}: {key} is not a number key; use grid or choice")
-    _check_config_value(f"{where}.{kind}", key, low)
+    # Intervals are convex: both bounds inside the key's domain puts every draw inside it.
+    _check_config_value(f"{where}.{kind}[0]", key, low)
+    _check_config_value(f"{where}.{kind}[1]", key, high)
     return Domain(kind, (), low, high)
 
 
@@ -294,11 +280,8 @@ def _parse_overrides(where: str, data: Any) -> dict:
                 flat[dotted] = value
 
     walk("", data)
-    nested: dict = {}
-    for key, value in flat.items():
-        set_dotted(nested, key, value)
     try:
-        config_mod.from_dict(nested)
+        config_mod.layer_config(flat)
     except config_mod.ConfigError as err:
         raise _fail(where, str(err)) from None
     return flat
@@ -416,9 +399,7 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
 
 
 def _is_section(key: str) -> bool:
-    import dataclasses
-
-    return dataclasses.is_dataclass(_leaf_type(key))
+    return config_mod.is_section(key)
 
 
 def _stem(path: str) -> str:

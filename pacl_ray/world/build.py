@@ -59,7 +59,6 @@ directory is removed and regenerated. ``python -m pacl_ray.world`` builds it and
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -827,18 +826,11 @@ def format_report(report: dict) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pacl_ray.world", description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="default", choices=sorted(SIZES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=None, help=f"default: ${CACHE_ENV}/world or ~/.cache/pacl_ray/world")
-    args = parser.parse_args(argv)
-    world = ensure_world(args.cache_dir, seed=args.seed, size=args.size)
+def run_world(cache_dir: str | None = None, seed: int = 0, size: str = "default") -> int:
+    """``pacl-ray world`` (also ``python -m pacl_ray.world``): build the world once, or reuse it, and
+    print its report (the affective gap and the planted partitions)."""
+    world = ensure_world(cache_dir, seed=seed, size=size)
     print(f"world: {world.root}")
     print(format_report(world.report))
     print(json.dumps(world.report, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

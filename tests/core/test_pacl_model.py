@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from pacl_ray import config
+from pacl_ray.config import model_args
 from pacl_ray.core.pacl_model import PACLModel, build_model, head_parameters
 
 TINY = "test_convnext"  # LayerNorm only, any input size
@@ -20,7 +21,7 @@ def _cfg(**train) -> config.RunConfig:
 
 
 def test_outputs_are_unit_norm_projections():
-    model, backbone = build_model(_cfg(), text_dim=7)
+    model, backbone = build_model(7, **model_args(_cfg()))
     z_image, z_text = model(torch.randn(3, 3, 32, 32), torch.randn(3, 7))
     assert z_image.shape == z_text.shape == (3, 12)
     torch.testing.assert_close(z_image.norm(dim=-1), torch.ones(3))
@@ -37,7 +38,7 @@ def test_text_head_is_a_linear_map_of_cached_features():
 
 
 def test_gradients_reach_backbone_and_both_heads():
-    model, _ = build_model(_cfg(), text_dim=5)
+    model, _ = build_model(5, **model_args(_cfg()))
     z_image, z_text = model(torch.randn(2, 3, 32, 32), torch.randn(2, 5))
     (z_image @ z_text.T).sum().backward()
     assert all(p.grad is not None for p in head_parameters(model))
@@ -45,14 +46,14 @@ def test_gradients_reach_backbone_and_both_heads():
 
 
 def test_build_is_seeded():
-    a, _ = build_model(_cfg(), text_dim=5)
-    b, _ = build_model(_cfg(), text_dim=5)
+    a, _ = build_model(5, **model_args(_cfg()))
+    b, _ = build_model(5, **model_args(_cfg()))
     for (name, pa_), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa_, pb), name
 
 
 def test_image_size_override_sets_transforms():
-    _, backbone = build_model(_cfg(), text_dim=5)
+    _, backbone = build_model(5, **model_args(_cfg()))
     image = Image.new("RGB", (50, 70), color=(10, 200, 30))
     assert backbone.image_size == 32
     assert tuple(backbone.train_transform(image).shape) == (3, 32, 32)
@@ -65,4 +66,25 @@ def test_open_clip_rejects_image_size_override():
         "train": {"image_size": 64},
     })
     with pytest.raises(ValueError, match="train.image_size"):
-        build_model(cfg, text_dim=4)
+        build_model(4, **model_args(cfg))
+
+
+def test_explicit_arguments_without_a_config():
+    model, backbone = build_model(6, backbone=TINY, pretrained="false", image_size=32, embed_dim=4, seed=1)
+    assert model.text_head.out_features == 4 and backbone.image_size == 32
+    with pytest.raises(ValueError, match="crop_scale"):
+        build_model(6, backbone=TINY, pretrained="false", crop_scale=(0.9, 0.5))
+
+
+def test_core_takes_explicit_arguments_not_the_config():
+    import ast
+    import pathlib
+
+    core = pathlib.Path(__file__).resolve().parents[2] / "pacl_ray" / "core"
+    importers = []
+    for path in core.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+            importers += [path.name for n in names if n.startswith("pacl_ray.config")]
+    assert importers == []

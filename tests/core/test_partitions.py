@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from pacl_ray.config import PartitionConfig
 from pacl_ray.core.partitions import (
     assign_partitions,
     calibrate,
@@ -11,15 +10,7 @@ from pacl_ray.core.partitions import (
     partition_codes,
     partition_counts,
     percentile_rank,
-    thresholds,
 )
-
-
-def pcfg(**kw) -> PartitionConfig:
-    cfg = PartitionConfig()
-    for key, value in kw.items():
-        setattr(cfg, key, value)
-    return cfg
 
 
 def test_partition_codes_follow_the_spec_table():
@@ -54,44 +45,35 @@ def test_unknown_calibration_and_non_finite_scores():
         calibrate([0.1, np.nan], "raw")
 
 
-def test_thresholds_default_to_sigma():
-    assert thresholds(pcfg(sigma=0.5)) == (0.5, 0.5)
-    assert thresholds(pcfg(sigma=0.5, sigma_factual=0.2)) == (0.2, 0.5)
-    assert thresholds(pcfg(sigma=0.5, sigma_emotional=0.9)) == (0.5, 0.9)
-
-
 def test_assign_hand_case_clipscore():
     # clipscore: factual 2.5*[0.3, 0.2, 0.35, 0.1] = [0.75, 0.5, 0.875, 0.25]
     #            emotional 2.5*[0.4, 0.3, 0.1, 0.2] = [1.0, 0.75, 0.25, 0.5]
     factual = [0.3, 0.2, 0.35, 0.1]
     emotional = [0.4, 0.3, 0.1, 0.2]
-    codes = assign_partitions(factual, emotional, pcfg(sigma=0.7))
+    codes = assign_partitions(factual, emotional, 0.7, 0.7)
     assert codes.tolist() == [1, 2, 3, 4]
     # "matched" is strictly greater: cos 0.25 -> clipscore exactly 0.625 (binary-exact) is NOT matched
-    assert assign_partitions([0.25], [0.4], pcfg(sigma=0.625)).tolist() == [2]
+    assert assign_partitions([0.25], [0.4], 0.625, 0.625).tolist() == [2]
 
 
 def test_assign_mixed_calibrations_and_separate_sigmas():
     factual = [0.1, 0.2, 0.3, 0.4]  # rank: 0.25, 0.5, 0.75, 1.0
     emotional = [0.9, 0.1, 0.5, 0.0]  # raw
-    cfg = pcfg(factual_calibration="rank", emotional_calibration="raw", sigma=0.7,
-               sigma_factual=0.5, sigma_emotional=0.3)
     # factual > 0.5: F F T T ; emotional > 0.3: T F T F
-    assert assign_partitions(factual, emotional, cfg).tolist() == [2, 4, 1, 3]
+    codes = assign_partitions(factual, emotional, 0.5, 0.3, factual_calibration="rank", emotional_calibration="raw")
+    assert codes.tolist() == [2, 4, 1, 3]
 
 
 @pytest.mark.parametrize("calibration", ["raw", "clipscore", "rank"])
 def test_sigma_zero_and_one_edges(calibration):
     factual = np.array([0.05, 0.2, 0.3, 0.35])
     emotional = np.array([0.1, 0.15, 0.25, 0.45])
-    cfg = pcfg(factual_calibration=calibration, emotional_calibration=calibration)
-    cfg.sigma = 0.0
+    cal = {"factual_calibration": calibration, "emotional_calibration": calibration}
     # every positive score is > 0 on all three scales (rank is always > 0): all strong-coupled
-    assert assign_partitions(factual, emotional, cfg).tolist() == [1, 1, 1, 1]
-    cfg.sigma = 1.0
+    assert assign_partitions(factual, emotional, 0.0, 0.0, **cal).tolist() == [1, 1, 1, 1]
     # raw cosines and ranks never exceed 1; clipscore exceeds 1 only for cos > 0.4
     expected = {"raw": [4, 4, 4, 4], "rank": [4, 4, 4, 4], "clipscore": [4, 4, 4, 2]}[calibration]
-    assert assign_partitions(factual, emotional, cfg).tolist() == expected
+    assert assign_partitions(factual, emotional, 1.0, 1.0, **cal).tolist() == expected
 
 
 def test_counts_and_confusion():

@@ -11,6 +11,7 @@ from pacl_ray import config
 from pacl_ray.core import backbones
 from pacl_ray.formats import storage
 from pacl_ray.formats.export import export_model, load_heads, read_safetensors, write_safetensors
+from pacl_ray.config import model_args
 from pacl_ray.core.pacl_model import build_model
 
 TINY = "test_convnext"
@@ -26,7 +27,7 @@ def _cfg(**model) -> config.RunConfig:
 
 def _perturbed_model(cfg, text_dim=6):
     """A model whose backbone differs from any fresh one (as after training)."""
-    model, _ = build_model(cfg, text_dim)
+    model, _ = build_model(text_dim, **model_args(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))

@@ -129,8 +129,8 @@ def test_cluster_on_embedded_features(embedded):
 
 
 def test_bad_feature_dtype_is_rejected(tmp_path):
-    cfg = config.from_dict({"output_dir": str(tmp_path), "embed": {"feature_dtype": "int8"}})
-    with pytest.raises(ValueError, match="embed.feature_dtype"):
+    with pytest.raises(ValueError, match="embed.feature_dtype"):  # refused by the config's domain at load
+        cfg = config.from_dict({"output_dir": str(tmp_path), "embed": {"feature_dtype": "int8"}})
         embed.run_embed(cfg, StageOutput("ingest", "x", str(tmp_path / "nothing"), cached=False))
 
 

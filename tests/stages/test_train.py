@@ -17,6 +17,7 @@ import torch
 from pacl_ray import config
 from pacl_ray.world import stage_tables
 from pacl_ray.stages.cache import StageOutput
+from pacl_ray.config import model_args
 from pacl_ray.core.pacl_model import build_model
 from pacl_ray.stages.train import (
     FaultInjection, build_dataset, epoch_phases, epoch_positions, fits_in_memory, joined_table, load_state,
@@ -113,7 +114,7 @@ def test_in_memory_batches_equal_streamed_batches(ray_local, tables, rank, start
     meta = load_training_table(tables["ingest"], tables["partition"], tables["embed"], tables["cluster"], cfg)
     dataset = build_dataset(tables["ingest"], meta)
     partition = meta.column("partition").to_numpy()
-    _, backbone = build_model(cfg, TEXT_DIM)
+    _, backbone = build_model(TEXT_DIM, **model_args(cfg))
     plan = dict(partition_by_row=partition, phase=(1, 2, 3, 4), epoch=2, start_step=start_step, rank=rank,
                 world_size=2, global_batch=8, seed=5, transform=backbone.train_transform, device=torch.device("cpu"))
     streamed = list(rank_batches(dataset, **plan))
@@ -183,7 +184,7 @@ def test_metric_logs_written(runs):
 def test_exported_backbone_matches_trained_model(runs):
     result = runs["one"]
     cfg = make_cfg("unused")
-    model, _ = build_model(cfg, TEXT_DIM)
+    model, _ = build_model(TEXT_DIM, **model_args(cfg))
     model.load_state_dict(_final_state(result)["model"])
     model.eval()
     loaded = timm.create_model(TINY, pretrained=True, num_classes=0,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pacl_ray.stages import cache
-from pacl_ray import config
+from pacl_ray import cli, config
 from pacl_ray.formats import storage
 from pacl_ray.sweeps import driver
 from pacl_ray.sweeps.spaces import SpaceError, Trial, expand_trials, load_space, parse_space
@@ -67,10 +67,10 @@ def test_world_flags_choose_the_world(monkeypatch, tmp_path):
     monkeypatch.setattr(pacl_ray.world.build, "ensure_world", ensure_world)
     monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: None)
     with pytest.raises(Chosen) as chosen:
-        driver.main(["--world", "tiny", "--world-seed", "3", "--world-dir", str(tmp_path)])
+        cli.main(["tune", "--world", "tiny", "--world-seed", "3", "--world-dir", str(tmp_path)])
     assert chosen.value.args == (str(tmp_path), 3, "tiny")
     with pytest.raises(Chosen) as chosen:
-        driver.main([])
+        cli.main(["tune"])
     assert chosen.value.args == (None, 0, "default")
 
 
@@ -352,7 +352,7 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     # The world itself is generated once into its default cache ($PACL_RAY_CACHE or ~/.cache) and
     # shared with other tests; everything the sweep writes goes to tmp_path.
     argv = ["--space", str(space), "--world", "tiny", "--output-dir", str(output), "--name", "tiny"]
-    assert driver.main(argv) == 0
+    assert cli.main(["tune", *argv]) == 0
     printed = capsys.readouterr().out
     sweep = output / "sweeps" / "tiny"
     assert re.search(r"\| hyperparameter \| value \| emotion/Acc-(\d+) \| emotion/F1-\1 \|", printed)
@@ -371,6 +371,6 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     assert count("scores") == 1 and count("cluster") == 1
     assert count("partition") == 2 and count("train") == 2
 
-    assert driver.main(argv) == 0  # relaunch: restored, nothing retrained
+    assert cli.main(["tune", *argv]) == 0  # relaunch: restored, nothing retrained
     assert "resuming" in capsys.readouterr().out
     assert count("train") == 2
