@@ -229,10 +229,14 @@ def _report(row: dict, counters: dict, model, optimizer, scheduler, scaler, step
 # --------------------------------------------------------------------------- the driver
 
 
-def _summary_path(uri: str, path: str) -> str:
+def _summary_path(uri: str, path: str, local: bool = False) -> str:
     """A path stored in ``_SUCCESS`` (relative to the run directory, so no storage credentials are
-    written) as a URI; absolute paths from older runs pass through."""
-    return path if ("://" in path or os.path.isabs(path)) else storage.join(uri, path)
+    written) as a URI of the run directory's kind; ``local``: a plain path for a ``file://`` run
+    (Ray checkpoints are read with local file APIs). Absolute paths from older runs pass through."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    joined = storage.join(uri, path)
+    return storage.resolve(joined)[1] if local and not storage.is_remote(uri) else joined
 
 
 def _result_from_summary(uri: str, key: str, cached: bool) -> TrainResult:
@@ -241,7 +245,7 @@ def _result_from_summary(uri: str, key: str, cached: bool) -> TrainResult:
         uri=uri, key=key, cached=cached,
         backbone_checkpoint=_summary_path(uri, summary["backbone_checkpoint"]),
         heads_checkpoint=_summary_path(uri, summary["heads_checkpoint"]),
-        export_info=_summary_path(uri, summary["export_info"]), checkpoint=_summary_path(uri, summary["checkpoint"]),
+        export_info=_summary_path(uri, summary["export_info"]), checkpoint=_summary_path(uri, summary["checkpoint"], local=True),
         history=summary["history"], final_metrics=summary["final_metrics"],
     )
 

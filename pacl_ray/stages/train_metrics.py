@@ -88,11 +88,12 @@ def plan_lines(plan: TrainingPlan) -> list[str]:
 
 
 class RunLog:
-    """``run.log`` in the run directory, rewritten whole on every line (it stays short), and printed."""
+    """``run.log`` in the run directory, printed and rewritten whole on every line (it stays short);
+    a relaunch appends to what earlier launches wrote."""
 
     def __init__(self, run_uri: str):
         self.uri = storage.join(run_uri, RUN_LOG)
-        self.lines: list[str] = []
+        self.lines: list[str] = storage.read_text(self.uri).splitlines() if storage.exists(self.uri) else []
 
     def write(self, *lines: str) -> None:
         for line in lines:
