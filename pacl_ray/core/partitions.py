@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 CALIBRATIONS = ("raw", "clipscore", "rank")
+PARTITION_CODES = (1, 2, 3, 4)  # strong, partial (emotional-only), partial (factual-only), weak
 PARTITION_NAMES = {
     1: "strong-coupled",
     2: "partial (emotional-only)",

@@ -51,6 +51,10 @@ def _plain_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(uri: str, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Raises ValueError for a tensor with NaN or inf values (a diverged model is never exported)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{storage.redact(uri)}: refusing to export non-finite tensors ({len(bad)}, first {bad[0]!r})")
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     storage.write_bytes(uri, save_safetensors_bytes(_plain_state(state), metadata=meta))
 
@@ -71,7 +75,7 @@ def _initial_classifier_state(cfg: RunConfig, prefixes: tuple[str, ...]) -> dict
 
     if cfg.model.backbone_checkpoint:
         path = os.path.expanduser(cfg.model.backbone_checkpoint)
-        state = timm.models.load_state_dict(path)
+        state = timm.models.load_state_dict(path, weights_only=True)  # never unpickle code
     elif cfg.model.backbone_pretrained.strip().lower() in ("1", "true", "yes", "on"):
         state = timm.create_model(cfg.model.backbone, pretrained=True).state_dict()
     else:

@@ -25,6 +25,32 @@ def normalize(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+_SECRET_QUERY_KEYS = ("key", "secret", "token", "password", "credential", "signature", "session")
+
+
+def redact(uri: str) -> str:
+    """``uri`` safe to write into configs, logs and metrics: the user-info part of a URI
+    (``s3://KEY:SECRET@bucket/...``) becomes ``***@`` and query values whose name mentions a key,
+    secret, token, password, credential, signature or session become ``***``. Local paths are
+    returned unchanged."""
+    if "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    authority, sep, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    rest = authority + sep + tail
+    if "?" in rest:
+        path, query = rest.split("?", 1)
+        params = []
+        for item in query.split("&"):
+            name, eq, _ = item.partition("=")
+            secret = eq and any(word in name.lower() for word in _SECRET_QUERY_KEYS)
+            params.append(f"{name}=***" if secret else item)
+        rest = path + "?" + "&".join(params)
+    return f"{scheme}://{rest}"
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and in-filesystem path for a local path or URI."""
     uri = normalize(uri)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import timm
 import torch
 
@@ -90,3 +91,10 @@ def test_open_clip_export_loads_into_open_clip(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.eval()(images), model.backbone(images))
+
+
+def test_non_finite_tensors_are_never_exported(tmp_path):
+    path = str(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="refusing to export non-finite tensors .*'w'"):
+        write_safetensors(path, {"ok": torch.ones(2), "w": torch.tensor([1.0, float("nan")])})
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -99,3 +99,11 @@ def test_s3_roundtrip_through_pyarrow(mock_s3):
     uri = cache.stage_uri(base, "partition", "k")
     cache.mark_complete(uri, {"ok": True})
     assert cache.is_complete(uri)
+
+
+def test_redact_hides_credentials_in_uris():
+    assert storage.redact("s3://AKIA:SECRET@bucket/runs/x") == "s3://***@bucket/runs/x"
+    assert storage.redact("gs://b/p?access_key=A&region=eu&secret_key=S") == "gs://b/p?access_key=***&region=eu&secret_key=***"
+    assert storage.redact("s3://bucket/runs?endpoint_override=localhost:9000&scheme=http") == \
+        "s3://bucket/runs?endpoint_override=localhost:9000&scheme=http"
+    assert storage.redact("/home/me/runs@v2") == "/home/me/runs@v2" and storage.redact("file:///tmp/r") == "file:///tmp/r"

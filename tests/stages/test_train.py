@@ -7,6 +7,8 @@ legitimately differ. Runs are shared by the module's tests (a trainer start cost
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 
 import numpy as np
@@ -18,10 +20,11 @@ from pacl_ray import config
 from pacl_ray.world import stage_tables
 from pacl_ray.stages.cache import StageOutput
 from pacl_ray.config import model_args
+from pacl_ray.stages.checkpoint import STATE_FILE
 from pacl_ray.core.pacl_model import build_model
 from pacl_ray.stages.train import (
-    FaultInjection, build_dataset, epoch_phases, epoch_positions, fits_in_memory, joined_table, load_state,
-    load_training_table, rank_batches, rank_slots, run_train, steps_per_epoch,
+    FaultInjection, NonFiniteLossError, build_dataset, fits_in_memory, joined_table, load_state, load_training_table,
+    rank_batches, run_train,
 )
 
 pytestmark = pytest.mark.timeout(900)  # Ray Train starts are slow on a shared, loaded 2-core machine
@@ -37,9 +40,9 @@ def write_stage_tables(root, codes=CODES, text_dim=TEXT_DIM, seed=0) -> dict[str
     return stage_tables.write_stage_tables(root, codes, text_dim, seed=seed)
 
 
-def make_cfg(output_dir, **train) -> config.RunConfig:
+def make_cfg(output_dir, partition=None, **train) -> config.RunConfig:
     return config.from_dict({
-        "output_dir": str(output_dir), "seed": 3,
+        "output_dir": str(output_dir), "seed": 3, "partition": dict(partition or {}),
         "model": {"backbone": TINY, "backbone_pretrained": "false", "embed_dim": 16},
         "train": {"epochs": 3, "global_batch_size": 8, "image_size": 32, "lr_backbone": 1e-3,
                   "checkpoint_every_steps": 2, "log_every_steps": 4, "num_workers": 1, **train},
@@ -52,6 +55,16 @@ def _run(tables, cfg, fault=None):
 
 def _final_state(result):
     return load_state(result.checkpoint)
+
+
+def _run_dirs(output_dir) -> list[str]:
+    return sorted(glob.glob(os.path.join(str(output_dir), "stages", "train", "*")))
+
+
+def _latest_checkpoint_state(output_dir) -> dict:
+    (run,) = _run_dirs(output_dir)
+    states = [load_state(os.path.dirname(p)) for p in glob.glob(os.path.join(run, "ray_train", "*", STATE_FILE))]
+    return max(states, key=lambda s: s["counters"]["global_step"])
 
 
 @pytest.fixture(scope="module")
@@ -76,42 +89,13 @@ def runs(ray_local, tables, tmp_path_factory):
     }
 
 
-# --------------------------------------------------------------------------- data plan (pure)
-
-
-def test_epoch_positions_are_a_seeded_permutation_of_the_phase():
-    codes = np.array([1, 2, 3, 4] * 5)
-    pos = epoch_positions(codes, (1, 2, 3), seed=0, epoch=1, global_batch=4)
-    used = pos >= 0
-    assert set(np.flatnonzero(used)) <= set(np.flatnonzero(codes != 4))
-    assert sorted(pos[used]) == list(range(12))  # 15 phase rows -> 3 full batches of 4
-    assert np.array_equal(pos, epoch_positions(codes, (1, 2, 3), seed=0, epoch=1, global_batch=4))
-    assert not np.array_equal(pos, epoch_positions(codes, (1, 2, 3), seed=0, epoch=2, global_batch=4))
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_rank_slots_tile_the_global_batch(world):
-    slots = [rank_slots(10, r, world) for r in range(world)]
-    assert slots[0][0] == 0 and slots[-1][1] == 10
-    assert all(a[1] == b[0] for a, b in zip(slots, slots[1:]))
-
-
-def test_phases_and_steps():
-    cfg = make_cfg("unused")
-    phases = epoch_phases(cfg)
-    assert phases == [(1,), (1, 2, 3), (1, 2, 3, 4)]
-    assert steps_per_epoch(np.array(CODES), phases, 8) == [1, 3, 4]
-    clip = make_cfg("unused", objective="clip")
-    assert epoch_phases(clip) == [(1,)] * 3
-
-
 # --------------------------------------------------------------------------- Ray Train runs
 
 
 @pytest.mark.parametrize("rank, start_step", [(0, 0), (1, 2)])
 def test_in_memory_batches_equal_streamed_batches(ray_local, tables, rank, start_step):
     cfg = make_cfg("unused")
-    meta = load_training_table(tables["ingest"], tables["partition"], tables["embed"], tables["cluster"], cfg)
+    meta = load_training_table(tables["ingest"], tables["partition"], tables["embed"], tables["cluster"], cfg.train.k)
     dataset = build_dataset(tables["ingest"], meta)
     partition = meta.column("partition").to_numpy()
     _, backbone = build_model(TEXT_DIM, **model_args(cfg))
@@ -206,9 +190,56 @@ def test_interrupted_run_relaunched_continues(ray_local, tables, runs, tmp_path)
     cfg = make_cfg(tmp_path / "relaunch", max_failures=0, in_memory_max_mb=0)
     with pytest.raises(Exception, match="injected failure"):
         _run(tables, cfg, FaultInjection(step=5, rank=0, marker=str(tmp_path / "marker")))
-    result = _run(tables, cfg)
+    crashed = _latest_checkpoint_state(tmp_path / "relaunch")
+    assert crashed["counters"]["global_step"] == 4
+    # Relaunched with different operational settings: same run directory, resumed from its checkpoint.
+    relaunch = make_cfg(tmp_path / "relaunch", max_failures=5, in_memory_max_mb=256, log_every_steps=1,
+                        checkpoint_every_steps=3)
+    result = _run(tables, relaunch)
     state = _final_state(result)
+    assert result.uri == _run_dirs(tmp_path / "relaunch")[0]
     assert [r["global_step"] for r in state["step_rows"]] == list(range(TOTAL_STEPS))
+    assert state["step_rows"][:4] == crashed["step_rows"]  # carried over (wall-clock times included), not re-run
     clean = _final_state(runs["one"])["model"]
     for name, value in state["model"].items():
         assert torch.equal(value, clean[name]), name
+
+
+def test_success_record_holds_no_output_dir(runs):
+    summary = open(os.path.join(runs["one"].uri, "_SUCCESS")).read()
+    assert os.path.dirname(runs["one"].uri) not in summary  # paths relative to the run directory
+    assert os.path.exists(runs["one"].backbone_checkpoint) and os.path.isdir(runs["one"].checkpoint)
+
+
+def test_non_finite_loss_stops_the_run(ray_local, tables, tmp_path):
+    cfg = make_cfg(tmp_path / "nan", temperature=1e-40, max_failures=2)  # sim / tau overflows float32
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 \(epoch 0, phase 1\): L1=nan, "
+                                                 r".*total=nan; train.temperature=1e-40.*no checkpoint was saved"):
+        _run(tables, cfg)
+    (run,) = _run_dirs(tmp_path / "nan")
+    assert not os.path.exists(os.path.join(run, "_SUCCESS")) and not os.path.exists(os.path.join(run, "export"))
+    assert json.load(open(os.path.join(run, "nonfinite_loss.json")))["global_step"] == 0
+    assert "non-finite loss at global step 0" in open(os.path.join(run, "run.log")).read()
+
+
+@pytest.mark.parametrize("sigma", [1, pytest.param(0.9, marks=pytest.mark.slow), pytest.param(0, marks=pytest.mark.slow)])
+def test_table5_sigma_trials_train(ray_local, tmp_path, sigma):
+    """SPEC "Choice (empty phases)": the sigma ends of Table 5 train; empty epochs are logged."""
+    from test_train_data import table5_codes
+
+    codes = table5_codes(sigma)
+    world = write_stage_tables(tmp_path / "world", codes=list(codes))
+    cfg = make_cfg(tmp_path / "out", partition={"sigma": sigma})
+    result = _run(world, cfg)
+    expected = {1: [0, 0, 4], 0.9: [0, 0, 4], 0: [4, 4, 4]}[sigma]
+    assert [h["steps"] for h in result.history] == expected
+    assert result.final_metrics["total_steps"] == sum(expected) and os.path.exists(result.backbone_checkpoint)
+    assert result.final_metrics["skipped_epochs"] == expected.count(0)
+    log = open(os.path.join(result.uri, "run.log")).read()
+    for epoch, steps in enumerate(expected):
+        note = result.history[epoch]["note"]
+        assert bool(note) == (steps == 0)
+        if steps == 0:
+            assert f"epoch {epoch}: {note}" in log and f"4 weak-coupled: {int((codes == 4).sum())}" in note
+    table = open(os.path.join(result.uri, "metrics_epochs.csv")).read().splitlines()
+    assert len(table) == 1 + 3 and "note" in table[0].split(",") and "count_4" in table[0].split(",")

@@ -1,0 +1,111 @@
+"""Stage 3's data plan (pure): epoch order, rank slots, phases, steps and empty phases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pacl_ray import config
+from pacl_ray.core.partitions import assign_partitions
+from pacl_ray.stages.train_data import (
+    NoTrainableEpochError, epoch_phases, epoch_positions, make_plan, objective_plan, rank_slots, steps_per_epoch,
+)
+
+CODES = [1] * 8 + [2] * 8 + [3] * 8 + [4] * 8  # 32 pairs; batch 8 -> 1 + 3 + 4 steps over 3 epochs
+TABLE5_SIGMA = Path(__file__).resolve().parents[2] / "tune_spaces" / "table5_sigma.yaml"
+
+
+def make_cfg(output_dir="unused", partition=None, **train) -> config.RunConfig:
+    return config.from_dict({
+        "output_dir": str(output_dir), "seed": 3, "partition": dict(partition or {}),
+        "train": {"epochs": 3, "global_batch_size": 8, **train},
+    })
+
+
+
+def test_epoch_positions_are_a_seeded_permutation_of_the_phase():
+    codes = np.array([1, 2, 3, 4] * 5)
+    pos = epoch_positions(codes, (1, 2, 3), seed=0, epoch=1, global_batch=4)
+    used = pos >= 0
+    assert set(np.flatnonzero(used)) <= set(np.flatnonzero(codes != 4))
+    assert sorted(pos[used]) == list(range(12))  # 15 phase rows -> 3 full batches of 4
+    assert np.array_equal(pos, epoch_positions(codes, (1, 2, 3), seed=0, epoch=1, global_batch=4))
+    assert not np.array_equal(pos, epoch_positions(codes, (1, 2, 3), seed=0, epoch=2, global_batch=4))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_rank_slots_tile_the_global_batch(world):
+    slots = [rank_slots(10, r, world) for r in range(world)]
+    assert slots[0][0] == 0 and slots[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in zip(slots, slots[1:]))
+
+
+def test_phases_and_steps():
+    cfg = make_cfg()
+    phases = epoch_phases(cfg)
+    assert phases == [(1,), (1, 2, 3), (1, 2, 3, 4)]
+    assert steps_per_epoch(np.array(CODES), phases, 8) == [1, 3, 4]
+    clip = make_cfg(objective="clip")
+    assert epoch_phases(clip) == [(1,)] * 3
+
+
+
+
+def test_objective_plan_is_the_one_place_clip_differs():
+    codes = np.array(CODES)
+    pacl_codes, pacl_phases = objective_plan("pacl", "progressive", 3, codes)
+    assert np.array_equal(pacl_codes, codes) and pacl_phases == [(1,), (1, 2, 3), (1, 2, 3, 4)]
+    clip_codes, clip_phases = objective_plan("clip", "progressive", 3, codes)
+    assert (clip_codes == 1).all() and clip_phases == [(1,)] * 3
+    with pytest.raises(ValueError, match="train.objective must be one of pacl, clip, got 'simclr'"):
+        objective_plan("simclr", "progressive", 3, codes)
+
+
+def table5_codes(sigma: float, n: int = 32, seed: int = 0) -> np.ndarray:
+    """Partition codes of a table5_sigma trial: CLIP-like raw cosines (0.1-0.4) thresholded at
+    ``sigma`` on the default calibration, as the partition stage does."""
+    rng = np.random.default_rng(seed)
+    pcfg = make_cfg(partition={"sigma": sigma}).partition
+    return assign_partitions(rng.uniform(0.1, 0.4, n), rng.uniform(0.1, 0.4, n), pcfg).astype(np.int64)
+
+
+def test_table5_sigma_grid_has_the_empty_phase_ends():
+    grid = yaml.safe_load(TABLE5_SIGMA.read_text())["search"]["partition.sigma"]["grid"]
+    assert {0, 0.9, 1} <= set(grid)
+
+
+@pytest.mark.parametrize("sigma, steps", [(0, [4, 4, 4]), (0.9, [0, 0, 4]), (1, [0, 0, 4])])
+def test_table5_sigma_plans_skip_empty_phases(sigma, steps):
+    cfg = make_cfg(partition={"sigma": sigma})
+    scored = table5_codes(sigma)
+    codes, plan = make_plan(cfg, scored)
+    assert np.array_equal(codes, scored)
+    assert plan.steps == steps and plan.total_steps == sum(steps)
+    assert plan.skipped() == [e for e, n in enumerate(steps) if n == 0]
+    assert plan.counts == {k: int((scored == k).sum()) for k in (1, 2, 3, 4)}
+    for epoch in plan.skipped():
+        note = plan.skip_note(epoch)
+        assert f"holds {plan.pairs[epoch]} pairs, fewer than one global batch of 8: no step" in note
+        assert f"4 weak-coupled: {plan.counts[4]}" in note
+
+
+def test_sigma_one_codes_are_all_weak_coupled():
+    assert (table5_codes(1) == 4).all() and (table5_codes(0) == 1).all()
+
+
+def test_a_run_with_no_step_names_sigma_calibration_and_counts():
+    cfg = make_cfg(partition={"sigma": 1, "factual_calibration": "rank"}, global_batch_size=64)
+    with pytest.raises(NoTrainableEpochError) as err:
+        make_plan(cfg, np.full(32, 4))
+    message = str(err.value)
+    for part in ("partition.sigma=1", "factual 1.0 on the rank calibration", "emotional 1.0 on the clipscore calibration",
+                 "1 strong-coupled: 0", "4 weak-coupled: 32", "global batch of 64"):
+        assert part in message, part
+
+
+def test_clip_objective_trains_every_pair_every_epoch():
+    codes, plan = make_plan(make_cfg(objective="clip"), np.full(32, 4))
+    assert (codes == 1).all() and plan.steps == [4, 4, 4] and plan.counts[4] == 32
