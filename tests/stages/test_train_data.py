@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pacl_ray import config
+from pacl_ray.config import partition_args
 from pacl_ray.core.partitions import assign_partitions
 from pacl_ray.stages.train_data import (
     NoTrainableEpochError, epoch_phases, epoch_positions, make_plan, objective_plan, rank_slots, steps_per_epoch,
@@ -69,7 +70,7 @@ def table5_codes(sigma: float, n: int = 32, seed: int = 0) -> np.ndarray:
     ``sigma`` on the default calibration, as the partition stage does."""
     rng = np.random.default_rng(seed)
     pcfg = make_cfg(partition={"sigma": sigma}).partition
-    return assign_partitions(rng.uniform(0.1, 0.4, n), rng.uniform(0.1, 0.4, n), pcfg).astype(np.int64)
+    return assign_partitions(rng.uniform(0.1, 0.4, n), rng.uniform(0.1, 0.4, n), **partition_args(pcfg)).astype(np.int64)
 
 
 def test_table5_sigma_grid_has_the_empty_phase_ends():
