@@ -2,7 +2,8 @@
 
     pairs/ (id, image bytes, text)
       -> CPU map_batches: decode + the backbone's own eval transform      -> pixels [B, 3, H, W]
-      -> actor pool ImageFeatureExtractor: the *initial* target backbone -> image_feature [B, D_image]
+      -> actor pool ImageFeatureExtractor (pacl_ray.stages.image_features, shared with evaluation):
+                                        the *initial* target backbone   -> image_feature [B, D_image]
       -> actor pool TextFeatureExtractor: the frozen text encoder        -> text_feature  [B, D_text]
       -> features/ Parquet, tables.features_schema(D_image, D_text, float16|float32)
 
@@ -24,7 +25,6 @@ run in float32.
 
 from __future__ import annotations
 
-import contextlib
 import io
 from typing import Any, Callable
 
@@ -38,6 +38,7 @@ from pacl_ray.core import backbones
 from pacl_ray.formats import tables
 from pacl_ray.formats import storage
 from pacl_ray.stages.cache import StageOutput
+from pacl_ray.stages.image_features import ImageFeatureExtractor, autocast
 from pacl_ray.config import RunConfig
 
 STAGE = "embed"
@@ -83,33 +84,6 @@ def decode_and_transform(batch: dict[str, np.ndarray], transform: Callable) -> d
     return {tables.ID: batch[tables.ID], "text": batch["text"], "pixels": np.stack(pixels)}
 
 
-def _autocast(device, precision: str):
-    import torch
-
-    dtype = backbones.autocast_dtype(precision, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-class ImageFeatureExtractor:
-    """Actor UDF: pixels [B, 3, H, W] -> the initial backbone's pooled features [B, D_image].
-    Also keeps the backbone's eval transform and feature width for callers in the same process."""
-
-    def __init__(self, backbone: str, pretrained: str, checkpoint: str, input_size: int, precision: str):
-        self.device = backbones.default_device()
-        built = backbones.create_backbone(backbone, pretrained, checkpoint, input_size)
-        self.model = built.model.to(self.device).eval().requires_grad_(False)
-        self.eval_transform, self.num_features = built.eval_transform, built.num_features
-        self.precision = precision
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        with torch.inference_mode(), _autocast(self.device, self.precision):
-            features = self.model(pixels).float().cpu().numpy()
-        return {tables.ID: batch[tables.ID], "text": batch["text"], "image_feature": features}
-
-
 class TextFeatureExtractor:
     """Actor UDF: texts [B] -> frozen text-encoder features [B, D_text]; emits the FEATURES table."""
 
@@ -123,7 +97,7 @@ class TextFeatureExtractor:
         import torch
 
         texts = [str(t) for t in batch["text"]]
-        with torch.inference_mode(), _autocast(self.device, self.precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             text_features = self.encoder.encode(texts, batch_size=max(1, len(texts))).float().cpu().numpy()
         image_features = np.asarray(batch["image_feature"], dtype=np.float32)
         return features_table(batch[tables.ID], image_features, text_features, self.dtype)

@@ -184,7 +184,7 @@ def flatten_rows(rows: list[dict]) -> dict[str, float]:
     """evaluate_backbone rows (one per task and protocol) into ``{"<dataset>/<column>": value}``
     over the metric columns (Acc-C, F1-C, mAP, AUC, MSE, R2). Linear evaluation is the paper's
     Table 5 protocol; other protocols and zero-shot prompts are suffixed to the dataset name."""
-    from pacl_ray.evaluation.evaluate import METRIC_COLUMN
+    from pacl_ray.evaluation.report import METRIC_COLUMN
 
     out: dict[str, float] = {}
     for i, row in enumerate(rows):
@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="manifest of real image-text pairs (sets ingest.manifest); "
                         "the paper's models become the defaults")
     parser.add_argument("--downstream", action="append", default=[], metavar="TASKSPEC",
-                        help="downstream task spec for evaluation (repeatable; see pacl_ray.evaluation.evaluate)")
+                        help="downstream task spec for evaluation (repeatable; see pacl_ray.evaluation.tasks)")
     parser.add_argument("--name", help="sweep name (default: the space file's name)")
     parser.add_argument("--output-dir", help="where stage outputs and sweeps go (path, s3://, gs://)")
     parser.add_argument("--config", help="base YAML config under the space's fixed settings")

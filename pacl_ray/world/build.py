@@ -76,7 +76,7 @@ from PIL import Image, ImageDraw
 
 from pacl_ray.core import backbones
 
-WORLD_VERSION = "4"
+WORLD_VERSION = "5"  # 5: the gap is measured with evaluation's linear probe
 SUCCESS = "_SUCCESS"
 CACHE_ENV = "PACL_RAY_CACHE"
 CLIP_MODEL = "pacl-world-clip"
@@ -611,18 +611,19 @@ def _downstream_tensors(root: Path, transform) -> dict[str, tuple[torch.Tensor, 
 
 
 def linear_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> float:
-    """Test accuracy of a logistic regression on standardised features, C chosen on val."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    """Test accuracy (a fraction) of evaluation's linear probe on frozen features [N, D] per split,
+    the epoch chosen on val: the same probe, at the same defaults (``EvaluateConfig``), that
+    ``pacl-ray evaluate`` and the sweeps report, so the gap and the sweep tables are comparable."""
+    from pacl_ray.config import EvaluateConfig
+    from pacl_ray.evaluation.probes import train_linear_probe
 
-    scaler = StandardScaler().fit(features["train"])
-    best, best_val = None, -1.0
-    for c in (0.1, 1.0):
-        clf = LogisticRegression(C=c, max_iter=500).fit(scaler.transform(features["train"]), labels["train"])
-        val = clf.score(scaler.transform(features["val"]), labels["val"])
-        if val > best_val:
-            best, best_val = clf, val
-    return round(float(best.score(scaler.transform(features["test"]), labels["test"])), 4)
+    settings = EvaluateConfig()
+    probe = train_linear_probe(
+        features["train"], labels["train"], features["val"], labels["val"], "single", [len(EMOTIONS)],
+        lr=settings.linear_lr, epochs=settings.linear_epochs, batch_size=settings.batch_size,
+        weight_decay=settings.weight_decay, seed=0,
+    )
+    return round(float(np.mean(probe.predict(features["test"]) == labels["test"])), 4)
 
 
 def measure_gap(root: Path, backbone_checkpoint: Path, size: WorldSize, seed: int) -> dict:
