@@ -97,7 +97,9 @@ def evaluate_backbone(
     results table (``results.md``, ``results.csv``, ``rows.json``), saving the resolved config.
 
     ``backbone``: timm name, ``open_clip:<arch>``, a PACL export directory or a weights file;
-    ``checkpoint``: optional local weights (or export directory) for that architecture."""
+    ``checkpoint``: optional weights file (or export directory) for that architecture. Paths may be
+    local, ``file://`` or object-storage URIs, and so may ``out_dir`` (see
+    :mod:`pacl_ray.evaluation.resolve`)."""
     ref = resolve_backbone(cfg, backbone, checkpoint, label)
     protocols = parse_protocols(protocol or cfg.evaluate.protocol)
     specs = [parse_task(t, cfg.evaluate.split_seed) for t in tasks]

@@ -601,13 +601,17 @@ def _features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 25
 
 
 def _downstream_tensors(root: Path, transform) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    emotions = list(EMOTIONS)
-    out = {}
-    for split in ("train", "val", "test"):
-        paths = sorted((root / "downstream" / split).glob("*/*.png"))
-        labels = torch.tensor([emotions.index(p.parent.name) for p in paths])
-        out[split] = (_load_images(paths, transform), labels)
-    return out
+    """The downstream splits (images [N, 3, H, W], labels [N]) as ``pacl-ray evaluate`` reads them
+    (the imagefolder reader: same images, order and class indices), so the gap's probe sees what
+    the sweeps' probe sees."""
+    from pacl_ray.evaluation.tasks import load_task, parse_task
+
+    data = load_task(parse_task(f"imagefolder:emotion={root / 'downstream'}"))
+    if data.quarantine or sorted(data.label_names[0]) != sorted(EMOTIONS):
+        raise RuntimeError(f"{root / 'downstream'}: unreadable images {data.quarantine[:3]} or classes "
+                           f"{data.label_names[0]} (expected {sorted(EMOTIONS)})")
+    return {split: (_load_images([Path(p) for p in part.paths], transform), torch.as_tensor(part.targets))
+            for split, part in data.splits.items()}
 
 
 def linear_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> float:
