@@ -288,7 +288,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's data or settings, reported in one line without a traceback."""
     from pacl_ray.core.kmeans import NotEnoughPointsError
     from pacl_ray.evaluation.datasets import DatasetError
-    from pacl_ray.evaluation.evaluate import ExportError, TaskSpecError
+    from pacl_ray.evaluation.tasks import TaskSpecError
+    from pacl_ray.formats.export import ExportError
     from pacl_ray.stages.ingest import IngestError
     from pacl_ray.sweeps.spaces import SpaceError
 

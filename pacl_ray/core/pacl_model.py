@@ -30,23 +30,31 @@ class PACLModel(nn.Module):
     def __init__(self, backbone: nn.Module, image_dim: int, text_dim: int, embed_dim: int):
         super().__init__()
         self.backbone = backbone
-        self.image_head = nn.Linear(image_dim, embed_dim, bias=False)
-        self.text_head = nn.Linear(text_dim, embed_dim, bias=False)
+        # The export contract's names (pacl_ray.formats.export); checkpoints saved with the former
+        # names image_head / text_head still load (_load_from_state_dict).
+        self.image_proj = nn.Linear(image_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in (("image_head.", "image_proj."), ("text_head.", "text_proj.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> unit-norm projections [B, embed_dim]."""
-        return F.normalize(self.image_head(self.backbone(images)), dim=-1)
+        return F.normalize(self.image_proj(self.backbone(images)), dim=-1)
 
     def encode_text(self, text_features: torch.Tensor) -> torch.Tensor:
         """cached text features [B, text_dim] -> unit-norm projections [B, embed_dim]."""
-        return F.normalize(self.text_head(text_features), dim=-1)
+        return F.normalize(self.text_proj(text_features), dim=-1)
 
     def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(text_features)
 
 
 def head_parameters(model: PACLModel) -> list[nn.Parameter]:
-    return [*model.image_head.parameters(), *model.text_head.parameters()]
+    return [*model.image_proj.parameters(), *model.text_proj.parameters()]
 
 
 def _timm_transforms(

@@ -1,24 +1,44 @@
-"""Exporting a trained PACL model in the formats its users already load.
+"""The PACL export format: one owner writes it (:func:`export_model`) and reads it
+(:func:`read_export_meta`, :func:`is_export_dir`, :func:`load_export`, :func:`load_heads`), always
+through :mod:`pacl_ray.formats.storage`, so an export on a local path, a ``file://`` URI or object
+storage (``s3://``, ``gs://``) reads the same.
 
-* timm backbones: a full timm state dict (safetensors) *including a classifier*, because timm
-  strict-loads the classifier whenever ``num_classes`` matches the pretrained config. The classifier
-  is the initial model's (pretrained) head when it had one, else the freshly built head. Both
+An export directory holds
 
-      timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
-      timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path))
+* ``backbone.safetensors`` (:data:`EXPORT_BACKBONE`), in the format its users already load:
 
-  load it, the second giving exactly the pooled features PACL trained.
-* open_clip towers: the full CLIP state dict with the trained visual tower, loadable with
-  ``open_clip.create_model_and_transforms(arch, pretrained=path)`` (and so with
-  ``backbones.create_backbone("open_clip:<arch>", checkpoint=path)``).
-* the projection heads (``image_head.weight`` [D, image_dim], ``text_head.weight`` [D, text_dim])
-  for zero-shot use, and ``export.json`` naming the backbone, widths and the text encoder.
+  - timm backbones: a full timm state dict *including a classifier*, because timm strict-loads
+    the classifier whenever ``num_classes`` matches the pretrained config. The classifier is the
+    initial model's (pretrained) head when it had one, else the freshly built head. Both
+
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+        timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path))
+
+    load it, the second giving exactly the pooled features PACL trained.
+  - open_clip towers: the full CLIP state dict with the trained visual tower, loadable with
+    ``open_clip.create_model_and_transforms(arch, pretrained=path)`` (and so with
+    ``backbones.create_backbone("open_clip:<arch>", checkpoint=path)``).
+
+  timm and open_clip open only local files: :func:`local_file` copies a remote one into a local
+  cache first.
+* ``heads.safetensors`` (:data:`EXPORT_HEADS`): the bias-free projection heads for zero-shot use,
+  ``image_proj.weight`` float32 [embed_dim, image_dim] and ``text_proj.weight`` float32
+  [embed_dim, text_dim]. Exports written before the heads were renamed hold ``image_head.weight``
+  / ``text_head.weight``; readers accept both (:data:`HEAD_KEYS`).
+* ``export.json`` (:data:`EXPORT_META`): ``backbone``, ``text_encoder``, ``text_pooling``,
+  ``text_max_length``, ``embed_dim`` (required, :data:`EXPORT_KEYS`), plus ``image_size``,
+  ``image_dim``, ``text_dim``, the initial weights (``backbone_pretrained``,
+  ``backbone_checkpoint``, so evaluation can compare "X" with "X + PACL"), ``temperature``,
+  ``objective`` and a ``load_with`` hint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +51,18 @@ from pacl_ray.formats import storage
 from pacl_ray.config import RunConfig
 from pacl_ray.core.pacl_model import PACLModel
 
-BACKBONE_FILE = "backbone.safetensors"
-HEADS_FILE = "heads.safetensors"
-INFO_FILE = "export.json"
+EXPORT_META = "export.json"
+EXPORT_BACKBONE = "backbone.safetensors"
+EXPORT_HEADS = "heads.safetensors"
+EXPORT_KEYS = ("backbone", "text_encoder", "text_pooling", "text_max_length", "embed_dim")
+# (image, text) projection weights [E, D]: the contract's name first, then the name exports had
+# before the model's heads were renamed (still read).
+HEAD_KEYS = (("image_proj.weight", "image_head.weight"), ("text_proj.weight", "text_head.weight"))
+LOCAL_CACHE_ENV = "PACL_RAY_CACHE"
+
+
+class ExportError(ValueError):
+    """A PACL export directory is incomplete or inconsistent; the message names the file and key."""
 
 
 @dataclass
@@ -126,25 +155,25 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         backbone_state = timm_full_state(model.backbone, cfg)
         loader = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=<file>))"
     out = ExportedModel(
-        backbone=storage.join(directory, BACKBONE_FILE),
-        heads=storage.join(directory, HEADS_FILE),
-        info=storage.join(directory, INFO_FILE),
+        backbone=storage.join(directory, EXPORT_BACKBONE),
+        heads=storage.join(directory, EXPORT_HEADS),
+        info=storage.join(directory, EXPORT_META),
     )
     write_safetensors(out.backbone, backbone_state, {"backbone": name})
-    heads = {"image_head.weight": model.image_head.weight, "text_head.weight": model.text_head.weight}
+    heads = {HEAD_KEYS[0][0]: model.image_proj.weight, HEAD_KEYS[1][0]: model.text_proj.weight}
     write_safetensors(out.heads, heads, {"backbone": name, "text_encoder": cfg.model.text_encoder})
     info = {
         "backbone": name,
-        "backbone_file": BACKBONE_FILE,
-        "heads_file": HEADS_FILE,
+        "backbone_file": EXPORT_BACKBONE,
+        "heads_file": EXPORT_HEADS,
         "load_with": loader,
         "image_size": cfg.train.image_size or cfg.model.backbone_input_size or None,
         # The initial weights, so evaluation can compare "X" with "X + PACL".
         "backbone_pretrained": cfg.model.backbone_pretrained,
         "backbone_checkpoint": cfg.model.backbone_checkpoint,
-        "image_dim": int(model.image_head.in_features),
+        "image_dim": int(model.image_proj.in_features),
         "text_dim": int(text_dim),
-        "embed_dim": int(model.image_head.out_features),
+        "embed_dim": int(model.image_proj.out_features),
         "text_encoder": cfg.model.text_encoder,
         "text_pooling": cfg.model.text_pooling,
         "text_max_length": cfg.model.text_max_length,
@@ -155,13 +184,119 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
     return out
 
 
-def load_heads(uri: str) -> tuple[nn.Linear, nn.Linear]:
-    """The exported projection heads as bias-free ``nn.Linear`` (image, text)."""
+# --------------------------------------------------------------------------- reading
+
+
+def is_export_dir(uri: str) -> bool:
+    """Whether ``uri`` (local path, ``file://`` or object-storage URI) is a PACL export directory,
+    i.e. holds ``export.json``. False for model names such as ``resnet50``."""
+    return bool(uri) and storage.exists(storage.join(uri, EXPORT_META))
+
+
+def read_export_meta(directory: str) -> dict:
+    """``export.json`` of a PACL export, checked for the keys zero-shot needs (:data:`EXPORT_KEYS`).
+
+    Raises:
+        ExportError: the file is missing, not JSON, or lacks a required key (named)."""
+    path = storage.join(directory, EXPORT_META)
+    try:
+        meta = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: not found; a PACL export directory holds {EXPORT_META}, "
+                          f"{EXPORT_BACKBONE} and {EXPORT_HEADS}") from None
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    missing = [k for k in EXPORT_KEYS if k not in meta]
+    if missing:
+        raise ExportError(f"{path}: missing key {missing[0]!r} (required: {', '.join(EXPORT_KEYS)})")
+    return meta
+
+
+def backbone_uri(directory: str) -> str:
+    """The export's backbone weights (checked to exist); raises ExportError naming the file."""
+    uri = storage.join(directory, EXPORT_BACKBONE)
+    if not storage.exists(uri):
+        raise ExportError(f"{uri}: not found (the PACL export's backbone weights)")
+    return uri
+
+
+def _head_weights(uri: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) projection weights [E, Dv], [E, Dt] from a heads file, either naming."""
+    if not storage.exists(uri):
+        raise ExportError(f"{uri}: not found (the PACL export's projection heads)")
     state = read_safetensors(uri)
+    found = []
+    for names in HEAD_KEYS:
+        key = next((k for k in names if k in state), None)
+        if key is None:
+            raise ExportError(f"{uri}: missing tensor {names[0]!r} or {names[1]!r} (have {sorted(state)})")
+        if state[key].ndim != 2:
+            raise ExportError(f"{uri}: {key} has shape {tuple(state[key].shape)}, expected [embed_dim, D]")
+        found.append(state[key])
+    return found[0], found[1]
+
+
+@dataclass
+class PaclExport:
+    """The zero-shot parts of a PACL export: projection heads and the frozen text encoder's name."""
+
+    directory: str
+    meta: dict
+    image_proj: torch.Tensor  # float32 [E, Dv]
+    text_proj: torch.Tensor  # float32 [E, Dt]
+
+
+def load_export(directory: str) -> PaclExport:
+    """Load ``export.json`` and ``heads.safetensors``, checking keys and shapes.
+
+    Raises:
+        ExportError: a file or key is missing, or a head's first dimension is not ``embed_dim``."""
+    meta = read_export_meta(directory)
+    uri = storage.join(directory, EXPORT_HEADS)
+    image_proj, text_proj = _head_weights(uri)
+    for name, weight in (("image_proj.weight", image_proj), ("text_proj.weight", text_proj)):
+        if weight.shape[0] != int(meta["embed_dim"]):
+            raise ExportError(f"{uri}: {name} has shape {tuple(weight.shape)}, expected [embed_dim="
+                              f"{meta['embed_dim']}, D]")
+    return PaclExport(directory, meta, image_proj.float(), text_proj.float())
+
+
+def load_heads(uri: str) -> tuple[nn.Linear, nn.Linear]:
+    """The exported projection heads as bias-free ``nn.Linear`` (image, text), either naming."""
     heads = []
-    for key in ("image_head.weight", "text_head.weight"):
-        weight = state[key]
+    for weight in _head_weights(uri):
         head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         head.weight.data.copy_(weight)
         heads.append(head)
     return heads[0], heads[1]
+
+
+def local_file(uri: str) -> str:
+    """A local path holding the file at ``uri``, for loaders that open only local files (timm's
+    ``pretrained_cfg_overlay=dict(file=...)``, open_clip's ``pretrained=``).
+
+    Local paths (``~`` expanded) and ``file://`` URIs are returned as paths; other URIs are copied
+    once into ``$PACL_RAY_CACHE/weights`` (else the system temp directory), keyed by URI, size and
+    modification time, and written atomically so concurrent actors on one node share the copy.
+    "" stays "". Raises FileNotFoundError naming the URI when it does not exist."""
+    if not uri:
+        return ""
+    if "://" not in uri:
+        return os.path.expanduser(uri)
+    if uri.startswith("file://"):
+        return storage.resolve(uri)[1]
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type.name != "File":
+        raise FileNotFoundError(f"weights not found: {uri}")
+    key = hashlib.sha256(json.dumps([storage.normalize(uri), info.size, info.mtime_ns]).encode()).hexdigest()[:16]
+    base = os.environ.get(LOCAL_CACHE_ENV) or tempfile.gettempdir()
+    target = os.path.join(os.path.expanduser(base), "weights", key, posixpath.basename(path))
+    if not os.path.isfile(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with fs.open_input_stream(path) as source, open(tmp, "wb") as sink:
+            while chunk := source.read(1 << 24):
+                sink.write(chunk)
+        os.replace(tmp, target)
+    return target

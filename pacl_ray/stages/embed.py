@@ -2,7 +2,8 @@
 
     pairs/ (id, image bytes, text)
       -> CPU map_batches: decode + the backbone's own eval transform      -> pixels [B, 3, H, W]
-      -> actor pool ImageFeatureExtractor: the *initial* target backbone -> image_feature [B, D_image]
+      -> actor pool ImageFeatureExtractor (pacl_ray.stages.image_features, shared with evaluation):
+                                        the *initial* target backbone   -> image_feature [B, D_image]
       -> actor pool TextFeatureExtractor: the frozen text encoder        -> text_feature  [B, D_text]
       -> features/ Parquet, tables.features_schema(D_image, D_text, float16|float32)
 
@@ -37,6 +38,7 @@ from pacl_ray.core import backbones
 from pacl_ray.formats import tables
 from pacl_ray.formats import storage
 from pacl_ray.stages.cache import StageOutput
+from pacl_ray.stages.image_features import ImageFeatureExtractor
 from pacl_ray.config import RunConfig
 
 STAGE = "embed"
@@ -80,26 +82,6 @@ def decode_and_transform(batch: dict[str, np.ndarray], transform: Callable) -> d
         except Exception as err:  # ingest validated the bytes; say which row if one still fails
             raise ValueError(f"embed: pairs row id={pair_id!r} field 'image': cannot decode ({err})") from err
     return {tables.ID: batch[tables.ID], "text": batch["text"], "pixels": np.stack(pixels)}
-
-
-class ImageFeatureExtractor:
-    """Actor UDF: pixels [B, 3, H, W] -> the initial backbone's pooled features [B, D_image].
-    Also keeps the backbone's eval transform and feature width for callers in the same process."""
-
-    def __init__(self, backbone: str, pretrained: str, checkpoint: str, input_size: int, precision: str):
-        self.device = backbones.default_device()
-        built = backbones.create_backbone(backbone, pretrained, checkpoint, input_size)
-        self.model = built.model.to(self.device).eval().requires_grad_(False)
-        self.eval_transform, self.num_features = built.eval_transform, built.num_features
-        self.precision = precision
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        with torch.inference_mode(), backbones.autocast(self.device, self.precision):
-            features = self.model(pixels).float().cpu().numpy()
-        return {tables.ID: batch[tables.ID], "text": batch["text"], "image_feature": features}
 
 
 class TextFeatureExtractor:

@@ -171,7 +171,7 @@ def flatten_rows(rows: list[dict]) -> dict[str, float]:
     """evaluate_backbone rows (one per task and protocol) into ``{"<dataset>/<column>": value}``
     over the metric columns (Acc-C, F1-C, mAP, AUC, MSE, R2). Linear evaluation is the paper's
     Table 5 protocol; other protocols and zero-shot prompts are suffixed to the dataset name."""
-    from pacl_ray.evaluation.evaluate import METRIC_COLUMN
+    from pacl_ray.evaluation.report import METRIC_COLUMN
 
     out: dict[str, float] = {}
     for i, row in enumerate(rows):

@@ -75,7 +75,7 @@ from PIL import Image, ImageDraw
 
 from pacl_ray.core import backbones
 
-WORLD_VERSION = "4"
+WORLD_VERSION = "5"  # 5: the gap is measured with evaluation's linear probe
 SUCCESS = "_SUCCESS"
 CACHE_ENV = "PACL_RAY_CACHE"
 CLIP_MODEL = "pacl-world-clip"
@@ -600,28 +600,33 @@ def _features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 25
 
 
 def _downstream_tensors(root: Path, transform) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    emotions = list(EMOTIONS)
-    out = {}
-    for split in ("train", "val", "test"):
-        paths = sorted((root / "downstream" / split).glob("*/*.png"))
-        labels = torch.tensor([emotions.index(p.parent.name) for p in paths])
-        out[split] = (_load_images(paths, transform), labels)
-    return out
+    """The downstream splits (images [N, 3, H, W], labels [N]) as ``pacl-ray evaluate`` reads them
+    (the imagefolder reader: same images, order and class indices), so the gap's probe sees what
+    the sweeps' probe sees."""
+    from pacl_ray.evaluation.tasks import load_task, parse_task
+
+    data = load_task(parse_task(f"imagefolder:emotion={root / 'downstream'}"))
+    if data.quarantine or sorted(data.label_names[0]) != sorted(EMOTIONS):
+        raise RuntimeError(f"{root / 'downstream'}: unreadable images {data.quarantine[:3]} or classes "
+                           f"{data.label_names[0]} (expected {sorted(EMOTIONS)})")
+    return {split: (_load_images([Path(p) for p in part.paths], transform), torch.as_tensor(part.targets))
+            for split, part in data.splits.items()}
 
 
 def linear_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> float:
-    """Test accuracy of a logistic regression on standardised features, C chosen on val."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    """Test accuracy (a fraction) of evaluation's linear probe on frozen features [N, D] per split,
+    the epoch chosen on val: the same probe, at the same defaults (``EvaluateConfig``), that
+    ``pacl-ray evaluate`` and the sweeps report, so the gap and the sweep tables are comparable."""
+    from pacl_ray.config import EvaluateConfig
+    from pacl_ray.evaluation.probes import train_linear_probe
 
-    scaler = StandardScaler().fit(features["train"])
-    best, best_val = None, -1.0
-    for c in (0.1, 1.0):
-        clf = LogisticRegression(C=c, max_iter=500).fit(scaler.transform(features["train"]), labels["train"])
-        val = clf.score(scaler.transform(features["val"]), labels["val"])
-        if val > best_val:
-            best, best_val = clf, val
-    return round(float(best.score(scaler.transform(features["test"]), labels["test"])), 4)
+    settings = EvaluateConfig()
+    probe = train_linear_probe(
+        features["train"], labels["train"], features["val"], labels["val"], "single", [len(EMOTIONS)],
+        lr=settings.linear_lr, epochs=settings.linear_epochs, batch_size=settings.batch_size,
+        weight_decay=settings.weight_decay, seed=0,
+    )
+    return round(float(np.mean(probe.predict(features["test"]) == labels["test"])), 4)
 
 
 def measure_gap(root: Path, backbone_checkpoint: Path, size: WorldSize, seed: int) -> dict:

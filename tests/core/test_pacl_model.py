@@ -26,15 +26,24 @@ def test_outputs_are_unit_norm_projections():
     assert z_image.shape == z_text.shape == (3, 12)
     torch.testing.assert_close(z_image.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(z_text.norm(dim=-1), torch.ones(3))
-    assert model.image_head.bias is None and model.text_head.bias is None
-    assert model.image_head.in_features == backbone.num_features
+    assert model.image_proj.bias is None and model.text_proj.bias is None
+    assert model.image_proj.in_features == backbone.num_features
 
 
 def test_text_head_is_a_linear_map_of_cached_features():
     model = PACLModel(torch.nn.Flatten(), image_dim=4, text_dim=3, embed_dim=2)
     feats = torch.randn(5, 3)
-    expected = feats @ model.text_head.weight.T
+    expected = feats @ model.text_proj.weight.T
     torch.testing.assert_close(model.encode_text(feats), expected / expected.norm(dim=-1, keepdim=True))
+
+
+def test_checkpoints_with_the_former_head_names_still_load():
+    model = PACLModel(torch.nn.Flatten(), image_dim=4, text_dim=3, embed_dim=2)
+    old = {"image_head.weight": torch.randn(2, 4), "text_head.weight": torch.randn(2, 3)}
+    model.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    assert torch.equal(model.image_proj.weight, old["image_head.weight"])
+    assert torch.equal(model.text_proj.weight, old["text_head.weight"])
+    assert sorted(model.state_dict()) == ["image_proj.weight", "text_proj.weight"]
 
 
 def test_gradients_reach_backbone_and_both_heads():

@@ -1,19 +1,26 @@
-"""Exported backbones load with timm / open_clip and reproduce the in-memory features."""
+"""Exported backbones load with timm / open_clip and reproduce the in-memory features; the export
+format is read back by its owner on local paths, ``file://`` URIs and S3 (moto), and exports with
+the former head names still read."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 from pacl_ray import config
 from pacl_ray.core import backbones
 from pacl_ray.formats import storage
-from pacl_ray.formats.export import export_model, load_heads, read_safetensors, write_safetensors
 from pacl_ray.config import model_args
 from pacl_ray.core.pacl_model import build_model
+from pacl_ray.formats import export
+from pacl_ray.formats.export import (ExportError, export_model, is_export_dir, load_export, load_heads, local_file,
+                                     read_export_meta, read_safetensors, write_safetensors)
+from moto_s3 import mock_s3  # noqa: F401 (fixture)
 
 TINY = "test_convnext"
 TINY_CLIP = "pacl-tiny-clip"
@@ -72,12 +79,13 @@ def test_heads_and_info(tmp_path):
     cfg = _cfg()
     model = _perturbed_model(cfg, text_dim=6)
     out = export_model(model, cfg, str(tmp_path / "export"), text_dim=6)
-    image_head, text_head = load_heads(out.heads)
-    assert torch.equal(image_head.weight, model.image_head.weight) and image_head.bias is None
-    assert torch.equal(text_head.weight, model.text_head.weight) and text_head.bias is None
+    image_proj, text_proj = load_heads(out.heads)
+    assert torch.equal(image_proj.weight, model.image_proj.weight) and image_proj.bias is None
+    assert torch.equal(text_proj.weight, model.text_proj.weight) and text_proj.bias is None
+    assert sorted(read_safetensors(out.heads)) == ["image_proj.weight", "text_proj.weight"]  # the contract's names
     info = json.loads(storage.read_text(out.info))
     assert info["backbone"] == TINY and info["embed_dim"] == 12 and info["text_dim"] == 6
-    assert info["image_dim"] == model.image_head.in_features
+    assert info["image_dim"] == model.image_proj.in_features
     assert info["text_encoder"] == cfg.model.text_encoder
 
 
@@ -98,3 +106,70 @@ def test_non_finite_tensors_are_never_exported(tmp_path):
     with pytest.raises(ValueError, match="refusing to export non-finite tensors .*'w'"):
         write_safetensors(path, {"ok": torch.ones(2), "w": torch.tensor([1.0, float("nan")])})
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def _export_and_read_back(directory: str) -> None:
+    """Write an export under ``directory`` (any URI) and read every part back through the owner."""
+    cfg = _cfg()
+    model = _perturbed_model(cfg)
+    out = export_model(model, cfg, directory, text_dim=6)
+    assert is_export_dir(directory) and not is_export_dir(storage.join(directory, "missing"))
+    assert read_export_meta(directory)["embed_dim"] == 12
+    loaded = load_export(directory)
+    assert torch.equal(loaded.image_proj, model.image_proj.weight) and torch.equal(loaded.text_proj, model.text_proj.weight)
+    assert export.backbone_uri(directory) == out.backbone
+    local = local_file(out.backbone)  # timm opens only local files
+    assert os.path.isfile(local) and local_file(out.backbone) == local
+    backbone = backbones.create_backbone(TINY, checkpoint=local)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.model.eval()(images), model.backbone(images))
+
+
+def test_export_reads_back_on_local_paths_and_file_uris(tmp_path):
+    _export_and_read_back(str(tmp_path / "local"))
+    _export_and_read_back(f"file://{tmp_path}/viauri")
+    assert local_file(f"file://{tmp_path}/viauri/{export.EXPORT_BACKBONE}") == str(tmp_path / "viauri" / export.EXPORT_BACKBONE)
+    assert not is_export_dir("resnet50") and not is_export_dir("")
+
+
+def test_export_reads_back_on_s3(mock_s3, tmp_path, monkeypatch):
+    monkeypatch.setenv(export.LOCAL_CACHE_ENV, str(tmp_path / "cache"))
+    _export_and_read_back(f"{mock_s3}/runs/export")
+    assert str(tmp_path / "cache" / "weights") in local_file(f"{mock_s3}/runs/export/{export.EXPORT_BACKBONE}")
+    with pytest.raises(FileNotFoundError, match="weights not found"):
+        local_file(f"{mock_s3}/runs/export/nothing.safetensors")
+
+
+def test_exports_with_the_former_head_names_still_read(tmp_path):
+    directory = tmp_path / "old"
+    directory.mkdir()
+    image, text = torch.randn(4, 5), torch.randn(4, 3)
+    save_file({"image_head.weight": image, "text_head.weight": text}, str(directory / export.EXPORT_HEADS))
+    (directory / export.EXPORT_META).write_text(json.dumps(
+        {"backbone": TINY, "text_encoder": "m", "text_pooling": "mean", "text_max_length": 8, "embed_dim": 4}))
+    loaded = load_export(str(directory))
+    assert torch.equal(loaded.image_proj, image) and torch.equal(loaded.text_proj, text)
+    image_proj, text_proj = load_heads(str(directory / export.EXPORT_HEADS))
+    assert torch.equal(image_proj.weight, image) and torch.equal(text_proj.weight, text)
+
+
+def test_export_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(ExportError, match=r"export.json: not found"):
+        read_export_meta(str(tmp_path))
+    (tmp_path / export.EXPORT_META).write_text(json.dumps({"backbone": TINY}))
+    with pytest.raises(ExportError, match="missing key 'text_encoder'"):
+        read_export_meta(str(tmp_path))
+    (tmp_path / export.EXPORT_META).write_text(json.dumps(
+        {"backbone": TINY, "text_encoder": "m", "text_pooling": "mean", "text_max_length": 8, "embed_dim": 4}))
+    with pytest.raises(ExportError, match="heads.safetensors: not found"):
+        load_export(str(tmp_path))
+    with pytest.raises(ExportError, match="backbone.safetensors: not found"):
+        export.backbone_uri(str(tmp_path))
+    save_file({"image_proj.weight": torch.randn(3, 5), "text_proj.weight": torch.randn(4, 3)},
+              str(tmp_path / export.EXPORT_HEADS))
+    with pytest.raises(ExportError, match=r"image_proj.weight has shape \(3, 5\), expected \[embed_dim=4"):
+        load_export(str(tmp_path))
+    save_file({"image_proj.weight": torch.randn(4, 5)}, str(tmp_path / export.EXPORT_HEADS))
+    with pytest.raises(ExportError, match="missing tensor 'text_proj.weight' or 'text_head.weight'"):
+        load_export(str(tmp_path))

@@ -1,0 +1,115 @@
+"""Downstream task specs (paper 4.4, 4.5): what to evaluate on, and under which protocols.
+
+Task spec
+---------
+``KIND:DATASET=ROOT[,option=value...]``
+
+============  ===========================  ==========================================
+KIND          DATASET                      metrics (Table 1 columns)
+============  ===========================  ==========================================
+single        fi, emotion6, unbiasedemo    Acc-C, F1-C (C classes)
+imagefolder   any name (the display name)  Acc-C, F1-C; generic ImageFolder layout
+hierarchical  webemo                       Acc-n, F1-n per level (n classes in it)
+multilabel    emotic                       mAP, AUC (macro over categories)
+vad           emotic, iaps                 MSE (x100), R2 (means over V, A, D)
+============  ===========================  ==========================================
+
+``ROOT`` is a local directory in the layout documented in :mod:`pacl_ray.evaluation.datasets`. Options:
+``seed=N`` (split seed; default ``evaluate.split_seed``), ``limit=N`` (at most N images per split,
+for quick runs), ``name=TEXT`` (the column label in the table). Examples::
+
+    single:fi=/data/FI
+    imagefolder:emo=/path/to/root,limit=200
+    hierarchical:webemo=/data/WebEmo
+    multilabel:emotic=/data/Emotic
+    vad:iaps=/data/IAPS,seed=3
+
+Protocols: ``linear``, ``finetune``, ``zeroshot`` (comma-separated for several; see
+:mod:`pacl_ray.evaluation.evaluate`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pacl_ray.evaluation.datasets import DISPLAY_NAMES, KINDS, READERS, TaskData, load_dataset
+
+PROTOCOLS = ("linear", "finetune", "zeroshot")
+TASK_KINDS = KINDS + ("imagefolder",)
+TASK_OPTIONS = ("seed", "limit", "name")
+
+
+class TaskSpecError(ValueError):
+    """A ``--task`` spec (or protocol, or prompt template) does not parse; the message shows the grammar."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A parsed ``KIND:DATASET=ROOT[,option=value...]``."""
+
+    text: str
+    kind: str  # single | hierarchical | multilabel | vad | imagefolder
+    dataset: str
+    root: str
+    seed: int
+    limit: int = 0
+    name: str = ""
+
+    @property
+    def task_kind(self) -> str:
+        return "single" if self.kind == "imagefolder" else self.kind
+
+    @property
+    def display(self) -> str:
+        return self.name or DISPLAY_NAMES.get(self.dataset, self.dataset)
+
+
+def parse_task(text: str, default_seed: int = 0) -> TaskSpec:
+    """Parse a task spec (grammar in the module docstring); errors say what is wrong and show it."""
+    grammar = "expected KIND:DATASET=ROOT[,seed=N][,limit=N][,name=TEXT], e.g. single:fi=/data/FI"
+    head, sep, root = text.partition("=")
+    if not sep or ":" not in head or not root.strip():
+        raise TaskSpecError(f"task {text!r}: {grammar}")
+    kind, dataset = (part.strip().lower() for part in head.split(":", 1))
+    if kind not in TASK_KINDS:
+        raise TaskSpecError(f"task {text!r}: unknown kind {kind!r}; kinds: {', '.join(TASK_KINDS)}")
+    if not dataset:
+        raise TaskSpecError(f"task {text!r}: empty dataset name; {grammar}")
+    if kind != "imagefolder" and (kind, dataset) not in READERS:
+        known = sorted(d for k, d in READERS if k == kind)
+        raise TaskSpecError(
+            f"task {text!r}: no {kind} reader for {dataset!r}; {kind} datasets: {', '.join(known)} "
+            f"(use imagefolder:{dataset}=ROOT for a generic ImageFolder layout)"
+        )
+    options: dict[str, str] = {}
+    parts = root.split(",")
+    while len(parts) > 1 and re.match(r"^\s*(\w+)\s*=", parts[-1]):
+        key, _, value = parts.pop().partition("=")
+        key = key.strip()
+        if key not in TASK_OPTIONS:
+            raise TaskSpecError(f"task {text!r}: unknown option {key!r}; options: {', '.join(TASK_OPTIONS)}")
+        options[key] = value.strip()
+    try:
+        seed = int(options.get("seed", default_seed))
+        limit = int(options.get("limit", 0))
+    except ValueError as err:
+        raise TaskSpecError(f"task {text!r}: seed and limit must be integers ({err})") from None
+    if limit < 0:
+        raise TaskSpecError(f"task {text!r}: limit must be >= 0")
+    return TaskSpec(text=text, kind=kind, dataset=dataset, root=",".join(parts).strip(), seed=seed,
+                    limit=limit, name=options.get("name", ""))
+
+
+def parse_protocols(text: str) -> list[str]:
+    """``"linear, zeroshot"`` -> ``["linear", "zeroshot"]``; TaskSpecError on an unknown protocol."""
+    protocols = [p.strip().lower() for p in text.split(",") if p.strip()]
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if not protocols or bad:
+        raise TaskSpecError(f"protocol {text!r}: expected one or more of {', '.join(PROTOCOLS)} (comma-separated)")
+    return protocols
+
+
+def load_task(spec: TaskSpec) -> TaskData:
+    """The task's dataset with its splits (:func:`pacl_ray.evaluation.datasets.load_dataset`)."""
+    return load_dataset(spec.kind, spec.dataset, spec.root, seed=spec.seed, limit=spec.limit)
