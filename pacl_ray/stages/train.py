@@ -48,7 +48,6 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from pacl_ray.stages import cache
@@ -59,6 +58,10 @@ from pacl_ray.stages import runtime
 from pacl_ray.formats import tables
 from pacl_ray.formats import storage
 from pacl_ray.stages.cache import StageOutput
+from pacl_ray.stages.embed import load_features
+from pacl_ray.stages.ingest import read_pairs_table
+from pacl_ray.stages.partition import read_scores
+from pacl_ray.stages.pseudo_labels import load_labels
 from pacl_ray.config import RunConfig, save_config
 
 STAGE = "train"
@@ -144,17 +147,6 @@ def cosine_factor(step: int, total: int) -> float:
 # --------------------------------------------------------------------------- driver-side join
 
 
-def _read_table(uri: str, columns: list[str], where: str) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{where}: {uri} does not exist")
-    available = pq.ParquetDataset(path, filesystem=fs).schema.names
-    missing = [c for c in columns if c not in available]
-    if missing:
-        raise ValueError(f"{where} ({uri}): missing column {missing[0]!r} (have {available})")
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
 def _align(table: pa.Table, ids: np.ndarray, where: str) -> pa.Table:
     """``table`` reordered to ``ids`` (sorted); every id must be present exactly once."""
     table_ids = table.column(tables.ID).to_numpy(zero_copy_only=False).astype(str)
@@ -178,16 +170,16 @@ def load_training_table(
     Image bytes stay out of the driver; :func:`build_dataset` joins them in Ray Data.
     """
     k = cfg.train.k
-    pairs_ids = _read_table(ingest.path("pairs"), [tables.ID], "ingest pairs").column(tables.ID)
+    pairs_ids = read_pairs_table(ingest, [tables.ID]).column(tables.ID)
     ids = np.sort(pairs_ids.to_numpy(zero_copy_only=False).astype(str))
     if len(ids) == 0:
         raise ValueError(f"ingest pairs ({ingest.path('pairs')}): no rows to train on")
     if (ids[1:] == ids[:-1]).any():
         raise ValueError(f"ingest pairs: id {ids[1:][ids[1:] == ids[:-1]][0]!r} appears more than once")
-    scores = _align(_read_table(partition.path("scores"), [tables.ID, "partition"], "partition scores"), ids, f"partition scores ({partition.path('scores')})")
-    fcol, ecol = tables.factual_label_column(k), tables.emotional_label_column(k)
-    labels = _align(_read_table(cluster.path("labels"), [tables.ID, fcol, ecol], f"cluster labels (train.k={k})"), ids, f"cluster labels ({cluster.path('labels')})")
-    feats = _align(_read_table(embed.path("features"), [tables.ID, "text_feature"], "embed features"), ids, f"embed features ({embed.path('features')})")
+    scores = _align(read_scores(partition, [tables.ID, "partition"]), ids, f"partition scores ({partition.path('scores')})")
+    fcol, ecol = "factual_label", "emotional_label"
+    labels = _align(load_labels(cluster, k), ids, f"cluster labels ({cluster.path('labels')}, train.k={k})")
+    feats = _align(load_features(embed, [tables.ID, "text_feature"]), ids, f"embed features ({embed.path('features')})")
 
     codes = scores.column("partition").to_numpy(zero_copy_only=False).astype(np.int64)
     bad = (codes < 1) | (codes > 4)
@@ -226,7 +218,7 @@ def _join_meta(batch: pa.Table, meta: pa.Table, where: str) -> pa.Table:
 
 def joined_table(ingest: StageOutput, meta: pa.Table) -> pa.Table:
     """What :func:`build_dataset` holds, read into one in-memory table (for small data)."""
-    pairs = _read_table(ingest.path("pairs"), [tables.ID, "image"], "ingest pairs")
+    pairs = read_pairs_table(ingest, [tables.ID, "image"])
     return _join_meta(pairs, meta, where=f"ingest pairs ({ingest.path('pairs')})")
 
 
