@@ -283,6 +283,7 @@ def run_cached(
     *,
     config: Any = None,
     describe: Optional[Callable[[dict], str]] = None,
+    keep_failed: bool = False,
 ) -> StageOutput:
     """The stage prologue and epilogue, once for every stage.
 
@@ -290,7 +291,9 @@ def run_cached(
     ``build(staging_uri)``, which writes the stage's files under ``staging_uri`` and returns its
     summary (a JSON-able dict), saves ``config`` (a RunConfig) there as ``config.yaml``, writes the
     completion record and publishes the directory (see the module docstring). ``describe(summary)``
-    is printed once, with " [cached]" on a cache hit. A failing ``build`` leaves nothing published.
+    is printed once, with " [cached]" on a cache hit. A failing ``build`` leaves nothing published;
+    its staging directory is deleted, or with ``keep_failed`` kept for inspection (e.g. ingest's
+    quarantine table when every record was bad; ``build`` can name ``staging_uri`` in its error).
     """
     found = lookup(output_dir, stage, key)
     if found is not None:
@@ -306,7 +309,8 @@ def run_cached(
             save_config(config, staging)
         output = publish(output_dir, stage, key, staging, summary)
     except BaseException:
-        storage.delete_dir(staging)
+        if not keep_failed:
+            storage.delete_dir(staging)
         raise
     if describe is not None:
         print(describe(summary))

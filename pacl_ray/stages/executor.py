@@ -15,10 +15,12 @@ Both paths run the same UDFs on the same batches, so they give the same rows (te
 
 Adopting it (e.g. evaluation's feature extraction)::
 
-    udfs = [Udf(decode, kwargs={"transform": t}), Udf(FeatureExtractor, kwargs={...}, actor=True)]
-    table = run_udfs_on_table(pairs, udfs, pool=ActorPool(concurrency, num_gpus), batch_size=64,
-                              ray_cfg=cfg.ray)                  # -> pa.Table, either path
-    run_udfs(source_uri, columns, udfs, out_uri, pool=..., batch_size=..., ray_cfg=...)  # -> Parquet
+    udfs = [Udf(FeatureExtractor, kwargs=extractor_kwargs, actor=True)]   # batch {row, path} -> {row, feature}
+    table = run_udfs_on_table(pa.Table.from_pylist(items), udfs,
+                              pool=ActorPool(cfg.evaluate.concurrency, cfg.evaluate.num_gpus),
+                              batch_size=cfg.evaluate.batch_size, ray_cfg=cfg.ray)
+    # -> pa.Table (row, feature: fixed-size list [D]) on either path; sort by row.
+    run_udfs(source_files, columns, udfs, out_uri, pool=..., batch_size=..., ray_cfg=...)  # -> Parquet
 """
 
 from __future__ import annotations
@@ -102,10 +104,19 @@ def numpy_batches(table: pa.Table, batch_size: int) -> Iterator[dict[str, np.nda
         yield {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}
 
 
+def _column(values: Any) -> Any:
+    array = np.asarray(values)
+    if array.ndim == 2 and array.dtype.kind in "fiub":  # [B, D] -> fixed-size list (width kept)
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), array.shape[1])
+    return list(values) if array.ndim > 1 else values
+
+
 def _as_table(out: Any) -> pa.Table:
+    """A UDF's output batch (Arrow table or dict of numpy columns) as an Arrow table; numeric
+    [B, D] columns become fixed-size lists of width D."""
     if isinstance(out, pa.Table):
         return out
-    return pa.table({k: (list(v) if np.asarray(v).ndim > 1 else v) for k, v in out.items()})
+    return pa.table({k: _column(v) for k, v in out.items()})
 
 
 def _callables(udfs: list[Udf]) -> list[Callable]:
@@ -176,7 +187,11 @@ def run_udfs(
 
 def run_udfs_on_table(table: pa.Table, udfs: list[Udf], *, pool: ActorPool, batch_size: int,
                       ray_cfg: RayConfig, empty: Optional[pa.Schema] = None) -> pa.Table:
-    """:func:`run_udfs` on an in-memory table, returning the output table (either path)."""
+    """:func:`run_udfs` on an in-memory table, returning the output table (either path; rows in
+    no particular order on Ray Data, so carry an id or row column). Numeric [B, D] output columns
+    become fixed-size lists of width D on both paths."""
+    import math
+
     from pacl_ray.stages.runtime import init_ray
 
     init_ray(ray_cfg)
@@ -184,6 +199,9 @@ def run_udfs_on_table(table: pa.Table, udfs: list[Udf], *, pool: ActorPool, batc
         return apply_in_process(table, udfs, batch_size, empty)
     import ray
 
-    ds = apply_ray_data(ray.data.from_arrow(table), udfs, batch_size, pool)
-    parts = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    # Blocks of a few batches each, so the actors of a pool share the work (one block per input
+    # table would go to one actor).
+    blocks = max(1, math.ceil(table.num_rows / (4 * max(1, batch_size))))
+    ds = apply_ray_data(ray.data.from_arrow(table).repartition(blocks), udfs, batch_size, pool)
+    parts = [_as_table(b) for b in ds.iter_batches(batch_format="numpy", batch_size=None)]
     return pa.concat_tables(parts) if parts else (empty.empty_table() if empty is not None else pa.table({}))

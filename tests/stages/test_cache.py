@@ -160,3 +160,17 @@ def test_in_place_marker_keeps_its_summary_and_lists_files(tmp_path):
     # A marker written by an older version (a bare summary) still reads as complete.
     storage.write_text(storage.join(uri, cache.SUCCESS), '{"rows": 4}')
     assert cache.read_summary(uri) == {"rows": 4} and cache.read_record(uri)["files"] is None
+
+
+def test_failed_build_can_keep_its_staging_for_inspection(tmp_path):
+    seen = []
+
+    def build(uri: str) -> dict:
+        seen.append(uri)
+        storage.write_text(storage.join(uri, "quarantine.txt"), "bad rows")
+        raise ValueError(f"every record is bad; see {uri}")
+
+    with pytest.raises(ValueError, match="every record is bad"):
+        cache.run_cached(str(tmp_path), "t", "k", build, keep_failed=True)
+    assert cache.lookup(str(tmp_path), "t", "k") is None
+    assert open(storage.join(seen[0], "quarantine.txt")).read() == "bad rows"

@@ -87,3 +87,12 @@ def test_cpu_actor_pools_leave_half_the_cpus_free(ray_local):
     assert "num_gpus" not in args and args["batch_size"] == 8 and args["batch_format"] == "numpy"
     assert args["num_cpus"] * 4 * 2 <= cpus / 2 + 1e-9
     assert executor.actor_pool_args(ActorPool(concurrency=1), 8)["num_cpus"] <= 1.0
+
+
+def test_matrix_outputs_become_fixed_size_lists():
+    def widen(batch: dict) -> dict:
+        return {"id": batch["id"], "feature": np.stack([batch["x"], -batch["x"]], axis=1).astype(np.float32)}
+
+    out = executor.apply_in_process(_input(4), [Udf(widen)], batch_size=3)
+    assert out.column("feature").type == pa.list_(pa.float32(), 2)
+    assert out.column("feature").to_pylist()[3] == [3.0, -3.0]
