@@ -224,7 +224,7 @@ def joined_table(ingest: StageOutput, meta: pa.Table) -> pa.Table:
 
 def fits_in_memory(ingest: StageOutput, max_mb: float) -> bool:
     """Whether the pairs' Parquet files (mostly encoded images) total at most ``max_mb``."""
-    files = storage.list_files(ingest.path("pairs"), ".parquet")
+    files = cache.table_files(ingest, "pairs")
     return sum(fs.get_file_info(path).size for fs, path in map(storage.resolve, files)) <= max_mb * 2**20
 
 
@@ -232,7 +232,9 @@ def build_dataset(ingest: StageOutput, meta: pa.Table):
     """The materialised Ray Dataset every epoch filters: image bytes joined with ``meta``."""
     import ray
 
-    pairs = ray.data.read_parquet(ingest.path("pairs"), columns=[tables.ID, "image"])
+    fs, _ = storage.resolve(ingest.path("pairs"))
+    files = [storage.resolve(uri)[1] for uri in cache.table_files(ingest, "pairs")]  # the recorded files only
+    pairs = ray.data.read_parquet(files, filesystem=fs, columns=[tables.ID, "image"])
     joined = pairs.map_batches(
         _join_meta, fn_kwargs=dict(meta=meta, where=f"ingest pairs ({ingest.path('pairs')})"), batch_format="pyarrow",
     )
