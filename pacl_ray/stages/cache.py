@@ -219,6 +219,29 @@ def table_files(output: StageOutput, table: str) -> list[str]:
     return [output.path(rel) for rel in sorted(files) if rel.startswith(prefix) and rel.endswith(".parquet")]
 
 
+def table_dir(output: StageOutput, table: str) -> str:
+    """The directory of ``output``'s table ``table``, for readers that take a directory (Ray
+    Data), after checking that it holds exactly the Parquet files its record lists, at their sizes.
+
+    Ray Data is handed the directory rather than the file list: it resolves a list's paths in
+    parallel threads, which races on a failing optional import (fsspec's HTTP filesystem without
+    aiohttp) in Ray 2.6x. Raises :class:`StageDataError` naming the first extra, missing or
+    resized file."""
+    uri = output.path(table)
+    files = _files(output)
+    if files is None:
+        return uri
+    prefix = table.rstrip("/") + "/"
+    recorded = {rel[len(prefix):]: size for rel, (size, _) in files.items() if rel.startswith(prefix)}
+    present = {rel: size for rel, size in storage.file_sizes(uri).items() if rel.endswith(".parquet")}
+    for rel in sorted(set(recorded) | set(present)):
+        if rel.endswith(".parquet") and recorded.get(rel) != present.get(rel):
+            state = ("not in the stage's completion record" if rel not in recorded else
+                     "missing" if rel not in present else f"size {present[rel]} bytes, recorded {recorded[rel]}")
+            raise StageDataError(f"{output.stage} stage output: {storage.join(uri, rel)}: {state}")
+    return uri
+
+
 def read_table(output: StageOutput, table: str, columns: list[str] | None = None, filter_expr=None) -> pa.Table:
     """The Parquet table directory ``table`` of a stage output, each file checked against the
     completion record (size and SHA-256) before it is parsed.

@@ -196,7 +196,7 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
             transform, image_dim = built.eval_transform, built.num_features
             del built
         ran = executor.run_udfs(
-            pairs_files, [tables.ID, "image", "text"], embed_udfs(transform, image_kwargs, text_kwargs),
+            cache.table_dir(ingest, "pairs"), [tables.ID, "image", "text"], embed_udfs(transform, image_kwargs, text_kwargs),
             features_uri, pool=ActorPool(e.concurrency, e.num_gpus, pools=2), batch_size=e.batch_size,
             ray_cfg=cfg.ray,
             in_process_udfs=embed_udfs(transform, image_kwargs, text_kwargs, image_extractor),

@@ -159,12 +159,12 @@ def apply_ray_data(ds: Any, udfs: list[Udf], batch_size: int, pool: ActorPool) -
 
 
 def run_udfs(
-    source: list[str], columns: list[str], udfs: list[Udf], out_uri: str, *, pool: ActorPool,
+    source: str | list[str], columns: list[str], udfs: list[Udf], out_uri: str, *, pool: ActorPool,
     batch_size: int, ray_cfg: RayConfig, empty: Optional[pa.Schema] = None,
     in_process_udfs: Optional[list[Udf]] = None,
 ) -> str:
-    """Read ``columns`` of the Parquet files ``source``, apply the UDFs, write Parquet under
-    ``out_uri``. Returns the executor used, ``"in_process"`` or ``"ray_data"``.
+    """Read ``columns`` of the Parquet directory (or files) ``source``, apply the UDFs, write
+    Parquet under ``out_uri``. Returns the executor used, ``"in_process"`` or ``"ray_data"``.
 
     ``in_process_udfs`` replace ``udfs`` on the in-process path (e.g. with prebuilt instances)."""
     from pacl_ray.stages.runtime import init_ray
@@ -177,9 +177,13 @@ def run_udfs(
         return IN_PROCESS
     import ray
 
-    fs, _ = storage.resolve(source[0]) if source else storage.resolve(out_uri)
-    paths = [storage.resolve(uri)[1] for uri in source]
-    ds = apply_ray_data(ray.data.read_parquet(paths, filesystem=fs, columns=columns), udfs, batch_size, pool)
+    if isinstance(source, str):
+        fs, paths = storage.resolve(source)
+    else:
+        fs, _ = storage.resolve(source[0]) if source else storage.resolve(out_uri)
+        paths = [storage.resolve(uri)[1] for uri in source]
+    read = ray.data.read_parquet(paths, filesystem=fs, columns=columns, file_extensions=["parquet"])
+    ds = apply_ray_data(read, udfs, batch_size, pool)
     out_fs, out_path = storage.resolve(out_uri)
     ds.write_parquet(out_path, filesystem=out_fs)
     return RAY_DATA

@@ -337,10 +337,10 @@ def run_scoring(cfg: RunConfig, ingest: cache.StageOutput) -> cache.StageOutput:
 
     def build(uri: str) -> dict:
         vocab = load_anp_vocab(pcfg.anp_vocab)
-        pairs_files = cache.table_files(ingest, "pairs")
-        need_clip, need_sentiment = _needed_models(pairs_files)
+        pairs_dir = cache.table_dir(ingest, "pairs")
+        need_clip, need_sentiment = _needed_models(cache.table_files(ingest, "pairs"))
         ran = executor.run_udfs(
-            pairs_files, scoring_columns(need_clip), scoring_udfs(pcfg, vocab, need_clip, need_sentiment),
+            pairs_dir, scoring_columns(need_clip), scoring_udfs(pcfg, vocab, need_clip, need_sentiment),
             storage.join(uri, "raw_scores"), pool=scoring_pool(pcfg), batch_size=pcfg.batch_size,
             ray_cfg=cfg.ray, empty=RAW_SCORES,
         )

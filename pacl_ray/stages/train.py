@@ -232,9 +232,8 @@ def build_dataset(ingest: StageOutput, meta: pa.Table):
     """The materialised Ray Dataset every epoch filters: image bytes joined with ``meta``."""
     import ray
 
-    fs, _ = storage.resolve(ingest.path("pairs"))
-    files = [storage.resolve(uri)[1] for uri in cache.table_files(ingest, "pairs")]  # the recorded files only
-    pairs = ray.data.read_parquet(files, filesystem=fs, columns=[tables.ID, "image"])
+    fs, path = storage.resolve(cache.table_dir(ingest, "pairs"))  # checked against the ingest record
+    pairs = ray.data.read_parquet(path, filesystem=fs, columns=[tables.ID, "image"], file_extensions=["parquet"])
     joined = pairs.map_batches(
         _join_meta, fn_kwargs=dict(meta=meta, where=f"ingest pairs ({ingest.path('pairs')})"), batch_format="pyarrow",
     )

@@ -141,6 +141,18 @@ def test_readers_ignore_stray_files_and_name_missing_columns(tmp_path):
         cache.read_table(out, "t", columns=["nope"])
 
 
+def test_table_dir_for_ray_data_refuses_files_the_record_does_not_list(tmp_path):
+    out = cache.run_cached(str(tmp_path), "t", "k", _builder(3, []))
+    assert cache.table_dir(out, "t") == out.path("t")
+    pq.write_table(_table(99), out.path("t", "stray.parquet"))
+    with pytest.raises(cache.StageDataError, match=r"stray\.parquet: not in the stage's completion record"):
+        cache.table_dir(out, "t")
+    os.remove(out.path("t", "stray.parquet"))
+    open(out.path("t", "part-1.parquet"), "ab").write(b"x")
+    with pytest.raises(cache.StageDataError, match=r"part-1\.parquet: size"):
+        cache.table_dir(out, "t")
+
+
 def test_hand_made_outputs_without_a_record_are_read_unchecked(tmp_path):
     storage.write_parquet(_table(1), str(tmp_path / "x" / "t"))
     out = cache.StageOutput("t", "k", str(tmp_path / "x"), cached=False)

@@ -72,8 +72,7 @@ def test_ray_data_gives_the_in_process_rows(ray_local, tmp_path):
 
     src = str(tmp_path / "in")
     storage.write_parquet(_input(), src)
-    files = storage.list_files(src, ".parquet")
-    ran = [executor.run_udfs(files, ["id", "x"], UDFS, str(tmp_path / name), pool=pool, batch_size=5,
+    ran = [executor.run_udfs(src, ["id", "x"], UDFS, str(tmp_path / name), pool=pool, batch_size=5,
                              ray_cfg=RayConfig(in_process_max_rows=rows))
            for name, rows in (("a", 100), ("b", 0))]
     assert ran == [executor.IN_PROCESS, executor.RAY_DATA]
