@@ -1,6 +1,6 @@
 """Pairs/s of the Ray Data scoring pipeline next to a plain single-process loop, from one run.
 
-Both paths score the same ingested pairs with the same UDFs (pacl_ray.stages.partition.ClipScorer and
+Both paths score the same ingested pairs with the same UDFs (pacl_ray.stages.scoring.ClipScorer and
 SentimentScorer) and include model loading, since a scoring job pays it once either way:
 
     python benchmarks/partition_bench.py                          # 300 pairs, tiny CLIP + MiniLM
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pacl_ray.config import RayConfig, RunConfig
     from pacl_ray.stages.ingest import read_pairs_table, run_ingest
-    from pacl_ray.stages.partition import build_scoring_pipeline, load_anp_vocab, score_table_locally
+    from pacl_ray.stages.scoring import build_scoring_pipeline, load_anp_vocab, score_table_locally
     from pacl_ray.stages.runtime import cluster_gpus, init_ray
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="partition_bench_"))

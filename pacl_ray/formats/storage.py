@@ -127,16 +127,110 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return [join(uri, rel) for rel in rels]
 
 
+def move_dir(src: str, dst: str) -> bool:
+    """Rename directory ``src`` to ``dst`` when the filesystem has an atomic rename (local paths and
+    ``file://``); False, doing nothing, on object stores (S3, GCS), which copy file by file.
+
+    Raises OSError when ``dst`` exists and is not empty (the rename does not merge)."""
+    fs, src_path = resolve(src)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return False
+    _, dst_path = resolve(dst)
+    os.rename(src_path, dst_path)  # atomic on POSIX; ENOTEMPTY/EEXIST when dst holds files
+    return True
+
+
+def file_sizes(uri: str) -> dict[str, int]:
+    """{path relative to ``uri``: size in bytes} of every file below a directory (one listing)."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {posixpath.relpath(i.path, path): int(i.size) for i in infos if i.type == pafs.FileType.File}
+
+
+def sha256_file(uri: str, chunk_bytes: int = 8 << 20) -> tuple[int, str]:
+    """(size in bytes, hex SHA-256) of a file, streamed in chunks."""
+    import hashlib
+
+    fs, path = resolve(uri)
+    digest, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- Parquet directories
 
 
-def read_parquet_dir(uri: str, columns: list[str] | None = None, filter_expr=None) -> pa.Table:
-    """Every Parquet file below a directory as one table (column projection and row filter pushed
-    down to the files)."""
-    import pyarrow.dataset as pads
+class FileCheckError(ValueError):
+    """A file is missing, unreadable, or differs from its expected size or checksum.
+    The message starts with the file's URI."""
 
-    fs, path = resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter_expr)
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}")
+        self.uri, self.reason = uri, reason
+
+
+def _parquet_files(source: str | list[str]) -> list[str]:
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    if not exists(source):
+        raise FileNotFoundError(f"{source} does not exist")
+    return list_files(source, ".parquet")
+
+
+def read_parquet_dir(
+    source: str | list[str],
+    columns: list[str] | None = None,
+    filter_expr=None,
+    expected: dict[str, tuple[int, str]] | None = None,
+) -> pa.Table:
+    """The one Parquet reader: every Parquet file below a directory (or the given file URIs, in
+    order) as one table, with column projection and a row filter (a ``pyarrow.compute``
+    expression) applied per file.
+
+    ``expected`` maps a file's URI to its (size in bytes, hex SHA-256), e.g. from a stage's
+    completion record: such a file is read whole, and its size and checksum are compared before
+    it is parsed. Files not in ``expected`` are read with projection and no check.
+
+    Raises:
+        FileNotFoundError: ``source`` is a directory that does not exist.
+        FileCheckError: a file differs from ``expected``, cannot be parsed as Parquet (e.g.
+            truncated), or lacks a requested column; the message names the file (and column).
+    """
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    parts = []
+    for uri in _parquet_files(source):
+        fs, path = resolve(uri)
+        want = (expected or {}).get(uri)
+        try:
+            if want is not None:
+                with fs.open_input_stream(path) as handle:
+                    data = handle.read()
+                if len(data) != want[0]:
+                    raise FileCheckError(uri, f"size {len(data)} bytes, expected {want[0]}")
+                if want[1] and hashlib.sha256(data).hexdigest() != want[1]:
+                    raise FileCheckError(uri, "content differs from its recorded SHA-256 (corrupted)")
+                parquet = pq.ParquetFile(pa.BufferReader(data))
+            else:
+                parquet = pq.ParquetFile(fs.open_input_file(path))
+            names = parquet.schema_arrow.names
+            missing = [c for c in columns or [] if c not in names]
+            if missing:
+                raise FileCheckError(uri, f"missing column {missing[0]!r} (have {names})")
+            table = parquet.read(columns=columns)
+        except FileCheckError:
+            raise
+        except (pa.ArrowException, OSError) as err:
+            raise FileCheckError(uri, f"not a readable Parquet file ({err})") from err
+        parts.append(table.filter(filter_expr) if filter_expr is not None else table)
+    if not parts:
+        return pa.table({c: pa.array([], pa.null()) for c in columns or []})
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def write_parquet(table: pa.Table, directory: str, name: str = "part-00000.parquet") -> None:
@@ -148,13 +242,18 @@ def write_parquet(table: pa.Table, directory: str, name: str = "part-00000.parqu
     pq.write_table(table, path, filesystem=fs)
 
 
-def parquet_rows(uri: str) -> int:
-    """Rows of every Parquet file below a directory, from the file footers (no data read)."""
+def parquet_file_rows(uri: str) -> int:
+    """Rows of one Parquet file, from its footer (no data read); FileCheckError if unreadable."""
     import pyarrow.parquet as pq
 
-    total = 0
-    for file_uri in list_files(uri, ".parquet"):
-        fs, path = resolve(file_uri)
+    fs, path = resolve(uri)
+    try:
         with fs.open_input_file(path) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
-    return total
+            return pq.ParquetFile(handle).metadata.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise FileCheckError(uri, f"not a readable Parquet file ({err})") from err
+
+
+def parquet_rows(source: str | list[str]) -> int:
+    """Rows of every Parquet file below a directory (or of the given files), from the footers."""
+    return sum(parquet_file_rows(uri) for uri in _parquet_files(source))

@@ -97,11 +97,3 @@ def labels_schema(ks: list[int]) -> pa.Schema:
         fields.append(pa.field(factual_label_column(k), pa.int32(), nullable=False))
         fields.append(pa.field(emotional_label_column(k), pa.int32(), nullable=False))
     return pa.schema(fields)
-
-
-def check_columns(table: pa.Table | pa.Schema, expected: pa.Schema, where: str) -> None:
-    """Raise a ValueError naming the table and the first missing column."""
-    names = set(table.column_names if isinstance(table, pa.Table) else table.names)
-    for f in expected:
-        if f.name not in names:
-            raise ValueError(f"{where}: missing column {f.name!r} (have {sorted(names)})")

@@ -15,8 +15,9 @@ every training step, about half the compute of a naive implementation. Anything 
 text features (``model.text_encoder``, ``text_pooling``, ``text_max_length``,
 ``embed.feature_dtype``) changes this stage's content key, and therefore training's inputs.
 
-Inputs of at most ``ray.in_process_max_rows`` pairs run the same UDFs in a loop in the calling
-process instead (:func:`embed_table_locally`): actor start-up would dominate them.
+The steps run through :mod:`pacl_ray.stages.executor`: inputs of at most
+``ray.in_process_max_rows`` pairs run the same UDFs in a loop in the calling process instead
+(actor start-up would dominate them).
 
 Models load once per actor (callable classes). Actors take ``embed.num_gpus`` GPUs each when the
 Ray cluster has GPUs, and then run under bf16/fp16 autocast (``embed.precision``); on CPU they
@@ -30,16 +31,14 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pacl_ray.stages import cache
-from pacl_ray import config as config_mod
-from pacl_ray.core import backbones
-from pacl_ray.formats import tables
-from pacl_ray.formats import storage
-from pacl_ray.stages.cache import StageOutput
-from pacl_ray.stages.image_features import ImageFeatureExtractor
 from pacl_ray.config import RunConfig
+from pacl_ray.core import backbones
+from pacl_ray.formats import storage, tables
+from pacl_ray.stages import cache, executor
+from pacl_ray.stages.cache import StageOutput
+from pacl_ray.stages.executor import ActorPool, Udf
+from pacl_ray.stages.image_features import ImageFeatureExtractor
 
 STAGE = "embed"
 FEATURE_DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
@@ -103,17 +102,24 @@ class TextFeatureExtractor:
         return features_table(batch[tables.ID], image_features, text_features, self.dtype)
 
 
+def embed_udfs(transform: Callable, image_kwargs: dict, text_kwargs: dict,
+               image_extractor: "ImageFeatureExtractor | None" = None) -> list[Udf]:
+    """The stage's steps: PAIRS batches (id, image, text) -> FEATURES tables. ``image_extractor``:
+    a backbone already built in this process (used instead of building another)."""
+    return [
+        Udf(decode_and_transform, {"transform": transform}),
+        Udf(ImageFeatureExtractor, image_kwargs, actor=True, instance=image_extractor),
+        Udf(TextFeatureExtractor, text_kwargs, actor=True),
+    ]
+
+
 def embed_table_locally(
     pairs: pa.Table, image_extractor: ImageFeatureExtractor, text_extractor: TextFeatureExtractor, batch_size: int
 ) -> pa.Table:
     """The stage's UDFs in a plain loop in this process: PAIRS (id, image, text) -> FEATURES."""
-    from pacl_ray.stages.runtime import numpy_batches
-
-    tables = [
-        text_extractor(image_extractor(decode_and_transform(batch, image_extractor.eval_transform)))
-        for batch in numpy_batches(pairs, batch_size)
-    ]
-    return pa.concat_tables(tables)
+    udfs = [Udf(decode_and_transform, {"transform": image_extractor.eval_transform}),
+            Udf(ImageFeatureExtractor, instance=image_extractor), Udf(TextFeatureExtractor, instance=text_extractor)]
+    return executor.apply_in_process(pairs.select([tables.ID, "image", "text"]), udfs, batch_size)
 
 
 # --------------------------------------------------------------------------- stage
@@ -134,82 +140,57 @@ def text_dim(name_or_path: str) -> int:
     return int(AutoConfig.from_pretrained(backbones.resolve_hf_path(name_or_path)).hidden_size)
 
 
-def _actor_resources(cfg: RunConfig) -> dict:
-    import ray
-
-    from pacl_ray.stages import runtime
-
-    kwargs: dict = dict(
-        compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency), batch_size=cfg.embed.batch_size
-    )
-    if runtime.cluster_gpus() > 0:
-        kwargs["num_gpus"] = cfg.embed.num_gpus
-    return kwargs
-
-
 def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
     """Image and text features of every ingested pair (cached by content key)."""
-    import ray
-
     from pacl_ray.stages import runtime
 
     feature_dtype(cfg.embed.feature_dtype)  # fail before any work on a bad name
-    key = embed_key(cfg, ingest)
-    uri = cache.stage_uri(cfg.output_dir, STAGE, key)
-    if cache.is_complete(uri):
-        return StageOutput(STAGE, key, uri, cached=True)
-    runtime.init_ray(cfg.ray)
-    m = cfg.model
-    pairs_uri = ingest.path("pairs")
-    features_uri = storage.join(uri, "features")
-    storage.delete_dir(uri)  # leftovers of an interrupted run
-    image_kwargs = dict(
-        backbone=m.backbone, pretrained=m.backbone_pretrained, checkpoint=m.backbone_checkpoint,
-        input_size=m.backbone_input_size, precision=cfg.embed.precision,
-    )
-    text_kwargs = dict(
-        name=m.text_encoder, pooling=m.text_pooling, max_length=m.text_max_length,
-        precision=cfg.embed.precision, dtype=cfg.embed.feature_dtype,
-    )
-    rows = storage.parquet_rows(pairs_uri)
-    if rows == 0:
-        raise ValueError(f"embed: {pairs_uri} holds no pairs (every record was quarantined at ingest?)")
-    in_process = runtime.runs_in_process(rows, cfg.ray)
-    if in_process:
-        image_extractor = ImageFeatureExtractor(**image_kwargs)
-        image_dim = image_extractor.num_features
-        pairs = storage.read_parquet_dir(pairs_uri, columns=[tables.ID, "image", "text"])
-        features = embed_table_locally(pairs, image_extractor, TextFeatureExtractor(**text_kwargs), cfg.embed.batch_size)
-        storage.write_parquet(features, features_uri)
-    else:
-        # The driver builds the backbone once only to learn its eval transform and feature width.
-        backbone = backbones.create_backbone(m.backbone, m.backbone_pretrained, m.backbone_checkpoint, m.backbone_input_size)
-        transform, image_dim = backbone.eval_transform, backbone.num_features
-        del backbone
-        fs, pairs_path = storage.resolve(pairs_uri)
-        ds = ray.data.read_parquet(pairs_path, filesystem=fs, columns=[tables.ID, "image", "text"])
-        ds = ds.map_batches(decode_and_transform, fn_kwargs=dict(transform=transform), batch_size=cfg.embed.batch_size)
-        ds = ds.map_batches(ImageFeatureExtractor, fn_constructor_kwargs=image_kwargs, **_actor_resources(cfg))
-        ds = ds.map_batches(TextFeatureExtractor, fn_constructor_kwargs=text_kwargs, **_actor_resources(cfg))
-        out_fs, features_path = storage.resolve(features_uri)
-        ds.write_parquet(features_path, filesystem=out_fs)
-    written = storage.parquet_rows(features_uri)
-    if written != rows:
-        raise RuntimeError(f"embed: wrote {written} feature rows to {features_uri}, expected {rows} pairs")
-    config_mod.save_config(cfg, uri)
-    summary = dict(rows=written, image_dim=image_dim, text_dim=text_dim(m.text_encoder), dtype=cfg.embed.feature_dtype,
-                   executor="in_process" if in_process else "ray_data")
-    cache.mark_complete(uri, summary)
-    print(f"embed: {written} pairs -> image {image_dim}-d, text {summary['text_dim']}-d {cfg.embed.feature_dtype} features")
-    return StageOutput(STAGE, key, uri, cached=False)
+    m, e = cfg.model, cfg.embed
+
+    def build(uri: str) -> dict:
+        pairs_files = cache.table_files(ingest, "pairs")
+        features_uri = storage.join(uri, "features")
+        image_kwargs = dict(backbone=m.backbone, pretrained=m.backbone_pretrained, checkpoint=m.backbone_checkpoint,
+                            input_size=m.backbone_input_size, precision=e.precision)
+        text_kwargs = dict(name=m.text_encoder, pooling=m.text_pooling, max_length=m.text_max_length,
+                           precision=e.precision, dtype=e.feature_dtype)
+        rows = storage.parquet_rows(pairs_files)
+        if rows == 0:
+            raise ValueError(f"embed: {ingest.path('pairs')} holds no pairs (every record was quarantined at ingest?)")
+        runtime.init_ray(cfg.ray)
+        if executor.runs_in_process(rows, cfg.ray):
+            # The in-process path needs the backbone here anyway: take its transform and width from it.
+            image_extractor = ImageFeatureExtractor(**image_kwargs)
+            transform, image_dim = image_extractor.eval_transform, image_extractor.num_features
+        else:
+            # The driver builds the backbone once only to learn its eval transform and feature width.
+            image_extractor = None
+            built = backbones.create_backbone(m.backbone, m.backbone_pretrained, m.backbone_checkpoint,
+                                              m.backbone_input_size)
+            transform, image_dim = built.eval_transform, built.num_features
+            del built
+        ran = executor.run_udfs(
+            cache.table_dir(ingest, "pairs"), [tables.ID, "image", "text"], embed_udfs(transform, image_kwargs, text_kwargs),
+            features_uri, pool=ActorPool(e.concurrency, e.num_gpus, pools=2), batch_size=e.batch_size,
+            ray_cfg=cfg.ray,
+            in_process_udfs=embed_udfs(transform, image_kwargs, text_kwargs, image_extractor),
+        )
+        written = storage.parquet_rows(features_uri)
+        if written != rows:
+            raise RuntimeError(f"embed: wrote {written} feature rows to {features_uri}, expected {rows} pairs")
+        return dict(rows=written, image_dim=image_dim, text_dim=text_dim(m.text_encoder), dtype=e.feature_dtype,
+                    executor=ran)
+
+    return cache.run_cached(cfg.output_dir, STAGE, embed_key(cfg, ingest), build, config=cfg, describe=format_summary)
+
+
+def format_summary(summary: dict) -> str:
+    return (f"embed: {summary['rows']} pairs -> image {summary['image_dim']}-d, "
+            f"text {summary['text_dim']}-d {summary['dtype']} features")
 
 
 def load_features(embed: StageOutput, columns: list[str] | None = None) -> pa.Table:
-    """The whole FEATURES table of an embed stage (small inputs; training streams it instead)."""
-    tables = []
-    for file_uri in storage.list_files(embed.path("features"), ".parquet"):
-        fs, path = storage.resolve(file_uri)
-        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
-    if not tables:
-        raise FileNotFoundError(f"{embed.path('features')}: no Parquet feature files")
-    return pa.concat_tables(tables)
+    """The FEATURES table of an embed stage (``columns`` projects it), each file checked against
+    the stage's completion record. Raises :class:`pacl_ray.stages.cache.StageDataError` naming
+    the file when one is missing, damaged or lacks a column."""
+    return cache.read_table(embed, "features", columns=columns)

@@ -34,7 +34,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pacl_ray.stages import cache
-from pacl_ray import config as config_mod
 from pacl_ray.core import kmeans
 from pacl_ray.formats import tables
 from pacl_ray.formats import storage
@@ -56,6 +55,7 @@ class ParquetSlice:
     files: tuple[tuple[str, int], ...]
     start: int
     stop: int
+    expected: tuple[tuple[str, int, str], ...] = ()  # (uri, size, sha256) from the stage's record
 
 
 def fixed_size_list_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -67,20 +67,21 @@ def fixed_size_list_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def read_parquet_slice(part: ParquetSlice, columns: Sequence[str]) -> pa.Table:
-    """The rows of ``part`` (only the files overlapping it are read)."""
+    """The rows of ``part`` (only the files overlapping it are read, each checked against
+    ``part.expected`` when given)."""
+    expected = {uri: (size, sha) for uri, size, sha in part.expected}
     pieces, first = [], 0
     for uri, rows in part.files:
         lo, hi = max(part.start, first), min(part.stop, first + rows)
         if lo < hi:
-            fs, path = storage.resolve(uri)
-            table = pq.read_table(path, columns=list(columns), filesystem=fs)
+            table = storage.read_parquet_dir([uri], columns=list(columns), expected=expected)
             if table.num_rows != rows:
                 raise ValueError(f"{uri}: expected {rows} rows (from its metadata), read {table.num_rows}")
             pieces.append(table.slice(lo - first, hi - lo))
         first += rows
     if not pieces:
         raise ValueError(f"no rows in [{part.start}, {part.stop}) of {[u for u, _ in part.files]}")
-    return pa.concat_tables(tables)
+    return pa.concat_tables(pieces)
 
 
 class ShardWorker:
@@ -105,9 +106,6 @@ class ShardWorker:
 
     def num_rows(self) -> int:
         return len(next(iter(self.points.values())))
-
-    def uses_gpu(self) -> bool:
-        return self.assigner.use_gpu
 
     def rows(self, modality: str, global_indices: np.ndarray) -> np.ndarray:
         """The shard's rows among sorted ``global_indices`` -> float32 [m, D]."""
@@ -158,7 +156,8 @@ def shard_actors(
     if isinstance(arrays, ParquetSlice):
         ranges = split_offsets(arrays.stop - arrays.start, num_shards)
         return [
-            actor_cls.remote(ParquetSlice(arrays.files, arrays.start + a, arrays.start + b), use_gpu=use_gpu)
+            actor_cls.remote(ParquetSlice(arrays.files, arrays.start + a, arrays.start + b, arrays.expected),
+                             use_gpu=use_gpu)
             for a, b in ranges
         ]
     n = len(next(iter(arrays.values())))
@@ -248,15 +247,14 @@ def cluster_key(cfg: RunConfig, embed: StageOutput) -> str:
 
 def feature_files(embed: StageOutput) -> tuple[tuple[str, int], ...]:
     """The embed stage's feature files in global row order, with their row counts."""
-    files = storage.list_files(embed.path("features"), ".parquet")
+    files = cache.table_files(embed, "features")
     if not files:
         raise FileNotFoundError(f"{embed.path('features')}: no Parquet feature files")
-    out = []
-    for uri in files:
-        fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as handle:
-            out.append((uri, pq.ParquetFile(handle).metadata.num_rows))
-    return tuple(out)
+    return tuple((uri, storage.parquet_file_rows(uri)) for uri in files)
+
+
+def _expected(embed: StageOutput) -> tuple[tuple[str, int, str], ...]:
+    return tuple((embed.path(rel), size, sha) for rel, (size, sha) in sorted((embed.files or {}).items()))
 
 
 def choose_num_shards(cfg: RunConfig, n: int) -> tuple[int, bool]:
@@ -312,60 +310,60 @@ def format_report(report: dict) -> str:
 
 def run_cluster(cfg: RunConfig, embed: StageOutput) -> StageOutput:
     """Pseudo-labels for every K in ``cfg.cluster.ks`` (cached by content key)."""
-    key = cluster_key(cfg, embed)
-    uri = cache.stage_uri(cfg.output_dir, STAGE, key)
-    if cache.is_complete(uri):
-        return StageOutput(STAGE, key, uri, cached=True)
     ks = sorted(set(cfg.cluster.ks))
     if not ks:
         raise ValueError("cluster.ks is empty: give at least one K, e.g. --k 2,3,6,10,15,25")
-    files = feature_files(embed)
-    n = sum(rows for _, rows in files)
-    what = f"cluster: features {embed.path('features')}"
-    for k in ks:
-        kmeans.check_enough_points(n, k, what)
-    num_shards, use_gpu = choose_num_shards(cfg, n)
-    everything = ParquetSlice(files, 0, n)
-    if num_shards == 1:
-        shards: list[Any] = [ShardWorker(everything, use_gpu=cfg.cluster.use_gpu)]
-    else:
-        shards = shard_actors(everything, num_shards, use_gpu=use_gpu)
-    ids = read_parquet_slice(everything, [tables.ID])[tables.ID].combine_chunks()
-    # The embed stage's row order varies between runs; initialise in id order so it does not matter.
-    by_id = np.argsort(ids.to_numpy(zero_copy_only=False).astype(str), kind="stable")
-    try:
-        results = {
-            m: fit_distributed(shards, ks, m, cfg.seed, cfg.cluster.max_iter, cfg.cluster.tol,
-                               what=f"{what} ({m})", init_order=by_id)
-            for m in MODALITY_COLUMNS
-        }
-    finally:
-        if num_shards > 1:
-            import ray
 
-            for actor in shards:
-                ray.kill(actor)
-    storage.delete_dir(uri)  # leftovers of an interrupted run
-    report = _write_outputs(uri, ids, ks, results, num_shards)
-    config_mod.save_config(cfg, uri)
-    cache.mark_complete(uri, report)
-    print(format_report(report))
-    return StageOutput(STAGE, key, uri, cached=False)
+    def build(uri: str) -> dict:
+        files = feature_files(embed)
+        n = sum(rows for _, rows in files)
+        what = f"cluster: features {embed.path('features')}"
+        for k in ks:
+            kmeans.check_enough_points(n, k, what)
+        num_shards, use_gpu = choose_num_shards(cfg, n)
+        everything = ParquetSlice(files, 0, n, _expected(embed))
+        if num_shards == 1:
+            shards: list[Any] = [ShardWorker(everything, use_gpu=cfg.cluster.use_gpu)]
+        else:
+            shards = shard_actors(everything, num_shards, use_gpu=use_gpu)
+        ids = read_parquet_slice(everything, [tables.ID])[tables.ID].combine_chunks()
+        # The embed stage's row order varies between runs; initialise in id order so it does not matter.
+        by_id = np.argsort(ids.to_numpy(zero_copy_only=False).astype(str), kind="stable")
+        try:
+            results = {
+                m: fit_distributed(shards, ks, m, cfg.seed, cfg.cluster.max_iter, cfg.cluster.tol,
+                                   what=f"{what} ({m})", init_order=by_id)
+                for m in MODALITY_COLUMNS
+            }
+        finally:
+            if num_shards > 1:
+                import ray
+
+                for actor in shards:
+                    ray.kill(actor)
+        return _write_outputs(uri, ids, ks, results, num_shards)
+
+    return cache.run_cached(cfg.output_dir, STAGE, cluster_key(cfg, embed), build, config=cfg,
+                            describe=format_report)
 
 
 def load_labels(cluster: StageOutput, k: int) -> pa.Table:
-    """The pseudo-labels of one K -> table (id, factual_label, emotional_label)."""
-    files = storage.list_files(cluster.path("labels"), ".parquet")
-    columns = [tables.ID, tables.factual_label_column(k), tables.emotional_label_column(k)]
-    available: list[str] = []
-    if files:
-        fs, path = storage.resolve(files[0])
-        available = pq.read_schema(path, filesystem=fs).names
-    if columns[1] not in available:
+    """The pseudo-labels of one K -> table (id, factual_label, emotional_label) [N rows, int32
+    labels], checked against the stage's completion record.
+
+    Raises:
+        KeyError: the cluster run has no labels for ``k`` (the message lists the Ks it has).
+        pacl_ray.stages.cache.StageDataError: a labels file is missing or damaged (named).
+    """
+    files = cache.table_files(cluster, "labels")
+    factual, emotional = tables.factual_label_column(k), tables.emotional_label_column(k)
+    columns = [tables.ID, factual, emotional]
+    try:
+        available = pq.read_schema(storage.resolve(files[0])[1], filesystem=storage.resolve(files[0])[0]).names
+    except (IndexError, pa.ArrowException, OSError):
+        available = columns  # no or unreadable file: read_table says which
+    if factual not in available:
         ks = sorted(int(c.rsplit("_", 1)[1]) for c in available if c.startswith("factual_label_"))
         raise KeyError(f"{cluster.path('labels')}: no pseudo-labels for K={k}; this cluster run has K={ks}")
-    pieces = []
-    for uri in files:
-        fs, path = storage.resolve(uri)
-        pieces.append(pq.read_table(path, columns=columns, filesystem=fs))
-    return pa.concat_tables(pieces).rename_columns([tables.ID, "factual_label", "emotional_label"])
+    table = cache.read_table(cluster, "labels", columns=columns)
+    return table.rename_columns([tables.ID, "factual_label", "emotional_label"])

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
-
-import numpy as np
-import pyarrow as pa
-
 from pacl_ray.config import RayConfig
+# The in-process-or-Ray-Data decision lives with the executor; re-exported for existing callers.
+from pacl_ray.stages.executor import numpy_batches, runs_in_process  # noqa: F401
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -70,22 +67,3 @@ def cluster_cpus() -> float:
     if not ray.is_initialized():
         return 0.0
     return float(ray.cluster_resources().get("CPU", 0.0))
-
-
-def runs_in_process(rows: int, cfg: RayConfig) -> bool:
-    """Whether an inference stage over ``rows`` inputs runs its UDFs in this process
-    (``cfg.in_process_max_rows``) rather than in Ray Data actor pools. Never when the cluster has
-    GPUs that this process cannot use: the models belong on them. Call after :func:`init_ray`."""
-    import torch
-
-    if cfg.in_process_max_rows <= 0 or rows > cfg.in_process_max_rows:
-        return False
-    return cluster_gpus() == 0 or torch.cuda.is_available()
-
-
-def numpy_batches(table: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """``table`` in batches of ``batch_size`` rows, each a dict column -> array [B], the form
-    Ray Data's ``batch_format="numpy"`` hands a UDF (strings and bytes as object arrays)."""
-    for start in range(0, table.num_rows, max(1, batch_size)):
-        chunk = table.slice(start, batch_size)
-        yield {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}

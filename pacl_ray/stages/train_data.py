@@ -31,7 +31,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from pacl_ray.config import RunConfig
@@ -39,7 +38,12 @@ from pacl_ray.core import loss
 from pacl_ray.config import thresholds
 from pacl_ray.core.partitions import PARTITION_CODES, PARTITION_NAMES, partition_counts
 from pacl_ray.formats import storage, tables
+from pacl_ray.stages import cache
 from pacl_ray.stages.cache import StageOutput
+from pacl_ray.stages.embed import load_features
+from pacl_ray.stages.ingest import read_pairs_table
+from pacl_ray.stages.partition import read_scores
+from pacl_ray.stages.pseudo_labels import load_labels
 
 PARTITION = "partition"
 FACTUAL = "factual_pseudo_label"  # image-side k-means cluster of the pair (paper 3.2)
@@ -163,17 +167,6 @@ def seed_of(*parts: int) -> int:
 # --------------------------------------------------------------------------- driver-side join
 
 
-def _read_table(uri: str, columns: list[str], where: str) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{where}: {storage.redact(uri)} does not exist")
-    available = pq.ParquetDataset(path, filesystem=fs).schema.names
-    missing = [c for c in columns if c not in available]
-    if missing:
-        raise ValueError(f"{where} ({storage.redact(uri)}): missing column {missing[0]!r} (have {available})")
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
 def _align(table: pa.Table, ids: np.ndarray, where: str) -> pa.Table:
     """``table`` reordered to ``ids`` (sorted); every id must be present exactly once."""
     table_ids = table.column(tables.ID).to_numpy(zero_copy_only=False).astype(str)
@@ -197,18 +190,17 @@ def load_training_table(ingest: StageOutput, partition: StageOutput, embed: Stag
     Image bytes stay out of the driver; :func:`build_dataset` joins them in Ray Data.
     """
     pairs_uri = ingest.path("pairs")
-    ids = np.sort(_read_table(pairs_uri, [tables.ID], "ingest pairs").column(tables.ID).to_numpy(zero_copy_only=False).astype(str))
+    ids = np.sort(read_pairs_table(ingest, [tables.ID]).column(tables.ID).to_numpy(zero_copy_only=False).astype(str))
     if len(ids) == 0:
         raise ValueError(f"ingest pairs ({storage.redact(pairs_uri)}): no rows to train on")
     if (ids[1:] == ids[:-1]).any():
         raise ValueError(f"ingest pairs: id {ids[1:][ids[1:] == ids[:-1]][0]!r} appears more than once")
     scores_uri, labels_uri, feats_uri = partition.path("scores"), cluster.path("labels"), embed.path("features")
-    scores = _align(_read_table(scores_uri, [tables.ID, PARTITION], "partition scores"), ids,
+    scores = _align(read_scores(partition, [tables.ID, PARTITION]), ids,
                     f"partition scores ({storage.redact(scores_uri)})")
-    fcol, ecol = tables.factual_label_column(k), tables.emotional_label_column(k)
-    labels = _align(_read_table(labels_uri, [tables.ID, fcol, ecol], f"cluster labels (train.k={k})"), ids,
-                    f"cluster labels ({storage.redact(labels_uri)})")
-    feats = _align(_read_table(feats_uri, [tables.ID, "text_feature"], "embed features"), ids,
+    fcol, ecol = "factual_label", "emotional_label"
+    labels = _align(load_labels(cluster, k), ids, f"cluster labels ({storage.redact(labels_uri)}, train.k={k})")
+    feats = _align(load_features(embed, [tables.ID, "text_feature"]), ids,
                    f"embed features ({storage.redact(feats_uri)})")
 
     codes = scores.column(PARTITION).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -250,13 +242,13 @@ def _join_meta(batch: pa.Table, meta: pa.Table, where: str) -> pa.Table:
 
 def joined_table(ingest: StageOutput, meta: pa.Table) -> pa.Table:
     """What :func:`build_dataset` holds, read into one in-memory table (for small data)."""
-    pairs = _read_table(ingest.path("pairs"), [tables.ID, "image"], "ingest pairs")
+    pairs = read_pairs_table(ingest, [tables.ID, "image"])
     return _join_meta(pairs, meta, where=f"ingest pairs ({storage.redact(ingest.path('pairs'))})")
 
 
 def fits_in_memory(ingest: StageOutput, max_mb: float) -> bool:
     """Whether the pairs' Parquet files (mostly encoded images) total at most ``max_mb``."""
-    files = storage.list_files(ingest.path("pairs"), ".parquet")
+    files = cache.table_files(ingest, "pairs")
     return sum(fs.get_file_info(path).size for fs, path in map(storage.resolve, files)) <= max_mb * 2**20
 
 
@@ -264,7 +256,8 @@ def build_dataset(ingest: StageOutput, meta: pa.Table):
     """The materialised Ray Dataset every epoch filters: image bytes joined with ``meta``."""
     import ray
 
-    pairs = ray.data.read_parquet(ingest.path("pairs"), columns=[tables.ID, "image"])
+    fs, path = storage.resolve(cache.table_dir(ingest, "pairs"))  # checked against the ingest record
+    pairs = ray.data.read_parquet(path, filesystem=fs, columns=[tables.ID, "image"], file_extensions=["parquet"])
     joined = pairs.map_batches(
         _join_meta, fn_kwargs=dict(meta=meta, where=f"ingest pairs ({storage.redact(ingest.path('pairs'))})"),
         batch_format="pyarrow",

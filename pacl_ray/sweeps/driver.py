@@ -204,8 +204,11 @@ def _safe_name(name: str) -> str:
 # --------------------------------------------------------------------------- the trial
 
 
-def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: str, report_epochs: bool) -> Callable:
-    """The Tune function trainable: train (a TorchTrainer inside the trial), evaluate, report."""
+def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: str, report_epochs: bool,
+                   upstream: dict[str, dict] | None = None) -> Callable:
+    """The Tune function trainable: train (a TorchTrainer inside the trial), evaluate, report.
+    ``upstream``: {trial: {stage: StageOutput}} resolved once by the driver (:func:`prepare_upstream`);
+    a trial then resolves none of them again."""
 
     def pacl_trial(config: dict) -> None:
         import ray.tune
@@ -221,7 +224,7 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
             callbacks.append(TuneReportCallback())
         from pacl_ray.stages import pipeline
 
-        result = pipeline.stage_train(cfg, callbacks=callbacks)
+        result = pipeline.stage_train(cfg, callbacks=callbacks, upstream=(upstream or {}).get(name))
         out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
         rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
@@ -467,22 +470,31 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
 # --------------------------------------------------------------------------- the driver
 
 
-def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] = print) -> dict:
-    """Run the stages trials share, once, on the driver. Every trial's partition is thresholded
-    here too (cheap), so its report is available; scoring and clustering hit the cache after the
-    first trial because their content keys exclude sigma and hold every K."""
+def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Resolve the stages trials share, once, on the driver: {trial: {stage: StageOutput}} of the
+    four outputs training reads, handed to the trials so that none resolves them again. Every
+    trial's partition is thresholded here too (cheap), so its report is available; scoring and
+    clustering hit the cache after the first trial because their content keys exclude sigma and
+    hold every K. Trials on the same data share one ingest resolution."""
     from pacl_ray.stages import pipeline
 
-    partitions = {}
+    upstream: dict[str, dict] = {}
+    earlier: list = []
     for name, data in trial_configs.items():
         cfg = config_mod.from_dict(data)
         start = time.time()
-        partitions[name] = pipeline.stage_partition(cfg)
-        cluster = pipeline.stage_cluster(cfg)
-        log(f"[tune] upstream for {name}: partition {partitions[name].key}"
-            f"{' (cached)' if partitions[name].cached else ''}, cluster {cluster.key}"
-            f"{' (cached)' if cluster.cached else ''} [{time.time() - start:.1f}s]")
-    return partitions
+        pipe = pipeline.Pipeline(cfg)
+        # Trials on the same data share one ingest resolution (ingest depends on these alone).
+        for other in earlier:
+            if (other.cfg.ingest, other.cfg.output_dir) == (cfg.ingest, cfg.output_dir):
+                pipe.outputs["ingest"] = other.outputs["ingest"]
+                break
+        upstream[name] = pipe.upstream_of_train()
+        earlier.append(pipe)
+        partition, cluster = upstream[name]["partition"], upstream[name]["cluster"]
+        log(f"[tune] upstream for {name}: partition {partition.key}{' (cached)' if partition.cached else ''}, "
+            f"cluster {cluster.key}{' (cached)' if cluster.cached else ''} [{time.time() - start:.1f}s]")
+    return upstream
 
 
 def run_sweep(
@@ -524,12 +536,14 @@ def run_sweep(
     }, indent=2, default=str))
     log(f"[tune] sweep {name}: {len(trials)} trials ({space.mode}); K values clustered once: {ks}")
 
-    partitions = prepare_upstream(trial_configs, log) if prepare else {}
+    upstream = prepare_upstream(trial_configs, log) if prepare else {}
+    partitions = {name: outputs["partition"] for name, outputs in upstream.items()}
 
     use_gpu = resolve_use_gpu(space, base, cluster_gpus())
     concurrency = max_concurrent or max_concurrent_trials(
         space, len(trials), use_gpu, cluster_cpus(), cluster_gpus())
-    trainable = trainable_factory(trial_configs, sweep_dir, os.getcwd(), space.asha is not None)
+    trainable = trainable_factory(trial_configs, sweep_dir, os.getcwd(), space.asha is not None,
+                                  **({"upstream": upstream} if upstream else {}))
     trainable = ray.tune.with_resources(
         trainable, {"cpu": space.resources.trial_cpus, "gpu": space.resources.trial_gpus})
 

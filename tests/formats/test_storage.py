@@ -107,3 +107,36 @@ def test_redact_hides_credentials_in_uris():
     assert storage.redact("s3://bucket/runs?endpoint_override=localhost:9000&scheme=http") == \
         "s3://bucket/runs?endpoint_override=localhost:9000&scheme=http"
     assert storage.redact("/home/me/runs@v2") == "/home/me/runs@v2" and storage.redact("file:///tmp/r") == "file:///tmp/r"
+
+
+def test_stage_on_s3_publishes_a_record_and_detects_damage(mock_s3):
+    """S3 has no atomic rename: the record at {key}/_SUCCESS names the staging directory, and
+    damage to a file is still caught by size (at lookup) and checksum (when read)."""
+    import pyarrow as pa
+
+    base, calls = "s3://pacl/runs", []
+
+    def build(uri: str) -> dict:
+        calls.append(uri)
+        storage.write_parquet(pa.table({"id": ["a", "b"], "x": [1, 2]}), storage.join(uri, "t"))
+        return {"rows": 2}
+
+    out = cache.run_cached(base, "t", "k", build)
+    assert out.uri.startswith("s3://pacl/runs/stages/t/.k.") and out.files is not None
+    found = cache.lookup(base, "t", "k")
+    assert found is not None and found.uri == out.uri and cache.read_summary(found.uri) == {"rows": 2}
+    assert cache.read_table(found, "t").column("x").to_pylist() == [1, 2]
+    assert cache.run_cached(base, "t", "k", build).cached and len(calls) == 1
+
+    part = found.path("t", "part-00000.parquet")
+    data = bytearray(storage.read_bytes(part))
+    data[len(data) // 2] ^= 0x01
+    storage.write_bytes(part, bytes(data))
+    with pytest.raises(cache.StageDataError, match="part-00000.parquet: content differs"):
+        cache.read_table(found, "t")
+    assert cache.lookup(base, "t", "k") is None  # invalidated: the next run redoes the stage
+    again = cache.run_cached(base, "t", "k", build)
+    assert not again.cached and again.uri != out.uri and len(calls) == 2
+
+    storage.write_bytes(again.path("t", "part-00000.parquet"), b"PAR1")  # truncated
+    assert cache.lookup(base, "t", "k") is None

@@ -113,7 +113,8 @@ def test_real_data_defaults_are_the_papers_models(tmp_path):
 
 
 def test_sigma_sweep_scores_once_and_a_model_change_rescores(tmp_path):
-    from pacl_ray.stages.partition import partition_key, scoring_key
+    from pacl_ray.stages.partition import partition_key
+    from pacl_ray.stages.scoring import scoring_key
 
     _, configs = sweep_configs("table5_sigma", tmp_path)
     assert len({c.partition.sigma for c in configs.values()}) == 6
@@ -140,7 +141,8 @@ def test_k_sweep_clusters_once_for_every_k(tmp_path):
 
 def test_tau_sweep_reuses_scores_partition_and_clusters(tmp_path):
     from pacl_ray.stages.pseudo_labels import cluster_key
-    from pacl_ray.stages.partition import partition_key, scoring_key
+    from pacl_ray.stages.partition import partition_key
+    from pacl_ray.stages.scoring import scoring_key
 
     _, configs = sweep_configs("table5_tau", tmp_path)
     assert len({c.train.temperature for c in configs.values()}) == 5

@@ -1,0 +1,97 @@
+"""pacl_ray.stages.executor: the same UDFs in this process and on Ray Data give the same rows;
+actor pools leave CPUs for the read/decode/write tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pacl_ray.config import RayConfig
+from pacl_ray.formats import storage
+from pacl_ray.stages import executor
+from pacl_ray.stages.executor import ActorPool, Udf
+
+OUT = pa.schema([pa.field("id", pa.string()), pa.field("y", pa.float64())])
+
+
+def add_offset(batch: dict, offset: float) -> dict:
+    return {"id": batch["id"], "x": np.asarray(batch["x"], dtype=np.float64) + offset}
+
+
+class Scale:
+    """A callable class: built once per actor, counts its constructions (in process: once)."""
+
+    built = 0
+
+    def __init__(self, factor: float):
+        Scale.built += 1
+        self.factor = factor
+
+    def __call__(self, batch: dict) -> pa.Table:
+        return pa.table({"id": batch["id"], "y": batch["x"] * self.factor}, schema=OUT)
+
+
+def _input(n: int = 23) -> pa.Table:
+    return pa.table({"id": [f"r{i:02d}" for i in range(n)], "x": np.arange(n, dtype=np.float64)})
+
+
+UDFS = [Udf(add_offset, {"offset": 1.0}), Udf(Scale, {"factor": 2.0}, actor=True)]
+
+
+def test_in_process_runs_each_step_and_builds_classes_once():
+    Scale.built = 0
+    out = executor.apply_in_process(_input(), UDFS, batch_size=5)
+    assert Scale.built == 1
+    assert out.column("y").to_pylist() == [2.0 * (i + 1) for i in range(23)]
+    assert executor.apply_in_process(_input(0), UDFS, batch_size=5, empty=OUT).num_rows == 0
+    with pytest.raises(ValueError, match="no input rows"):
+        executor.apply_in_process(_input(0), UDFS, batch_size=5)
+    prebuilt = Scale(3.0)
+    out = executor.apply_in_process(_input(), [UDFS[0], Udf(Scale, {"factor": 2.0}, actor=True, instance=prebuilt)], 5)
+    assert out.column("y").to_pylist() == [3.0 * (i + 1) for i in range(23)]
+
+
+def test_in_process_threshold():
+    cfg = RayConfig(in_process_max_rows=10)
+    assert executor.runs_in_process(10, cfg) and not executor.runs_in_process(11, cfg)
+    assert not executor.runs_in_process(1, RayConfig(in_process_max_rows=0))
+
+
+def test_ray_data_gives_the_in_process_rows(ray_local, tmp_path):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    pool = ActorPool(concurrency=1, num_gpus=0)
+    local = executor.run_udfs_on_table(_input(), UDFS, pool=pool, batch_size=5, ray_cfg=RayConfig())
+    remote = executor.run_udfs_on_table(_input(), UDFS, pool=pool, batch_size=5,
+                                        ray_cfg=RayConfig(in_process_max_rows=0))
+    assert remote.sort_by("id").equals(local)
+
+    src = str(tmp_path / "in")
+    storage.write_parquet(_input(), src)
+    ran = [executor.run_udfs(src, ["id", "x"], UDFS, str(tmp_path / name), pool=pool, batch_size=5,
+                             ray_cfg=RayConfig(in_process_max_rows=rows))
+           for name, rows in (("a", 100), ("b", 0))]
+    assert ran == [executor.IN_PROCESS, executor.RAY_DATA]
+    a, b = (storage.read_parquet_dir(str(tmp_path / n)).sort_by("id") for n in "ab")
+    assert a.equals(b.select(a.column_names).cast(a.schema)) and a.num_rows == 23
+
+
+def test_cpu_actor_pools_leave_half_the_cpus_free(ray_local):
+    cpus = ray_local.cluster_resources()["CPU"]
+    args = executor.actor_pool_args(ActorPool(concurrency=4, num_gpus=1, pools=2), batch_size=8)
+    assert "num_gpus" not in args and args["batch_size"] == 8 and args["batch_format"] == "numpy"
+    assert args["num_cpus"] * 4 * 2 <= cpus / 2 + 1e-9
+    assert executor.actor_pool_args(ActorPool(concurrency=1), 8)["num_cpus"] <= 1.0
+
+
+def test_matrix_outputs_become_fixed_size_lists():
+    def widen(batch: dict) -> dict:
+        return {"id": batch["id"], "feature": np.stack([batch["x"], -batch["x"]], axis=1).astype(np.float32)}
+
+    out = executor.apply_in_process(_input(4), [Udf(widen)], batch_size=3)
+    assert out.column("feature").type == pa.list_(pa.float32(), 2)
+    assert out.column("feature").to_pylist()[3] == [3.0, -3.0]
