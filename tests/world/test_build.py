@@ -14,7 +14,7 @@ from PIL import Image
 
 from pacl_ray import config
 from pacl_ray.core import backbones
-from pacl_ray.world import build
+from pacl_ray.world import build, data, standins
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_world_key_depends_on_seed_and_size():
 
 
 def test_planted_split_matches_target(tiny_world):
-    rows = build.read_jsonl(tiny_world.manifest)
+    rows = data.read_jsonl(tiny_world.manifest)
     codes = np.array([r["planted_partition"] for r in rows])
-    for code, target in build.PLANTED_SPLIT.items():
+    for code, target in data.PLANTED_SPLIT.items():
         assert abs(np.mean(codes == code) - target) <= 0.01
     assert tiny_world.report["planted_split_percent"] == {
         str(c): round(100 * float(np.mean(codes == c)), 2) for c in (1, 2, 3, 4)
@@ -57,28 +57,28 @@ def test_planted_split_matches_target(tiny_world):
 
 
 def _names_object(text: str, obj: str) -> bool:
-    return any(re.search(rf"\b{re.escape(noun)}\b", text) for noun in build.OBJECTS[obj])
+    return any(re.search(rf"\b{re.escape(noun)}\b", text) for noun in data.OBJECTS[obj])
 
 
 def test_captions_name_the_planted_object(tiny_world):
-    for row in build.read_jsonl(tiny_world.manifest):
+    for row in data.read_jsonl(tiny_world.manifest):
         factual_match = row["planted_partition"] in (1, 3)
         assert _names_object(row["text"], row["object"]) == factual_match, row
 
 
 def test_captioned_sample_follows_the_code():
     rng = np.random.default_rng(0)
-    truth = build.Sample("star", "sadness")
+    truth = data.Sample("star", "sadness")
     for code, same_object, same_emotion in ((1, True, True), (2, False, True), (3, True, False), (4, False, False)):
         for _ in range(20):
-            said = build.captioned_sample(rng, truth, code)
+            said = data.captioned_sample(rng, truth, code)
             assert (said.object == truth.object) == same_object
             assert (said.emotion == truth.emotion) == same_emotion
 
 
 def test_manifest_and_imagefolder_layout(tiny_world):
     root = Path(tiny_world.root)
-    rows = build.read_jsonl(tiny_world.manifest)
+    rows = data.read_jsonl(tiny_world.manifest)
     assert len(rows) == build.SIZES["tiny"].train_pairs
     assert len({r["id"] for r in rows}) == len(rows)
     for row in rows[:20]:
@@ -92,7 +92,7 @@ def test_manifest_and_imagefolder_layout(tiny_world):
         total += len(list((root / "downstream" / split).glob("*/*.png")))
     assert total == build.SIZES["tiny"].downstream_images
     vocab = [line for line in Path(tiny_world.anp_vocab).read_text().splitlines() if not line.startswith("#")]
-    assert len(vocab) == len(build.OBJECTS) * len(build.EMOTIONS) * 3
+    assert len(vocab) == len(data.OBJECTS) * len(data.EMOTIONS) * 3
 
 
 def test_stand_ins_load_through_models(tiny_world):
@@ -180,14 +180,14 @@ def test_emotion_is_not_a_global_colour_or_brightness_shift():
     from sklearn.model_selection import cross_val_score
 
     rng = np.random.default_rng(0)
-    samples = build.random_samples(rng, 900)
-    pixels = np.stack([np.asarray(build.render(rng, s), dtype=np.float32) for s in samples])  # [N, H, W, 3]
+    samples = data.random_samples(rng, 900)
+    pixels = np.stack([np.asarray(data.render(rng, s), dtype=np.float32) for s in samples])  # [N, H, W, 3]
     stats = np.concatenate([pixels.mean((1, 2)), pixels.std((1, 2))], 1)  # [N, 6]
-    labels = np.array([list(build.EMOTIONS).index(s.emotion) for s in samples])
+    labels = np.array([list(data.EMOTIONS).index(s.emotion) for s in samples])
     for column in stats.T:
-        assert f_oneway(*[column[labels == k] for k in range(len(build.EMOTIONS))]).pvalue > 0.01
+        assert f_oneway(*[column[labels == k] for k in range(len(data.EMOTIONS))]).pvalue > 0.01
     accuracy = cross_val_score(LogisticRegression(max_iter=2000), stats, labels, cv=5).mean()
-    assert accuracy < 1 / len(build.EMOTIONS) + 0.08
+    assert accuracy < 1 / len(data.EMOTIONS) + 0.08
 
 
 def test_unknown_size_is_a_clear_error(tmp_path):
@@ -201,9 +201,9 @@ def test_object_pretraining_keeps_the_stem_at_its_seeded_init(tiny_world):
     from safetensors.torch import load_file
 
     torch.manual_seed(0)  # tiny_world's seed: fit_backbone seeds timm's init with it
-    init = timm.create_model(build.BACKBONE, pretrained=False, num_classes=len(build.OBJECTS)).state_dict()
+    init = timm.create_model(standins.BACKBONE, pretrained=False, num_classes=len(data.OBJECTS)).state_dict()
     fitted = load_file(str(Path(tiny_world.root) / "backbone.safetensors"))
-    frozen = [k for k in init if k.startswith(build.FROZEN_STEM) and init[k].is_floating_point() and "running" not in k]
+    frozen = [k for k in init if k.startswith(standins.FROZEN_STEM) and init[k].is_floating_point() and "running" not in k]
     assert frozen, "FROZEN_STEM names no parameter of the backbone"
     for key in frozen:
         assert torch.equal(fitted[key], init[key]), key
@@ -217,10 +217,10 @@ def test_text_warm_start_teaches_object_and_emotion_words(tiny_world):
     import open_clip
 
     backbones.register_model_configs()
-    rows = build.read_jsonl(Path(tiny_world.root) / "clean" / "clean.jsonl")
-    tokenizer = open_clip.get_tokenizer(build.CLIP_MODEL)
+    rows = data.read_jsonl(Path(tiny_world.root) / "clean" / "clean.jsonl")
+    tokenizer = open_clip.get_tokenizer(standins.CLIP_MODEL)
     tokens = tokenizer([c for r in rows for c in r["captions"]]).view(len(rows), len(rows[0]["captions"]), -1)
-    emotions = torch.tensor([list(build.EMOTIONS).index(r["emotion"]) for r in rows])
+    emotions = torch.tensor([list(data.EMOTIONS).index(r["emotion"]) for r in rows])
 
     def emotion_separation(model) -> float:
         """Between-class over total variance of the text features, emotion classes."""
@@ -230,8 +230,8 @@ def test_text_warm_start_teaches_object_and_emotion_words(tiny_world):
         return float(means.var(0).sum() / features.var(0).sum())
 
     torch.manual_seed(0)
-    model = open_clip.create_model_and_transforms(build.CLIP_MODEL, pretrained=None)[0]
+    model = open_clip.create_model_and_transforms(standins.CLIP_MODEL, pretrained=None)[0]
     before = emotion_separation(model)
-    build._warm_start_text_tower(model, tokens, rows, seed=0, epochs=3)
+    standins._warm_start_text_tower(model, tokens, rows, seed=0, epochs=3)
     after = emotion_separation(model)
     assert after > 2 * before
