@@ -119,8 +119,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pacl_ray.evaluation.evaluate import ExportError, TaskSpecError
     from pacl_ray.stages.ingest import IngestError
     from pacl_ray.core.kmeans import NotEnoughPointsError
+    from pacl_ray.stages.pseudo_labels import NonFiniteFeaturesError
 
-    return (config_mod.ConfigError, IngestError, NotEnoughPointsError, DatasetError,
+    return (config_mod.ConfigError, IngestError, NotEnoughPointsError, NonFiniteFeaturesError, DatasetError,
             TaskSpecError, ExportError, FileNotFoundError)
 
 

@@ -321,11 +321,11 @@ def load_export(directory: str) -> PaclExport:
 
 
 def load_rgb(path: str):
-    """An RGB PIL image from a local path or pyarrow URI."""
-    from PIL import Image
+    """An upright 8-bit RGB PIL image from a local path or pyarrow URI (the shared decoder,
+    :func:`pacl_ray.formats.images.load_rgb`: EXIF orientation, every mode scaled to RGB)."""
+    from pacl_ray.formats.images import load_rgb as decode_file
 
-    with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-        return image.convert("RGB")
+    return decode_file(path)
 
 
 class FeatureExtractor:

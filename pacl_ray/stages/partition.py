@@ -102,11 +102,9 @@ def clip_eval_transform(model_name: str, pretrained: str = ""):
 
 def preprocess_images(batch: dict, transform) -> dict:
     """CPU stage: encoded image bytes -> ``pixels`` float32 [B, 3, S, S]; drops the bytes."""
-    from PIL import Image
+    from pacl_ray.formats.images import decode_rgb
 
-    pixels = [
-        transform(Image.open(io.BytesIO(data)).convert("RGB")).numpy() for data in batch["image"]
-    ]
+    pixels = [transform(decode_rgb(data)).numpy() for data in batch["image"]]
     out = {k: v for k, v in batch.items() if k != "image"}
     out["pixels"] = np.stack(pixels).astype(np.float32)
     return out
@@ -521,9 +519,9 @@ def plot_histograms(table: pa.Table, pcfg: PartitionConfig) -> bytes:
 
 
 def _thumbnail_base64(data: bytes, size: int = 160) -> str:
-    from PIL import Image
+    from pacl_ray.formats.images import decode_rgb
 
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = decode_rgb(data)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)

@@ -75,6 +75,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pacl_ray.core import backbones
+from pacl_ray.formats.images import load_rgb
 
 WORLD_VERSION = "4"
 SUCCESS = "_SUCCESS"
@@ -409,7 +410,7 @@ def write_anp_vocab(path: Path) -> None:
 
 def _load_images(paths: list[Path], transform) -> torch.Tensor:
     """Images through a PIL transform -> float [N, 3, H, W]."""
-    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    return torch.stack([transform(load_rgb(str(p))) for p in paths])
 
 
 def _dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
