@@ -53,7 +53,7 @@ from pacl_ray.formats import storage, tables
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 READ_CHUNK = 1 << 20
 ROW_BITS = 40  # position = file_index << ROW_BITS | row: up to 2**40 rows per file, 2**23 files
-csv.field_size_limit(1 << 30)  # long post texts are data, not a reason to stop reading a file
+csv.field_size_limit(64 << 20)  # long post texts are data; a cell past 64 MiB is a broken quote
 
 # Columns of a normalised record, before validation (every format maps to these).
 RECORD = pa.schema(
@@ -305,13 +305,13 @@ def _byte_lines(stream) -> Iterator[tuple[int, bytes]]:
 
 
 def iter_json(uri: str) -> Iterator[tuple[int, Any]]:
-    """(row, object | Rejected) of a JSONL file, or of a JSON list when the file starts with ``[``."""
+    """(row, object | Rejected) of a JSONL file, or of a JSON list (a ``.json`` file starting with ``[``)."""
     fs, path = storage.resolve(uri)
     with fs.open_input_stream(path) as stream:
         head = stream.read(READ_CHUNK)
         if head.startswith(b"\xef\xbb\xbf"):
             head = head[3:]
-        if head.lstrip()[:1] == b"[":
+        if uri.lower().endswith(".json") and head.lstrip()[:1] == b"[":
             yield from _json_list((head + stream.read()).decode("utf-8", "surrogateescape"))
             return
         for number, line in _byte_lines(_Prefixed(head, stream)):
@@ -367,23 +367,37 @@ def _json_list(text: str) -> Iterator[tuple[int, Any]]:
 
 
 class _Lines:
-    """Line iterator over a text stream that counts lines (for messages) and can skip a prefix."""
+    """Line source for ``csv.reader`` that numbers lines and can replay the lines of a record.
 
-    def __init__(self, text, skip: int = 0):
-        self.text, self.line, self.exhausted = text, 0, False
-        for _ in range(skip):
-            next(self, None)
+    When a record spanning several lines is broken (an open quote swallowed the lines after it),
+    :meth:`replay_after_first` pushes all but its first line back, so they are parsed again as
+    records of their own: a broken quote costs one record, not the rest of the file.
+    """
+
+    def __init__(self, text):
+        self.text, self.line, self.pending, self.record = text, 0, [], []
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
-        line = self.text.readline()
+        line = self.pending.pop() if self.pending else self.text.readline()
         if not line:
-            self.exhausted = True
             raise StopIteration
         self.line += 1
+        self.record.append(line)
         return line
+
+    def start_record(self) -> int:
+        """Begin a record; returns the number of its first line."""
+        self.record = []
+        return self.line + 1
+
+    def replay_after_first(self) -> None:
+        again = self.record[1:]
+        self.pending.extend(reversed(again))
+        self.line -= len(again)
+        self.record = self.record[:1]
 
 
 def _csv_encoding(uri: str) -> str:
@@ -398,51 +412,42 @@ def iter_csv(uri: str, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
 
     Parsed with RFC 4180 quoting (``csv`` in strict mode), streaming, so quoted newlines and
     delimiters work at any size. A row with the wrong number of fields or broken quoting is
-    malformed_record; a quote left open to the end of the file costs only its own record
-    (reading resumes on the line after it started). Undecodable bytes are kept as surrogates
-    and reported per cell (undecodable_text).
+    malformed_record; a broken record spanning several lines costs only itself (its later lines
+    are parsed again). Undecodable bytes are kept as surrogates and reported per cell
+    (undecodable_text) when the cell is used.
     """
     fs, path = storage.resolve(uri)
-    encoding = _csv_encoding(uri)
     header: Optional[list[str]] = None
-    row, skip = 0, 0
-    while True:
-        resume = None
-        with fs.open_input_stream(path) as stream:
-            text = io.TextIOWrapper(stream, encoding=encoding, errors="surrogateescape", newline="")
-            lines = _Lines(text, skip)
-            reader = csv.reader(lines, delimiter=delimiter, strict=True)
-            while True:
-                start = lines.line + 1
-                try:
-                    cells = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as err:
-                    if header is None:
-                        yield 0, Rejected("malformed_record", "header", f"line {start}: {err}; the file cannot be read")
-                        return
-                    row += 1
-                    yield row, Rejected("malformed_record", "record", f"line {start}: {err}")
-                    if lines.exhausted and lines.line > start:  # an open quote swallowed the rest
-                        resume = start
-                        break
-                    continue
-                if not cells:
-                    continue  # blank line
+    row = 0
+    with fs.open_input_stream(path) as stream:
+        text = io.TextIOWrapper(stream, encoding=_csv_encoding(uri), errors="surrogateescape", newline="")
+        lines = _Lines(text)
+        reader = csv.reader(lines, delimiter=delimiter, strict=True)
+        while True:
+            start = lines.start_record()
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
                 if header is None:
-                    header = [c.strip() for c in cells]
-                    continue
+                    yield 0, Rejected("malformed_record", "header", f"line {start}: {err}; the file cannot be read")
+                    return
                 row += 1
-                if len(cells) != len(header):
-                    yield row, Rejected(
-                        "malformed_record", "record", f"line {start}: {len(cells)} fields, the header has {len(header)}"
-                    )
-                else:
-                    yield row, {name: (cell if cell != "" else None) for name, cell in zip(header, cells)}
-        if resume is None:
-            return
-        skip = resume
+                yield row, Rejected("malformed_record", "record", f"line {start}: {err}")
+                if lines.line > start:
+                    lines.replay_after_first()
+                continue
+            if not cells:
+                continue  # blank line
+            if header is None:
+                header = [c.strip() for c in cells]
+                continue
+            row += 1
+            if len(cells) != len(header):
+                yield row, Rejected("malformed_record", "record", f"line {start}: {len(cells)} fields, the header has {len(header)}")
+            else:
+                yield row, {name: (cell if cell != "" else None) for name, cell in zip(header, cells)}
 
 
 # --------------------------------------------------------------------------- Parquet
@@ -497,10 +502,11 @@ def iter_webdataset(uri: str) -> Iterator[tuple[str, Any]]:
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
-                    if not member.isfile() or is_hidden(member.name):
+                    name = posixpath.normpath(member.name)
+                    if not member.isfile() or is_hidden(name):
                         continue
-                    member_name = member.name
-                    folder, base = posixpath.split(member.name)
+                    member_name = name
+                    folder, base = posixpath.split(name)
                     stem, _, suffix = base.partition(".")
                     key = posixpath.join(folder, stem)
                     if sample is None or sample["__key__"] != key:
@@ -515,6 +521,10 @@ def iter_webdataset(uri: str) -> Iterator[tuple[str, Any]]:
             return
         if sample is not None:
             yield sample["__key__"], sample
+    size = fs.get_file_info(path).size
+    if uri.lower().endswith(".tar") and size % 512:  # tarfile stops quietly inside a cut header
+        yield "", Rejected(
+            "malformed_record", "shard", f"the shard is cut off ({size} bytes, not whole 512-byte blocks) after {member_name!r}")
 
 
 def normalize_webdataset_sample(sample: dict, source: str, position: int) -> dict:
@@ -574,9 +584,9 @@ def iter_records(uri: str, kind: str, file_index: int, images: Optional[dict] = 
     base = file_index << ROW_BITS
     if kind == "webdataset":
         for index, (key, sample) in enumerate(iter_webdataset(uri), start=1):
-            source = f"{uri}#{key}"
+            source = f"{uri}#{key or 'end'}"
             if isinstance(sample, Rejected):
-                yield _reject(dict(blank_record(source, base | index), id=posixpath.basename(key)), sample)
+                yield _reject(dict(blank_record(source, base | index), id=posixpath.basename(key) or None), sample)
             else:
                 yield normalize_webdataset_sample(sample, source, base | index)
         return
