@@ -59,7 +59,8 @@ def features_table(
     np_dtype, pa_dtype = feature_dtype(dtype)
 
     def column(x: np.ndarray, name: str) -> pa.FixedSizeListArray:
-        x = np.ascontiguousarray(x, dtype=np_dtype)
+        with np.errstate(over="ignore"):  # a float16 overflow is reported just below
+            x = np.ascontiguousarray(x, dtype=np_dtype)
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
             named = [str(i) for i, b in zip(ids, bad) if b][:10]

@@ -355,8 +355,12 @@ def format_summary(summary: dict) -> str:
     )
 
 
+ROWS_PER_PARTITION = 500_000  # rows of (id, first) per partition of the duplicate-id aggregate
+
+
 def _shuffle_partitions(ds) -> int:
-    return max(1, min(64, ds.num_blocks()))
+    """Few partitions for small inputs: each one is an aggregator to start."""
+    return max(1, min(64, -(-ds.count() // ROWS_PER_PARTITION)))
 
 
 def find_duplicates(validated):
@@ -394,26 +398,31 @@ def _index_table(index) -> pa.Table:
 
 
 def count_outcomes(validated, duplicates) -> tuple[dict, dict, int]:
-    """({reason: n}, {converted mode: n}, kept pairs) over validated rows and duplicates."""
-    tallies = validated.map_batches(tally, batch_format="pyarrow")
+    """({reason: n}, {converted mode: n}, kept pairs) over validated rows and duplicates.
+
+    Each block is tallied where it lives (:func:`tally`); one task sums the tallies, so the
+    driver receives only the totals."""
+    import ray
+
+    tallies = validated.map_batches(tally, batch_format="pyarrow").materialize()
+    dup_tallies = duplicates.map_batches(tally_duplicates, batch_format="pyarrow").materialize()
+    totals = ray.get(ray.remote(sum_tallies).remote(len(tallies.to_arrow_refs()), *tallies.to_arrow_refs(),
+                                                    *dup_tallies.to_arrow_refs()))
     counts: dict[str, int] = {}
     converted: dict[str, int] = {}
     valid = 0
-    for row in tallies.groupby(["reason", "converted"], num_partitions=1).sum("n").take_all():
-        n = int(row["sum(n)"])
+    for row in totals["verdicts"]:
         if row["reason"]:
-            counts[row["reason"]] = counts.get(row["reason"], 0) + n
+            counts[row["reason"]] = counts.get(row["reason"], 0) + row["n"]
         else:
-            valid += n
+            valid += row["n"]
             if row["converted"]:
-                converted[row["converted"]] = converted.get(row["converted"], 0) + n
-    for row in duplicates.map_batches(tally_duplicates, batch_format="pyarrow").groupby(
-            "converted", num_partitions=1).sum("n").take_all():
-        n = int(row["sum(n)"])
-        counts["duplicate_id"] = counts.get("duplicate_id", 0) + n
-        valid -= n
+                converted[row["converted"]] = converted.get(row["converted"], 0) + row["n"]
+    for row in totals["duplicates"]:
+        counts["duplicate_id"] = counts.get("duplicate_id", 0) + row["n"]
+        valid -= row["n"]
         if row["converted"]:
-            converted[row["converted"]] -= n
+            converted[row["converted"]] -= row["n"]
     return counts, {m: n for m, n in converted.items() if n}, valid
 
 
@@ -423,6 +432,20 @@ def tally_duplicates(batch: pa.Table) -> pa.Table:
                       "n": pa.array(np.ones(batch.num_rows, np.int64))})
     grouped = small.group_by(["converted"]).aggregate([("n", "sum")])
     return pa.table({"converted": grouped["converted"], "n": grouped["n_sum"]})
+
+
+def sum_tallies(n_verdicts: int, *parts: pa.Table) -> dict:
+    """The first ``n_verdicts`` parts are :func:`tally` tables, the rest :func:`tally_duplicates`
+    tables -> {"verdicts": [...], "duplicates": [...]} summed rows (run as a Ray task)."""
+    def total(tables_: list, keys: list[str]) -> list[dict]:
+        tables_ = [t for t in tables_ if t.num_rows]
+        if not tables_:
+            return []
+        grouped = pa.concat_tables(tables_).group_by(keys).aggregate([("n", "sum")])
+        return [dict(row, n=row.pop("n_sum")) for row in grouped.to_pylist()]
+
+    return {"verdicts": total(list(parts[:n_verdicts]), ["reason", "converted"]),
+            "duplicates": total(list(parts[n_verdicts:]), ["converted"])}
 
 
 def _write(ds, directory: str) -> None:
