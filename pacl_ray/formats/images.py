@@ -18,8 +18,8 @@ is the same picture in every stage:
   ``F`` (float32)  ``v * 255`` when every finite value is in [0, 1], else min-max over the image;
                    NaN/inf become 0
   ``1, L, P, CMYK, YCbCr, LAB, HSV, RGBX``  Pillow's conversion
-  ``RGBA, LA, PA, P`` with transparency, ``RGBa, La``  composited over white (a transparent
-                   pixel is white, not black)
+  ``RGBA, LA, PA, RGBa, P`` with transparency  composited over white (a transparent pixel is
+                   white, not black)
   ===============  ==========================================================================
 
   **Choice** (``I``/``F``): Pillow does not record the bit depth of 32-bit images; 16-bit data is
@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 from pacl_ray.formats import storage
 
 ORIENTATION_TAG = 0x0112
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 
 
 class ImageRejected(Exception):
@@ -201,7 +201,10 @@ def decode(data: bytes, max_pixels: Optional[int] = None) -> Decoded:
     image = _open(data, max_pixels)
     mode, fmt, frames = image.mode, image.format, int(getattr(image, "n_frames", 1) or 1)
     orientation = _orientation(image)
-    rgb = to_rgb(image)
+    try:
+        rgb = to_rgb(image)
+    except (ValueError, OSError) as err:  # a mode Pillow cannot convert
+        raise ImageRejected("corrupt_image", f"cannot convert mode {mode} to RGB: {err}") from err
     if orientation != 1:
         rgb = _transpose(rgb, orientation)
     return Decoded(rgb, rgb.width, rgb.height, mode, fmt, orientation, frames)
