@@ -14,9 +14,10 @@ Work is per file and per record, in Ray tasks; the driver holds nothing per row:
 2. ``map_batches`` validation reads and decodes each image with the shared decoder
    (:mod:`pacl_ray.formats.images`: EXIF orientation applied, every mode scaled to 8-bit RGB) and
    decodes and cleans the text;
-3. duplicate ids: a Ray Data hash aggregate over ``(id, position)`` of the valid rows finds, per
-   id, its first occurrence by (file, row) and how often it occurs; only ids seen twice or more
-   are broadcast (from a task, never through the driver) to the tasks that drop the later ones.
+3. duplicate ids: one task reads the validated blocks (by reference, one at a time) and finds,
+   per id, its first occurrence by (file, row) and how often it occurs (about 30 bytes per row,
+   in that task); only ids seen twice or more are passed on, as an object reference, to the
+   tasks that drop the later occurrences.
 
 Outputs under ``{output_dir}/stages/ingest/{key}``: ``pairs/`` (:data:`tables.PAIRS`, image bytes
 inline), ``quarantine/`` (:data:`tables.QUARANTINE`: id, ``file:row`` source, field, reason,
@@ -29,7 +30,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import posixpath
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -151,26 +152,48 @@ def validate_batch(batch: pa.Table, max_image_pixels: int, clean: bool) -> pa.Ta
 
 # --------------------------------------------------------------------------- duplicate ids (per batch)
 
-FIRST = "first"  # "<position, 19 digits>\t<source>": its minimum over an id is the first occurrence
+INDEX_SCHEMA = pa.schema([("id", pa.string()), ("first_position", pa.int64()), ("first_source", pa.string())])
 
 
-def first_occurrence_keys(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: valid validated rows -> (id, first) for the duplicate-id aggregate."""
-    valid = batch.filter(pc.is_null(batch.column("reason")))
-    keys = [f"{p:019d}\t{s}" for p, s in zip(valid.column("position").to_pylist(), valid.column("source").to_pylist())]
-    return pa.table({"id": valid.column("id"), FIRST: pa.array(keys, pa.string())})
+def index_duplicates(blocks: Callable[[], Iterable[pa.Table]]) -> pa.Table:
+    """Ids that occur more than once among valid validated rows -> :data:`INDEX_SCHEMA` rows
+    (the id, and position and source of its first occurrence by (file, row)).
+
+    ``blocks()`` yields the validated blocks; it is called twice (ids, then the first
+    occurrences' sources) so that only one block at a time is held. Memory: about 30 bytes
+    per valid row (id and position), in the one task that runs this.
+    """
+    keys = [b.filter(pc.is_null(b.column("reason"))).select(["id", "position"]) for b in blocks()]
+    keys = [k for k in keys if k.num_rows]
+    if not keys:
+        return INDEX_SCHEMA.empty_table()
+    grouped = pa.concat_tables(keys).group_by("id").aggregate([("position", "min"), ("position", "count")])
+    del keys
+    repeated = grouped.filter(pc.greater(grouped.column("position_count"), 1))
+    firsts = repeated.column("position_min").combine_chunks()
+    if not len(firsts):
+        return INDEX_SCHEMA.empty_table()
+    hits = [b.filter(pc.is_in(b.column("position"), value_set=firsts)).select(["position", "source"]) for b in blocks()]
+    hits = pa.concat_tables(hits).combine_chunks()
+    sources = pc.take(hits.column("source"), pc.index_in(firsts, value_set=hits.column("position")))
+    return pa.table([repeated.column("id").cast(pa.string()), firsts, sources], schema=INDEX_SCHEMA)
 
 
-def duplicate_index(aggregated: pa.Table) -> pa.Table:
-    """Aggregate rows (id, min(first), count()) -> ids occurring more than once:
-    (id, first_position int64, first_source)."""
-    repeated = aggregated.filter(pc.greater(aggregated.column("count()"), 1))
-    firsts = repeated.column(f"min({FIRST})").to_pylist()
-    return pa.table({
-        "id": repeated.column("id").cast(pa.string()),
-        "first_position": pa.array([int(f.split("\t", 1)[0]) for f in firsts], pa.int64()),
-        "first_source": pa.array([f.split("\t", 1)[1] for f in firsts], pa.string()),
-    })
+def index_duplicates_task(block_refs: list) -> pa.Table:
+    """Ray task: :func:`index_duplicates` over validated blocks given as object references
+    (nested in a list, so Ray does not fetch them all at once)."""
+    import ray
+
+    return index_duplicates(lambda: (ray.get(ref) for ref in block_refs))
+
+
+def _index_table(index) -> pa.Table:
+    """The duplicate index, fetched from the object store inside a task when given as a reference."""
+    if isinstance(index, pa.Table):
+        return index
+    import ray
+
+    return ray.get(index)
 
 
 def _duplicate_mask(batch: pa.Table, index: pa.Table) -> tuple[pa.Array, pa.Array]:
@@ -184,7 +207,7 @@ def _duplicate_mask(batch: pa.Table, index: pa.Table) -> tuple[pa.Array, pa.Arra
 
 def duplicate_rows(batch: pa.Table, index) -> pa.Table:
     """Valid rows whose id occurred earlier -> QUARANTINE rows (duplicate_id) + converted_from.
-    ``index``: :func:`duplicate_index` rows, or an ObjectRef of them."""
+    ``index``: :func:`index_duplicates` rows, or an ObjectRef of them."""
     index = _index_table(index)
     mask, where = _duplicate_mask(batch, index)
     dups = batch.filter(mask)
@@ -355,46 +378,18 @@ def format_summary(summary: dict) -> str:
     )
 
 
-ROWS_PER_PARTITION = 500_000  # rows of (id, first) per partition of the duplicate-id aggregate
-
-
-def _shuffle_partitions(ds) -> int:
-    """Few partitions for small inputs: each one is an aggregator to start."""
-    return max(1, min(64, -(-ds.count() // ROWS_PER_PARTITION)))
-
-
 def find_duplicates(validated):
     """(ObjectRef of the duplicate index table, materialized Dataset of duplicate_id rows).
 
-    The index (:func:`duplicate_index`) holds only ids that occur more than once; it is built
-    by a Ray task from the aggregate's blocks, so the driver holds object references only.
+    One task builds the index (:func:`index_duplicates`) from the validated blocks' references;
+    the driver holds references only, never per-row data. (Ray Data's groupby would return
+    blocks of (id, position) small enough to be kept in the driver's own memory store.)
     """
     import ray
-    from ray.data.aggregate import Count, Min
 
-    keys = validated.map_batches(first_occurrence_keys, batch_format="pyarrow")
-    aggregated = keys.groupby("id", num_partitions=_shuffle_partitions(validated)).aggregate(Min(FIRST), Count())
-    repeated = aggregated.map_batches(duplicate_index, batch_format="pyarrow").materialize()
-    index = ray.remote(concat_index).remote(*repeated.to_arrow_refs())
+    index = ray.remote(index_duplicates_task).remote(validated.to_arrow_refs())
     duplicates = validated.map_batches(duplicate_rows, batch_format="pyarrow", fn_kwargs={"index": index}).materialize()
     return index, duplicates
-
-
-INDEX_SCHEMA = pa.schema([("id", pa.string()), ("first_position", pa.int64()), ("first_source", pa.string())])
-
-
-def concat_index(*parts: pa.Table) -> pa.Table:
-    """The duplicate index's blocks as one table (run as a Ray task)."""
-    return pa.concat_tables([INDEX_SCHEMA.empty_table(), *[p.cast(INDEX_SCHEMA) for p in parts]]).combine_chunks()
-
-
-def _index_table(index) -> pa.Table:
-    """The duplicate index, fetched from the object store inside a task when given as a reference."""
-    if isinstance(index, pa.Table):
-        return index
-    import ray
-
-    return ray.get(index)
 
 
 def count_outcomes(validated, duplicates) -> tuple[dict, dict, int]:

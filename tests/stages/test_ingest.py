@@ -139,14 +139,10 @@ def test_duplicates_keep_the_first_by_file_and_row():
         ("a", "m.jsonl:100", 100, None), ("c", "m.jsonl:1", 1, "missing_file"), ("c", "n.jsonl:1", f2 | 1, None),
         ("d", "n.jsonl:5", f2 | 5, None), ("d", "m.jsonl:50", 50, None),
     ])
-    keys = ingest.first_occurrence_keys(batch)
-    assert keys.num_rows == 7  # the invalid row is not a candidate
-    grouped = keys.group_by("id").aggregate([(ingest.FIRST, "min"), (ingest.FIRST, "count")])
-    aggregated = pa.table({"id": grouped["id"], f"min({ingest.FIRST})": grouped[f"{ingest.FIRST}_min"],
-                           "count()": grouped[f"{ingest.FIRST}_count"]})
-    index = ingest.duplicate_index(aggregated)
+    index = ingest.index_duplicates(lambda: [batch.slice(0, 3), batch.slice(3)])  # any block boundaries
     assert sorted(zip(index["id"].to_pylist(), index["first_source"].to_pylist())) == [
         ("a", "m.jsonl:9"), ("d", "m.jsonl:50")]
+    assert sorted(index["first_position"].to_pylist()) == [9, 50]
     dups = ingest.duplicate_rows(batch, index).to_pylist()
     assert sorted((d["source"], d["reason"], d["detail"]) for d in dups) == [
         ("m.jsonl:10", "duplicate_id", "id 'a' already used by m.jsonl:9"),
@@ -157,6 +153,7 @@ def test_duplicates_keep_the_first_by_file_and_row():
     assert sorted(pairs["source"].to_pylist()) == ["m.jsonl:2", "m.jsonl:50", "m.jsonl:9", "n.jsonl:1"]
     assert pairs.schema.equals(tables.PAIRS)
     assert ingest.pairs_only(batch, ingest.INDEX_SCHEMA.empty_table()).num_rows == 7
+    assert ingest.index_duplicates(lambda: [batch.slice(1, 1)]).num_rows == 0
 
 
 def test_tally_counts_reasons_and_conversions():
