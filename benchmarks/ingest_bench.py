@@ -81,23 +81,19 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(args.child, args.num_cpus, args.workdir)))
         return
-    results = []
-    for rows in args.rows:
+    print(f"ingest, JSONL manifest, small images shared by path, {args.num_cpus} CPUs for Ray", flush=True)
+    print(f"{'rows':>10} {'seconds':>9} {'rows/s':>9} {'driver peak RSS':>16} {'growth in run_ingest':>21}", flush=True)
+    for rows in args.rows:  # each row printed as soon as it is measured
         with tempfile.TemporaryDirectory(prefix="ingest_bench_") as workdir:
             done = subprocess.run(
                 [sys.executable, __file__, "--child", str(rows), "--num-cpus", str(args.num_cpus), "--workdir", workdir],
                 check=True, stdout=subprocess.PIPE, text=True,
             )
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        r = json.loads(done.stdout.strip().splitlines()[-1])
         expected_dups = (rows - 1) // DUPLICATE_EVERY
-        assert (result["pairs"], result["duplicates"]) == (rows - expected_dups, expected_dups), result
-        results.append(result)
-        print(f"done: {rows} rows", file=sys.stderr)
-    print(f"ingest, JSONL manifest, small images shared by path, {args.num_cpus} CPUs for Ray")
-    print(f"{'rows':>10} {'seconds':>9} {'rows/s':>9} {'driver peak RSS':>16} {'growth in run_ingest':>21}")
-    for r in results:
+        assert (r["pairs"], r["duplicates"]) == (rows - expected_dups, expected_dups), r
         print(f"{r['rows']:>10} {r['seconds']:>9.1f} {r['rows_per_s']:>9.0f} {r['rss_peak_mib']:>12.0f} MiB "
-              f"{r['rss_growth_mib']:>17.0f} MiB")
+              f"{r['rss_growth_mib']:>17.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
