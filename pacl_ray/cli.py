@@ -292,8 +292,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pacl_ray.formats.export import ExportError
     from pacl_ray.stages.ingest import IngestError
     from pacl_ray.sweeps.spaces import SpaceError
+    from pacl_ray.stages.pseudo_labels import NonFiniteFeaturesError
+    from pacl_ray.stages.train import NonFiniteLossError, NoTrainableEpochError
 
     return (config_mod.ConfigError, SpaceError, IngestError, NotEnoughPointsError, DatasetError,
+            NonFiniteFeaturesError, NonFiniteLossError, NoTrainableEpochError,
             TaskSpecError, ExportError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError)
 

@@ -76,6 +76,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pacl_ray.formats import images
+from pacl_ray.formats.manifests import is_hidden
+
 KINDS = ("single", "hierarchical", "multilabel", "vad")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -171,16 +174,14 @@ class _Record:
 
 
 def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
-    """Validate one image file (local path or pyarrow URI) with ingest's shared checks: None when
-    it decodes fully, else ``(reason, detail)`` with reason in :data:`pacl_ray.formats.tables.QUARANTINE_REASONS`
-    (missing_file, unreadable_file, zero_size_image, decompression_bomb, corrupt_image,
-    truncated_image)."""
-    from pacl_ray.stages.ingest import Rejected, read_image_file
-    from pacl_ray.stages.ingest import check_image as check_image_bytes
-
+    """Validate one image file (local path or pyarrow URI) with the shared decoder
+    (:mod:`pacl_ray.formats.images`, the one training and feature extraction use): None when it
+    decodes fully, else ``(reason, detail)`` with reason in
+    :data:`pacl_ray.formats.tables.QUARANTINE_REASONS` (missing_file, unreadable_file,
+    zero_size_image, decompression_bomb, corrupt_image, truncated_image)."""
     try:
-        check_image_bytes(read_image_file(path), max_pixels)
-    except Rejected as err:
+        images.decode(images.read_image_bytes(path), max_pixels)
+    except images.ImageRejected as err:
         return err.reason, err.detail if path in err.detail else f"{path}: {err.detail}"
     return None
 
@@ -260,6 +261,8 @@ def _build(
     good = _validate(records, quarantine)
     if not good:
         raise DatasetError(f"{name}: no valid images (first problem: {quarantine[0] if quarantine else 'none found'})")
+    if kind == "single":
+        _check_every_class(name, label_names[0], records, good)
     width = len(label_names[0]) if kind == "multilabel" else len(label_names) if kind == "hierarchical" else 3
     splits = {}
     for split in SPLITS:
@@ -275,6 +278,18 @@ def _build(
     return data
 
 
+def _check_every_class(name: str, classes: list[str], records: list[_Record], good: list[_Record]) -> None:
+    """A class whose images all failed validation is an error naming its folder(s)."""
+    have = {r.target for r in good}
+    for label, cls in enumerate(classes):
+        folders = sorted({os.path.dirname(r.path) for r in records if r.target == label})
+        if folders and label not in have:
+            raise DatasetError(
+                f"{name}: class {cls!r} has no valid image (folder {', '.join(folders)}; "
+                f"see the quarantine for why each image failed)"
+            )
+
+
 # --------------------------------------------------------------------------- folder layouts
 
 
@@ -283,16 +298,18 @@ def _is_image(name: str) -> bool:
 
 
 def _images_below(directory: str) -> list[str]:
-    """Image files below a directory, recursively, sorted (hidden files skipped)."""
+    """Image files below a directory, recursively, sorted; hidden and system entries (``.*``,
+    macOS ``._*`` resource forks and ``__MACOSX/``, ``Thumbs.db``, ``@eaDir``) skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f) and not f.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f) and not is_hidden(f))
     return found
 
 
 def _subdirs(directory: str) -> list[str]:
-    return sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+    """Visible sub-folders (hidden and system folders such as ``__MACOSX`` skipped), sorted."""
+    return sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)) and not is_hidden(d))
 
 
 def _split_dirs(root: str) -> dict[str, str] | None:
@@ -330,11 +347,13 @@ def _class_folder_records(
                 f"{name}: unexpected class folder {os.path.join(root, folder)!r}; expected one of {classes}"
             )
         label = lookup[folder.lower()]
-        for path in _images_below(os.path.join(root, folder)):
-            records.append(_Record(path, label, path, split))
+        found = _images_below(os.path.join(root, folder))
+        if not found:
+            raise DatasetError(f"{name}: class folder {os.path.join(root, folder)!r} has no images")
+        records.extend(_Record(path, label, path, split) for path in found)
     for path in sorted(os.listdir(root)):
         full = os.path.join(root, path)
-        if os.path.isfile(full) and _is_image(path):
+        if os.path.isfile(full) and _is_image(path) and not is_hidden(path):
             quarantine.append(quarantine_row(full, "label", "missing_field", "image is not inside a class folder", full))
     return classes, records
 
@@ -392,33 +411,77 @@ def read_unbiasedemo(root: str, seed: int = 0, limit: int = 0) -> TaskData:
 # --------------------------------------------------------------------------- table layouts
 
 
-def _read_table(path: str) -> list[dict]:
-    """Rows of a CSV/TSV/whitespace table with a header, as dicts (keys stripped)."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        text = handle.read()
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
+def _read_table(path: str, quarantine: list[dict]) -> list[tuple[str, dict]]:
+    """``(where, row)`` of a CSV/TSV/whitespace table with a header (keys and cells stripped);
+    ``where`` is ``path:line`` of the row's first line.
+
+    Quoted cells may hold newlines and delimiters (RFC 4180). A row that cannot be parsed (broken
+    quoting, a wrong number of fields) is quarantined as malformed_record and costs only itself.
+    Bytes that are not UTF-8 are kept (as surrogates) and reported when the cell is used
+    (undecodable_text), so they cost only their row.
+    """
+    with open(path, "rb") as handle:
+        text = handle.read().decode("utf-8-sig", "surrogateescape")
+    lines = text.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
         raise DatasetError(f"{path}: empty table")
-    header = lines[0]
-    if "\t" in header:
-        reader = csv.reader(lines, delimiter="\t")
-    elif "," in header:
-        reader = csv.reader(lines)
+    header = lines[first]
+    if "\t" not in header and "," not in header:  # whitespace separated (IAPS technical manual)
+        rows = [(i + 1, line.split()) for i, line in enumerate(lines) if line.strip()]
     else:
-        reader = (line.split() for line in lines)
-    rows = list(reader)
-    names = [h.strip() for h in rows[0]]
-    return [dict(zip(names, [v.strip() for v in row])) for row in rows[1:]]
+        rows = list(_csv_rows(lines, "\t" if "\t" in header else ",", path, quarantine))
+    if not rows:
+        raise DatasetError(f"{path}: no readable header row")
+    names = [h.strip() for h in rows[0][1]]
+    out = []
+    for line, cells in rows[1:]:
+        where = f"{path}:{line}"
+        if len(cells) != len(names):
+            quarantine.append(quarantine_row(where, "record", "malformed_record",
+                                             f"{where}: {len(cells)} fields, the header has {len(names)}"))
+            continue
+        out.append((where, dict(zip(names, [c.strip() for c in cells]))))
+    return out
 
 
-class _MissingField(Exception):
-    def __init__(self, where: str, field_name: str):
-        super().__init__(f"{where}: missing field {field_name!r}")
-        self.where = where
-        self.field = field_name
+def _csv_rows(lines: list[str], delimiter: str, path: str, quarantine: list[dict]):
+    """(first line number, cells) of non-blank CSV records; broken ones quarantined."""
+    position = {"line": 0}
+
+    def numbered():
+        for line in lines:
+            position["line"] += 1
+            yield line
+
+    reader = csv.reader(numbered(), delimiter=delimiter, strict=True)
+    while True:
+        start = position["line"] + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            where = f"{path}:{start}"
+            quarantine.append(quarantine_row(where, "record", "malformed_record", f"{where}: {err}"))
+            continue
+        if any(c.strip() for c in cells):
+            yield start, cells
+
+
+class _RowFault(Exception):
+    """One annotation row is bad: quarantined with its place, field and reason."""
+
+    def __init__(self, where: str, field_name: str, reason: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.where, self.field, self.reason = where, field_name, reason
 
     def quarantine(self) -> dict:
-        return quarantine_row(self.where, self.field, "missing_field", str(self))
+        return quarantine_row(self.where, self.field, self.reason, str(self))
+
+
+def _missing(where: str, field_name: str) -> _RowFault:
+    return _RowFault(where, field_name, "missing_field", f"missing field {field_name!r}")
 
 
 def _column(row: dict, names: Sequence[str], where: str) -> str:
@@ -427,8 +490,12 @@ def _column(row: dict, names: Sequence[str], where: str) -> str:
     for name in names:
         value = lowered.get(name.lower())
         if value not in (None, ""):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _RowFault(where, name, "undecodable_text", f"field {name!r} is not UTF-8: {value!r}") from None
             return value
-    raise _MissingField(where, names[0])
+    raise _missing(where, names[0])
 
 
 def _first_existing(root: str, candidates: Sequence[str]) -> str | None:
@@ -444,13 +511,16 @@ def _load_webemo_hierarchy(root: str) -> dict[str, tuple[str, str]]:
     if not os.path.isfile(path):
         return dict(WEBEMO_HIERARCHY)
     mapping = {}
-    for i, row in enumerate(_read_table(path), start=2):
+    problems: list[dict] = []
+    for where, row in _read_table(path, problems):
         try:
-            mapping[_column(row, ["level3"], f"{path}:{i}").lower()] = (
-                _column(row, ["level2"], f"{path}:{i}").lower(), _column(row, ["level1"], f"{path}:{i}").lower()
+            mapping[_column(row, ["level3"], where).lower()] = (
+                _column(row, ["level2"], where).lower(), _column(row, ["level1"], where).lower()
             )
-        except _MissingField as err:
+        except _RowFault as err:
             raise DatasetError(str(err)) from None
+    if problems:  # the hierarchy defines the label space: a bad row is an error, not a quarantine
+        raise DatasetError(problems[0]["detail"])
     return mapping
 
 
@@ -474,18 +544,17 @@ def _webemo_csv_records(root: str, quarantine: list[dict]) -> tuple[list[_Record
     for split in SPLITS:
         path = os.path.join(root, f"{split}.csv")
         if os.path.isfile(path):
-            rows_by_split[split] = (path, _read_table(path))
+            rows_by_split[split] = (path, _read_table(path, quarantine))
     if "test" not in rows_by_split:
         raise DatasetError(f"webemo: {root}/train.csv given but {root}/test.csv is missing")
     levels: list[set] = [set(), set(), set()]
     parsed = []
     for split, (path, rows) in rows_by_split.items():
-        for i, row in enumerate(rows, start=2):
-            where = f"{path}:{i}"
+        for where, row in rows:
             try:
                 image = _column(row, ["image", "path"], where)
                 labels = [_column(row, [f"level{k}"], where) for k in (1, 2, 3)]
-            except _MissingField as err:
+            except _RowFault as err:
                 quarantine.append(err.quarantine())
                 continue
             for level, label in zip(levels, labels):
@@ -509,12 +578,17 @@ def _webemo_txt_records(root: str, quarantine: list[dict]) -> tuple[list[_Record
             if split == "test":
                 raise DatasetError(f"webemo: {path} is missing")
             continue
-        with open(path, encoding="utf-8") as handle:
-            for i, line in enumerate(handle, start=1):
+        with open(path, "rb") as handle:
+            for i, raw in enumerate(handle, start=1):
+                where = f"{path}:{i}"
+                try:
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    quarantine.append(quarantine_row(where, "image", "undecodable_text", f"{where}: not UTF-8 ({err})"))
+                    continue
                 parts = line.split()
                 if not parts:
                     continue
-                where = f"{path}:{i}"
                 if len(parts) < 2:
                     quarantine.append(quarantine_row(where, "label", "missing_field", "expected '<url-or-path> <label>'"))
                     continue
@@ -543,12 +617,18 @@ def _emotic_tables(root: str) -> dict[str, str]:
 
 
 def _parse_list(text: str, where: str, field_name: str) -> list:
+    """A list literal cell (``"['Engagement', 'Happiness']"``); an empty list ``[]`` counts as
+    an empty cell (missing_field), like the conversion scripts' blank cells."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError) as err:
         raise ValueError(f"{where}: field {field_name!r} is not a list literal: {text!r} ({err})") from None
     if isinstance(value, (str, int, float)):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: field {field_name!r} is not a list: {text!r}")
+    if not value:
+        raise _RowFault(where, field_name, "missing_field", f"field {field_name!r} is an empty list {text!r}")
     return list(value)
 
 
@@ -561,8 +641,7 @@ def read_emotic(root: str, kind: str = "multilabel", seed: int = 0, limit: int =
     quarantine: list[dict] = []
     merged: dict[tuple[str, str], dict] = {}  # (split, image) -> categories, vad list, source
     for split, path in _emotic_tables(root).items():
-        for i, row in enumerate(_read_table(path), start=2):
-            where = f"{path}:{i}"
+        for where, row in _read_table(path, quarantine):
             try:
                 image = os.path.join(root, _column(row, ["Folder"], where), _column(row, ["Filename"], where))
                 if kind == "multilabel":
@@ -575,7 +654,7 @@ def read_emotic(root: str, kind: str = "multilabel", seed: int = 0, limit: int =
                     value = [float(v) for v in _parse_list(_column(row, ["Continuous_Labels"], where), where, "Continuous_Labels")]
                     if len(value) != 3:
                         raise ValueError(f"{where}: field 'Continuous_Labels' needs 3 values, got {value}")
-            except _MissingField as err:
+            except _RowFault as err:
                 quarantine.append(err.quarantine())
                 continue
             except (ValueError, TypeError) as err:
@@ -626,15 +705,14 @@ def read_iaps(root: str, seed: int = 0, limit: int = 0) -> TaskData:
     quarantine: list[dict] = []
     records = []
     seen = set()
-    for i, row in enumerate(_read_table(table), start=2):
-        where = f"{table}:{i}"
+    for where, row in _read_table(table, quarantine):
         try:
             number = _column(row, ["IAPS"], where)
             vad = [
                 float(_column(row, names, where))
                 for names in (["valmn"], ["aromn"], ["dom1mn", "dommn", "dom2mn"])
             ]
-        except _MissingField as err:
+        except _RowFault as err:
             quarantine.append(err.quarantine())
             continue
         except ValueError as err:

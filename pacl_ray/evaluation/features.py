@@ -12,16 +12,17 @@ once however many tasks there are.
 from __future__ import annotations
 
 import io
-import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from pacl_ray.config import RunConfig
 from pacl_ray.evaluation.datasets import Split, TaskData
 from pacl_ray.evaluation.resolve import BackboneRef
 from pacl_ray.formats import storage
 from pacl_ray.stages import cache
+from pacl_ray.stages.executor import ActorPool, Udf, run_udfs_on_table
 from pacl_ray.stages.image_features import ImageFeatureExtractor
 
 
@@ -40,34 +41,6 @@ def _load_array(uri: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
 
-def _features_in_process(items: list[dict], extractor_kwargs: dict, batch_size: int) -> Iterator[dict]:
-    """ImageFeatureExtractor over ``items`` (row, path) in a loop in this process: batches (row, feature)."""
-    extractor = ImageFeatureExtractor(**extractor_kwargs)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        rows = np.array([item["row"] for item in chunk])
-        paths = np.array([item["path"] for item in chunk], dtype=object)
-        yield extractor({"row": rows, "path": paths})
-
-
-def _features_on_ray_data(items: list[dict], extractor_kwargs: dict, cfg: RunConfig) -> Iterator[dict]:
-    """ImageFeatureExtractor over ``items`` in a Ray Data actor pool: batches (row, feature)."""
-    import ray
-
-    from pacl_ray.stages.runtime import cluster_gpus
-
-    num_gpus = cfg.evaluate.num_gpus if cluster_gpus() > 0 else 0
-    # Blocks of a few batches: from_items' default of 200 blocks makes ten-image blocks on a
-    # small set, each with its own scheduling overhead (2000 images of 32 px: 16.2 s -> 14.6 s).
-    blocks = max(1, math.ceil(len(items) / (4 * cfg.evaluate.batch_size)))
-    features = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        ImageFeatureExtractor, fn_constructor_kwargs=extractor_kwargs,
-        batch_size=cfg.evaluate.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.evaluate.concurrency)), num_gpus=num_gpus,
-    )
-    yield from features.iter_batches(batch_size=None, batch_format="numpy")
-
-
 def extract_features(cfg: RunConfig, ref: BackboneRef, data: TaskData, splits: Sequence[str]) -> dict[str, np.ndarray]:
     """Pooled backbone features float32 [N, D] per split, from the cache or one extraction pass
     over every split that is missing."""
@@ -80,8 +53,6 @@ def extract_features_many(
     """Features for several (task, splits) requests; everything not cached is extracted in ONE pass
     (in this process for few images, else Ray Data; see ``ray.in_process_max_rows``), so the
     backbone loads once however many tasks there are."""
-    from pacl_ray.stages.runtime import init_ray, runs_in_process
-
     out: list[dict[str, np.ndarray]] = [{} for _ in requests]
     todo: dict[str, tuple[int, str, Split, str]] = {}  # cache uri -> (request, split, data, task)
     for index, (data, splits) in enumerate(requests):
@@ -92,7 +63,6 @@ def extract_features_many(
             else:
                 todo.setdefault(uri, (index, split, data.splits[split], data.name))
     if todo:
-        init_ray(cfg.ray)
         items, offsets = [], {}
         for uri, (_, _, split_data, _) in todo.items():
             start = len(items)
@@ -100,18 +70,19 @@ def extract_features_many(
             items.extend([{"row": start + i, "path": p} for i, p in enumerate(split_data.paths)])
         extractor_kwargs = dict(backbone=ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
                                 input_size=ref.input_size, precision=cfg.evaluate.precision, feature_column="feature")
-        if runs_in_process(len(items), cfg.ray):
-            batches = _features_in_process(items, extractor_kwargs, cfg.evaluate.batch_size)
-        else:
-            batches = _features_on_ray_data(items, extractor_kwargs, cfg)
-        rows, chunks = [], []
-        for batch in batches:
-            rows.append(batch["row"])
-            chunks.append(batch["feature"])
-        row_ids = np.concatenate(rows)
+        # One executor for every inference step (in this process for few images, else a Ray Data
+        # actor pool), as the embed and scoring stages use it.
+        table = run_udfs_on_table(
+            pa.Table.from_pylist(items), [Udf(ImageFeatureExtractor, extractor_kwargs, actor=True)],
+            pool=ActorPool(cfg.evaluate.concurrency, cfg.evaluate.num_gpus), batch_size=cfg.evaluate.batch_size,
+            ray_cfg=cfg.ray,
+        )
+        row_ids = table.column("row").to_numpy()
         if not np.array_equal(np.sort(row_ids), np.arange(len(items))):
             raise RuntimeError(f"feature extraction returned {len(row_ids)} rows for {len(items)} images")
-        stacked = np.concatenate(chunks)[np.argsort(row_ids)].astype(np.float32)
+        feature = table.column("feature").combine_chunks()
+        chunks = [feature.flatten().to_numpy(zero_copy_only=False).reshape(len(row_ids), -1)]
+        stacked = chunks[0][np.argsort(row_ids)].astype(np.float32)
         for uri, (_, split, _, task) in todo.items():
             start, stop = offsets[uri]
             _save_array(storage.join(uri, "features.npy"), stacked[start:stop])

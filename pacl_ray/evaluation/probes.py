@@ -35,7 +35,7 @@ from pacl_ray.evaluation.datasets import Split, TaskData
 from pacl_ray.evaluation.features import extract_features
 from pacl_ray.evaluation.resolve import BackboneRef
 from pacl_ray.formats.export import local_file
-from pacl_ray.stages.image_features import load_rgb
+from pacl_ray.formats.images import load_rgb
 
 
 def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, out_dims: Sequence[int]) -> torch.Tensor:
@@ -196,7 +196,6 @@ def _finetune_job(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
     model = _FinetuneModel(backbone.model, backbone.num_features, data.out_dims)
     init_head(model.head, data.kind, data.splits["train"].targets)
     model = model.to(device)
-    dtype = autocast_dtype(cfg.evaluate.precision, device)
     backbone_lr = cfg.evaluate.finetune_lr or finetune_lr(ref.name)
     optimizer = torch.optim.AdamW(
         [{"params": model.backbone.parameters(), "lr": backbone_lr},

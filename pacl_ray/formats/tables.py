@@ -56,6 +56,7 @@ QUARANTINE_REASONS = (
     "duplicate_id",
     "missing_field",
     "bad_value",
+    "malformed_record",  # a record that cannot be parsed (cut-off JSON line, CSV row with the wrong field count, truncated tar member)
 )
 
 SCORES = pa.schema(

@@ -26,7 +26,6 @@ run in float32.
 
 from __future__ import annotations
 
-import io
 from typing import Any, Callable
 
 import numpy as np
@@ -53,16 +52,25 @@ def feature_dtype(name: str) -> tuple[type, pa.DataType]:
 def features_table(
     ids: Any, image_features: np.ndarray, text_features: np.ndarray, dtype: str = "float32"
 ) -> pa.Table:
-    """ids [B], image float [B, Di], text float [B, Dt] -> a FEATURES table (fixed-size lists)."""
+    """ids [B], image float [B, Di], text float [B, Dt] -> a FEATURES table (fixed-size lists).
+
+    Raises ValueError naming the ids and the modality when a feature is NaN or infinite (also
+    after a float16 cast overflows), so non-finite features are never written."""
     np_dtype, pa_dtype = feature_dtype(dtype)
 
-    def column(x: np.ndarray) -> pa.FixedSizeListArray:
-        x = np.ascontiguousarray(x, dtype=np_dtype)
+    def column(x: np.ndarray, name: str) -> pa.FixedSizeListArray:
+        with np.errstate(over="ignore"):  # a float16 overflow is reported just below
+            x = np.ascontiguousarray(x, dtype=np_dtype)
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            named = [str(i) for i, b in zip(ids, bad) if b][:10]
+            raise ValueError(f"embed: non-finite {name} (NaN or inf, dtype {dtype}) for {int(bad.sum())} pair(s), ids {named}")
         return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), type=pa_dtype), x.shape[1])
 
     out_schema = tables.features_schema(image_features.shape[1], text_features.shape[1], pa_dtype)
     return pa.Table.from_arrays(
-        [pa.array(list(ids), pa.string()), column(image_features), column(text_features)], schema=out_schema
+        [pa.array(list(ids), pa.string()), column(image_features, "image_feature"), column(text_features, "text_feature")],
+        schema=out_schema,
     )
 
 
@@ -71,13 +79,12 @@ def features_table(
 
 def decode_and_transform(batch: dict[str, np.ndarray], transform: Callable) -> dict[str, np.ndarray]:
     """CPU step: encoded image bytes -> the backbone's eval tensors, float32 [B, 3, H, W]."""
-    from PIL import Image
+    from pacl_ray.formats.images import decode_rgb
 
     pixels = []
     for pair_id, data in zip(batch[tables.ID], batch["image"]):
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                pixels.append(np.asarray(transform(image.convert("RGB")), dtype=np.float32))
+            pixels.append(np.asarray(transform(decode_rgb(data)), dtype=np.float32))
         except Exception as err:  # ingest validated the bytes; say which row if one still fails
             raise ValueError(f"embed: pairs row id={pair_id!r} field 'image': cannot decode ({err})") from err
     return {tables.ID: batch[tables.ID], "text": batch["text"], "pixels": np.stack(pixels)}

@@ -13,21 +13,12 @@ start-up. The backbone's eval transform and feature width are kept for callers i
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 
 from pacl_ray.core import backbones
-from pacl_ray.formats import storage
+from pacl_ray.formats.images import load_rgb
 from pacl_ray.formats.export import local_file
-
-
-def load_rgb(path: str):
-    """An RGB PIL image from a local path or pyarrow URI (decoded eagerly; the file is closed)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-        return image.convert("RGB")
 
 
 class ImageFeatureExtractor:

@@ -1,81 +1,65 @@
 """Stage 0: image-text manifests into one validated Parquet table, bad records quarantined.
 
 Inputs (``cfg.ingest.manifest``; ``cfg.ingest.format`` = auto picks by suffix / folder contents):
+a JSONL, CSV/TSV or Parquet manifest (or a folder or glob of them), WebDataset tar shards, or the
+TumEmo layout. The accepted forms and columns are listed in :mod:`pacl_ray.formats.manifests`
+(Parquet may hold the image bytes inline). Hidden and system files (``.DS_Store``, ``._*``,
+``__MACOSX/``) in a folder are ignored.
 
-* a JSONL (``.jsonl``/``.ndjson``; ``.json`` may also be a JSON list), CSV or Parquet manifest,
-  or a folder of them, with ``image`` (relative to the manifest's folder, absolute, or a pyarrow
-  URI such as ``s3://``) and ``text``; optional ``id``, ``anps`` (string or list), ``factual_score``,
-  ``emotional_score``, ``label``, ``planted_partition``;
-* WebDataset tar shards as img2dataset writes them (``key.jpg``/``.png`` + ``key.txt`` and/or
-  ``key.json`` with a ``caption``/``text``), a ``.tar`` file, a folder or a glob;
-* the TumEmo layout: a folder of ``<id>.jpg`` images with ``<id>.txt`` texts, or with a JSON list
-  of ``{"id", "text", "emotion_label"}``.
+Work is per file and per record, in Ray tasks; the driver holds nothing per row:
 
-Every format is read with a Ray Data reader and normalised to the same record columns, then
-validated in ``map_batches`` tasks (image read, decode, RGB conversion; text decode and cleaning).
-Duplicate ids need a global view, so a driver-side pass over the ids (no image bytes) finds them;
-the first occurrence (by source file and row) is kept.
+1. one read task per input file (:func:`pacl_ray.formats.manifests.read_file`) numbers its rows
+   and turns each fault (bad UTF-8, a cut-off line, a malformed CSV row, ...) into a verdict for
+   that record only;
+2. ``map_batches`` validation reads and decodes each image with the shared decoder
+   (:mod:`pacl_ray.formats.images`: EXIF orientation applied, every mode scaled to 8-bit RGB) and
+   decodes and cleans the text;
+3. duplicate ids: one task reads the validated blocks (by reference, one at a time) and finds,
+   per id, its first occurrence by (file, row) and how often it occurs (about 30 bytes per row,
+   in that task); only ids seen twice or more are passed on, as an object reference, to the
+   tasks that drop the later occurrences.
 
 Outputs under ``{output_dir}/stages/ingest/{key}``: ``pairs/`` (:data:`tables.PAIRS`, image bytes
-inline), ``quarantine/`` (:data:`tables.QUARANTINE`), ``config.yaml`` and ``_SUCCESS`` with the
-counts per reason. If every record is bad, :class:`IngestError` is raised with that summary.
+inline), ``quarantine/`` (:data:`tables.QUARANTINE`: id, ``file:row`` source, field, reason,
+detail), ``config.yaml`` and ``_SUCCESS`` with the counts per reason. If every record is bad,
+:class:`IngestError` is raised with that summary.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
-import math
 import posixpath
-import warnings
-from typing import Any, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pacl_ray.stages import cache
-from pacl_ray.formats import tables
+from pacl_ray.formats import images, manifests, tables
 from pacl_ray.formats import storage
+from pacl_ray.formats.manifests import RECORD, Rejected
 from pacl_ray.config import RunConfig, save_config
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
-INGEST_VERSION = 1  # bump when validation changes what a given input produces
+INGEST_VERSION = 2  # bump when validation changes what a given input produces
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "tumemo")
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_SUFFIXES = manifests.IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
     ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet",
 }
 VALIDATE_BATCH_SIZE = 64
+BLOCK_ROWS = 1024  # records per block between reading and validation (one validation task each)
 
-# Columns of a normalised record, before validation (every format maps to these).
-RECORD = pa.schema(
-    [
-        pa.field("id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("image_ref", pa.string()),  # path/URI to read, when the bytes are not inline
-        pa.field("image_bytes", pa.binary()),  # inline bytes (WebDataset)
-        pa.field("image_name", pa.string()),  # how the input named the image, for messages
-        pa.field("text", pa.string()),
-        pa.field("text_bytes", pa.binary()),  # undecoded text (CSV, tar members, text files)
-        pa.field("anps", pa.string()),
-        pa.field("factual_score", pa.float32()),
-        pa.field("emotional_score", pa.float32()),
-        pa.field("label", pa.string()),
-        pa.field("planted_partition", pa.int8()),
-        # set when normalisation already found the record bad (e.g. a bad score value)
-        pa.field("reason", pa.string()),
-        pa.field("field", pa.string()),
-        pa.field("detail", pa.string()),
-    ]
-)
-
-# Validated records: PAIRS columns (nullable, since bad rows have no image) plus the verdict.
+# Validated records: PAIRS columns (nullable, since bad rows have no image), position, verdict.
 VALIDATED = pa.schema(
     [f.with_nullable(True) for f in tables.PAIRS]
-    + [pa.field("reason", pa.string()), pa.field("field", pa.string()), pa.field("detail", pa.string())]
+    + [pa.field("position", pa.int64()), pa.field("reason", pa.string()), pa.field("field", pa.string()),
+       pa.field("detail", pa.string())]
 )
 
 
@@ -87,103 +71,29 @@ class IngestError(RuntimeError):
         self.summary = summary or {}
 
 
-class Rejected(Exception):
-    """One record is bad: ``reason`` from tables.QUARANTINE_REASONS, the bad ``field``, a detail."""
-
-    def __init__(self, reason: str, field: str, detail: str = ""):
-        assert reason in tables.QUARANTINE_REASONS, reason
-        super().__init__(f"{reason} ({field}): {detail}")
-        self.reason, self.field, self.detail = reason, field, detail
-
-
-# --------------------------------------------------------------------------- validation (pure-ish)
+# --------------------------------------------------------------------------- validation (pure)
 
 
 def read_image_file(uri: str) -> bytes:
     """The bytes of an image file; :class:`Rejected` (missing/unreadable_file) when it cannot be read."""
     try:
-        fs, path = storage.resolve(uri)
-        info = fs.get_file_info(path)
-    except Exception as err:  # bad URI scheme, unreachable bucket, ...
-        raise Rejected("unreadable_file", "image", f"{uri}: {err}") from err
-    if info.type == pafs.FileType.NotFound:
-        raise Rejected("missing_file", "image", f"{uri}: no such file")
-    if info.type != pafs.FileType.File:
-        raise Rejected("unreadable_file", "image", f"{uri}: not a regular file ({info.type.name})")
-    try:
-        with fs.open_input_stream(path) as handle:
-            return handle.read()
-    except OSError as err:
-        raise Rejected("unreadable_file", "image", f"{uri}: {err}") from err
-
-
-def _to_rgb(image):
-    """RGB copy of a PIL image; transparent pixels become white rather than black."""
-    from PIL import Image
-
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        return images.read_image_bytes(uri)
+    except images.ImageRejected as err:
+        raise Rejected(err.reason, "image", err.detail) from err
 
 
 def check_image(data: bytes, max_image_pixels: int) -> tuple[bytes, int, int, Optional[str]]:
-    """Validate encoded image bytes -> (RGB image bytes, width, height, original mode or None).
+    """Validate encoded image bytes -> (bytes to store, displayed width, height, original mode or None).
 
-    Non-RGB images (CMYK, L, LA, P, RGBA, ...) are converted and re-encoded (JPEG stays JPEG,
-    everything else becomes PNG); RGB images keep their original bytes. Raises :class:`Rejected`
-    with zero_size_image, decompression_bomb (Pillow's MAX_IMAGE_PIXELS set to
-    ``max_image_pixels``; 0 disables), corrupt_image or truncated_image.
+    See :func:`pacl_ray.formats.images.normalize`: upright single-frame RGB keeps its bytes;
+    other modes, EXIF-rotated and animated images are decoded (scaled to 8-bit RGB, turned upright,
+    first frame) and re-encoded. Raises :class:`Rejected` with zero_size_image,
+    decompression_bomb (limit ``max_image_pixels``; 0 disables), corrupt_image or truncated_image.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise Rejected("zero_size_image", "image", "the file is empty (0 bytes)")
-    previous_limit = Image.MAX_IMAGE_PIXELS
-    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both count as bombs here.
-    Image.MAX_IMAGE_PIXELS = max_image_pixels if max_image_pixels > 0 else None
     try:
-        return _check_image(data, Image, UnidentifiedImageError)
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
-
-
-def _broken_image_reason(err: Exception) -> str:
-    """Pillow reports a cut-off file as an OSError mentioning truncation; anything else is corrupt."""
-    return "truncated_image" if isinstance(err, OSError) and "truncated" in str(err).lower() else "corrupt_image"
-
-
-def _check_image(data: bytes, Image, UnidentifiedImageError) -> tuple[bytes, int, int, Optional[str]]:
-    bomb_errors = (Image.DecompressionBombError, Image.DecompressionBombWarning)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except bomb_errors as err:
-            raise Rejected("decompression_bomb", "image", str(err)) from err
-        except UnidentifiedImageError as err:
-            raise Rejected("corrupt_image", "image", f"not a recognised image ({len(data)} bytes)") from err
-        except Exception as err:  # e.g. OSError "Truncated File Read" inside the header
-            raise Rejected(_broken_image_reason(err), "image", f"{type(err).__name__}: {err}") from err
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise Rejected("zero_size_image", "image", f"{width}x{height} pixels")
-        try:
-            image.load()
-        except bomb_errors as err:
-            raise Rejected("decompression_bomb", "image", str(err)) from err
-        except Exception as err:  # Pillow raises OSError/SyntaxError/ValueError for broken streams
-            raise Rejected(_broken_image_reason(err), "image", f"{type(err).__name__}: {err}") from err
-    if image.mode == "RGB":
-        return data, width, height, None
-    fmt = "JPEG" if image.format == "JPEG" else "PNG"
-    buffer = io.BytesIO()
-    _to_rgb(image).save(buffer, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buffer.getvalue(), width, height, image.mode
+        return images.normalize(data, max_image_pixels)
+    except images.ImageRejected as err:
+        raise Rejected(err.reason, "image", err.detail) from err
 
 
 def decode_text(text: Optional[str], text_bytes: Optional[bytes]) -> str:
@@ -201,12 +111,12 @@ def decode_text(text: Optional[str], text_bytes: Optional[bytes]) -> str:
 
 
 def validate_record(record: dict, max_image_pixels: int, clean: bool) -> dict:
-    """One normalised record (:data:`RECORD`) -> one validated row (:data:`VALIDATED`)."""
+    """One normalised record (:data:`manifests.RECORD`) -> one validated row (:data:`VALIDATED`)."""
     out = {
-        "id": record["id"], "source": record["source"], "image_source": record["image_name"],
-        "anps": record["anps"], "factual_score": record["factual_score"],
-        "emotional_score": record["emotional_score"], "label": record["label"],
-        "planted_partition": record["planted_partition"],
+        "id": record["id"], "source": record["source"], "position": record["position"],
+        "image_source": record["image_name"], "anps": record["anps"],
+        "factual_score": record["factual_score"], "emotional_score": record["emotional_score"],
+        "label": record["label"], "planted_partition": record["planted_partition"],
         "reason": None, "field": None, "detail": None,
     }
     try:
@@ -240,186 +150,96 @@ def validate_batch(batch: pa.Table, max_image_pixels: int, clean: bool) -> pa.Ta
     return pa.Table.from_pylist(rows, schema=VALIDATED)
 
 
-# --------------------------------------------------------------------------- normalisation
+# --------------------------------------------------------------------------- duplicate ids (per batch)
+
+INDEX_SCHEMA = pa.schema([("id", pa.string()), ("first_position", pa.int64()), ("first_source", pa.string())])
 
 
-def _present(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, float) and math.isnan(value):
-        return False
-    try:  # pandas.NA / NaT
-        import pandas as pd
+def index_duplicates(blocks: Callable[[], Iterable[pa.Table]]) -> pa.Table:
+    """Ids that occur more than once among valid validated rows -> :data:`INDEX_SCHEMA` rows
+    (the id, and position and source of its first occurrence by (file, row)).
 
-        return not (pd.api.types.is_scalar(value) and pd.isna(value))
-    except (ImportError, TypeError, ValueError):
-        return True
-
-
-def _as_str(value: Any) -> Optional[str]:
-    if not _present(value):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # ids that pandas read as floats because of NaNs
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _optional(value: Any) -> Any:
-    """Optional columns: blank strings (empty CSV cells) mean absent."""
-    return None if isinstance(value, str) and not value.strip() else value
-
-
-def _as_anps(value: Any) -> Optional[str]:
-    import numpy as np
-
-    if isinstance(value, (list, tuple, np.ndarray)):
-        items = [str(v).strip() for v in list(value) if _present(v) and str(v).strip()]
-        return "; ".join(items) or None
-    return _as_str(value)
-
-
-def _as_float(value: Any, name: str) -> Optional[float]:
-    if not _present(value):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as err:
-        raise Rejected("bad_value", name, f"not a number: {value!r}") from err
-    if not math.isfinite(number):
-        raise Rejected("bad_value", name, f"not finite: {value!r}")
-    return number
-
-
-def _as_planted(value: Any) -> Optional[int]:
-    if not _present(value):
-        return None
-    try:
-        code = int(value)
-    except (TypeError, ValueError) as err:
-        raise Rejected("bad_value", "planted_partition", f"not an integer: {value!r}") from err
-    if code not in (1, 2, 3, 4):
-        raise Rejected("bad_value", "planted_partition", f"must be 1-4, got {code}")
-    return code
-
-
-def _blank_record(source: str) -> dict:
-    record = {name: None for name in RECORD.names}
-    record["source"] = source
-    return record
-
-
-def _fill_optional(record: dict, row: dict) -> None:
-    """Copy the optional columns, turning bad values into a bad_value verdict on the record."""
-    try:
-        record["anps"] = _as_anps(_optional(row.get("anps")))
-        record["factual_score"] = _as_float(_optional(row.get("factual_score")), "factual_score")
-        record["emotional_score"] = _as_float(_optional(row.get("emotional_score")), "emotional_score")
-        label = row.get("label") if _present(row.get("label")) else row.get("emotion_label")
-        record["label"] = _as_str(_optional(label))
-        record["planted_partition"] = _as_planted(_optional(row.get("planted_partition")))
-    except Rejected as bad:
-        record.update(reason=bad.reason, field=bad.field, detail=bad.detail)
-
-
-def resolve_image_ref(image: str, manifest_uri: str) -> str:
-    """An image reference as a readable URI: URIs and absolute paths as given, else relative to
-    the manifest's folder."""
-    if "://" in image or image.startswith("/"):
-        return image
-    base = manifest_uri.rsplit("/", 1)[0] if "://" in manifest_uri else posixpath.dirname(manifest_uri)
-    return storage.join(base, image)
-
-
-def content_id(image: Optional[str], text: Optional[str]) -> str:
-    """A stable id for manifest rows without one: a hash of image reference and text, so that
-    exact duplicate rows are caught as duplicate ids and reordering a manifest keeps the ids."""
-    return cache.content_key("pair", image or "", text or "")
-
-
-def normalize_manifest_row(row: dict, manifest_uri: str, row_number: int) -> dict:
-    """One manifest row (dict of its columns) -> one :data:`RECORD` dict."""
-    record = _blank_record(f"{manifest_uri}:{row_number}")
-    image = _as_str(row.get("image"))
-    record["image_name"] = image
-    record["image_ref"] = resolve_image_ref(image, manifest_uri) if image else None
-    text = row.get("text")
-    if isinstance(text, bytes):
-        record["text_bytes"] = text
-    else:
-        record["text"] = _as_str(text)
-    text_key = record["text"] if record["text"] is not None else repr(record["text_bytes"])
-    record["id"] = _as_str(row.get("id")) or content_id(image, text_key)
-    _fill_optional(record, row)
-    return record
-
-
-def normalize_webdataset_row(row: dict) -> dict:
-    """One WebDataset sample (``__key__``, ``__url__``, one column per member suffix)."""
-    record = _blank_record(f"{row.get('__url__') or row.get('path')}#{row['__key__']}")
-    record["id"] = posixpath.basename(str(row["__key__"]))
-    for suffix in IMAGE_SUFFIXES:
-        if _present(row.get(suffix)):
-            record["image_bytes"] = bytes(row[suffix])
-            record["image_name"] = f"{record['source']}.{suffix}"
-            break
-    meta: dict = {}
-    if _present(row.get("json")):
-        try:
-            meta = json.loads(bytes(row["json"]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            record.update(reason="bad_value", field="json", detail=f"unreadable metadata: {err}")
-            return record
-        if not isinstance(meta, dict):
-            meta = {}
-    if _present(row.get("txt")):
-        record["text_bytes"] = bytes(row["txt"])
-    else:
-        record["text"] = _as_str(meta.get("caption", meta.get("text")))
-    if meta.get("id") is not None:
-        record["id"] = _as_str(meta["id"])
-    _fill_optional(record, meta)
-    return record
-
-
-def _manifest_batches(ds, uri_of_path: dict) -> list[pa.Table]:
-    """Driver pass over manifest rows in file order, numbering rows per file (1-based).
-
-    Manifests hold only references and text, so this pass is small; images are read later in
-    parallel tasks.
+    ``blocks()`` yields the validated blocks; it is called twice (ids, then the first
+    occurrences' sources) so that only one block at a time is held. Memory: about 30 bytes
+    per valid row (id and position), in the one task that runs this.
     """
-    row_numbers: dict[str, int] = {}
-    tables = []
-    # Small tables, so that validation (one task per block) runs in parallel.
-    for df in ds.iter_batches(batch_format="pandas", batch_size=4 * VALIDATE_BATCH_SIZE):
-        records = []
-        for row in df.to_dict("records"):
-            path = row.pop("path", None)
-            uri = uri_of_path.get(path, path)
-            row_numbers[uri] = row_numbers.get(uri, 0) + 1
-            records.append(normalize_manifest_row(row, uri, row_numbers[uri]))
-        tables.append(pa.Table.from_pylist(records, schema=RECORD))
-    return tables
+    keys = [b.filter(pc.is_null(b.column("reason"))).select(["id", "position"]) for b in blocks()]
+    keys = [k for k in keys if k.num_rows]
+    if not keys:
+        return INDEX_SCHEMA.empty_table()
+    grouped = pa.concat_tables(keys).group_by("id").aggregate([("position", "min"), ("position", "count")])
+    del keys
+    repeated = grouped.filter(pc.greater(grouped.column("position_count"), 1))
+    firsts = repeated.column("position_min").combine_chunks()
+    if not len(firsts):
+        return INDEX_SCHEMA.empty_table()
+    hits = [b.filter(pc.is_in(b.column("position"), value_set=firsts)).select(["position", "source"]) for b in blocks()]
+    hits = pa.concat_tables(hits).combine_chunks()
+    sources = pc.take(hits.column("source"), pc.index_in(firsts, value_set=hits.column("position")))
+    return pa.table([repeated.column("id").cast(pa.string()), firsts, sources], schema=INDEX_SCHEMA)
 
 
-def _webdataset_batch(batch) -> pa.Table:
-    rows = batch.to_dict("records")
-    return pa.Table.from_pylist([normalize_webdataset_row(r) for r in rows], schema=RECORD)
+def index_duplicates_task(block_refs: list) -> pa.Table:
+    """Ray task: :func:`index_duplicates` over validated blocks given as object references
+    (nested in a list, so Ray does not fetch them all at once)."""
+    import ray
+
+    return index_duplicates(lambda: (ray.get(ref) for ref in block_refs))
 
 
-def _text_file_batch(batch, images: dict) -> pa.Table:
-    """TumEmo per-id text files (read_binary_files rows: bytes, path) -> records."""
-    records = []
-    for row in batch.to_dict("records"):
-        path = row["path"]
-        stem = posixpath.splitext(posixpath.basename(path))[0]
-        record = _blank_record(path)
-        record.update(id=stem, text_bytes=bytes(row["bytes"]))
-        image = images.get(stem)
-        record["image_ref"] = record["image_name"] = image
-        if image is None:
-            record.update(reason="missing_file", field="image", detail=f"no image file for id {stem!r}")
-        records.append(record)
-    return pa.Table.from_pylist(records, schema=RECORD)
+def _index_table(index) -> pa.Table:
+    """The duplicate index, fetched from the object store inside a task when given as a reference."""
+    if isinstance(index, pa.Table):
+        return index
+    import ray
+
+    return ray.get(index)
+
+
+def _duplicate_mask(batch: pa.Table, index: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """(mask of valid rows that repeat an earlier id, index row of each row's id or null)."""
+    where = pc.index_in(batch.column("id"), value_set=index.column("id"))
+    first = pc.take(index.column("first_position"), pc.fill_null(where, 0)) if index.num_rows else pa.nulls(batch.num_rows, pa.int64())
+    later = pc.and_(pc.is_valid(where), pc.not_equal(batch.column("position"), first))
+    mask = pc.fill_null(pc.and_(pc.is_null(batch.column("reason")), later), False)
+    return mask, where
+
+
+def duplicate_rows(batch: pa.Table, index) -> pa.Table:
+    """Valid rows whose id occurred earlier -> QUARANTINE rows (duplicate_id) + converted_from.
+    ``index``: :func:`index_duplicates` rows, or an ObjectRef of them."""
+    index = _index_table(index)
+    mask, where = _duplicate_mask(batch, index)
+    dups = batch.filter(mask)
+    firsts = pc.take(index.column("first_source"), where.filter(mask)).to_pylist() if dups.num_rows else []
+    details = [f"id {i!r} already used by {f}" for i, f in zip(dups.column("id").to_pylist(), firsts)]
+    n = dups.num_rows
+    return pa.table({
+        "id": dups.column("id"), "source": dups.column("source"),
+        "field": pa.array(["id"] * n, pa.string()), "reason": pa.array(["duplicate_id"] * n, pa.string()),
+        "detail": pa.array(details, pa.string()), "converted_from": dups.column("converted_from"),
+    })
+
+
+def pairs_only(batch: pa.Table, index) -> pa.Table:
+    """Valid rows that are not a later duplicate of an id, as :data:`tables.PAIRS`."""
+    mask, _ = _duplicate_mask(batch, _index_table(index))
+    keep = pc.and_(pc.is_null(batch.column("reason")), pc.invert(mask))
+    return batch.filter(keep).select(tables.PAIRS.names).cast(tables.PAIRS)
+
+
+def quarantined_only(batch: pa.Table) -> pa.Table:
+    """Rows with a verdict, as :data:`tables.QUARANTINE`."""
+    return batch.filter(pc.is_valid(batch.column("reason"))).select(tables.QUARANTINE.names).cast(tables.QUARANTINE)
+
+
+def tally(batch: pa.Table) -> pa.Table:
+    """Per-block counts of (reason or "", converted_from of valid rows or "") -> n."""
+    reason = pc.fill_null(batch.column("reason"), "")
+    converted = pc.if_else(pc.is_null(batch.column("reason")), pc.fill_null(batch.column("converted_from"), ""), "")
+    small = pa.table({"reason": reason, "converted": converted, "n": pa.array(np.ones(batch.num_rows, np.int64))})
+    grouped = small.group_by(["reason", "converted"]).aggregate([("n", "sum")])
+    return pa.table({"reason": grouped["reason"], "converted": grouped["converted"], "n": grouped["n_sum"]})
 
 
 # --------------------------------------------------------------------------- inputs
@@ -429,20 +249,27 @@ def _has_glob(uri: str) -> bool:
     return any(ch in uri for ch in "*?[")
 
 
+def _visible(files: list[str], base: str) -> list[str]:
+    """Drop hidden and system files (``.DS_Store``, ``._x.jpg``, ``__MACOSX/``) below ``base``."""
+    base = storage.normalize(base).rstrip("/") + "/"
+    return [f for f in files if not manifests.is_hidden(f[len(base):] if f.startswith(base) else posixpath.basename(f))]
+
+
 def expand_inputs(manifest: str) -> list[str]:
-    """The input files of a manifest path: the file itself, a folder's files, or a glob's matches."""
+    """The input files of a manifest path: the file itself, a folder's files, or a glob's matches
+    (hidden and system files skipped)."""
     if _has_glob(manifest):
         base = manifest
         while _has_glob(base):
             base = base.rsplit("/", 1)[0]
         pattern = storage.normalize(manifest)
-        return [f for f in storage.list_files(base) if fnmatch.fnmatch(f, pattern)]
+        return _visible([f for f in storage.list_files(base) if fnmatch.fnmatch(f, pattern)], base)
     fs, path = storage.resolve(manifest)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise IngestError(f"ingest.manifest: {manifest} does not exist")
     if info.type == pafs.FileType.Directory:
-        return storage.list_files(manifest)
+        return _visible(storage.list_files(manifest), manifest)
     return [storage.normalize(manifest)]
 
 
@@ -470,140 +297,65 @@ def detect_format(manifest: str, files: list[str], requested: str = "auto") -> s
     )
 
 
-def _fs_paths(uris: list[str]) -> dict:
-    """Ray's include_paths column holds filesystem paths (no scheme); map them back to URIs."""
-    return {storage.resolve(u)[1]: u for u in uris}
-
-
-def read_records(manifest: str, fmt: str, files: list[str]):
-    """A Ray Dataset of normalised :data:`RECORD` rows for any supported input format."""
-    import ray
-
+def plan_reads(manifest: str, fmt: str, files: list[str]) -> tuple[list[tuple[str, str]], dict, list[dict]]:
+    """(file, reader kind) per input file, TumEmo's {id: image file}, and records found by the
+    listing alone (TumEmo images without a text)."""
     if fmt in ("jsonl", "csv", "parquet"):
         wanted = [f for f in files if MANIFEST_SUFFIXES.get(_suffix(f)) == fmt] or files
-        return _read_manifest(wanted, fmt)
+        kind = {"jsonl": "jsonl", "parquet": "parquet"}
+        return [(f, kind.get(fmt, "tsv" if _suffix(f) == ".tsv" else "csv")) for f in wanted], {}, []
     if fmt == "webdataset":
         shards = [f for f in files if _suffix(f) == ".tar"]
         if not shards:
             raise IngestError(f"ingest.manifest: no .tar shards in {manifest}")
-        ds = ray.data.read_webdataset(shards, decoder=None, include_paths=True)
-        return ds.map_batches(_webdataset_batch, batch_format="pandas", batch_size=VALIDATE_BATCH_SIZE)
-    if fmt == "tumemo":
-        return _read_tumemo(manifest, files)
-    raise IngestError(f"unknown format {fmt!r}")
-
-
-def _read_manifest(files: list[str], fmt: str):
-    import pyarrow.csv as pacsv
-    import ray
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    preserve = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # row numbers in messages follow the file
-    try:
-        if fmt == "jsonl":
-            by_kind = {True: [f for f in files if _suffix(f) != ".json"], False: [f for f in files if _suffix(f) == ".json"]}
-            tables = []
-            for lines, group in by_kind.items():
-                if group:
-                    ds = ray.data.read_json(group, lines=lines, include_paths=True, file_extensions=None)
-                    tables += _manifest_batches(ds, _fs_paths(group))
-        elif fmt == "csv":
-            # Text stays bytes so that one undecodable row is quarantined, not the whole file.
-            types = {"text": pa.binary(), "id": pa.string(), "image": pa.string(), "anps": pa.string(), "label": pa.string()}
-            parse = pacsv.ParseOptions(delimiter="\t") if all(_suffix(f) == ".tsv" for f in files) else None
-            kwargs = {"parse_options": parse} if parse else {}
-            ds = ray.data.read_csv(
-                files, include_paths=True, convert_options=pacsv.ConvertOptions(column_types=types), **kwargs
-            )
-            tables = _manifest_batches(ds, _fs_paths(files))
-        else:
-            ds = ray.data.read_parquet(files, include_paths=True)
-            tables = _manifest_batches(ds, _fs_paths(files))
-    finally:
-        ctx.execution_options.preserve_order = preserve
-    if not tables:
-        raise IngestError(f"ingest.manifest: no rows in {', '.join(files)}")
-    return ray.data.from_arrow(tables)
-
-
-def _read_tumemo(manifest: str, files: list[str]):
-    import ray
-
-    images = {}
+        return [(f, "webdataset") for f in shards], {}, []
+    if fmt != "tumemo":
+        raise IngestError(f"unknown format {fmt!r}")
+    stems = lambda f: posixpath.splitext(posixpath.basename(f))[0]  # noqa: E731
+    image_files = {}
     for f in files:
         if _suffix(f).lstrip(".") in IMAGE_SUFFIXES:
-            images.setdefault(posixpath.splitext(posixpath.basename(f))[0], f)
+            image_files.setdefault(stems(f), f)
     json_lists = [f for f in files if _suffix(f) in (".json", ".jsonl")]
     if json_lists:
-        ds = _read_manifest(json_lists, "jsonl")
-
-        def attach_images(batch: pa.Table) -> pa.Table:
-            rows = batch.to_pylist()
-            for r in rows:
-                r["image_ref"] = images.get(r["id"])
-                if r["image_ref"] is None and not r["reason"]:
-                    r.update(reason="missing_file", field="image", detail=f"no image file for id {r['id']!r}")
-                r["image_name"] = r["image_ref"]
-            return pa.Table.from_pylist(rows, schema=RECORD)
-
-        return ds.map_batches(attach_images, batch_format="pyarrow")
+        return [(f, "tumemo_json") for f in json_lists], image_files, []
     texts = [f for f in files if _suffix(f) == ".txt"]
     if not texts:
         raise IngestError(f"ingest.manifest: TumEmo folder {manifest} has neither a JSON list nor .txt files")
-    ds = ray.data.read_binary_files(texts, include_paths=True)
-    uri_of_path = _fs_paths(texts)
-    text_ids = {posixpath.splitext(posixpath.basename(f))[0] for f in texts}
-    records = ds.map_batches(
-        _text_file_batch, batch_format="pandas", fn_kwargs={"images": images}
-    ).map_batches(_restore_uris, batch_format="pyarrow", fn_kwargs={"uri_of_path": uri_of_path})
+    text_ids = {stems(f) for f in texts}
     orphans = []
-    for stem, uri in sorted(images.items()):
+    for index, (stem, uri) in enumerate(sorted(image_files.items()), start=len(texts)):
         if stem not in text_ids:
-            record = _blank_record(uri)
+            record = manifests.blank_record(uri, index << manifests.ROW_BITS)
             record.update(id=stem, image_ref=uri, image_name=uri, reason="missing_field",
                           field="text", detail=f"no text file for id {stem!r}")
             orphans.append(record)
+    return [(f, "tumemo_text") for f in texts], image_files, orphans
+
+
+def read_files(batch: dict, images: dict, batch_rows: int):
+    """Ray Data UDF (one input file per call): yields its :data:`manifests.RECORD` tables."""
+    for uri, kind, index in zip(batch["uri"], batch["kind"], batch["file_index"]):
+        yield from manifests.read_file(str(uri), str(kind), int(index), images, batch_rows)
+
+
+def read_records(manifest: str, fmt: str, files: list[str]):
+    """A Ray Dataset of normalised :data:`manifests.RECORD` rows for any supported input format:
+    one read task per file, then blocks of :data:`BLOCK_ROWS` records for validation."""
+    import ray
+
+    reads, image_files, orphans = plan_reads(manifest, fmt, files)
+    items = [{"uri": uri, "kind": kind, "file_index": i} for i, (uri, kind) in enumerate(reads)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_files, batch_size=1, batch_format="numpy",
+        fn_kwargs={"images": image_files, "batch_rows": BLOCK_ROWS},
+    )
     if orphans:
-        records = records.union(ray.data.from_arrow(pa.Table.from_pylist(orphans, schema=RECORD)))
-    return records
+        ds = ds.union(ray.data.from_arrow(pa.Table.from_pylist(orphans, schema=RECORD)))
+    return ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
 
 
-def _restore_uris(batch: pa.Table, uri_of_path: dict) -> pa.Table:
-    sources = [uri_of_path.get(s, s) for s in batch.column("source").to_pylist()]
-    return batch.set_column(batch.schema.get_field_index("source"), "source", pa.array(sources, pa.string()))
-
-
-# --------------------------------------------------------------------------- duplicates and outputs
-
-
-def _source_order(source: str) -> tuple:
-    """Sort key that orders "file:12" before "file:100"."""
-    head, _, tail = source.rpartition(":")
-    return (head, int(tail), "") if tail.isdigit() else (source, -1, "")
-
-
-def find_duplicates(ids: Iterable[str], sources: Iterable[str]) -> dict[str, str]:
-    """{source of a duplicate: source of the kept first occurrence} over valid rows."""
-    first: dict[str, str] = {}
-    duplicates: dict[str, str] = {}
-    for record_id, source in sorted(zip(ids, sources), key=lambda p: _source_order(p[1])):
-        if record_id in first:
-            duplicates[source] = first[record_id]
-        else:
-            first[record_id] = source
-    return duplicates
-
-
-def _pairs_only(batch: pa.Table, drop_sources: set) -> pa.Table:
-    """Valid, non-duplicate rows of a validated batch, as :data:`tables.PAIRS`."""
-    import pyarrow.compute as pc
-
-    keep = pc.is_null(batch.column("reason"))
-    if drop_sources:
-        keep = pc.and_(keep, pc.invert(pc.is_in(batch.column("source"), pa.array(sorted(drop_sources), pa.string()))))
-    return batch.filter(keep).select(tables.PAIRS.names).cast(tables.PAIRS)
+# --------------------------------------------------------------------------- outcomes and outputs
 
 
 def summarize(counts: dict[str, int], pairs: int, converted: dict[str, int]) -> dict:
@@ -624,6 +376,76 @@ def format_summary(summary: dict) -> str:
         f"ingest: {summary['records']} records -> {summary['pairs']} pairs, "
         f"{summary['quarantined']} quarantined ({reasons}); converted to RGB: {converted}"
     )
+
+
+def find_duplicates(validated):
+    """(ObjectRef of the duplicate index table, materialized Dataset of duplicate_id rows).
+
+    One task builds the index (:func:`index_duplicates`) from the validated blocks' references;
+    the driver holds references only, never per-row data. (Ray Data's groupby would return
+    blocks of (id, position) small enough to be kept in the driver's own memory store.)
+    """
+    import ray
+
+    index = ray.remote(index_duplicates_task).remote(validated.to_arrow_refs())
+    duplicates = validated.map_batches(duplicate_rows, batch_format="pyarrow", fn_kwargs={"index": index}).materialize()
+    return index, duplicates
+
+
+def count_outcomes(validated, duplicates) -> tuple[dict, dict, int]:
+    """({reason: n}, {converted mode: n}, kept pairs) over validated rows and duplicates.
+
+    Each block is tallied where it lives (:func:`tally`); one task sums the tallies, so the
+    driver receives only the totals."""
+    import ray
+
+    tallies = validated.map_batches(tally, batch_format="pyarrow").materialize()
+    dup_tallies = duplicates.map_batches(tally_duplicates, batch_format="pyarrow").materialize()
+    totals = ray.get(ray.remote(sum_tallies).remote(len(tallies.to_arrow_refs()), *tallies.to_arrow_refs(),
+                                                    *dup_tallies.to_arrow_refs()))
+    counts: dict[str, int] = {}
+    converted: dict[str, int] = {}
+    valid = 0
+    for row in totals["verdicts"]:
+        if row["reason"]:
+            counts[row["reason"]] = counts.get(row["reason"], 0) + row["n"]
+        else:
+            valid += row["n"]
+            if row["converted"]:
+                converted[row["converted"]] = converted.get(row["converted"], 0) + row["n"]
+    for row in totals["duplicates"]:
+        counts["duplicate_id"] = counts.get("duplicate_id", 0) + row["n"]
+        valid -= row["n"]
+        if row["converted"]:
+            converted[row["converted"]] -= row["n"]
+    return counts, {m: n for m, n in converted.items() if n}, valid
+
+
+def tally_duplicates(batch: pa.Table) -> pa.Table:
+    """Per-block counts of duplicate rows by converted_from ("" when not converted)."""
+    small = pa.table({"converted": pc.fill_null(batch.column("converted_from"), ""),
+                      "n": pa.array(np.ones(batch.num_rows, np.int64))})
+    grouped = small.group_by(["converted"]).aggregate([("n", "sum")])
+    return pa.table({"converted": grouped["converted"], "n": grouped["n_sum"]})
+
+
+def sum_tallies(n_verdicts: int, *parts: pa.Table) -> dict:
+    """The first ``n_verdicts`` parts are :func:`tally` tables, the rest :func:`tally_duplicates`
+    tables -> {"verdicts": [...], "duplicates": [...]} summed rows (run as a Ray task)."""
+    def total(tables_: list, keys: list[str]) -> list[dict]:
+        tables_ = [t for t in tables_ if t.num_rows]
+        if not tables_:
+            return []
+        grouped = pa.concat_tables(tables_).group_by(keys).aggregate([("n", "sum")])
+        return [dict(row, n=row.pop("n_sum")) for row in grouped.to_pylist()]
+
+    return {"verdicts": total(list(parts[:n_verdicts]), ["reason", "converted"]),
+            "duplicates": total(list(parts[n_verdicts:]), ["converted"])}
+
+
+def _write(ds, directory: str) -> None:
+    fs, path = storage.resolve(directory)
+    ds.write_parquet(path, filesystem=fs)
 
 
 def ingest_key(cfg: RunConfig, files: list[str], fmt: str) -> str:
@@ -658,47 +480,31 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
         validate_batch, batch_format="pyarrow", batch_size=VALIDATE_BATCH_SIZE,
         fn_kwargs={"max_image_pixels": icfg.max_image_pixels, "clean": icfg.clean_text},
     ).materialize()
-
-    # Driver pass over the small columns only: quarantine rows, duplicate ids, counts.
-    verdicts = pa.concat_tables(
-        list(validated.select_columns(["id", "source", "reason", "field", "detail", "converted_from"])
-             .iter_batches(batch_format="pyarrow", batch_size=None))
-    )
-    rows = verdicts.to_pylist()
-    good = [r for r in rows if r["reason"] is None]
-    duplicates = find_duplicates([r["id"] for r in good], [r["source"] for r in good])
-    quarantine = [
-        {k: r[k] for k in tables.QUARANTINE.names} for r in rows if r["reason"] is not None
-    ] + [
-        {"id": r["id"], "source": r["source"], "field": "id", "reason": "duplicate_id",
-         "detail": f"id {r['id']!r} already used by {duplicates[r['source']]}"}
-        for r in good if r["source"] in duplicates
-    ]
-    counts: dict[str, int] = {}
-    for q in quarantine:
-        counts[q["reason"]] = counts.get(q["reason"], 0) + 1
-    converted: dict[str, int] = {}
-    for r in good:
-        if r["converted_from"] and r["source"] not in duplicates:
-            converted[r["converted_from"]] = converted.get(r["converted_from"], 0) + 1
-    n_pairs = len(good) - len(duplicates)
+    index, duplicates = find_duplicates(validated)
+    counts, converted, n_pairs = count_outcomes(validated, duplicates)
+    if sum(counts.values()) + n_pairs == 0:
+        raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")
     summary = summarize(counts, n_pairs, converted)
     summary.update(format=fmt, manifest=icfg.manifest)
 
-    storage.write_parquet(pa.Table.from_pylist(quarantine, schema=tables.QUARANTINE), storage.join(uri, "quarantine"))
+    quarantine_dir = storage.join(uri, "quarantine")
+    storage.write_parquet(tables.QUARANTINE.empty_table(), quarantine_dir)  # a readable table even when none
+    if counts:
+        quarantine = validated.map_batches(quarantined_only, batch_format="pyarrow").union(
+            duplicates.map_batches(lambda b: b.select(tables.QUARANTINE.names).cast(tables.QUARANTINE), batch_format="pyarrow"))
+        _write(quarantine, quarantine_dir)
     print(format_summary(summary))
     if n_pairs == 0:
         storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2))
         if icfg.fail_if_all_bad:
             raise IngestError(
                 f"{format_summary(summary)}\nevery record of {icfg.manifest} is bad; "
-                f"see {storage.join(uri, 'quarantine')}", summary,
+                f"see {quarantine_dir}", summary,
             )
         storage.write_parquet(tables.PAIRS.empty_table(), storage.join(uri, "pairs"))
     else:
-        validated.map_batches(
-            _pairs_only, batch_format="pyarrow", fn_kwargs={"drop_sources": set(duplicates)}
-        ).write_parquet(storage.join(uri, "pairs"))
+        _write(validated.map_batches(pairs_only, batch_format="pyarrow", fn_kwargs={"index": index}),
+               storage.join(uri, "pairs"))
     save_config(cfg, uri)
     cache.mark_complete(uri, summary)
     return cache.StageOutput(STAGE, key, uri, cached=False)

@@ -138,9 +138,9 @@ def plot_histograms(table: pa.Table, pcfg: PartitionConfig) -> bytes:
 
 
 def _thumbnail_base64(data: bytes, size: int = 160) -> str:
-    from PIL import Image
+    from pacl_ray.formats.images import decode_rgb
 
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = decode_rgb(data)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)

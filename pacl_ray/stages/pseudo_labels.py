@@ -84,6 +84,24 @@ def read_parquet_slice(part: ParquetSlice, columns: Sequence[str]) -> pa.Table:
     return pa.concat_tables(pieces)
 
 
+class NonFiniteFeaturesError(ValueError):
+    """Feature rows hold NaN or inf; the message names the ids and the modality."""
+
+
+def check_finite(points: dict[str, np.ndarray], ids: Sequence[str], where: str) -> None:
+    """Raise :class:`NonFiniteFeaturesError` naming the ids and the modality of any NaN/inf feature row.
+
+    ``points``: {modality: float [n, D]}; k-means would otherwise fail far from the cause."""
+    for modality, x in points.items():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if len(bad):
+            named = [ids[i] for i in bad[:10]]
+            raise NonFiniteFeaturesError(
+                f"cluster: features {where}: {len(bad)} row(s) of {MODALITY_COLUMNS[modality]} ({modality}) hold "
+                f"NaN or inf, ids {named} (the embed stage's output for these pairs)"
+            )
+
+
 class ShardWorker:
     """One shard of the points, resident for a whole sweep: {modality: float32 [n, D]}.
 
@@ -93,8 +111,10 @@ class ShardWorker:
 
     def __init__(self, source: dict[str, np.ndarray] | ParquetSlice, offset: int = 0, use_gpu: bool = False):
         if isinstance(source, ParquetSlice):
-            table = read_parquet_slice(source, list(MODALITY_COLUMNS.values()))
-            self.points = {m: kmeans.l2_normalize(fixed_size_list_to_numpy(table[c])) for m, c in MODALITY_COLUMNS.items()}
+            table = read_parquet_slice(source, [tables.ID, *MODALITY_COLUMNS.values()])
+            raw = {m: fixed_size_list_to_numpy(table[c]) for m, c in MODALITY_COLUMNS.items()}
+            check_finite(raw, table[tables.ID].to_pylist(), source.files[0][0].rsplit("/", 1)[0] if source.files else "")
+            self.points = {m: kmeans.l2_normalize(x) for m, x in raw.items()}
             offset = source.start
         else:
             self.points = {m: np.ascontiguousarray(x, dtype=np.float32) for m, x in source.items()}

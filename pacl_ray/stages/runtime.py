@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 from pacl_ray.config import RayConfig
-# The in-process-or-Ray-Data decision lives with the executor; re-exported for existing callers.
-from pacl_ray.stages.executor import numpy_batches, runs_in_process  # noqa: F401
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:

@@ -17,7 +17,6 @@ model is skipped entirely when nothing needs it. Thresholding the stored scores 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -82,11 +81,9 @@ def clip_eval_transform(model_name: str, pretrained: str = ""):
 
 def preprocess_images(batch: dict, transform) -> dict:
     """CPU stage: encoded image bytes -> ``pixels`` float32 [B, 3, S, S]; drops the bytes."""
-    from PIL import Image
+    from pacl_ray.formats.images import decode_rgb
 
-    pixels = [
-        transform(Image.open(io.BytesIO(data)).convert("RGB")).numpy() for data in batch["image"]
-    ]
+    pixels = [transform(decode_rgb(data)).numpy() for data in batch["image"]]
     out = {k: v for k, v in batch.items() if k != "image"}
     out["pixels"] = np.stack(pixels).astype(np.float32)
     return out

@@ -23,7 +23,6 @@ does); an epoch whose phase holds fewer pairs than one global batch therefore ta
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -282,7 +281,7 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
     Returns numpy columns: image float32 [b, 3, H, W], text_feature float32 [b, D], partition,
     factual_pseudo_label, emotional_pseudo_label, position int64 [b].
     """
-    from PIL import Image
+    from pacl_ray.formats.images import decode_rgb
 
     rows = batch.column("row").to_numpy()
     images = []
@@ -293,8 +292,7 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
             random.seed(s)  # timm/torchvision transforms draw from both generators
             # the CPU generator only: torch.manual_seed also seeds every accelerator (~0.25 ms)
             torch.default_generator.manual_seed(s)
-            with Image.open(io.BytesIO(data)) as img:
-                images.append(transform(img.convert("RGB")).numpy())
+            images.append(transform(decode_rgb(data)).numpy())
     random.setstate(py_state)
     text = batch.column("text_feature").combine_chunks()
     width = text.type.list_size

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from pacl_ray.formats.images import load_rgb
 
 from pacl_ray.core import backbones
 from pacl_ray.world.data import EMOTIONS, IMAGE_SIZE, WorldSize, OBJECTS, WORLD_VERSION, anp_vocabulary, read_jsonl
@@ -26,7 +26,7 @@ CLIP_BATCH = 64
 
 def _load_images(paths: list[Path], transform) -> torch.Tensor:
     """Images through a PIL transform -> float [N, 3, H, W]."""
-    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    return torch.stack([transform(load_rgb(str(p))) for p in paths])
 
 
 def _dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -318,3 +318,107 @@ def test_iaps_missing_table(tmp_path):
 def test_load_dataset_registry(tmp_path):
     with pytest.raises(DatasetError, match="no reader for single:webemo"):
         datasets.load_dataset("single", "webemo", str(tmp_path))
+
+
+# --------------------------------------------------------------------------- real-world faults
+
+
+def test_imagefolder_unzipped_on_macos(tmp_path):
+    """``__MACOSX/`` with ``._*`` resource forks beside the class folders, ``.DS_Store`` files:
+    ignored, so there are exactly the two real classes and nothing is quarantined."""
+    root = tmp_path / "emo"
+    for cls in ("happy", "sad"):
+        for i in range(5):
+            _image(root / cls / f"{i}.jpg", fmt="JPEG")
+        (root / cls / f"._{0}.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (root / "__MACOSX" / cls).mkdir(parents=True, exist_ok=True)
+        (root / "__MACOSX" / cls / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "._stray.jpg").write_bytes(b"AppleDouble")
+    data = datasets.read_imagefolder(str(root))
+    assert data.label_names == [["happy", "sad"]]
+    assert sum(len(s) for s in data.splits.values()) == 10 and data.quarantine == []
+
+
+def test_class_folder_without_a_valid_image_is_named(tmp_path):
+    root = tmp_path / "emo"
+    for i in range(4):
+        _image(root / "happy" / f"{i}.png")
+        _corrupt(root / "sad" / f"{i}.jpg")
+    with pytest.raises(DatasetError, match=r"class 'sad' has no valid image \(folder .*/sad"):
+        datasets.read_imagefolder(str(root))
+    empty = tmp_path / "empty"
+    for i in range(4):
+        _image(empty / "happy" / f"{i}.png")
+    (empty / "sad").mkdir()
+    (empty / "sad" / "._0.jpg").write_bytes(b"AppleDouble")  # hidden: still no image
+    with pytest.raises(DatasetError, match=r"class folder '.*/empty/sad' has no images"):
+        datasets.read_imagefolder(str(empty))
+
+
+def test_emotic_empty_label_list_is_an_empty_cell(tmp_path):
+    root = _emotic(tmp_path)
+    path = root / "annotations" / "val.csv"
+    with open(path, "a") as handle:
+        handle.write('12,mscoco/images,val0.jpg,"[8, 8]","[1, 1, 3, 3]",[],"[5, 5, 5]",Male,Adult\n')
+    data = datasets.read_emotic(str(root), "multilabel")
+    empty = [q for q in data.quarantine if q["source"].endswith("val.csv:5")]
+    assert [(q["reason"], q["field"]) for q in empty] == [("missing_field", "Categorical_Labels")]
+    val = data.splits["val"]
+    first = val.paths.index(str(root / "mscoco/images/val0.jpg"))
+    on = {datasets.EMOTIC_CATEGORIES[i] for i in np.flatnonzero(val.targets[first])}
+    assert on == {"Happiness", "Peace"}  # the person with [] adds nothing, the image keeps its labels
+
+
+def test_annotation_table_faults_cost_only_their_row(tmp_path):
+    """Quoted newline in a cell, a cell that is not UTF-8, a row with a missing field: each row
+    on its own; the others are read."""
+    root = tmp_path / "WebEmo"
+    for i in range(12):
+        _image(root / "img" / f"{i}.jpg", fmt="JPEG")
+    train = [b"image,level1,level2,level3,note"]
+    for i in range(9):
+        train.append(f'img/{i}.jpg,positive,joy,cheerfulness,"line one\nline two, with comma"'.encode())
+    train.append(b"img/9.jpg,positive,j\xf6y,cheerfulness,x")  # not UTF-8, in a used field
+    train.append(b"img/10.jpg,positive,joy")  # too few fields
+    train.append(b"img/11.jpg,positive,joy,cheerfulness,caf\xe9")  # not UTF-8 in an unused field: kept
+    (root / "train.csv").write_bytes(b"\n".join(train) + b"\n")
+    (root / "test.csv").write_bytes(b"image,level1,level2,level3,note\nimg/0.jpg,negative,anger,rage,x\n")
+    data = datasets.read_webemo(str(root))
+    reasons = sorted((q["reason"], q["source"].rsplit(":", 1)[1]) for q in data.quarantine)
+    assert reasons == [("malformed_record", "21"), ("undecodable_text", "20")]  # lines (9 two-line rows first)
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 10
+
+
+def test_webemo_txt_list_with_an_undecodable_line(tmp_path):
+    root = tmp_path / "WebEmo"
+    rage = datasets.WEBEMO_FINE.index("rage")
+    lines = []
+    for i in range(9):
+        _image(root / "images" / f"t{i}.jpg", fmt="JPEG")
+        lines.append(f"https://example.com/t{i}.jpg {rage}".encode())
+    lines.insert(3, b"https://example.com/caf\xe9.jpg 3")
+    _image(root / "images" / "s0.jpg", fmt="JPEG")
+    (root / "train25.txt").write_bytes(b"\n".join(lines) + b"\n")
+    (root / "test25.txt").write_text(f"https://example.com/s0.jpg {rage}\n")
+    data = datasets.read_webemo(str(root))
+    assert [(q["reason"], q["source"].rsplit(":", 1)[1]) for q in data.quarantine] == [("undecodable_text", "4")]
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 9
+
+
+def test_downstream_images_decode_upright_and_scaled(tmp_path):
+    """Dataset validation and evaluation's load_rgb use the shared decoder."""
+    from pacl_ray.evaluation.evaluate import load_rgb
+
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :20], array[:, 20:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(array).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=100, subsampling=0)
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(1, 256).repeat(2, 0)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert datasets.check_image(str(tmp_path / "phone.jpg")) is None
+    phone = load_rgb(str(tmp_path / "phone.jpg"))
+    assert phone.size == (20, 40) and np.abs(np.asarray(phone, np.int16)[5, 10] - (255, 0, 0)).max() < 10
+    deep = np.asarray(load_rgb(str(tmp_path / "deep.png")))
+    assert deep.shape == (2, 256, 3) and deep[0, :, 0].tolist() == list(range(256))

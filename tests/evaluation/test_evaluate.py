@@ -40,8 +40,7 @@ def test_linear_and_zeroshot_end_to_end(ray_local, world, monkeypatch):
     export = load_export(world["export"])
     data = load_task(parse_task(task))
     ref = resolve_backbone(cfg, world["export"])
-    monkeypatch.setattr(features, "_features_in_process", _fail_if_called)  # the features are cached
-    monkeypatch.setattr(features, "_features_on_ray_data", _fail_if_called)
+    monkeypatch.setattr(features, "run_udfs_on_table", _fail_if_called)  # the features are cached
     image_features = torch.as_tensor(features.extract_features(cfg, ref, data, ("test",))["test"])
     from pacl_ray.core.backbones import TextEncoder
 

@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,13 +15,13 @@ from PIL import Image
 from pacl_ray.stages import cache
 from pacl_ray.formats import tables
 from pacl_ray.config import RunConfig
+from pacl_ray.stages import ingest
 from pacl_ray.stages.ingest import (
     IngestError,
     Rejected,
     check_image,
     decode_text,
     detect_format,
-    find_duplicates,
     read_image_file,
     read_pairs_table,
     run_ingest,
@@ -121,10 +122,46 @@ def test_text_bytes_are_decoded():
     assert decode_text(None, "café".encode("utf-8")) == "café"
 
 
-def test_find_duplicates_keeps_first_by_file_and_row():
-    ids = ["a", "b", "a", "a"]
-    sources = ["m.jsonl:10", "m.jsonl:2", "m.jsonl:9", "m.jsonl:100"]
-    assert find_duplicates(ids, sources) == {"m.jsonl:10": "m.jsonl:9", "m.jsonl:100": "m.jsonl:9"}
+def _validated(rows: list[tuple]) -> pa.Table:
+    """(id, source, position, reason) rows as a VALIDATED table."""
+    table = {name: [None] * len(rows) for name in ingest.VALIDATED.names}
+    for i, (record_id, source, position, reason) in enumerate(rows):
+        table["id"][i], table["source"][i], table["position"][i], table["reason"][i] = record_id, source, position, reason
+        table["image"][i], table["text_raw"][i], table["text"][i] = (b"x", "t", "t") if reason is None else (None, None, None)
+    return pa.Table.from_pydict(table, schema=ingest.VALIDATED)
+
+
+def test_duplicates_keep_the_first_by_file_and_row():
+    """Per id, the first valid occurrence by (file, row) is kept; invalid rows never count."""
+    f2 = 2 << 40
+    batch = _validated([
+        ("a", "m.jsonl:10", 10, None), ("b", "m.jsonl:2", 2, None), ("a", "m.jsonl:9", 9, None),
+        ("a", "m.jsonl:100", 100, None), ("c", "m.jsonl:1", 1, "missing_file"), ("c", "n.jsonl:1", f2 | 1, None),
+        ("d", "n.jsonl:5", f2 | 5, None), ("d", "m.jsonl:50", 50, None),
+    ])
+    index = ingest.index_duplicates(lambda: [batch.slice(0, 3), batch.slice(3)])  # any block boundaries
+    assert sorted(zip(index["id"].to_pylist(), index["first_source"].to_pylist())) == [
+        ("a", "m.jsonl:9"), ("d", "m.jsonl:50")]
+    assert sorted(index["first_position"].to_pylist()) == [9, 50]
+    dups = ingest.duplicate_rows(batch, index).to_pylist()
+    assert sorted((d["source"], d["reason"], d["detail"]) for d in dups) == [
+        ("m.jsonl:10", "duplicate_id", "id 'a' already used by m.jsonl:9"),
+        ("m.jsonl:100", "duplicate_id", "id 'a' already used by m.jsonl:9"),
+        ("n.jsonl:5", "duplicate_id", "id 'd' already used by m.jsonl:50"),
+    ]
+    pairs = ingest.pairs_only(batch, index)
+    assert sorted(pairs["source"].to_pylist()) == ["m.jsonl:2", "m.jsonl:50", "m.jsonl:9", "n.jsonl:1"]
+    assert pairs.schema.equals(tables.PAIRS)
+    assert ingest.pairs_only(batch, ingest.INDEX_SCHEMA.empty_table()).num_rows == 7
+    assert ingest.index_duplicates(lambda: [batch.slice(1, 1)]).num_rows == 0
+
+
+def test_tally_counts_reasons_and_conversions():
+    batch = _validated([("a", "m:1", 1, None), ("b", "m:2", 2, "missing_file"), ("c", "m:3", 3, None)])
+    batch = batch.set_column(batch.schema.get_field_index("converted_from"), "converted_from", pa.array(["L", None, None]))
+    rows = sorted(ingest.tally(batch).to_pylist(), key=lambda r: (r["reason"], r["converted"]))
+    assert rows == [{"reason": "", "converted": "", "n": 1}, {"reason": "", "converted": "L", "n": 1},
+                    {"reason": "missing_file", "converted": "", "n": 1}]
 
 
 def test_detect_format():
@@ -172,7 +209,10 @@ def bad_jsonl(tmp_path):
         {"id": "v1", "image": "images/good0.jpg", "text": "bad score", "factual_score": "high"},  # bad_value
     ]
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.append(b'{"id": "d1", "image": "images/good0.jpg", "text": "caf\xe9"}')  # undecodable_text
+    lines.append(b'{"id": "x1", "image": "images/good0.jpg", "te')  # malformed_record (cut off)
+    manifest.write_bytes(b"\n".join(lines))
     return manifest
 
 
@@ -180,10 +220,10 @@ def test_jsonl_every_reason_and_cache(ray_local, bad_jsonl, output_dir, capsys):
     cfg = make_cfg(output_dir, bad_jsonl, max_image_pixels=10_000)
     out = run_ingest(cfg)
     assert out.stage == "ingest" and not out.cached
-    expected = {r: 1 for r in tables.QUARANTINE_REASONS if r != "undecodable_text"}
+    expected = {r: 1 for r in tables.QUARANTINE_REASONS}
     assert reasons(out) == expected
     printed = capsys.readouterr().out
-    assert "15 records -> 5 pairs, 10 quarantined" in printed and "duplicate_id=1" in printed
+    assert "17 records -> 5 pairs, 12 quarantined" in printed and "duplicate_id=1" in printed
 
     quarantine = read_quarantine(out)
     assert quarantine.schema.equals(tables.QUARANTINE, check_metadata=False)
@@ -192,6 +232,8 @@ def test_jsonl_every_reason_and_cache(ray_local, bad_jsonl, output_dir, capsys):
     assert by_reason["duplicate_id"]["source"] == f"{bad_jsonl}:6"
     assert f"{bad_jsonl}:1" in by_reason["duplicate_id"]["detail"]
     assert by_reason["bad_value"]["field"] == "factual_score"
+    assert (by_reason["undecodable_text"]["source"], by_reason["undecodable_text"]["field"]) == (f"{bad_jsonl}:16", "text")
+    assert by_reason["malformed_record"]["source"] == f"{bad_jsonl}:17"
 
     pairs = read_pairs_table(out)
     assert pairs.schema.names == tables.PAIRS.names
@@ -232,7 +274,9 @@ def test_csv_and_parquet_manifests(ray_local, tmp_path, output_dir):
     assert [(r["text"], r["label"]) for r in sorted(rows, key=lambda r: r["text"])] == [
         ("first post", "joy"), ("second post", "sad")]
     assert {r["converted_from"] for r in rows} == {None, "P"}
-    assert read_quarantine(out).to_pylist()[0]["source"] == f"{csv}:3"
+    by_reason = {r["reason"]: r for r in read_quarantine(out).to_pylist()}
+    assert by_reason["undecodable_text"]["source"] == f"{csv}:3"
+    assert by_reason["duplicate_id"]["detail"].endswith(f"already used by {csv}:1")
 
     parquet = tmp_path / "m.parquet"
     pq.write_table(pa.table({"id": [1, 2], "image": ["a.png", "b.png"], "text": ["x", "y"]}), parquet)
@@ -303,3 +347,183 @@ def test_all_bad_raises_with_summary(ray_local, tmp_path, output_dir):
         run_ingest(make_cfg(output_dir, manifest))
     assert info.value.summary["quarantine_reasons"] == {"missing_file": 1, "empty_text": 1}
     assert "missing_file=1" in str(info.value)
+
+
+# --------------------------------------------------------------------------- every fault, every format
+
+# Each format's manifest holds: ids "01", "1", "007" (kept verbatim and distinct) on an RGB JPEG, a
+# phone JPEG stored 40x20 with EXIF Orientation 6 and a 16-bit grayscale PNG ramp; then one record
+# that is bad in that format's own way. Expected: exactly those three pairs, the pixels as seen,
+# and the bad record quarantined with its reason and row.
+
+
+def phone_jpeg() -> bytes:
+    """Stored 40x20, left half red, right half blue; Orientation 6 -> displayed 20x40, red on top."""
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :20], array[:, 20:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", exif=exif.tobytes(), quality=100, subsampling=0)
+    return buffer.getvalue()
+
+
+def ramp_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(1, 256).repeat(2, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+IMAGES = {"01": ("plain.jpg", lambda: encode("RGB", (30, 20), "JPEG")), "1": ("phone.jpg", phone_jpeg), "007": ("deep.png", ramp_png)}
+TEXTS = {"01": "plain picture", "1": "phone picture", "007": "deep picture"}
+
+
+def _write_images(folder) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for record_id, (name, make) in IMAGES.items():
+        (folder / name).write_bytes(make())
+        out[record_id] = name
+    return out
+
+
+def _jsonl(tmp_path):
+    names = _write_images(tmp_path)
+    lines = [json.dumps({"id": i, "image": names[i], "text": TEXTS[i]}).encode() for i in IMAGES]
+    lines.append(b'{"id": "bad", "image": "plain.jpg", "text": "caf\xe9"}')
+    lines.append(b'{"id": "cut", "image": "plain.jpg", "text": "writer kil')
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines))
+    return tmp_path / "m.jsonl", [("undecodable_text", "text", ":4"), ("malformed_record", "record", ":5")]
+
+
+def _csv(tmp_path):
+    names = _write_images(tmp_path)
+    lines = [b"id,image,text"] + [f'{i},{names[i]},"{TEXTS[i]}"'.encode() for i in IMAGES]
+    lines.append(b'bad,plain.jpg,"caf\xe9"')
+    lines.append(b'cut,plain.jpg,"writer kil')
+    (tmp_path / "m.csv").write_bytes(b"\r\n".join(lines))
+    return tmp_path / "m.csv", [("undecodable_text", "text", ":4"), ("malformed_record", "record", ":5")]
+
+
+def _parquet(image_column):
+    def make(tmp_path):
+        names = _write_images(tmp_path / "img")
+        data = {i: (tmp_path / "img" / names[i]).read_bytes() for i in IMAGES}
+        ids = list(IMAGES) + ["bad", "typed"]
+        images = image_column(names, data, ids)
+        texts = [TEXTS[i].encode() for i in IMAGES] + [b"caf\xe9", b"fine"]
+        scores = [None, None, None, None, "high"]
+        pq.write_table(pa.table({"id": ids, "image": images, "text": pa.array(texts, pa.binary()),
+                                 "factual_score": pa.array(scores, pa.string())}), tmp_path / "m.parquet")
+        return tmp_path / "m.parquet", [("undecodable_text", "text", ":4"), ("bad_value", "factual_score", ":5")]
+    return make
+
+
+def _paths(names, data, ids):
+    return pa.array([f"img/{names.get(i, names['01'])}" for i in ids], pa.string())
+
+
+def _binary(names, data, ids):
+    return pa.array([data.get(i, data["01"]) for i in ids], pa.binary())
+
+
+def _hf_struct(names, data, ids):
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.array([{"bytes": data.get(i, data["01"]), "path": names.get(i, "x.jpg")} for i in ids], kind)
+
+
+def _webdataset(tmp_path):
+    names = _write_images(tmp_path / "src")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for i in IMAGES:
+            suffix = names[i].rsplit(".", 1)[1]
+            _add(tar, f"{i}.{suffix}", (tmp_path / "src" / names[i]).read_bytes())
+            _add(tar, f"{i}.txt", TEXTS[i].encode())
+        _add(tar, "bad.jpg", (tmp_path / "src" / names["01"]).read_bytes())
+        _add(tar, "bad.txt", b"caf\xe9")
+        _add(tar, "cut.jpg", (tmp_path / "src" / names["01"]).read_bytes())
+    data = (shards / "00000.tar").read_bytes()
+    cut = data.rindex(b"cut.jpg")  # header of the last member; keep 100 bytes of its data
+    (shards / "00000.tar").write_bytes(data[: cut + 512 + 100])
+    return shards, [("undecodable_text", "text", "#bad"), ("malformed_record", "cut.jpg", "#cut")]
+
+
+def _tumemo(tmp_path):
+    root = tmp_path / "tumemo"
+    names = _write_images(root / "image")
+    for i in IMAGES:  # TumEmo names images by id
+        (root / "image" / names[i]).rename(root / "image" / f"{i}.{names[i].rsplit('.', 1)[1]}")
+    (root / "text").mkdir()
+    for i in IMAGES:
+        (root / "text" / f"{i}.txt").write_text(TEXTS[i])
+    (root / "text" / "bad.txt").write_bytes(b"caf\xe9")
+    (root / "image" / "bad.jpg").write_bytes(encode("RGB", fmt="JPEG"))
+    (root / "text" / "lost.txt").write_text("no image for me")
+    (root / "image" / "._01.jpg").write_bytes(b"macOS resource fork")  # ignored
+    return root, [("undecodable_text", "text", "bad.txt"), ("missing_file", "image", "lost.txt")]
+
+
+FORMAT_CASES = {
+    "jsonl": _jsonl, "csv": _csv, "parquet-paths": _parquet(_paths), "parquet-inline-binary": _parquet(_binary),
+    "parquet-hf-image-struct": _parquet(_hf_struct), "webdataset": _webdataset, "tumemo": _tumemo,
+}
+
+
+@pytest.mark.parametrize("name", list(FORMAT_CASES))
+def test_every_fault_in_every_format(ray_local, tmp_path, output_dir, name):
+    manifest, bad = FORMAT_CASES[name](tmp_path)
+    out = run_ingest(make_cfg(output_dir, manifest))
+    pairs = {r["id"]: r for r in read_pairs_table(out).to_pylist()}
+    assert sorted(pairs) == ["007", "01", "1"]  # verbatim, distinct
+    assert {i: pairs[i]["text"] for i in pairs} == TEXTS
+
+    phone = pairs["1"]
+    assert (phone["width"], phone["height"]) == (20, 40)
+    upright = np.asarray(Image.open(io.BytesIO(phone["image"])).convert("RGB"), np.int16)
+    assert upright.shape == (40, 20, 3)
+    assert np.abs(upright[5, 10] - (255, 0, 0)).max() < 10 and np.abs(upright[34, 10] - (0, 0, 255)).max() < 10
+
+    deep = pairs["007"]
+    assert deep["converted_from"] == "I;16"
+    ramp = np.asarray(Image.open(io.BytesIO(deep["image"])).convert("RGB"))[0, :, 0]
+    assert ramp.tolist() == list(range(256))
+
+    quarantine = sorted((q["reason"], q["field"], q["source"]) for q in read_quarantine(out).to_pylist())
+    assert [(r, f) for r, f, _ in quarantine] == sorted((r, f) for r, f, _ in bad)
+    for (reason, _, source), (_, _, suffix) in zip(quarantine, sorted(bad)):
+        assert source.endswith(suffix), (reason, source, suffix)
+    assert cache.read_summary(out.uri)["pairs"] == 3
+
+
+def test_big_rfc4180_csv_reads_every_row(ray_local, tmp_path, output_dir):
+    """Over 1 MiB, quoted newlines and commas in every text (pyarrow's block reader fails here)."""
+    import csv
+
+    (tmp_path / "a.png").write_bytes(encode("RGB", (8, 8)))
+    texts = [f"post {i}, with a comma\nand a newline {'y' * 420}" for i in range(2500)]
+    with open(tmp_path / "big.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "image", "text"])
+        writer.writerows([f"{i:04d}", "a.png", t] for i, t in enumerate(texts))
+    assert (tmp_path / "big.csv").stat().st_size > 2**20
+    out = run_ingest(make_cfg(output_dir, tmp_path / "big.csv", clean_text=False))
+    pairs = read_pairs_table(out, columns=["id", "text_raw"]).to_pylist()
+    assert len(pairs) == 2500 and read_quarantine(out).num_rows == 0
+    assert {p["id"]: p["text_raw"] for p in pairs}["0042"] == texts[42]
+
+
+def test_duplicates_across_files_keep_the_first_file(ray_local, tmp_path, output_dir):
+    (tmp_path / "a.png").write_bytes(encode("RGB"))
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"id": "x", "image": "../a.png", "text": "first"}) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"id": "y", "image": "../a.png", "text": "other"}) + "\n"
+                                    + json.dumps({"id": "x", "image": "../a.png", "text": "second"}) + "\n")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # ignored
+    out = run_ingest(make_cfg(output_dir, folder))
+    pairs = {r["id"]: r["text"] for r in read_pairs_table(out).to_pylist()}
+    assert pairs == {"x": "first", "y": "other"}
+    (dup,) = read_quarantine(out).to_pylist()
+    assert dup["source"] == f"{folder / 'b.jsonl'}:2" and dup["detail"] == f"id 'x' already used by {folder / 'a.jsonl'}:1"

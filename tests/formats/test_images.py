@@ -1,0 +1,210 @@
+"""pacl_ray.formats.images: the one decoder -- EXIF orientation, every Pillow mode scaled to 8-bit RGB."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from pacl_ray.formats import images
+from pacl_ray.formats.images import ImageRejected
+
+
+def save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def halves(size=(40, 20)) -> Image.Image:
+    """Left half red, right half blue (stored orientation)."""
+    array = np.zeros((size[1], size[0], 3), np.uint8)
+    array[:, : size[0] // 2] = (255, 0, 0)
+    array[:, size[0] // 2:] = (0, 0, 255)
+    return Image.fromarray(array, "RGB")
+
+
+def with_orientation(image: Image.Image, orientation: int, fmt: str = "JPEG") -> bytes:
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = orientation
+    return save(image, fmt, exif=exif.tobytes(), **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+# --------------------------------------------------------------------------- EXIF orientation
+
+
+def test_phone_jpeg_orientation_6_is_upright():
+    """Stored 40x20 (left red, right blue), Orientation 6 = rotate 90 degrees clockwise to display:
+    displayed 20x40 with red on top, blue below."""
+    decoded = images.decode(with_orientation(halves(), 6))
+    assert (decoded.width, decoded.height, decoded.image.size) == (20, 40, (20, 40))
+    assert decoded.orientation == 6 and decoded.image.mode == "RGB"
+    assert np.abs(pixels(decoded.image)[5, 10] - (255, 0, 0)).max() < 8  # top: red
+    assert np.abs(pixels(decoded.image)[34, 10] - (0, 0, 255)).max() < 8  # bottom: blue
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_matches_pillows_exif_transpose(orientation):
+    data = with_orientation(halves((6, 4)).resize((6, 4)), orientation, "PNG")
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    decoded = images.decode(data)
+    assert decoded.image.size == expected.size == ((4, 6) if orientation >= 5 else (6, 4))
+    assert np.array_equal(pixels(decoded.image), pixels(expected))
+
+
+def test_broken_exif_keeps_the_pixels():
+    data = save(halves(), "JPEG", exif=b"Exif\x00\x00garbage")
+    decoded = images.decode(data)
+    assert (decoded.width, decoded.height, decoded.orientation) == (40, 20, 1)
+
+
+# --------------------------------------------------------------------------- modes, scaled not clamped
+
+
+def ramp16() -> np.ndarray:
+    return (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(1, 256).repeat(2, axis=0)
+
+
+def test_16bit_grayscale_png_is_scaled_not_clamped():
+    data = save(Image.fromarray(ramp16()), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    decoded = images.decode(data)
+    values = pixels(decoded.image)
+    assert decoded.mode == "I;16"
+    assert values[0, :, 0].tolist() == list(range(256))  # v / 257: the full ramp, 256 levels
+    assert (values[..., 0] == values[..., 1]).all() and (values[..., 1] == values[..., 2]).all()
+
+
+def _gif_two_frames() -> bytes:
+    first, second = Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))
+    return save(first, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+
+
+def _palette_with_transparency() -> bytes:
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    return save(image, "PNG", transparency=0)
+
+
+# (name, encoded bytes, the file's mode, expected RGB at pixel (0, 0), and at (x, y) -> value)
+MODE_CASES = [
+    ("I;16 ramp", save(Image.fromarray(ramp16()), "PNG"), "I;16", (0, 0, 0), ((255, 0), (255, 255, 255))),
+    ("I;16B big-endian TIFF", save(Image.frombytes("I;16B", (256, 2), ramp16().astype(">u2").tobytes()), "TIFF"),
+     "I;16B", (0, 0, 0), ((128, 0), (128, 128, 128))),
+    ("16-bit PGM (Pillow opens it as I)", b"P5\n256 2\n65535\n" + ramp16().astype(">u2").tobytes(), "I",
+     (0, 0, 0), ((200, 1), (200, 200, 200))),
+    ("I 16-bit values", save(Image.fromarray(ramp16().astype(np.int32), "I"), "TIFF"), "I", (0, 0, 0), ((255, 1), (255, 255, 255))),
+    ("I outside 16 bits: min-max", save(Image.fromarray(np.array([[-1000, 0, 1000]], np.int32), "I"), "TIFF"), "I",
+     (0, 0, 0), ((2, 0), (255, 255, 255))),
+    ("F in [0, 1]", save(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F"), "TIFF"), "F",
+     (0, 0, 0), ((1, 0), (128, 128, 128))),
+    ("F other range: min-max", save(Image.fromarray(np.array([[-2.0, 0.0, 2.0]], np.float32), "F"), "TIFF"), "F",
+     (0, 0, 0), ((1, 0), (128, 128, 128))),
+    ("P with transparency", _palette_with_transparency(), "P", (255, 255, 255), ((1, 1), (0, 255, 0))),
+    ("LA half transparent", save(Image.new("LA", (2, 2), (0, 0)), "PNG"), "LA", (255, 255, 255), ((1, 1), (255, 255, 255))),
+    ("RGBA half alpha", save(Image.new("RGBA", (2, 2), (0, 0, 0, 128)), "PNG"), "RGBA", (127, 127, 127), ((1, 1), (127, 127, 127))),
+    ("CMYK", save(Image.new("CMYK", (2, 2), (0, 255, 255, 0)), "TIFF"), "CMYK", (255, 0, 0), ((1, 1), (255, 0, 0))),
+    ("1 bit", save(Image.new("1", (2, 2), 1), "PNG"), "1", (255, 255, 255), ((1, 1), (255, 255, 255))),
+    ("L", save(Image.new("L", (2, 2), 77), "PNG"), "L", (77, 77, 77), ((1, 1), (77, 77, 77))),
+    ("animated GIF: first frame", _gif_two_frames(), "P", (255, 0, 0), ((3, 3), (255, 0, 0))),
+]
+
+
+@pytest.mark.parametrize("name, data, mode, at_origin, other", MODE_CASES, ids=[c[0] for c in MODE_CASES])
+def test_every_mode_becomes_8bit_rgb_by_scaling(name, data, mode, at_origin, other):
+    decoded = images.decode(data)
+    assert decoded.mode == mode
+    assert decoded.image.mode == "RGB"
+    values = pixels(decoded.image)
+    assert np.abs(values[0, 0] - at_origin).max() <= 1
+    (x, y), expected = other
+    assert np.abs(values[y, x] - expected).max() <= 1
+
+
+def test_animated_frames_counted():
+    assert images.decode(_gif_two_frames()).frames == 2
+
+
+# --------------------------------------------------------------------------- what ingest stores
+
+
+def test_normalize_keeps_upright_rgb_bytes():
+    data = save(halves(), "JPEG")
+    assert images.normalize(data) == (data, 40, 20, None)
+
+
+def test_normalize_rotated_jpeg_is_stored_upright_without_exif():
+    stored, width, height, converted_from = images.normalize(with_orientation(halves(), 6))
+    assert (width, height, converted_from) == (20, 40, None)
+    again = Image.open(io.BytesIO(stored))
+    assert again.format == "JPEG" and again.size == (20, 40)
+    assert again.getexif().get(images.ORIENTATION_TAG, 1) == 1  # no second rotation downstream
+    assert np.abs(pixels(again.convert("RGB"))[5, 10] - (255, 0, 0)).max() < 8
+
+
+def test_normalize_16bit_is_png_with_the_ramp():
+    stored, width, height, converted_from = images.normalize(save(Image.fromarray(ramp16()), "PNG"))
+    assert (width, height, converted_from) == (256, 2, "I;16")
+    again = Image.open(io.BytesIO(stored))
+    assert again.format == "PNG" and again.mode == "RGB"
+    assert pixels(again)[0, :, 0].tolist() == list(range(256))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "data, limit, reason",
+    [
+        (b"", None, "zero_size_image"),
+        (b"not an image", None, "corrupt_image"),
+        (save(halves((64, 64)), "JPEG")[:300], None, "truncated_image"),
+        (save(halves((101, 100)), "PNG"), 5_000, "decompression_bomb"),
+        (save(halves((200, 200)), "PNG"), 5_000, "decompression_bomb"),
+    ],
+)
+def test_decode_errors(data, limit, reason):
+    with pytest.raises(ImageRejected) as info:
+        images.decode(data, limit)
+    assert info.value.reason == reason
+
+
+def test_bomb_limit_restored_across_threads():
+    before = Image.MAX_IMAGE_PIXELS
+    big, small = save(halves((101, 100)), "PNG"), save(halves((10, 10)), "PNG")
+    errors = []
+
+    def work(i):
+        try:
+            images.decode(big if i % 2 else small, 5_000 if i % 2 else 10**9)
+        except ImageRejected as err:
+            errors.append(err.reason)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == ["decompression_bomb"] * 8
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_load_rgb_names_the_file(tmp_path):
+    with pytest.raises(ImageRejected, match="missing_file") as info:
+        images.load_rgb(str(tmp_path / "nope.jpg"))
+    assert "nope.jpg" in info.value.detail
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(ImageRejected) as info:
+        images.load_rgb(str(tmp_path / "bad.jpg"))
+    assert info.value.reason == "corrupt_image" and "bad.jpg" in info.value.detail
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(ImageRejected, match="unreadable_file"):
+        images.read_image_bytes(str(tmp_path / "dir.jpg"))
