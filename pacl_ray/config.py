@@ -256,7 +256,8 @@ class TrainConfig:
     lr_backbone: Optional[float] = _f(None, "backbone learning rate; null = by architecture (SPEC Paper "
                                       "defaults)", above(0))
     partitions: list[int] = _f([1, 2, 3, 4], "partition codes ever trained on; each phase gets its intersection "
-                               "with this (SPEC Choice sample usage, paper Table 4)", Domain(choices=(1, 2, 3, 4), nonempty=True))
+                               "with this (SPEC Choice sample usage, paper Table 4)",
+                               Domain(choices=(1, 2, 3, 4), nonempty=True))
     lr_heads: float = _f(1e-3, "projection heads' learning rate (paper 4.2: 1e-3)", above(0))
     weight_decay: float = _f(0.02, "AdamW weight decay, not on norms and biases (SPEC Training recipe Choice: "
                              "0.02)", at_least(0))

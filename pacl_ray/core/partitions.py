@@ -106,8 +106,9 @@ def assign_partitions(
     if use_scores not in USE_SCORES:
         raise ValueError(f"use_scores must be one of {', '.join(USE_SCORES)}, got {use_scores!r}")
     factual_cal, emotional_cal = calibrated_scores(factual, emotional, factual_calibration, emotional_calibration)
-    factual_matched = factual_cal > float(sigma_factual) if use_scores != "emotional" else np.ones(factual_cal.shape, bool)
-    emotional_matched = emotional_cal > float(sigma_emotional) if use_scores != "factual" else np.ones(emotional_cal.shape, bool)
+    every_pair = np.ones(factual_cal.shape, dtype=bool)
+    factual_matched = every_pair if use_scores == "emotional" else factual_cal > float(sigma_factual)
+    emotional_matched = every_pair if use_scores == "factual" else emotional_cal > float(sigma_emotional)
     return partition_codes(factual_matched, emotional_matched)
 
 

@@ -80,7 +80,7 @@ def read_parquet_slice(part: ParquetSlice, columns: Sequence[str]) -> pa.Table:
         first += rows
     if not pieces:
         raise ValueError(f"no rows in [{part.start}, {part.stop}) of {[u for u, _ in part.files]}")
-    return pa.concat_tables(tables)
+    return pa.concat_tables(pieces)
 
 
 class ShardWorker:
