@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from pacl_ray.core.partitions import CALIBRATIONS
+from pacl_ray.core.partitions import CALIBRATIONS, USE_SCORES
 from pacl_ray.formats import storage
 
 
@@ -200,6 +200,9 @@ class PartitionConfig:
                       between(0, 1))
     sigma_factual: Optional[float] = _f(None, "factual threshold; null = sigma", between(0, 1))
     sigma_emotional: Optional[float] = _f(None, "emotional threshold; null = sigma", between(0, 1))
+    use_scores: str = _f("both", "scores thresholded: both (paper 3.1); factual or emotional = Table 4's "
+                         "one-score partition, the other score matched for every pair (SPEC Choice sample usage)",
+                         one_of(*USE_SCORES))
     batch_size: int = _f(128, "pairs per scoring batch", at_least(1))
     concurrency: int = _f(1, "actors in the scoring pool (per model)", at_least(1))
     num_gpus: float = _f(1.0, "GPUs per scoring actor when the cluster has GPUs", at_least(0))
@@ -252,19 +255,26 @@ class TrainConfig:
     use_gpu: Optional[bool] = _f(None, "train on GPUs; null = when the cluster has GPUs")
     lr_backbone: Optional[float] = _f(None, "backbone learning rate; null = by architecture (SPEC Paper "
                                       "defaults)", above(0))
+    partitions: list[int] = _f([1, 2, 3, 4], "partition codes ever trained on; each phase gets its intersection "
+                               "with this (SPEC Choice sample usage, paper Table 4)",
+                               Domain(choices=(1, 2, 3, 4), nonempty=True))
     lr_heads: float = _f(1e-3, "projection heads' learning rate (paper 4.2: 1e-3)", above(0))
-    weight_decay: float = _f(0.05, "AdamW weight decay (SPEC Training recipe Choice)", at_least(0))
+    weight_decay: float = _f(0.02, "AdamW weight decay, not on norms and biases (SPEC Training recipe Choice: "
+                             "0.02)", at_least(0))
+    warmup_steps: int = _f(0, "linear warmup optimiser steps before the cosine decay (SPEC Training recipe "
+                           "Choice: 0)", at_least(0))
     grad_clip: float = _f(0.0, "gradient norm clip; 0 = off", at_least(0))
     precision: str = _f("bf16", "autocast dtype of training on GPU (CPU always fp32)", one_of(*PRECISIONS))
     checkpoint_every_steps: int = _f(0, "checkpoint every this many steps; 0 = every epoch only", at_least(0))
     max_failures: int = _f(3, "Ray Train restarts after a worker failure; -1 = unlimited", at_least(-1))
     image_size: int = _f(0, "training input size in px; 0 = the backbone's own", at_least(0))
-    # timm backbones use timm's create_transform; open_clip towers keep their own train transform.
-    crop_scale: list[float] = _f([0.08, 1.0], "random-resized-crop area range [low, high] (SPEC Training "
-                                 "recipe Choice)", between(0, 1, low_open=True, length=2))
-    hflip: float = _f(0.5, "horizontal flip probability of the training augmentation", between(0, 1))
-    color_jitter: float = _f(0.4, "colour jitter strength of the training augmentation; 0 = off",
-                             at_least(0))
+    # One augmentation for timm backbones and open_clip towers alike (pacl_ray.core.pacl_model).
+    crop_scale: list[float] = _f([0.5, 1.0], "random-resized-crop area range [low, high] (SPEC Training "
+                                 "recipe Choice: at least half the image)", between(0, 1, low_open=True, length=2))
+    hflip: float = _f(0.5, "horizontal flip probability of the training augmentation (SPEC Training recipe "
+                      "Choice: 0.5)", between(0, 1))
+    color_jitter: float = _f(0.0, "colour jitter strength of the training augmentation; 0 = off (SPEC Training "
+                             "recipe Choice: off, colour is an emotional cue)", at_least(0))
     log_every_steps: int = _f(10, "report training metrics every this many steps", at_least(1))
     # Same batches either way; copying saves seconds per epoch on small data.
     in_memory_max_mb: float = _f(256.0, "a joined dataset up to this size is copied into each worker "
@@ -282,7 +292,7 @@ class EvaluateConfig:
     linear_epochs: int = _f(40, "linear probe epochs (paper 4.4: 40)", at_least(1))
     finetune_lr: Optional[float] = _f(None, "fine-tuning learning rate; null = 1e-4 for ResNet-50, 1e-5 "
                                       "otherwise (paper 4.4)", above(0))
-    finetune_epochs: int = _f(10, "fine-tuning epochs", at_least(1))
+    finetune_epochs: int = _f(40, "fine-tuning epochs (paper 4.4: 40)", at_least(1))
     batch_size: int = _f(64, "evaluation batch size", at_least(1))
     split_seed: int = _f(0, "seed of the 8:1:1 split of datasets without one (SPEC Downstream)", at_least(0))
     prompts: list[str] = _f(["A photo with {} emotion.", "The photo makes me feel so {}!"],
@@ -632,12 +642,13 @@ def check_output_dir(uri: str, key: str = "output_dir") -> str:
 
 def partition_args(pcfg: PartitionConfig) -> dict:
     """Keyword arguments of :func:`pacl_ray.core.partitions.assign_partitions` from a PartitionConfig
-    (thresholds default to ``sigma``)."""
+    (thresholds default to ``sigma``; ``use_scores`` picks Table 4's one-score partitions)."""
     return {
         "sigma_factual": float(pcfg.sigma if pcfg.sigma_factual is None else pcfg.sigma_factual),
         "sigma_emotional": float(pcfg.sigma if pcfg.sigma_emotional is None else pcfg.sigma_emotional),
         "factual_calibration": pcfg.factual_calibration,
         "emotional_calibration": pcfg.emotional_calibration,
+        "use_scores": pcfg.use_scores,
     }
 
 

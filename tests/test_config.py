@@ -17,6 +17,40 @@ def test_defaults_follow_the_paper():
     assert cfg.evaluate.linear_lr == 1e-2 and cfg.evaluate.linear_epochs == 40
 
 
+# One row per default that the paper (or, where it is silent, SPEC) fixes: (key, value, source).
+# Each fails on its own when the default drifts; the source is also required beside the field.
+PAPER_AND_SPEC_DEFAULTS = [
+    ("partition.sigma", 0.7, "paper 3.1"),
+    ("cluster.ks", [2], "paper 3.2"),
+    ("train.k", 2, "paper 4.2"),
+    ("train.temperature", 0.07, "paper 4.2"),
+    ("train.epochs", 30, "paper 4.2"),
+    ("train.global_batch_size", 64, "paper 4.2"),
+    ("train.lr_heads", 1e-3, "paper 4.2"),
+    ("train.objective", "pacl", "paper 3.3"),
+    ("train.schedule", "progressive", "paper Eqs. 15-17"),
+    ("train.partitions", [1, 2, 3, 4], "SPEC Choice sample usage"),
+    ("partition.use_scores", "both", "paper 3.1"),
+    ("model.embed_dim", 768, "SPEC Paper defaults Choice"),
+    ("train.weight_decay", 0.02, "SPEC Training recipe Choice: 0.02"),
+    ("train.warmup_steps", 0, "SPEC Training recipe Choice: 0"),
+    ("train.crop_scale", [0.5, 1.0], "SPEC Training recipe Choice: at least half"),
+    ("train.hflip", 0.5, "SPEC Training recipe Choice"),
+    ("train.color_jitter", 0.0, "SPEC Training recipe Choice: off"),
+    ("evaluate.linear_lr", 1e-2, "paper 4.4"),
+    ("evaluate.linear_epochs", 40, "paper 4.4"),
+    ("evaluate.finetune_epochs", 40, "paper 4.4"),
+    ("evaluate.prompts", ["A photo with {} emotion.", "The photo makes me feel so {}!"], "paper 4.5.2"),
+]
+
+
+@pytest.mark.parametrize("key, value, source", PAPER_AND_SPEC_DEFAULTS, ids=[k for k, _, _ in PAPER_AND_SPEC_DEFAULTS])
+def test_each_default_is_the_paper_or_spec_value_and_says_so(key, value, source):
+    infos = {info.key: info for info in C.describe_fields()}
+    assert infos[key].default == value, f"{key} drifted from {source}"
+    assert source in infos[key].meaning, f"{key}: its meaning should cite {source!r}: {infos[key].meaning!r}"
+
+
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"epochs": 3, "temperature": 0.05}, "cluster": {"ks": [2, 3]}}))
@@ -222,7 +256,28 @@ def test_partition_args_default_thresholds_to_sigma():
     assert C.thresholds(C.PartitionConfig(sigma=0.5, sigma_emotional=0.9)) == (0.5, 0.9)
     assert C.partition_args(C.PartitionConfig(factual_calibration="rank")) == {
         "sigma_factual": 0.7, "sigma_emotional": 0.7, "factual_calibration": "rank",
-        "emotional_calibration": "clipscore"}
+        "emotional_calibration": "clipscore", "use_scores": "both"}
+    assert C.partition_args(C.PartitionConfig(use_scores="factual"))["use_scores"] == "factual"
+
+
+@pytest.mark.parametrize("override", ["partition.sigma=0.5", "partition.sigma_factual=0.2", "partition.sigma_emotional=0.2",
+                                      "partition.factual_calibration=rank", "partition.emotional_calibration=raw",
+                                      "partition.use_scores=factual", "partition.use_scores=emotional"])
+def test_every_partition_argument_changes_the_partition_stage_key(override):
+    from pacl_ray.stages import partition
+    from pacl_ray.stages.cache import StageOutput
+
+    scores = StageOutput("scores", "k", "unused", cached=True)
+    assert partition.partition_key(C.load_config(None, [override]), scores) != partition.partition_key(C.RunConfig(), scores)
+
+
+def test_sample_usage_keys_refuse_unknown_values():
+    with pytest.raises(C.ConfigError, match=r"train.partitions\[1\]=5 is not allowed: expected one of 1, 2, 3, 4"):
+        C.load_config(None, ["train.partitions=[1, 5]"])
+    with pytest.raises(C.ConfigError, match=r"train.partitions=\[\] is not allowed"):
+        C.load_config(None, ["train.partitions=[]"])
+    with pytest.raises(C.ConfigError, match="partition.use_scores='text' is not allowed: expected one of both, factual, emotional"):
+        C.load_config(None, ["partition.use_scores=text"])
 
 
 def test_model_args_are_build_model_arguments():

@@ -57,22 +57,43 @@ def head_parameters(model: PACLModel) -> list[nn.Parameter]:
     return [*model.image_proj.parameters(), *model.text_proj.parameters()]
 
 
-def _timm_transforms(
-    backbone: backbones.Backbone,
+def train_transform(
     image_size: int,
-    crop_scale: tuple[float, float],
-    hflip: float,
-    color_jitter: float,
-) -> backbones.Backbone:
-    """Rebuild a timm backbone's transforms with the train augmentation (random-resized crop of
-    ``crop_scale`` area, flip probability ``hflip``, colour jitter strength ``color_jitter``),
-    optionally at ``image_size`` px (then with the backbone's own normalisation and interpolation,
-    no crop). Raises ValueError for a crop range outside 0 < low <= high <= 1."""
-    from timm.data import create_transform, resolve_model_data_config
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    interpolation: str = "bicubic",
+    crop_scale: tuple[float, float] = (0.5, 1.0),
+    hflip: float = 0.5,
+    color_jitter: float = 0.0,
+):
+    """The training augmentation of every backbone (SPEC "Training recipe" Choice): a random-resized
+    crop of ``crop_scale`` of the image area (aspect 3/4-4/3) to ``image_size`` px, a horizontal flip
+    with probability ``hflip``, then the backbone's own normalisation (``mean``/``std``). Colour is
+    an emotional cue, so there is no colour jitter (unless ``color_jitter`` > 0) and no grayscale.
+
+    Built with timm's ``create_transform`` for timm backbones and open_clip towers alike, so both
+    see the same augmentation. PIL RGB image -> float32 tensor [3, image_size, image_size].
+    Raises ValueError for a crop range outside 0 < low <= high <= 1.
+    """
+    from timm.data import create_transform
 
     scale = tuple(float(v) for v in crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(crop_scale)}")
+    return create_transform(
+        input_size=(3, image_size, image_size), is_training=True, scale=scale, hflip=hflip,
+        # None leaves timm's ColorJitter out altogether (0 would add a no-op one).
+        color_jitter=float(color_jitter) if color_jitter > 0 else None, grayscale_prob=0.0,
+        interpolation=interpolation, mean=tuple(mean), std=tuple(std),
+    )
+
+
+def _timm_transforms(backbone: backbones.Backbone, image_size: int, **augmentation) -> backbones.Backbone:
+    """Set a timm backbone's train transform (:func:`train_transform`), optionally at
+    ``image_size`` px (then also its eval transform, with the backbone's own normalisation and
+    interpolation, no crop)."""
+    from timm.data import create_transform, resolve_model_data_config
+
     if image_size and hasattr(backbone.model, "set_input_size"):  # ViT-style absolute position grids
         backbone.model.set_input_size(img_size=image_size)
     data_cfg = dict(resolve_model_data_config(backbone.model))
@@ -81,8 +102,26 @@ def _timm_transforms(
         data_cfg["crop_pct"] = 1.0
         backbone.eval_transform = create_transform(**data_cfg, is_training=False)
         backbone.image_size = image_size
-    backbone.train_transform = create_transform(
-        **data_cfg, is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter,
+    backbone.train_transform = train_transform(
+        int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"], data_cfg.get("interpolation", "bicubic"),
+        **augmentation,
+    )
+    return backbone
+
+
+def _open_clip_transforms(backbone: backbones.Backbone, **augmentation) -> backbones.Backbone:
+    """Replace an open_clip tower's own train transform (crops of 90-100%, no flip) by
+    :func:`train_transform` at its size, with its normalisation and interpolation."""
+    visual = backbone.model.visual
+    pre = dict(getattr(visual, "preprocess_cfg", None) or {})
+    mean = pre.get("mean") or getattr(visual, "image_mean", None)
+    std = pre.get("std") or getattr(visual, "image_std", None)
+    if mean is None or std is None:
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        mean, std = mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD
+    backbone.train_transform = train_transform(
+        backbone.image_size, mean, std, pre.get("interpolation") or "bicubic", **augmentation,
     )
     return backbone
 
@@ -93,13 +132,15 @@ def build_backbone(
     checkpoint: str = "",
     input_size: int = 0,
     image_size: int = 0,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
+    crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: float = 0.5,
-    color_jitter: float = 0.4,
+    color_jitter: float = 0.0,
 ) -> backbones.Backbone:
     """A backbone (see :func:`~pacl_ray.core.backbones.create_backbone`) at ``input_size`` (as the
-    embed stage saw it), or at ``image_size`` px when that is set (timm only), with its training
-    augmentation. Raises ValueError for an ``image_size`` override of an open_clip tower."""
+    embed stage saw it), or at ``image_size`` px when that is set (timm only), with the training
+    augmentation of :func:`train_transform` (the same for timm and open_clip). Raises ValueError
+    for an ``image_size`` override of an open_clip tower or a bad ``crop_scale``."""
+    augmentation = dict(crop_scale=crop_scale, hflip=hflip, color_jitter=color_jitter)
     model = backbones.create_backbone(backbone, pretrained, checkpoint, input_size)
     if backbones.is_open_clip_backbone(backbone):
         if image_size and image_size != model.image_size:
@@ -107,9 +148,9 @@ def build_backbone(
                 f"train.image_size={image_size}: open_clip towers train at their own size "
                 f"({model.image_size}); leave train.image_size at 0"
             )
-        return model
+        return _open_clip_transforms(model, **augmentation)
     size = image_size if image_size and image_size != model.image_size else 0
-    return _timm_transforms(model, size, crop_scale, hflip, color_jitter)
+    return _timm_transforms(model, size, **augmentation)
 
 
 def build_model(

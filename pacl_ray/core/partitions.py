@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 CALIBRATIONS = ("raw", "clipscore", "rank")
+USE_SCORES = ("both", "factual", "emotional")  # which scores a partition thresholds (paper Table 4)
 PARTITION_CODES = (1, 2, 3, 4)  # strong, partial (emotional-only), partial (factual-only), weak
 PARTITION_NAMES = {
     1: "strong-coupled",
@@ -86,15 +87,29 @@ def assign_partitions(
     sigma_emotional: float,
     factual_calibration: str = "clipscore",
     emotional_calibration: str = "clipscore",
+    use_scores: str = "both",
 ) -> np.ndarray:
     """Partition codes int8 [N] of raw factual and emotional cosines [N] (paper 3.1, SPEC Partitions).
 
     A score is matched when its calibrated value is strictly above its threshold. Cheap and
-    model-free, so a sigma sweep calls this on stored scores. Raises ValueError for non-finite
-    scores or an unknown calibration.
+    model-free, so a sigma sweep calls this on stored scores.
+
+    ``use_scores`` (:data:`USE_SCORES`) selects paper Table 4's partitions: ``both`` thresholds
+    both scores (PACL); ``factual`` thresholds only the factual score and marks every pair
+    emotional-matched, so the codes are 1 (factual-matched, "strong") and 2 (factual-mismatched,
+    "partial"); ``emotional`` likewise gives codes 1 and 3 (SPEC "Choice (sample usage, Table 4)").
+    The unused score is still validated. A threshold of 0 is not the same thing: on the
+    ``clipscore`` scale a non-positive cosine stays unmatched at sigma = 0.
+
+    Raises ValueError for non-finite scores, an unknown calibration or an unknown ``use_scores``.
     """
+    if use_scores not in USE_SCORES:
+        raise ValueError(f"use_scores must be one of {', '.join(USE_SCORES)}, got {use_scores!r}")
     factual_cal, emotional_cal = calibrated_scores(factual, emotional, factual_calibration, emotional_calibration)
-    return partition_codes(factual_cal > float(sigma_factual), emotional_cal > float(sigma_emotional))
+    every_pair = np.ones(factual_cal.shape, dtype=bool)
+    factual_matched = every_pair if use_scores == "emotional" else factual_cal > float(sigma_factual)
+    emotional_matched = every_pair if use_scores == "factual" else emotional_cal > float(sigma_emotional)
+    return partition_codes(factual_matched, emotional_matched)
 
 
 def partition_counts(codes: Any) -> dict[int, int]:

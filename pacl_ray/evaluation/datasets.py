@@ -38,8 +38,11 @@ Layouts (``ROOT`` is the path given in the task spec; see :mod:`pacl_ray.evaluat
 * **UnbiasedEmo** (:func:`read_unbiasedemo`, Panda et al. 2018) -- ``ROOT/images/<emotion>/<object>/
   *.jpg`` (``images/`` optional), emotions ``anger fear joy love sadness surprise``; the label is the
   emotion folder, the object sub-folder is ignored; or pre-split.
-* **WebEmo** (:func:`read_webemo`, Panda et al. 2018; three levels: 2 polarities, 6 Parrott primary
-  emotions, 25 fine emotions) -- either
+* **FI-2** (:func:`read_fi2`, paper 4.5.1 / Table 2) -- FI read as above, its 8 classes folded into
+  2 (:data:`FI_POLARITY`): amusement, awe, contentment, excitement are ``positive``; anger, disgust,
+  fear, sadness ``negative``. Same images and split as FI. Task spec ``single:fi2=ROOT``.
+* **WebEmo** (:func:`read_webemo`, Panda et al. 2018; three levels: 2 polarities, 7 second-level
+  emotions (Parrott's six primary emotions and confusion), 25 fine emotions) -- either
 
   - ``ROOT/{train,val,test}.csv`` with a header and columns ``image,level1,level2,level3`` (class
     names; ``image`` relative to ``ROOT``), ``val.csv`` optional; or
@@ -86,6 +89,12 @@ MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit
 VAD_NAMES = ["valence", "arousal", "dominance"]
 
 FI_CLASSES = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+# FI-2 (paper 4.5.1, Table 2; following MDAN [40]): FI's 8 classes folded into their polarity.
+FI_POLARITY = {
+    "amusement": "positive", "awe": "positive", "contentment": "positive", "excitement": "positive",
+    "anger": "negative", "disgust": "negative", "fear": "negative", "sadness": "negative",
+}
+FI2_CLASSES = sorted(set(FI_POLARITY.values()))  # ["negative", "positive"]
 EMOTION6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
 UNBIASEDEMO_CLASSES = ["anger", "fear", "joy", "love", "sadness", "surprise"]
 EMOTIC_CATEGORIES = [
@@ -94,12 +103,14 @@ EMOTIC_CATEGORIES = [
     "Excitement", "Fatigue", "Fear", "Happiness", "Pain", "Peace", "Pleasure", "Sadness",
     "Sensitivity", "Suffering", "Surprise", "Sympathy", "Yearning",
 ]
-# WebEmo's 25 fine emotions -> (Parrott primary emotion, polarity). **Choice**: reconstructed from
-# Parrott's tree (the release gives indices only); confusion sits under surprise and gratitude
-# under love. Override with ROOT/hierarchy.csv when you have the authors' mapping.
+# WebEmo's 25 fine emotions -> (second level, polarity): 2 / 7 / 25 classes (paper 4.1; Panda et al.
+# 2018). The 7 second-level classes are Parrott's six primary emotions plus confusion, which is its
+# own class (negative). **Choice**: the other links are reconstructed from Parrott's tree (the
+# release gives indices only; gratitude sits under love). Override with ROOT/hierarchy.csv when you
+# have the authors' mapping.
 WEBEMO_HIERARCHY = {
     "affection": ("love", "positive"), "cheerfulness": ("joy", "positive"),
-    "confusion": ("surprise", "negative"), "contentment": ("joy", "positive"),
+    "confusion": ("confusion", "negative"), "contentment": ("joy", "positive"),
     "disappointment": ("sadness", "negative"), "disgust": ("anger", "negative"),
     "enthrallment": ("joy", "positive"), "envy": ("anger", "negative"),
     "exasperation": ("anger", "negative"), "gratitude": ("love", "positive"),
@@ -112,6 +123,7 @@ WEBEMO_HIERARCHY = {
     "sympathy": ("sadness", "negative"), "zest": ("joy", "positive"),
 }
 WEBEMO_FINE = sorted(WEBEMO_HIERARCHY)
+WEBEMO_LEVEL2 = sorted({second for second, _ in WEBEMO_HIERARCHY.values()})  # 7 classes
 
 
 class DatasetError(ValueError):
@@ -396,6 +408,18 @@ def read_imagefolder(root: str, name: str = "imagefolder", seed: int = 0, limit:
 def read_fi(root: str, seed: int = 0, limit: int = 0) -> TaskData:
     """FI (8 classes): ``ROOT/<emotion>/*`` or ``ROOT/emotion_dataset/<emotion>/*`` or pre-split."""
     return _read_class_folders(root, "fi", FI_CLASSES, seed, limit, roots=("", "emotion_dataset"))
+
+
+def read_fi2(root: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """FI-2: :func:`read_fi` with targets folded to polarity by :data:`FI_POLARITY` (int64 [N] into
+    :data:`FI2_CLASSES`); same images, split and quarantine as FI (paper 4.5.1, Table 2)."""
+    data = read_fi(root, seed=seed, limit=limit)
+    fold = np.array([FI2_CLASSES.index(FI_POLARITY[name]) for name in FI_CLASSES], dtype=np.int64)
+    splits = {k: Split(v.paths, fold[v.targets], v.sources) for k, v in data.splits.items()}
+    folded = TaskData(name="fi2", kind="single", label_names=[list(FI2_CLASSES)], splits=splits,
+                      quarantine=data.quarantine)
+    folded.fingerprints = {k: _fingerprint(v) for k, v in splits.items()}
+    return folded
 
 
 def read_emotion6(root: str, seed: int = 0, limit: int = 0) -> TaskData:
@@ -733,6 +757,7 @@ def read_iaps(root: str, seed: int = 0, limit: int = 0) -> TaskData:
 # (kind, dataset) -> reader(root, seed, limit). "imagefolder" is handled by load_dataset.
 READERS: dict[tuple[str, str], Callable[..., TaskData]] = {
     ("single", "fi"): read_fi,
+    ("single", "fi2"): read_fi2,
     ("single", "emotion6"): read_emotion6,
     ("single", "unbiasedemo"): read_unbiasedemo,
     ("hierarchical", "webemo"): read_webemo,
@@ -741,7 +766,7 @@ READERS: dict[tuple[str, str], Callable[..., TaskData]] = {
     ("vad", "iaps"): read_iaps,
 }
 DISPLAY_NAMES = {
-    "fi": "FI", "emotion6": "Emotion-6", "unbiasedemo": "UnbiasedEmo", "webemo": "WebEmo",
+    "fi": "FI", "fi2": "FI-2", "emotion6": "Emotion-6", "unbiasedemo": "UnbiasedEmo", "webemo": "WebEmo",
     "emotic": "Emotic", "iaps": "IAPS",
 }
 

@@ -41,7 +41,7 @@ def partition_key(cfg: RunConfig, scores: cache.StageOutput) -> str:
     p = cfg.partition
     return cache.content_key(
         PARTITION_STAGE, PARTITION_VERSION, scores.key, p.factual_calibration, p.emotional_calibration,
-        thresholds(p), p.report_examples, cfg.seed,
+        thresholds(p), p.report_examples, cfg.seed, p.use_scores,
     )
 
 

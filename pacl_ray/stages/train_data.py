@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -57,24 +57,35 @@ class NoTrainableEpochError(ValueError):
 # --------------------------------------------------------------------------- the plan (pure)
 
 
-def objective_plan(objective: str, schedule: str, epochs: int, codes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+def objective_plan(
+    objective: str, schedule: str, epochs: int, codes: np.ndarray, partitions: Iterable[int] = PARTITION_CODES,
+) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """The partition codes training sees and each epoch's phase, for ``train.objective``.
 
     ``pacl``: the scored codes and the schedule's phases (Eqs. 15-17). ``clip`` (vanilla
     contrastive): every pair strong-coupled and trained on in every epoch. The only place the
-    objective changes what is trained on.
+    objective changes what is trained on. Each phase is then cut to ``partitions``
+    (``train.partitions``, the codes ever used; SPEC "Choice (sample usage, Table 4)"), so a phase
+    may become empty, and such an epoch takes no step.
     """
     codes = np.asarray(codes, dtype=np.int64)
+    used = set(int(code) for code in partitions)
+    if not used or not used <= set(PARTITION_CODES):
+        raise ValueError(f"train.partitions must be a non-empty subset of {list(PARTITION_CODES)}, got {list(partitions)}")
     if objective == "clip":
-        return np.full_like(codes, loss.STRONG), [(loss.STRONG,)] * epochs
-    if objective != "pacl":
+        codes, phases = np.full_like(codes, loss.STRONG), [(loss.STRONG,)] * epochs
+    elif objective == "pacl":
+        phases = [loss.phase_partitions(e, epochs, schedule) for e in range(epochs)]
+    else:
         raise ValueError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    return codes, [loss.phase_partitions(e, epochs, schedule) for e in range(epochs)]
+    return codes, [tuple(code for code in phase if code in used) for phase in phases]
 
 
 def epoch_phases(cfg: RunConfig) -> list[tuple[int, ...]]:
-    """Partitions trained on in each epoch (``clip``: every pair is code 1, all data always)."""
-    return objective_plan(cfg.train.objective, cfg.train.schedule, cfg.train.epochs, np.empty(0))[1]
+    """Partitions trained on in each epoch (``clip``: every pair is code 1, all data always), cut to
+    ``train.partitions``."""
+    return objective_plan(cfg.train.objective, cfg.train.schedule, cfg.train.epochs, np.empty(0),
+                          cfg.train.partitions)[1]
 
 
 def phase_rows(partition: np.ndarray, phase: tuple[int, ...]) -> np.ndarray:
@@ -110,8 +121,9 @@ class TrainingPlan:
         return [e for e, n in enumerate(self.steps) if n == 0]
 
     def skip_note(self, epoch: int) -> str:
-        return (f"phase {''.join(map(str, self.phases[epoch]))} holds {self.pairs[epoch]} pairs, fewer than one "
-                f"global batch of {self.global_batch}: no step (partition counts {format_counts(self.counts)})")
+        phase = "".join(map(str, self.phases[epoch])) or "(none of train.partitions)"
+        return (f"phase {phase} holds {self.pairs[epoch]} pairs, fewer than one global batch of {self.global_batch}: "
+                f"no step (partition counts {format_counts(self.counts)})")
 
 
 def make_plan(cfg: RunConfig, scored_codes: np.ndarray) -> tuple[np.ndarray, TrainingPlan]:
@@ -121,7 +133,8 @@ def make_plan(cfg: RunConfig, scored_codes: np.ndarray) -> tuple[np.ndarray, Tra
         NoTrainableEpochError: when no epoch can take a step; names sigma, the calibrations and the
             partition counts (SPEC "Choice (empty phases)").
     """
-    codes, phases = objective_plan(cfg.train.objective, cfg.train.schedule, cfg.train.epochs, scored_codes)
+    codes, phases = objective_plan(cfg.train.objective, cfg.train.schedule, cfg.train.epochs, scored_codes,
+                                   cfg.train.partitions)
     batch = cfg.train.global_batch_size
     pairs = [len(phase_rows(codes, phase)) for phase in phases]
     plan = TrainingPlan(phases, [n // batch for n in pairs], pairs, partition_counts(scored_codes), batch)
@@ -132,8 +145,8 @@ def make_plan(cfg: RunConfig, scored_codes: np.ndarray) -> tuple[np.ndarray, Tra
             f"(partition.sigma={cfg.partition.sigma} -> factual {sigma_f} on the {cfg.partition.factual_calibration} "
             f"calibration, emotional {sigma_e} on the {cfg.partition.emotional_calibration} calibration; partition "
             f"counts {format_counts(plan.counts)}; train.objective={cfg.train.objective}, "
-            f"train.schedule={cfg.train.schedule}, {len(scored_codes)} pairs). Lower train.global_batch_size or "
-            f"choose a sigma that leaves pairs in the trained phases."
+            f"train.schedule={cfg.train.schedule}, train.partitions={cfg.train.partitions}, {len(scored_codes)} "
+            f"pairs). Lower train.global_batch_size or choose a sigma that leaves pairs in the trained phases."
         )
     return codes, plan
 

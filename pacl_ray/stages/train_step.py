@@ -18,23 +18,72 @@ class NonFiniteLossError(RuntimeError):
 
 
 def cosine_factor(step: int, total: int) -> float:
-    """Cosine decay from 1 to 0 over ``total`` optimiser steps."""
+    """Cosine decay from 1 to 0 over ``total`` steps (the closed form the schedule follows after warmup)."""
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+class StepScheduler:
+    """timm's ``CosineLRScheduler`` stepped per optimiser step: linear warmup from 0 over
+    ``warmup_steps``, then cosine decay to 0 over the remaining steps (SPEC "Training recipe").
+
+    timm schedulers are stateless about time (the caller passes the update count to
+    ``step_update``); this keeps the count, so the training loop calls ``step()`` after each
+    optimiser step, as with a torch scheduler, and the count travels in ``state_dict()`` (plain
+    values only, so checkpoints load with ``weights_only=True``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+        from timm.scheduler import CosineLRScheduler
+
+        if warmup_steps < 0 or (warmup_steps and warmup_steps >= total_steps):
+            raise ValueError(
+                f"train.warmup_steps={warmup_steps} must be below the run's {total_steps} optimiser steps "
+                f"(warmup is followed by the cosine decay)"
+            )
+        self.num_updates = 0
+        self.scheduler = CosineLRScheduler(
+            optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=0.0, warmup_t=warmup_steps,
+            warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+        )
+
+    def step(self) -> None:
+        """After an optimiser step: set the learning rates of the next one."""
+        self.num_updates += 1
+        self.scheduler.step_update(self.num_updates)
+
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates, "timm": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.scheduler.load_state_dict(state["timm"])
+        self.scheduler.step_update(self.num_updates)
+
+
+def param_groups(model, lr_backbone: float, lr_heads: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: backbone and heads at their own learning rates (``name`` backbone /
+    heads, read by the step metrics), each split by timm's ``param_groups_weight_decay`` so that
+    norm weights and biases (every parameter of one dimension or less) get no weight decay."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = []
+    heads = torch.nn.ModuleList([model.image_head, model.text_head])  # a view; the model keeps its modules
+    for name, module, lr in (("backbone", model.backbone, lr_backbone), ("heads", heads, lr_heads)):
+        for group in param_groups_weight_decay(module, weight_decay):
+            groups.append({**group, "lr": lr, "name": name})
+    return groups
+
+
 def build_optimizer(model, cfg: RunConfig, total_steps: int):
-    """AdamW over the backbone and head parameter groups (named ``backbone``/``heads``) and a
-    per-step cosine schedule over ``total_steps``."""
-    from pacl_ray.core.pacl_model import head_parameters
+    """AdamW through timm's optimizer factory (``create_optimizer_v2``) over :func:`param_groups`,
+    and :class:`StepScheduler` over ``total_steps`` optimiser steps with ``train.warmup_steps``
+    of linear warmup (SPEC "Training recipe": weight decay 0.02, none on norms and biases)."""
+    from timm.optim import create_optimizer_v2
 
     lr_backbone = cfg.train.lr_backbone or backbones.backbone_lr(cfg.model.backbone)
-    groups = [
-        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr_backbone, "name": "backbone"},
-        {"params": head_parameters(model), "lr": cfg.train.lr_heads, "name": "heads"},
-    ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps))
-    return optimizer, scheduler
+    groups = param_groups(model, lr_backbone, cfg.train.lr_heads, cfg.train.weight_decay)
+    optimizer = create_optimizer_v2(groups, opt="adamw", lr=cfg.train.lr_heads, weight_decay=cfg.train.weight_decay)
+    return optimizer, StepScheduler(optimizer, total_steps, cfg.train.warmup_steps)
 
 
 def grad_scaler(amp_dtype: Optional[torch.dtype], device: torch.device) -> torch.amp.GradScaler:

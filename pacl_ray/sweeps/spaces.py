@@ -2,7 +2,7 @@
 
 Pure: no Ray. A space file looks like::
 
-    mode: one_at_a_time          # or: product
+    mode: one_at_a_time          # or: product, rows
     num_samples: 1               # draws per random key (uniform / loguniform / choice)
     seed: 0
     fixed:                       # nested config overrides shared by every trial
@@ -10,6 +10,8 @@ Pure: no Ray. A space file looks like::
     search:                      # dotted config key -> domain
       partition.sigma: {grid: [0, 0.3, 0.5, 0.7, 0.9, 1]}
       train.temperature: {loguniform: [0.01, 0.5]}
+    rows:                        # mode rows only: named override sets, one trial each, in order
+      - {name: "Both: Strong-coupled", labels: {partition: Both}, set: {train.partitions: [1]}}
     baselines:                   # extra named trials (dotted overrides)
       vanilla: {train.objective: clip}
     downstream: ["fi=imagefolder:/data/FI"]   # evaluate task specs
@@ -21,7 +23,10 @@ Pure: no Ray. A space file looks like::
 ``one_at_a_time`` is the paper's Table 5: each searched key is varied alone, every other key at
 its adopted (fixed or default) value; the all-adopted trial is run once and shared by every key.
 ``product`` is the cartesian product of grid keys, repeated ``num_samples`` times with fresh
-draws of the random keys (Ray Tune's ``grid_search`` x ``num_samples`` semantics).
+draws of the random keys (Ray Tune's ``grid_search`` x ``num_samples`` semantics). ``rows`` is a
+table whose rows change several keys at once (the paper's Table 4): each row is one trial with
+its ``set`` overrides (empty = the base config), its ``name``, and optional ``labels`` (column ->
+text) for a report laid out like the paper's table; ``search`` is not allowed with it.
 
 Trials are expanded here, deterministically from ``seed``, rather than by Tune's own samplers:
 the one-at-a-time layout and the shared adopted trial are not expressible as a Tune space, and a
@@ -41,11 +46,12 @@ import yaml
 from pacl_ray import config as config_mod
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
-MODES = ("one_at_a_time", "product")
+MODES = ("one_at_a_time", "product", "rows")
 TOP_LEVEL_KEYS = (
-    "name", "mode", "num_samples", "seed", "fixed", "search", "baselines", "downstream",
+    "name", "mode", "num_samples", "seed", "fixed", "search", "rows", "baselines", "downstream",
     "metric", "resources", "asha", "max_failures",
 )
+ROW_KEYS = ("name", "set", "labels")
 
 
 class SpaceError(ValueError):
@@ -129,6 +135,16 @@ class Asha:
 
 
 @dataclass(frozen=True)
+class Row:
+    """One row of a ``mode: rows`` space: a named set of dotted-key overrides (validated) and the
+    labels of the row in the paper's layout (e.g. ``{partition: Factual, sample usage: ...}``)."""
+
+    name: str
+    overrides: dict
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SweepSpace:
     path: str
     name: str
@@ -143,6 +159,7 @@ class SweepSpace:
     resources: Resources
     asha: Optional[Asha]
     max_failures: int = 1  # retries of a trial whose process died (e.g. its node was reclaimed)
+    rows: tuple = ()  # Row, in file order (mode rows)
 
 
 @dataclass(frozen=True)
@@ -340,6 +357,8 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
             raise SpaceError(f"{path}: search.{key}: not a config key (see pacl_ray/config.py)")
         search[key] = parse_domain(path, key, spec)
 
+    rows = _parse_rows(path, mode, data.get("rows"), search)
+
     baselines_data = data.get("baselines") or {}
     if not isinstance(baselines_data, dict):
         raise SpaceError(f"{path}: baselines: expected a mapping of name -> config overrides")
@@ -394,8 +413,39 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
     return SweepSpace(
         path=path, name=str(name), mode=mode, num_samples=num_samples, seed=seed,
         fixed=fixed_nested, search=search, baselines=baselines, downstream=tuple(downstream),
-        metric=metric, resources=resources, asha=asha, max_failures=max_failures,
+        metric=metric, resources=resources, asha=asha, max_failures=max_failures, rows=rows,
     )
+
+
+def _parse_rows(path: str, mode: str, data: Any, search: dict) -> tuple:
+    """The ``rows:`` list of a ``mode: rows`` space (see the module docstring)."""
+    if mode != "rows":
+        if data is not None:
+            raise SpaceError(f"{path}: rows: only allowed with mode: rows (mode is {mode})")
+        return ()
+    if search:
+        raise SpaceError(f"{path}: search: not allowed with mode: rows; put each configuration in rows")
+    if not isinstance(data, list) or not data:
+        raise SpaceError(f"{path}: rows: expected a non-empty list of {{name, set, labels}} mappings, got {data!r}")
+    rows, seen = [], set()
+    for i, entry in enumerate(data):
+        where = f"{path}: rows[{i}]"
+        if not isinstance(entry, dict):
+            raise SpaceError(f"{where}: expected a mapping with name and set, got {entry!r}")
+        unknown = sorted(set(entry) - set(ROW_KEYS))
+        if unknown:
+            raise SpaceError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(ROW_KEYS)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise SpaceError(f"{where}.name: expected a non-empty string, got {name!r}")
+        if name in seen:
+            raise SpaceError(f"{where}.name: {name!r} is used by an earlier row")
+        seen.add(name)
+        labels = entry.get("labels") or {}
+        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise SpaceError(f"{where}.labels: expected a mapping of column -> text, got {labels!r}")
+        rows.append(Row(name, _parse_overrides(f"{where}.set", entry.get("set")), dict(labels)))
+    return tuple(rows)
 
 
 def _is_section(key: str) -> bool:
@@ -453,7 +503,8 @@ def expand_trials(space: SweepSpace, base: dict) -> list[Trial]:
 
     one_at_a_time: the adopted trial first (every key at its ``base`` value), then each key's
     other values alone; values equal to the adopted one are the shared adopted trial.
-    product: every combination. Baselines come last. Trial names are unique."""
+    product: every combination. rows: one trial per row, in file order, named by the row.
+    Baselines come last. Trial names are unique."""
     rng = random.Random(space.seed)
     trials: list[Trial] = []
     if space.mode == "one_at_a_time":
@@ -464,6 +515,8 @@ def expand_trials(space: SweepSpace, base: dict) -> list[Trial]:
                 if _same(value, adopted):
                     continue
                 trials.append(Trial(f"{key}={format_value(value)}", {key: value}))
+    elif space.mode == "rows":
+        trials.extend(Trial(row.name, dict(row.overrides)) for row in space.rows)
     else:
         grid_keys = [k for k, d in space.search.items() if not d.is_random]
         random_keys = [k for k, d in space.search.items() if d.is_random]

@@ -97,3 +97,50 @@ def test_core_takes_explicit_arguments_not_the_config():
                      [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
             importers += [path.name for n in names if n.startswith("pacl_ray.config")]
     assert importers == []
+
+
+# --------------------------------------------------------------------------- training augmentation (SPEC Training recipe)
+
+
+def _ops(transform) -> list:
+    return list(getattr(transform, "transforms", [transform]))
+
+
+@pytest.mark.parametrize("backbone, pretrained", [(TINY, "false"), ("open_clip:pacl-tiny-clip", "")])
+def test_augmentation_is_the_same_for_timm_and_open_clip_and_keeps_colour(backbone, pretrained):
+    from torchvision import transforms as T
+
+    cfg = config.from_dict({"model": {"backbone": backbone, "backbone_pretrained": pretrained}})
+    _, built = build_model(4, **model_args(cfg))
+    ops = _ops(built.train_transform)
+    names = [type(op).__name__ for op in ops]
+    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "MaybeToTensor", "Normalize"], names
+    assert tuple(ops[0].scale) == (0.5, 1.0) and ops[1].p == 0.5
+    assert not any(isinstance(op, (T.ColorJitter, T.Grayscale, T.RandomGrayscale)) for op in ops)
+    # a uniform colour survives every crop and flip exactly: the augmentation never changes colour
+    normalize = ops[-1]
+    rgb = (200, 40, 90)
+    expected = (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.as_tensor(normalize.mean)) / torch.as_tensor(normalize.std)
+    image = Image.new("RGB", (61, 47), color=rgb)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = built.train_transform(image)
+        assert out.shape == (3, built.image_size, built.image_size)
+        torch.testing.assert_close(out, expected.view(3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
+
+
+def test_open_clip_tower_keeps_its_own_normalisation():
+    cfg = config.from_dict({"model": {"backbone": "open_clip:pacl-tiny-clip", "backbone_pretrained": ""}})
+    _, built = build_model(4, **model_args(cfg))
+    train_norm, eval_norm = _ops(built.train_transform)[-1], _ops(built.eval_transform)[-1]
+    torch.testing.assert_close(torch.as_tensor(train_norm.mean).float(), torch.as_tensor(eval_norm.mean).float())
+    torch.testing.assert_close(torch.as_tensor(train_norm.std).float(), torch.as_tensor(eval_norm.std).float())
+
+
+def test_colour_jitter_only_when_asked():
+    from torchvision import transforms as T
+
+    _, built = build_model(4, **model_args(_cfg(color_jitter=0.4, hflip=0.0, crop_scale=[0.9, 1.0])))
+    ops = _ops(built.train_transform)
+    assert any(isinstance(op, T.ColorJitter) for op in ops)
+    assert not any(isinstance(op, T.RandomHorizontalFlip) for op in ops) and tuple(ops[0].scale) == (0.9, 1.0)

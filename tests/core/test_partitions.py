@@ -82,3 +82,36 @@ def test_counts_and_confusion():
     expected = np.zeros((4, 4), dtype=int)
     expected[0, 0] = expected[1, 1] = expected[1, 2] = expected[3, 3] = 1
     np.testing.assert_array_equal(matrix, expected)
+
+
+# --------------------------------------------------------------------------- one-score partitions (paper Table 4)
+
+
+def test_one_score_partitions_mark_the_other_score_matched_for_every_pair():
+    rng = np.random.default_rng(1)
+    factual, emotional = rng.uniform(-0.2, 0.5, 200), rng.uniform(-0.2, 0.5, 200)
+    both = assign_partitions(factual, emotional, 0.7, 0.6)
+    f_only = assign_partitions(factual, emotional, 0.7, 0.6, use_scores="factual")
+    e_only = assign_partitions(factual, emotional, 0.7, 0.6, use_scores="emotional")
+    f_matched, e_matched = 2.5 * np.maximum(factual, 0) > 0.7, 2.5 * np.maximum(emotional, 0) > 0.6
+    # factual partition: matched -> strong-coupled (1), mismatched -> partial-coupled (2)
+    assert np.array_equal(f_only, np.where(f_matched, 1, 2))
+    assert np.array_equal(e_only, np.where(e_matched, 1, 3))
+    assert np.array_equal(both, partition_codes(f_matched, e_matched))
+    # the factual partition is the full partition with every pair emotional-matched
+    assert np.array_equal(f_only, partition_codes(f_matched, np.ones(200, bool)))
+
+
+def test_a_zero_threshold_is_not_a_one_score_partition():
+    # on the clipscore scale a non-positive cosine stays unmatched at sigma = 0 (0 > 0 is false),
+    # which is why Table 4's factual-only partition is use_scores=factual, not sigma_emotional=0
+    codes = assign_partitions([0.5, 0.5], [0.3, -0.1], 0.7, 0.0)
+    assert codes.tolist() == [1, 3]
+    assert assign_partitions([0.5, 0.5], [0.3, -0.1], 0.7, 0.0, use_scores="factual").tolist() == [1, 1]
+
+
+def test_unknown_use_scores_and_bad_unused_scores_are_refused():
+    with pytest.raises(ValueError, match="use_scores must be one of both, factual, emotional, got 'text'"):
+        assign_partitions([0.5], [0.5], 0.7, 0.7, use_scores="text")
+    with pytest.raises(ValueError, match="finite"):
+        assign_partitions([0.5], [float("nan")], 0.7, 0.7, use_scores="factual")

@@ -408,7 +408,7 @@ def test_webemo_txt_list_with_an_undecodable_line(tmp_path):
 
 def test_downstream_images_decode_upright_and_scaled(tmp_path):
     """Dataset validation and evaluation's load_rgb use the shared decoder."""
-    from pacl_ray.evaluation.evaluate import load_rgb
+    from pacl_ray.formats.images import load_rgb
 
     array = np.zeros((20, 40, 3), np.uint8)
     array[:, :20], array[:, 20:] = (255, 0, 0), (0, 0, 255)

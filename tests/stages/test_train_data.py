@@ -110,3 +110,65 @@ def test_a_run_with_no_step_names_sigma_calibration_and_counts():
 def test_clip_objective_trains_every_pair_every_epoch():
     codes, plan = make_plan(make_cfg(objective="clip"), np.full(32, 4))
     assert (codes == 1).all() and plan.steps == [4, 4, 4] and plan.counts[4] == 32
+
+
+# --------------------------------------------------------------------------- sample usage (SPEC Choice, paper Table 4)
+
+
+@pytest.mark.parametrize("partitions, phases, steps", [
+    ([1, 2, 3, 4], [(1,), (1, 2, 3), (1, 2, 3, 4)], [1, 3, 4]),
+    ([1], [(1,), (1,), (1,)], [1, 1, 1]),
+    ([1, 2], [(1,), (1, 2), (1, 2)], [1, 2, 2]),
+    ([1, 2, 3], [(1,), (1, 2, 3), (1, 2, 3)], [1, 3, 3]),
+    ([2, 4], [(), (2,), (2, 4)], [0, 1, 2]),
+])
+def test_each_phase_gets_its_intersection_with_train_partitions(partitions, phases, steps):
+    cfg = make_cfg(partitions=partitions)
+    assert epoch_phases(cfg) == phases
+    codes, plan = make_plan(cfg, np.array(CODES))
+    assert np.array_equal(codes, CODES) and plan.phases == phases and plan.steps == steps
+    for epoch in plan.skipped():
+        assert plan.skip_note(epoch).startswith("phase (none of train.partitions) holds 0 pairs")
+
+
+def test_partitions_that_leave_no_step_name_the_key():
+    with pytest.raises(NoTrainableEpochError, match=r"train.partitions=\[4\]"):
+        make_plan(make_cfg(partitions=[4]), np.array([1, 2, 3] * 8))
+    with pytest.raises(ValueError, match="train.partitions must be a non-empty subset"):
+        objective_plan("pacl", "progressive", 3, np.array(CODES), [5])
+
+
+TABLE4 = Path(__file__).resolve().parents[2] / "tune_spaces" / "table4.yaml"
+
+
+def test_table4_rows_train_on_the_papers_samples():
+    """Every row of tune_spaces/table4.yaml, from scores to the pairs each epoch trains on: the
+    factual (emotional) partition's matched pairs are strong-coupled and its mismatched pairs
+    partial-coupled (paper Table 4 caption); sample usage picks which of them are ever used."""
+    rng = np.random.default_rng(0)
+    factual, emotional = rng.uniform(0.1, 0.4, 400), rng.uniform(0.1, 0.4, 400)
+    rows = yaml.safe_load(TABLE4.read_text())["rows"]
+    seen = {}
+    for row in rows:
+        cfg = config.from_dict(config.layer_config({"train.epochs": 3, "train.global_batch_size": 8}, row["set"]))
+        scored = assign_partitions(factual, emotional, **partition_args(cfg.partition)).astype(np.int64)
+        f_matched = 2.5 * factual > 0.7
+        e_matched = 2.5 * emotional > 0.7
+        codes, plan = make_plan(cfg, scored)
+        trained = set().union(*[set(np.flatnonzero(np.isin(codes, phase))) for phase in plan.phases])
+        seen[row["name"]] = trained
+        if cfg.partition.use_scores == "factual":
+            assert np.array_equal(scored == 1, f_matched) and set(np.unique(scored)) == {1, 2}
+        if cfg.partition.use_scores == "emotional":
+            assert np.array_equal(scored == 1, e_matched) and set(np.unique(scored)) == {1, 3}
+    everything = set(range(400))
+    assert seen["None: All"] == everything
+    assert seen["Factual: Factual-matched"] == set(np.flatnonzero(2.5 * factual > 0.7))
+    assert seen["Factual: Factual-matched + Factual-mismatched"] == everything
+    assert seen["Emotional: Emotional-matched"] == set(np.flatnonzero(2.5 * emotional > 0.7))
+    assert seen["Emotional: Emotional-matched + Emotional-mismatched"] == everything
+    strong = set(np.flatnonzero((2.5 * factual > 0.7) & (2.5 * emotional > 0.7)))
+    weak = set(np.flatnonzero((2.5 * factual <= 0.7) & (2.5 * emotional <= 0.7)))
+    assert seen["Both: Strong-coupled"] == strong
+    assert seen["Both: Strong-coupled + Partial-coupled"] == everything - weak
+    assert seen["Both: Strong-coupled + Partial-coupled + Weak-coupled"] == everything

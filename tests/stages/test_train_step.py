@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pacl_ray.core import loss
@@ -58,3 +59,106 @@ def test_disabled_scaler_steps_exactly_like_plain_backward():
     ref_optimizer.step()
     for a, b in zip(model.parameters(), reference.parameters()):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- optimiser and schedule (SPEC Training recipe)
+
+
+def _pacl_model_and_cfg(**train):
+    from pacl_ray import config
+    from pacl_ray.core.pacl_model import build_model
+
+    cfg = config.from_dict({"model": {"backbone": "test_resnet", "backbone_pretrained": "false", "embed_dim": 8},
+                            "train": {"image_size": 32, **train}})
+    model, _ = build_model(5, **config.model_args(cfg))
+    return model, cfg
+
+
+def test_adamw_from_timm_without_decay_on_norms_and_biases(monkeypatch):
+    import timm.optim
+
+    from pacl_ray.stages.train_step import build_optimizer
+
+    calls = []
+    real = timm.optim.create_optimizer_v2
+    monkeypatch.setattr(timm.optim, "create_optimizer_v2", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    model, cfg = _pacl_model_and_cfg(lr_backbone=2e-4, lr_heads=3e-3)
+    optimizer, _ = build_optimizer(model, cfg, total_steps=10)
+    assert calls and calls[0]["opt"] == "adamw" and isinstance(optimizer, torch.optim.AdamW)
+    decay = {id(p): (g["weight_decay"], g["lr"], g["name"]) for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.backbone.named_parameters():
+        expected = 0.0 if p.ndim <= 1 or name.endswith(".bias") else 0.02
+        assert decay[id(p)] == (expected, 2e-4, "backbone"), name
+    assert any(p.ndim == 1 for p in model.backbone.parameters())  # BatchNorm weights and biases exist
+    for p in (model.image_head.weight, model.text_head.weight):
+        assert decay[id(p)] == (0.02, 3e-3, "heads")
+    assert len(decay) == sum(1 for _ in model.parameters())  # every parameter, once
+
+
+def test_schedule_is_linear_warmup_then_cosine_per_step():
+    from pacl_ray.stages.train_step import build_optimizer, cosine_factor
+
+    total = 12
+    for warm in (0, 4):
+        model, cfg = _pacl_model_and_cfg(lr_heads=1e-3, warmup_steps=warm)
+        optimizer, scheduler = build_optimizer(model, cfg, total)
+        lrs = []
+        for _ in range(total):
+            lrs.append(optimizer.param_groups[-1]["lr"])  # the heads' lr of this step
+            scheduler.step()
+        if warm == 0:
+            expected = [1e-3 * cosine_factor(s, total) for s in range(total)]
+        else:
+            expected = [1e-3 * s / warm for s in range(warm)] + [1e-3 * cosine_factor(s, total - warm) for s in range(total - warm)]
+        assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15), warm
+
+
+def test_warmup_longer_than_the_run_is_refused():
+    from pacl_ray.stages.train_step import build_optimizer
+
+    model, cfg = _pacl_model_and_cfg(warmup_steps=10)
+    with pytest.raises(ValueError, match=r"train.warmup_steps=10 must be below the run's 10 optimiser steps"):
+        build_optimizer(model, cfg, 10)
+
+
+def test_optimizer_and_scheduler_resume_bit_exactly_through_a_checkpoint(tmp_path):
+    from pacl_ray.stages.checkpoint import load_state, write_state
+    from pacl_ray.stages.train_step import build_optimizer
+
+    total = 8
+
+    def run(model, optimizer, scheduler, steps):
+        lrs = []
+        for step in steps:
+            torch.manual_seed(step)
+            z_image, z_text = model(torch.randn(4, 3, 32, 32), torch.randn(4, 5))
+            optimizer.zero_grad()
+            (z_image @ z_text.T).diagonal().sum().neg().backward()
+            optimizer.step()
+            scheduler.step()
+            lrs.append([g["lr"] for g in optimizer.param_groups])
+        return lrs
+
+    model, cfg = _pacl_model_and_cfg(warmup_steps=2)
+    model.eval()  # BatchNorm statistics out of the way; parameters and optimiser state are what resume
+    optimizer, scheduler = build_optimizer(model, cfg, total)
+    straight = run(model, optimizer, scheduler, range(total))
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, _ = _pacl_model_and_cfg(warmup_steps=2)
+    model.eval()
+    optimizer, scheduler = build_optimizer(model, cfg, total)
+    first = run(model, optimizer, scheduler, range(3))
+    write_state(str(tmp_path), model, optimizer, scheduler, None, {"epoch": 0}, [])
+    state = load_state(str(tmp_path))  # weights_only=True: the timm scheduler state is plain values
+
+    model, _ = _pacl_model_and_cfg(warmup_steps=2)
+    model.eval()
+    model.load_state_dict(state["model"])
+    optimizer, scheduler = build_optimizer(model, cfg, total)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    assert [g["lr"] for g in optimizer.param_groups] == first[-1]
+    assert first + run(model, optimizer, scheduler, range(3, total)) == straight
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, final[key]), key

@@ -233,3 +233,70 @@ def test_every_shipped_space_is_valid_yaml_with_comments():
         assert text.lstrip().startswith("#"), f"{path.name} should explain itself in a header comment"
         load_space(str(path))
         assert isinstance(yaml.safe_load(text), dict)
+
+
+# --------------------------------------------------------------------------- rows: paper Table 4
+
+# Paper Table 4, in its order: (Partition, Sample usage) -> the configuration that is that row
+# (SPEC "Choice (sample usage, Table 4)").
+TABLE4_ROWS = [
+    ("None", "All", {"train.objective": "clip", "partition.use_scores": "both", "train.partitions": [1, 2, 3, 4]}),
+    ("Factual", "Factual-matched", {"train.objective": "pacl", "partition.use_scores": "factual", "train.partitions": [1]}),
+    ("Factual", "Factual-matched + Factual-mismatched",
+     {"train.objective": "pacl", "partition.use_scores": "factual", "train.partitions": [1, 2]}),
+    ("Emotional", "Emotional-matched",
+     {"train.objective": "pacl", "partition.use_scores": "emotional", "train.partitions": [1]}),
+    ("Emotional", "Emotional-matched + Emotional-mismatched",
+     {"train.objective": "pacl", "partition.use_scores": "emotional", "train.partitions": [1, 3]}),
+    ("Both", "Strong-coupled", {"train.objective": "pacl", "partition.use_scores": "both", "train.partitions": [1]}),
+    ("Both", "Strong-coupled + Partial-coupled",
+     {"train.objective": "pacl", "partition.use_scores": "both", "train.partitions": [1, 2, 3]}),
+    ("Both", "Strong-coupled + Partial-coupled + Weak-coupled",
+     {"train.objective": "pacl", "partition.use_scores": "both", "train.partitions": [1, 2, 3, 4]}),
+]
+
+
+def test_table4_space_expands_to_exactly_the_papers_eight_rows():
+    space = load_space(str(REPO / "tune_spaces" / "table4.yaml"))
+    assert space.mode == "rows" and not space.search and not space.baselines
+    base = base_of(space)
+    trials = expand_trials(space, base)
+    assert len(trials) == len(space.rows) == 8
+    for trial, row, (partition, usage, overrides) in zip(trials, space.rows, TABLE4_ROWS):
+        assert row.labels == {"partition": partition, "sample usage": usage}
+        assert trial.name == row.name == f"{partition}: {usage}"
+        assert trial.overrides == overrides and not trial.baseline
+        cfg = config.from_dict(apply_dotted(base, trial.overrides))
+        assert (cfg.partition.sigma, cfg.train.k, cfg.train.temperature) == (0.7, 2, 0.07)  # adopted values
+    # the last row is PACL as configured by default; the first is vanilla contrastive learning
+    assert config.from_dict(apply_dotted(base, trials[-1].overrides)) == config.from_dict(base)
+    # eight distinct configurations
+    assert len({yaml.safe_dump(apply_dotted(base, t.overrides)) for t in trials}) == 8
+
+
+def test_rows_mode_parses_names_labels_and_overrides():
+    space = parse_space({"mode": "rows", "rows": [
+        {"name": "a", "set": {"train": {"partitions": [1]}}},
+        {"name": "b", "labels": {"x": "y"}, "set": {}},
+    ], "baselines": {"vanilla": {"train.objective": "clip"}}}, "r.yaml")
+    trials = expand_trials(space, base_of(space))
+    assert [t.name for t in trials] == ["a", "b", "baseline:vanilla"]
+    assert trials[0].overrides == {"train.partitions": [1]} and trials[1].overrides == {}
+    assert space.rows[1].labels == {"x": "y"}
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"rows": [{"name": "a", "set": {}}]}, "rows: only allowed with mode: rows"),
+    ({"mode": "rows"}, "rows: expected a non-empty list"),
+    ({"mode": "rows", "rows": [{"name": "a"}], "search": {"train.k": {"grid": [2]}}}, "search: not allowed with mode: rows"),
+    ({"mode": "rows", "rows": [{"name": "a"}, {"name": "a"}]}, "rows[1].name: 'a' is used by an earlier row"),
+    ({"mode": "rows", "rows": [{"set": {}}]}, "rows[0].name: expected a non-empty string"),
+    ({"mode": "rows", "rows": [{"name": "a", "sett": {}}]}, "rows[0].sett: unknown key"),
+    ({"mode": "rows", "rows": [{"name": "a", "set": {"train.partitions": [5]}}]},
+     "rows[0].set: train.partitions[0]=5 is not allowed: expected one of 1, 2, 3, 4"),
+    ({"mode": "rows", "rows": [{"name": "a", "labels": ["x"]}]}, "rows[0].labels: expected a mapping"),
+])
+def test_bad_rows_are_clear_errors(data, fragment):
+    with pytest.raises(SpaceError) as info:
+        parse_space(data, "spaces/bad.yaml")
+    assert str(info.value).startswith("spaces/bad.yaml: ") and fragment in str(info.value)
