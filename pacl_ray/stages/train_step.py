@@ -67,7 +67,7 @@ def param_groups(model, lr_backbone: float, lr_heads: float, weight_decay: float
     from timm.optim import param_groups_weight_decay
 
     groups = []
-    heads = torch.nn.ModuleList([model.image_head, model.text_head])  # a view; the model keeps its modules
+    heads = torch.nn.ModuleList([model.image_proj, model.text_proj])  # a view; the model keeps its modules
     for name, module, lr in (("backbone", model.backbone, lr_backbone), ("heads", heads, lr_heads)):
         for group in param_groups_weight_decay(module, weight_decay):
             groups.append({**group, "lr": lr, "name": name})

@@ -80,7 +80,7 @@ def test_open_clip_rejects_image_size_override():
 
 def test_explicit_arguments_without_a_config():
     model, backbone = build_model(6, backbone=TINY, pretrained="false", image_size=32, embed_dim=4, seed=1)
-    assert model.text_head.out_features == 4 and backbone.image_size == 32
+    assert model.text_proj.out_features == 4 and backbone.image_size == 32
     with pytest.raises(ValueError, match="crop_scale"):
         build_model(6, backbone=TINY, pretrained="false", crop_scale=(0.9, 0.5))
 

@@ -90,7 +90,7 @@ def test_adamw_from_timm_without_decay_on_norms_and_biases(monkeypatch):
         expected = 0.0 if p.ndim <= 1 or name.endswith(".bias") else 0.02
         assert decay[id(p)] == (expected, 2e-4, "backbone"), name
     assert any(p.ndim == 1 for p in model.backbone.parameters())  # BatchNorm weights and biases exist
-    for p in (model.image_head.weight, model.text_head.weight):
+    for p in (model.image_proj.weight, model.text_proj.weight):
         assert decay[id(p)] == (0.02, 3e-3, "heads")
     assert len(decay) == sum(1 for _ in model.parameters())  # every parameter, once
 
