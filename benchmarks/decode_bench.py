@@ -65,7 +65,8 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
         out += (np.asarray(field.resize((width, height), Image.BICUBIC), np.float32) / 255 - 0.5) * amplitude
     yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(12):  # sharp edges: discs and bars
-        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(min(width, height) // 20, min(width, height) // 4)
+        side = min(width, height)
+        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(side // 20, side // 4)
         out[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.normal(0, 40, 3)
     out += rng.normal(0, 14.0, out.shape)  # grain
     return Image.fromarray(np.clip(out + 128, 0, 255).astype(np.uint8))
@@ -213,7 +214,8 @@ def main(argv=None) -> None:
     for size in args.sizes:
         for v in chosen:
             rate = 1 / results[size, v.name]
-            print(f"{size:>10} {v.name:>18} {rate:11.0f} " + " ".join(f"{r / rate:10.1f}" for r in GPU_STEP_RATES.values()))
+            cores = " ".join(f"{r / rate:10.1f}" for r in GPU_STEP_RATES.values())
+            print(f"{size:>10} {v.name:>18} {rate:11.0f} {cores}")
 
 
 if __name__ == "__main__":

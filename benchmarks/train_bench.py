@@ -91,7 +91,8 @@ def make_step(backbone: str, setting: Setting, batch: int, image_size: int, devi
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=g).to(device, memory_format=memory_format)
     text = torch.randn(batch, TEXT_DIM, generator=g).to(device)
-    codes, factual, emotional = (torch.randint(lo, hi, (batch,), generator=g).to(device) for lo, hi in ((1, 5), (0, 2), (0, 2)))
+    codes, factual, emotional = (torch.randint(lo, hi, (batch,), generator=g).to(device)
+                                 for lo, hi in ((1, 5), (0, 2), (0, 2)))
     position = torch.arange(batch, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -284,7 +285,8 @@ def cpu_benchmarks(args) -> None:
     wait_med = statistics.median(steady([r["data_wait_s"] for r in ray_rows], epochs))
     before, after = statistics.median(steady(plain_before, epochs)), statistics.median(steady(plain_after, epochs))
     rel = max(abs(r["total"] - b) / max(abs(b), 1e-12) for r, b in zip(ray_rows, plain_losses))
-    print(f"[1] backbone={args.backbone} {args.image_size}px global batch {args.batch}, {len(ray_rows)} steps, 1 worker (CPU, 1 thread)")
+    print(f"[1] backbone={args.backbone} {args.image_size}px global batch {args.batch}, {len(ray_rows)} steps, "
+          f"1 worker (CPU, 1 thread)")
     print(f"    Ray Train step   median {ray_med * 1e3:8.1f} ms  (of which waiting for data: {wait_med * 1e3:.1f} ms)")
     print(f"    plain loop step  median {min(before, after) * 1e3:8.1f} ms  (before/after the Ray run: "
           f"{before * 1e3:.1f} / {after * 1e3:.1f})")

@@ -12,8 +12,8 @@ codes and positions stay on the device in a :class:`~pacl_ray.stages.train_loop.
 read, checked and logged every ``train.log_every_steps``, before every checkpoint and at each
 epoch's end. ``train.compile`` (default: on CUDA) runs the step through ``torch.compile``;
 ``train.channels_last`` (default: conv nets on CUDA) makes the model and images NHWC; the
-optimiser is fused AdamW on CUDA. Dropout randomness is seeded per
-(seed, step, rank), so a resumed run replays exactly. fp16 autocast steps through
+optimiser is fused AdamW on CUDA. Dropout randomness is seeded per (seed, step, rank), so a
+resumed run replays exactly. fp16 autocast steps through
 ``torch.amp.GradScaler`` (a step whose gradients overflow is skipped and counted, ``amp_skipped``);
 bf16 and fp32 need no scaler.
 
@@ -21,8 +21,9 @@ Non-finite loss (SPEC "Training recipe"). A step whose loss terms are not all fi
 run at the next readback (at most ``train.log_every_steps`` steps later, and always before a
 checkpoint): every rank returns, rank 0 records the first non-finite step, its epoch and terms in
 ``nonfinite_loss.json``, and the driver raises :class:`NonFiniteLossError`; nothing is exported
-or marked complete, and no checkpoint holds a step at or after the non-finite one. Returning instead of raising keeps Ray Train from retrying a replay that
-would diverge at the same step again.
+or marked complete, and no checkpoint holds a step at or after the non-finite one. Returning
+instead of raising keeps Ray Train from retrying a replay that would diverge at the same step
+again.
 
 Empty phases (SPEC "Choice (empty phases)"). An epoch whose phase holds fewer pairs than one
 global batch takes no step; ``run.log`` and the epoch table say so with the partition counts. A

@@ -181,7 +181,8 @@ class StepLog:
         rows: list[dict] = []
         for s, (terms, partition, position), ok in zip(steps, parsed, finite):
             if not bool((position // self.global_batch == s.step_in_epoch).all()):
-                raise RuntimeError(f"rank {self.rank}: batch positions {position.tolist()} are not step {s.step_in_epoch}")
+                raise RuntimeError(f"rank {self.rank}: batch positions {position.tolist()} are not "
+                                   f"step {s.step_in_epoch}")
             losses = dict(zip(LOSS_TERMS, terms))  # float32 scalars, as the step computed them
             if not ok:
                 return rows, NonFinite(s.global_step, s.epoch, "".join(map(str, s.phase)),

@@ -32,7 +32,7 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
         {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr_backbone, "name": "backbone"},
         {"params": head_parameters(model), "lr": cfg.train.lr_heads, "name": "heads"},
     ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay, fused=True if all(p.is_cuda for g in groups for p in g["params"]) else None)  # fused: one kernel per step on CUDA
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay, fused=all(p.is_cuda for p in model.parameters()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps))
     return optimizer, scheduler
 

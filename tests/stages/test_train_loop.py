@@ -158,7 +158,8 @@ def test_compile_and_channels_last_defaults():
     assert resolve_compile(None, torch.device("cuda")) and not resolve_compile(None, CPU)
     assert resolve_compile(True, CPU) and not resolve_compile(False, torch.device("cuda"))
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
-    patch_embed_only = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16, stride=16), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    patch_embed_only = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16, stride=16), torch.nn.Flatten(),
+                                           torch.nn.Linear(4, 2))
     assert is_conv_net(conv) and not is_conv_net(patch_embed_only)
     assert resolve_channels_last(None, conv, torch.device("cuda")) and not resolve_channels_last(None, conv, CPU)
     assert not resolve_channels_last(None, patch_embed_only, torch.device("cuda"))
