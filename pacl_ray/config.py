@@ -275,7 +275,12 @@ class TrainConfig:
                       "Choice: 0.5)", between(0, 1))
     color_jitter: float = _f(0.0, "colour jitter strength of the training augmentation; 0 = off (SPEC Training "
                              "recipe Choice: off, colour is an emotional cue)", at_least(0))
-    log_every_steps: int = _f(10, "report training metrics every this many steps", at_least(1))
+    log_every_steps: int = _f(10, "report training metrics every this many steps (and read the step's values "
+                              "back from the device: the finite-loss check runs then)", at_least(1))
+    compile: Optional[bool] = _f(None, "torch.compile the model for the training step; null = on CUDA, off on "
+                                 "CPU")
+    channels_last: Optional[bool] = _f(None, "NHWC model and images in the training step; null = for conv nets "
+                                       "on CUDA")
     # Same batches either way; copying saves seconds per epoch on small data.
     in_memory_max_mb: float = _f(256.0, "a joined dataset up to this size is copied into each worker "
                                  "instead of streamed by Ray Data every epoch; 0 = always stream", at_least(0))

@@ -4,19 +4,26 @@ The data plan, the driver-side join and each worker's batches are in
 :mod:`pacl_ray.stages.train_data`; checkpoints and the resume key in
 :mod:`pacl_ray.stages.checkpoint`; metric logs in :mod:`pacl_ray.stages.train_metrics`.
 
-Step. Per-rank projections -> :func:`pacl_ray.core.dist.all_gather_with_grad` (features) and
-``all_gather_no_grad`` (codes, pseudo-labels) -> :func:`pacl_ray.core.loss.pacl_loss` on the global
-batch -> a finite-loss check -> backward; DDP averages gradients, which with the gather's
-convention equals single-process training on the global batch. Dropout randomness is seeded per
-(seed, step, rank), so a resumed run replays exactly. fp16 autocast steps through
+Step. Per-rank projections -> one differentiable all-gather of both projections and one of the
+labels (codes, pseudo-labels) -> :func:`pacl_ray.core.loss.pacl_loss` on the global batch ->
+backward; DDP averages gradients, which with the gather's convention equals single-process
+training on the global batch. The step reads nothing back to the host (issue #21): loss terms,
+codes and positions stay on the device in a :class:`~pacl_ray.stages.train_loop.StepLog` and are
+read, checked and logged every ``train.log_every_steps``, before every checkpoint and at each
+epoch's end. ``train.compile`` (default: on CUDA) runs the step through ``torch.compile``;
+``train.channels_last`` (default: conv nets on CUDA) makes the model and images NHWC; the
+optimiser is fused AdamW on CUDA. Dropout randomness is seeded per (seed, step, rank), so a
+resumed run replays exactly. fp16 autocast steps through
 ``torch.amp.GradScaler`` (a step whose gradients overflow is skipped and counted, ``amp_skipped``);
 bf16 and fp32 need no scaler.
 
 Non-finite loss (SPEC "Training recipe"). A step whose loss terms are not all finite stops the
-run before ``backward``: every rank returns, rank 0 records the step, epoch and terms in
+run at the next readback (at most ``train.log_every_steps`` steps later, and always before a
+checkpoint): every rank returns, rank 0 records the first non-finite step, its epoch and terms in
 ``nonfinite_loss.json``, and the driver raises :class:`NonFiniteLossError`; nothing is exported
-or marked complete. Returning instead of raising keeps Ray Train from retrying a replay that
-would diverge at the same step again.
+or marked complete, and no checkpoint holds a step at or after the non-finite one. Returning
+instead of raising keeps Ray Train from retrying a replay that would diverge at the same step
+again.
 
 Empty phases (SPEC "Choice (empty phases)"). An epoch whose phase holds fewer pairs than one
 global batch takes no step; ``run.log`` and the epoch table say so with the partition counts. A
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 
 from pacl_ray.config import RunConfig, model_args, save_config
-from pacl_ray.core import backbones, dist, loss
+from pacl_ray.core import backbones, loss
 from pacl_ray.formats import storage
 from pacl_ray.stages import cache, runtime
 from pacl_ray.stages.cache import StageOutput
@@ -57,8 +64,12 @@ from pacl_ray.stages.train_data import (  # noqa: F401  (re-exported: the stage'
 from pacl_ray.stages.train_step import (  # noqa: F401  (re-exported)
     NonFiniteLossError, build_optimizer, cosine_factor, grad_scaler, nonfinite_terms, optimizer_step,
 )
+from pacl_ray.stages.train_loop import (
+    NonFinite, StepLog, gather_features, gather_labels, resolve_channels_last, resolve_compile, startup_line,
+    startup_times, step_model,
+)
 from pacl_ray.stages.train_metrics import (
-    LOSS_TERMS, RunLog, epoch_table, plan_lines, step_metrics, tensorboard, write_metric_logs,
+    LOSS_TERMS, RunLog, epoch_table, plan_lines, tensorboard, write_metric_logs,
 )
 
 NONFINITE_FILE = "nonfinite_loss.json"
@@ -97,14 +108,14 @@ def _maybe_fail(fault: Optional[FaultInjection], global_step: int, rank: int) ->
         raise RuntimeError(f"injected failure on rank {rank} before global step {global_step}")
 
 
-def _any_rank(flag: bool, device) -> bool:
-    """True on every rank when ``flag`` is True on any (the loss is the same on every rank; this
-    keeps the ranks together even if a kernel rounds differently on one)."""
-    return bool(dist.all_reduce_mean(torch.tensor(float(flag), device=device)) > 0)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker function (see the module docstring)."""
+    loop_started_at = time.time()  # wall clock: compared with the driver's start (start_to_first_step_s)
     import ray.train
     import ray.train.torch
 
@@ -129,7 +140,11 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
         epoch, step_in_epoch, global_step = (state["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
         step_rows = state["step_rows"]
+    channels_last = resolve_channels_last(cfg.train.channels_last, model, device)
+    if channels_last:  # before DDP wraps it, so DDP's buckets see the NHWC parameters
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to the device (+ DDP when W > 1)
+    forward = step_model(model, resolve_compile(cfg.train.compile, device))
     # The optimiser is built on the moved parameters so its restored state lands on their device.
     optimizer, scheduler = build_optimizer(unwrap(model), cfg, plan.total_steps)
     scaler = grad_scaler(amp_dtype, device)
@@ -143,7 +158,10 @@ def train_loop_per_worker(config: dict) -> None:
         data = ray.get(data)
     writer = tensorboard(config["run_uri"]) if rank == 0 else None
 
-    diverged = False
+    log_every = max(cfg.train.log_every_steps, 1)
+    step_log = StepLog(B, rank)
+    diverged: Optional[NonFinite] = None
+    first_step_at: Optional[float] = None
     while epoch < len(phases):
         phase = phases[epoch]
         if steps[epoch] == 0:  # an empty phase: no step (SPEC "Choice (empty phases)"; logged by the driver)
@@ -158,47 +176,50 @@ def train_loop_per_worker(config: dict) -> None:
             arrived = time.perf_counter()  # time spent waiting for data = arrived - tick
             _maybe_fail(fault, global_step, rank)
             torch.manual_seed(seed_of(cfg.seed, global_step, rank))  # dropout / drop-path
-            expected = batch["position"] // B
-            if not bool((expected == step_in_epoch).all()):
-                raise RuntimeError(f"rank {rank}: batch positions {batch['position'].tolist()} are not step {step_in_epoch}")
+            # No host sync from here to the flush (module docstring, "Step").
+            images = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
             with backbones.autocast(device, cfg.train.precision):
-                z_image, z_text = model(batch["image"], batch["text_feature"])
-            partition = dist.all_gather_no_grad(batch[PARTITION])
-            losses = loss.pacl_loss(
-                dist.all_gather_with_grad(z_image.float()), dist.all_gather_with_grad(z_text.float()),
-                partition, dist.all_gather_no_grad(batch[FACTUAL]), dist.all_gather_no_grad(batch[EMOTIONAL]),
-                cfg.train.temperature, phase,
-            )
-            bad = nonfinite_terms(losses)
-            if _any_rank(bool(bad), device):
-                if rank == 0:
-                    record = {"global_step": global_step, "epoch": epoch, "phase": "".join(map(str, phase)),
-                              "losses": bad or {k: float(losses[k].detach()) for k in LOSS_TERMS}}
-                    storage.write_text(storage.join(config["run_uri"], NONFINITE_FILE), json.dumps(record))
-                diverged = True  # every rank stops here; the driver raises NonFiniteLossError
-                break
-            row = step_metrics(losses, partition, optimizer, epoch, phase, global_step)
-            row["amp_skipped"] = int(optimizer_step(model, optimizer, scaler, losses["total"], cfg.train.grad_clip))
-            row["grad_scale"] = float(scaler.get_scale()) if scaler.is_enabled() else 1.0
+                z_image, z_text = forward(images, batch["text_feature"])
+            partition, factual, emotional = gather_labels(batch[PARTITION], batch[FACTUAL], batch[EMOTIONAL])
+            z_image, z_text = gather_features(z_image.float(), z_text.float())
+            losses = loss.pacl_loss(z_image, z_text, partition, factual, emotional, cfg.train.temperature, phase)
+            amp_skipped = int(optimizer_step(model, optimizer, scaler, losses["total"], cfg.train.grad_clip))
+            step_log.add(losses, partition, batch["position"], optimizer, global_step=global_step, epoch=epoch,
+                         phase=phase, step_in_epoch=step_in_epoch, amp_skipped=amp_skipped,
+                         grad_scale=float(scaler.get_scale()) if scaler.is_enabled() else 1.0)  # fp16 only: a read
             scheduler.step()
             global_step += 1
             step_in_epoch += 1
-            now = time.perf_counter()
-            row.update(step_time_s=now - tick, data_wait_s=arrived - tick,
-                       samples_per_s=row["batch_size"] / max(now - tick, 1e-9))
-            tick = now
-            step_rows.append(row)
-            if writer:
-                for key in (*LOSS_TERMS, "samples_per_s", "lr_backbone", "lr_heads", "amp_skipped"):
-                    writer.add_scalar(f"train/{key}", row[key], global_step)
             epoch_done = step_in_epoch == steps[epoch]
             every = cfg.train.checkpoint_every_steps
             wants_ckpt = epoch_done or (every > 0 and global_step % every == 0)
-            if wants_ckpt or global_step % max(cfg.train.log_every_steps, 1) == 0:
-                next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch)
-                counters = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step}
-                _report(row, counters, model, optimizer, scheduler, scaler, step_rows, wants_ckpt, rank,
-                        config["run_uri"], plan)
+            flush = wants_ckpt or global_step % log_every == 0
+            if flush or first_step_at is None:
+                _synchronize(device)  # the window's last step ends when the device is done: its time is exact
+            now = time.perf_counter()
+            step_log.annotate_last(step_time_s=now - tick, data_wait_s=arrived - tick)
+            tick = now
+            if first_step_at is None:
+                first_step_at = time.time()
+            if not flush:
+                continue
+            rows, diverged = step_log.flush(device)
+            step_rows.extend(rows)
+            if writer:
+                for row in rows:
+                    for key in (*LOSS_TERMS, "samples_per_s", "lr_backbone", "lr_heads", "amp_skipped"):
+                        writer.add_scalar(f"train/{key}", row[key], row["global_step"] + 1)
+            if diverged:
+                if rank == 0:
+                    record = {"global_step": diverged.global_step, "epoch": diverged.epoch, "phase": diverged.phase,
+                              "losses": diverged.losses}
+                    storage.write_text(storage.join(config["run_uri"], NONFINITE_FILE), json.dumps(record))
+                break  # every rank stops here; the driver raises NonFiniteLossError
+            next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch)
+            counters = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step}
+            timing = {"first_step_at": first_step_at, "loop_started_at": loop_started_at}
+            _report({**step_rows[-1], **timing}, counters, model, optimizer, scheduler, scaler, step_rows, wants_ckpt,
+                    rank, config["run_uri"], plan)
         if diverged:
             break
         if step_in_epoch < steps[epoch]:
@@ -296,11 +317,15 @@ def _nonfinite_error(uri: str, cfg: RunConfig, last_step: Optional[int]) -> Opti
 
 
 def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed: StageOutput, cluster: StageOutput,
-              *, fault: Optional[FaultInjection] = None, callbacks: Optional[list] = None) -> TrainResult:
+              *, fault: Optional[FaultInjection] = None, callbacks: Optional[list] = None,
+              started_at: Optional[float] = None) -> TrainResult:
     """Train (or resume, or take from the cache) and export; see the module docstring.
 
     ``callbacks`` go to Ray Train's ``RunConfig`` (e.g. Tune's ``TuneReportCallback`` so that a
-    sweep's scheduler sees every report of a trial's training).
+    sweep's scheduler sees every report of a trial's training). ``started_at``: the wall-clock
+    time (``time.time()``) the caller counts from, e.g. a sweep trial's start; default: this
+    call. The final metrics then hold ``start_to_first_step_s`` (seconds from it to the end of
+    this launch's first training step) and ``run.log`` its parts (:func:`startup_line`).
 
     Raises:
         NonFiniteLossError: a step's loss was not finite (nothing exported, no ``_SUCCESS``).
@@ -314,6 +339,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     from pacl_ray.core.pacl_model import build_model
     from pacl_ray.formats.export import export_model
 
+    started_at = time.time() if started_at is None else started_at
     key = train_key(cfg, ingest, partition, embed, cluster)
     uri = cache.stage_uri(cfg.output_dir, STAGE, key)
     if cache.is_complete(uri):
@@ -357,6 +383,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
             callbacks=list(callbacks or []),
         ),
     )
+    fit_at = time.time()
     result = trainer.fit()
     state = None
     if result.checkpoint is not None:
@@ -379,6 +406,10 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     exported = export_model(model, cfg, storage.join(uri, "export"), text_dim)
     final = {**history[-1], "total_steps": plan.total_steps, "num_pairs": meta.num_rows,
              "skipped_epochs": len(plan.skipped()), "amp_skipped_steps": sum(h["amp_skipped_steps"] for h in history)}
+    startup = startup_times(started_at, fit_at, result.metrics or {})
+    if startup:
+        final.update(startup)
+        log.write(startup_line(startup))
     cache.mark_complete(uri, {
         "backbone_checkpoint": _relative(uri, exported.backbone), "heads_checkpoint": _relative(uri, exported.heads),
         "export_info": _relative(uri, exported.info), "checkpoint": _relative(uri, result.checkpoint.path),

@@ -82,7 +82,10 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
 
     lr_backbone = cfg.train.lr_backbone or backbones.backbone_lr(cfg.model.backbone)
     groups = param_groups(model, lr_backbone, cfg.train.lr_heads, cfg.train.weight_decay)
-    optimizer = create_optimizer_v2(groups, opt="adamw", lr=cfg.train.lr_heads, weight_decay=cfg.train.weight_decay)
+    # fused AdamW on CUDA: one kernel per parameter group instead of one per tensor
+    fused = all(p.is_cuda for p in model.parameters())
+    optimizer = create_optimizer_v2(groups, opt="adamw", lr=cfg.train.lr_heads, weight_decay=cfg.train.weight_decay,
+                                    **({"fused": True} if fused else {}))
     return optimizer, StepScheduler(optimizer, total_steps, cfg.train.warmup_steps)
 
 
