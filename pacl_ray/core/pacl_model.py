@@ -60,29 +60,35 @@ def head_parameters(model: PACLModel) -> list[nn.Parameter]:
 def _timm_transforms(
     backbone: backbones.Backbone,
     image_size: int,
+    crop_pct: float | None,
+    interpolation: str,
     crop_scale: tuple[float, float],
     hflip: float,
     color_jitter: float,
 ) -> backbones.Backbone:
     """Rebuild a timm backbone's transforms with the train augmentation (random-resized crop of
     ``crop_scale`` area, flip probability ``hflip``, colour jitter strength ``color_jitter``),
-    optionally at ``image_size`` px (then with the backbone's own normalisation and interpolation,
-    no crop). Raises ValueError for a crop range outside 0 < low <= high <= 1."""
-    from timm.data import create_transform, resolve_model_data_config
+    optionally at ``image_size`` px (then, unless ``crop_pct`` is given, with no eval crop:
+    crop_pct 1.0). Settings resolve through :func:`pacl_ray.core.backbones.data_config`, as the
+    embed and evaluate transforms do. Raises ValueError for a crop range outside 0 < low <= high <= 1."""
+    from timm.data import create_transform
 
     scale = tuple(float(v) for v in crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(crop_scale)}")
-    if image_size and hasattr(backbone.model, "set_input_size"):  # ViT-style absolute position grids
-        backbone.model.set_input_size(img_size=image_size)
-    data_cfg = dict(resolve_model_data_config(backbone.model))
+    if image_size and image_size != backbone.image_size and hasattr(backbone.model, "set_input_size"):
+        backbone.model.set_input_size(img_size=image_size)  # ViT-style absolute position grids
     if image_size:
-        data_cfg["input_size"] = (3, image_size, image_size)
-        data_cfg["crop_pct"] = 1.0
+        # An explicit training size (even the backbone's own) means: evaluate the whole image.
+        data_cfg = backbones.data_config(backbone.model, image_size, 1.0 if crop_pct is None else crop_pct,
+                                         interpolation)
         backbone.eval_transform = create_transform(**data_cfg, is_training=False)
-        backbone.image_size = image_size
+        backbone.image_size, backbone.data_config = image_size, data_cfg
+    else:
+        data_cfg = backbone.data_config
+    train_cfg = {k: v for k, v in data_cfg.items() if k != "crop_pct"}
     backbone.train_transform = create_transform(
-        **data_cfg, is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter,
+        **train_cfg, is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter,
     )
     return backbone
 
@@ -96,20 +102,27 @@ def build_backbone(
     crop_scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
     color_jitter: float = 0.4,
+    crop_pct: float | None = None,
+    interpolation: str = "",
+    model_kwargs: dict | None = None,
 ) -> backbones.Backbone:
-    """A backbone (see :func:`~pacl_ray.core.backbones.create_backbone`) at ``input_size`` (as the
-    embed stage saw it), or at ``image_size`` px when that is set (timm only), with its training
-    augmentation. Raises ValueError for an ``image_size`` override of an open_clip tower."""
-    model = backbones.create_backbone(backbone, pretrained, checkpoint, input_size)
+    """A backbone (see :func:`~pacl_ray.core.backbones.create_backbone`: ``model_kwargs`` go to
+    ``timm.create_model``, a checkpoint's classifier is dropped) at ``input_size`` / ``crop_pct`` /
+    ``interpolation`` (as the embed stage saw it), or at ``image_size`` px when that is set (timm
+    only), with its training augmentation. Raises ValueError for an ``image_size`` override of an
+    open_clip tower."""
     if backbones.is_open_clip_backbone(backbone):
+        model = backbones.create_backbone(backbone, pretrained, checkpoint, input_size, crop_pct=crop_pct,
+                                          interpolation=interpolation, model_kwargs=model_kwargs)
         if image_size and image_size != model.image_size:
             raise ValueError(
                 f"train.image_size={image_size}: open_clip towers train at their own size "
                 f"({model.image_size}); leave train.image_size at 0"
             )
         return model
-    size = image_size if image_size and image_size != model.image_size else 0
-    return _timm_transforms(model, size, crop_scale, hflip, color_jitter)
+    model = backbones.create_backbone(backbone, pretrained, checkpoint, input_size, crop_pct=crop_pct,
+                                      interpolation=interpolation, model_kwargs=model_kwargs)
+    return _timm_transforms(model, image_size, crop_pct, interpolation, crop_scale, hflip, color_jitter)
 
 
 def build_model(
@@ -127,7 +140,8 @@ def build_model(
         seed: heads (and any random backbone init) come from ``torch.manual_seed(seed)``, so every
             worker builds the same model (DDP also broadcasts rank 0's parameters).
         backbone_args: :func:`build_backbone`'s arguments (backbone, pretrained, checkpoint,
-            input_size, image_size, crop_scale, hflip, color_jitter).
+            input_size, image_size, crop_scale, hflip, color_jitter, crop_pct, interpolation,
+            model_kwargs).
 
     A RunConfig's arguments are :func:`pacl_ray.config.model_args`.
     """

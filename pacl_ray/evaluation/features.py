@@ -99,7 +99,8 @@ def extract_features_many(
             offsets[uri] = (start, start + len(split_data))
             items.extend([{"row": start + i, "path": p} for i, p in enumerate(split_data.paths)])
         extractor_kwargs = dict(backbone=ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
-                                input_size=ref.input_size, precision=cfg.evaluate.precision, feature_column="feature")
+                                input_size=ref.input_size, precision=cfg.evaluate.precision, feature_column="feature",
+                                **ref.backbone_args())
         if runs_in_process(len(items), cfg.ray):
             batches = _features_in_process(items, extractor_kwargs, cfg.evaluate.batch_size)
         else:
