@@ -5,7 +5,8 @@ Inputs (``cfg.ingest.manifest``; ``cfg.ingest.format`` = auto picks by suffix / 
 * a JSONL (``.jsonl``/``.ndjson``; ``.json`` may also be a JSON list), CSV or Parquet manifest,
   or a folder of them, with ``image`` (relative to the manifest's folder, absolute, or a pyarrow
   URI such as ``s3://``) and ``text``; optional ``id``, ``anps`` (string or list), ``factual_score``,
-  ``emotional_score``, ``label``, ``planted_partition``;
+  ``emotional_score``, ``label``, ``planted_partition``, ``partition`` (a known partition code
+  1-4, used as given instead of thresholding scores);
 * WebDataset tar shards as img2dataset writes them (``key.jpg``/``.png`` + ``key.txt`` and/or
   ``key.json`` with a ``caption``/``text``), a ``.tar`` file, a folder or a glob;
 * the TumEmo layout: a folder of ``<id>.jpg`` images with ``<id>.txt`` texts, or with a JSON list
@@ -24,6 +25,7 @@ counts per reason. If every record is bad, :class:`IngestError` is raised with t
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import json
 import math
@@ -41,7 +43,7 @@ from pacl_ray.config import RunConfig, save_config
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
-INGEST_VERSION = 1  # bump when validation changes what a given input produces
+INGEST_VERSION = 2  # bump when validation changes what a given input produces
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "tumemo")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MANIFEST_SUFFIXES = {
@@ -65,6 +67,7 @@ RECORD = pa.schema(
         pa.field("emotional_score", pa.float32()),
         pa.field("label", pa.string()),
         pa.field("planted_partition", pa.int8()),
+        pa.field("partition", pa.int8()),
         # set when normalisation already found the record bad (e.g. a bad score value)
         pa.field("reason", pa.string()),
         pa.field("field", pa.string()),
@@ -75,7 +78,8 @@ RECORD = pa.schema(
 # Validated records: PAIRS columns (nullable, since bad rows have no image) plus the verdict.
 VALIDATED = pa.schema(
     [f.with_nullable(True) for f in tables.PAIRS]
-    + [pa.field("reason", pa.string()), pa.field("field", pa.string()), pa.field("detail", pa.string())]
+    + [pa.field("reason", pa.string()), pa.field("field", pa.string()), pa.field("detail", pa.string()),
+       pa.field("content_digest", pa.string())]  # hash of id, image and text (pairs_fingerprint)
 )
 
 
@@ -206,8 +210,8 @@ def validate_record(record: dict, max_image_pixels: int, clean: bool) -> dict:
         "id": record["id"], "source": record["source"], "image_source": record["image_name"],
         "anps": record["anps"], "factual_score": record["factual_score"],
         "emotional_score": record["emotional_score"], "label": record["label"],
-        "planted_partition": record["planted_partition"],
-        "reason": None, "field": None, "detail": None,
+        "planted_partition": record["planted_partition"], "partition": record["partition"],
+        "reason": None, "field": None, "detail": None, "content_digest": None,
     }
     try:
         if record["reason"]:
@@ -229,7 +233,7 @@ def validate_record(record: dict, max_image_pixels: int, clean: bool) -> dict:
         return out
     out.update(
         image=image, width=width, height=height, converted_from=converted_from,
-        text_raw=text_raw, text=cleaned,
+        text_raw=text_raw, text=cleaned, content_digest=content_digest(record["id"], image, cleaned),
     )
     return out
 
@@ -290,15 +294,18 @@ def _as_float(value: Any, name: str) -> Optional[float]:
     return number
 
 
-def _as_planted(value: Any) -> Optional[int]:
+def _as_planted(value: Any, name: str = "planted_partition") -> Optional[int]:
+    """A partition code 1-4 (``planted_partition`` or a given ``partition``), else bad_value."""
     if not _present(value):
         return None
     try:
         code = int(value)
+        if code != float(value):
+            raise ValueError(value)
     except (TypeError, ValueError) as err:
-        raise Rejected("bad_value", "planted_partition", f"not an integer: {value!r}") from err
+        raise Rejected("bad_value", name, f"not an integer: {value!r}") from err
     if code not in (1, 2, 3, 4):
-        raise Rejected("bad_value", "planted_partition", f"must be 1-4, got {code}")
+        raise Rejected("bad_value", name, f"must be 1-4, got {code}")
     return code
 
 
@@ -317,6 +324,7 @@ def _fill_optional(record: dict, row: dict) -> None:
         label = row.get("label") if _present(row.get("label")) else row.get("emotion_label")
         record["label"] = _as_str(_optional(label))
         record["planted_partition"] = _as_planted(_optional(row.get("planted_partition")))
+        record["partition"] = _as_planted(_optional(row.get("partition")), "partition")
     except Rejected as bad:
         record.update(reason=bad.reason, field=bad.field, detail=bad.detail)
 
@@ -596,6 +604,23 @@ def find_duplicates(ids: Iterable[str], sources: Iterable[str]) -> dict[str, str
     return duplicates
 
 
+def content_digest(pair_id: str, image: bytes, text: str) -> str:
+    """One pair's identity for the upstream stages: SHA-256 of its id, stored image bytes and
+    cleaned text (what embedding and clustering read), not of its scores or partition."""
+    digest = hashlib.sha256()
+    for part in (pair_id.encode("utf-8"), hashlib.sha256(image).digest(), text.encode("utf-8")):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def pairs_fingerprint(ids: Iterable[str], digests: Iterable[str]) -> str:
+    """Order-independent fingerprint of the stored pairs' ids, images and texts (the summary's
+    ``content_fingerprint``): embed and cluster are keyed by it, so a manifest that changes only
+    scores or partitions re-runs only scoring and partitioning."""
+    return cache.content_key("pairs-content", sorted(zip(ids, digests)))
+
+
 def _pairs_only(batch: pa.Table, drop_sources: set) -> pa.Table:
     """Valid, non-duplicate rows of a validated batch, as :data:`tables.PAIRS`."""
     import pyarrow.compute as pc
@@ -661,7 +686,7 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
 
     # Driver pass over the small columns only: quarantine rows, duplicate ids, counts.
     verdicts = pa.concat_tables(
-        list(validated.select_columns(["id", "source", "reason", "field", "detail", "converted_from"])
+        list(validated.select_columns(["id", "source", "reason", "field", "detail", "converted_from", "content_digest"])
              .iter_batches(batch_format="pyarrow", batch_size=None))
     )
     rows = verdicts.to_pylist()
@@ -684,6 +709,8 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
     n_pairs = len(good) - len(duplicates)
     summary = summarize(counts, n_pairs, converted)
     summary.update(format=fmt, manifest=icfg.manifest)
+    kept = [r for r in good if r["source"] not in duplicates]
+    summary["content_fingerprint"] = pairs_fingerprint([r["id"] for r in kept], [r["content_digest"] for r in kept])
 
     storage.write_parquet(pa.Table.from_pylist(quarantine, schema=tables.QUARANTINE), storage.join(uri, "quarantine"))
     print(format_summary(summary))
