@@ -266,7 +266,8 @@ class TrainConfig:
     precision: str = _f("bf16", "autocast dtype of training on GPU (CPU always fp32)", one_of(*PRECISIONS))
     checkpoint_every_steps: int = _f(0, "checkpoint every this many steps; 0 = every epoch only", at_least(0))
     max_failures: int = _f(3, "Ray Train restarts after a worker failure; -1 = unlimited", at_least(-1))
-    image_size: int = _f(0, "training input size in px; 0 = the backbone's own", at_least(0))
+    image_size: int = _f(0, "training input size in px, also the export's evaluation size (evaluated "
+                         "uncropped unless model.crop_pct is set); 0 = the backbone's own", at_least(0))
     # timm backbones use timm's create_transform; open_clip towers keep their own train transform.
     crop_scale: list[float] = _f([0.08, 1.0], "random-resized-crop area range [low, high] (SPEC Training "
                                  "recipe Choice)", between(0, 1, low_open=True, length=2))

@@ -221,9 +221,25 @@ def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{name}." for name in names)
 
 
+def _timm_checkpoint_filter(model: nn.Module, state: dict) -> dict:
+    """The architecture's own ``checkpoint_filter_fn`` (as timm applies it to pretrained weights:
+    e.g. ViT position embeddings resampled to the model's grid at another input size), when its
+    model file defines one; the state unchanged otherwise or when the filter does not apply."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return state
+    try:
+        return dict(fn(state, model))
+    except Exception:  # a filter for another checkpoint layout: compare the state as it is
+        return state
+
+
 def load_features_checkpoint(model: nn.Module, checkpoint: str, name: str = "") -> list[str]:
     """Load a weights file (safetensors or torch, read with ``timm.models.load_state_dict``,
-    never unpickling code) into a pooled-feature timm ``model`` (built with ``num_classes=0``).
+    never unpickling code, then the architecture's checkpoint filter as timm applies it) into a
+    pooled-feature timm ``model`` (built with ``num_classes=0``).
 
     A classifier the checkpoint still holds (e.g. a 5-class ``fc`` from fine-tuning) is dropped:
     PACL trains and exports the pooled features. Everything else must match exactly.
@@ -233,7 +249,7 @@ def load_features_checkpoint(model: nn.Module, checkpoint: str, name: str = "") 
     import timm
 
     path = os.path.expanduser(checkpoint)
-    state = timm.models.load_state_dict(path, weights_only=True)
+    state = _timm_checkpoint_filter(model, timm.models.load_state_dict(path, weights_only=True))
     expected = model.state_dict()
     prefixes = classifier_prefixes(model)
     dropped = [k for k in state if k not in expected and prefixes and k.startswith(prefixes)]

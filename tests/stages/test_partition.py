@@ -142,6 +142,12 @@ def test_given_partitions_are_used_and_a_scores_only_change_reruns_only_scoring_
     embed_b = run_embed(cfg_b, ingest_b)
     assert not embed_a.cached and embed_b.cached and embed_b.key == embed_a.key
     assert cluster_key(cfg_a, embed_a) == cluster_key(cfg_b, embed_b)
+    # Architecture and transform settings are part of the embed key.
+    import dataclasses
+
+    for change in ({"backbone_kwargs": {"drop_path_rate": 0.1}}, {"crop_pct": 1.0}, {"interpolation": "bicubic"}):
+        changed_cfg = dataclasses.replace(cfg_a, model=dataclasses.replace(cfg_a.model, **change))
+        assert embed_key(changed_cfg, ingest_a) != embed_key(cfg_a, ingest_a), change
     # ... while scoring and partitioning re-run, without any model (scores or partitions are given).
 
     def no_models(*args, **kwargs):
