@@ -72,7 +72,7 @@ class Domain:
     def describe(self) -> str:
         """What is allowed, in words, e.g. ``"one of bf16, fp16, fp32"`` or ``"a number in [0, 1]"``."""
         if self.choices:
-            names = ", ".join(str(c) for c in self.choices)
+            names = ", ".join(repr(c) if c == "" else str(c) for c in self.choices)  # '' = unset
             if self.separator:
                 return f"one or more of {names} (joined by {self.separator!r})"
             return f"one of {names}"

@@ -202,9 +202,11 @@ class Trial:
 
 
 def get_dotted(data: dict, key: str) -> Any:
+    """The value at a dotted key; None for an entry a mapping field does not hold (an unset
+    ``model.backbone_kwargs.drop_path_rate`` is the architecture's default)."""
     node: Any = data
     for part in key.split("."):
-        node = node[part]
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
