@@ -72,7 +72,7 @@ class Domain:
     def describe(self) -> str:
         """What is allowed, in words, e.g. ``"one of bf16, fp16, fp32"`` or ``"a number in [0, 1]"``."""
         if self.choices:
-            names = ", ".join(str(c) for c in self.choices)
+            names = ", ".join(repr(c) if c == "" else str(c) for c in self.choices)  # '' = unset
             if self.separator:
                 return f"one or more of {names} (joined by {self.separator!r})"
             return f"one of {names}"
@@ -118,6 +118,7 @@ SCHEDULES = ("progressive", "all")
 PROTOCOLS = ("linear", "finetune", "zeroshot")
 INGEST_FORMATS = ("auto", "jsonl", "csv", "parquet", "webdataset", "tumemo")
 FEATURE_DTYPES = ("float32", "float16")
+INTERPOLATIONS = ("", "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's names
 
 
 def _f(default: Any, meaning: str, domain: Optional[Domain] = None) -> Any:
@@ -158,6 +159,13 @@ class ModelConfig:
                                   "backbone_pretrained when set")
     backbone_input_size: int = _f(0, "input resolution of the backbone's transforms in px; 0 = the "
                                   "model's pretrained_cfg size", at_least(0))
+    backbone_kwargs: dict[str, Any] = _f({}, "keyword arguments of timm.create_model for the backbone "
+                                         "(drop_path_rate, stem_type, ...); recorded in the export")
+    crop_pct: Optional[float] = _f(None, "eval centre-crop fraction of the backbone's transforms (1.0 = "
+                                   "resize only, no crop); null = the model's pretrained_cfg",
+                                   between(0, 1, low_open=True))
+    interpolation: str = _f("", "resize interpolation of the backbone's transforms; empty = the model's "
+                            "pretrained_cfg", one_of(*INTERPOLATIONS))
     text_encoder: str = _f("Yaxin/roberta-large-ernie2-skep-en", "frozen text encoder: Hugging Face "
                            "AutoModel id or local directory (paper 4.2: SKEP)")
     text_pooling: str = _f("cls", "text feature pooling: cls = first token (paper), mean = non-padding "
@@ -267,7 +275,8 @@ class TrainConfig:
     precision: str = _f("bf16", "autocast dtype of training on GPU (CPU always fp32)", one_of(*PRECISIONS))
     checkpoint_every_steps: int = _f(0, "checkpoint every this many steps; 0 = every epoch only", at_least(0))
     max_failures: int = _f(3, "Ray Train restarts after a worker failure; -1 = unlimited", at_least(-1))
-    image_size: int = _f(0, "training input size in px; 0 = the backbone's own", at_least(0))
+    image_size: int = _f(0, "training input size in px, also the export's evaluation size (evaluated "
+                         "uncropped unless model.crop_pct is set); 0 = the backbone's own", at_least(0))
     # One augmentation for timm backbones and open_clip towers alike (pacl_ray.core.pacl_model).
     crop_scale: list[float] = _f([0.5, 1.0], "random-resized-crop area range [low, high] (SPEC Training "
                                  "recipe Choice: at least half the image)", between(0, 1, low_open=True, length=2))
@@ -338,6 +347,8 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a type annotation, converting only lossless cases (int -> float)."""
+    if annotation is Any:  # free-form values (model.backbone_kwargs): whatever YAML gives
+        return value
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         args = typing.get_args(annotation)
@@ -459,6 +470,8 @@ class FieldInfo:
 
 
 def _type_name(annotation: Any) -> str:
+    if annotation is Any:
+        return "any"
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(annotation))
@@ -501,6 +514,9 @@ def leaf_annotation(key: str) -> Any:
     cls: Any = RunConfig
     annotation: Any = None
     for part in key.split("."):
+        if typing.get_origin(cls) is dict:  # a mapping field's entry (model.backbone_kwargs.drop_path_rate)
+            annotation = cls = typing.get_args(cls)[1]
+            continue
         if not dataclasses.is_dataclass(cls):
             return None
         annotation = typing.get_type_hints(cls).get(part)
@@ -670,5 +686,27 @@ def model_args(cfg: RunConfig) -> dict:
         "checkpoint": cfg.model.backbone_checkpoint, "input_size": cfg.model.backbone_input_size,
         "embed_dim": cfg.model.embed_dim, "seed": cfg.seed, "image_size": cfg.train.image_size,
         "crop_scale": tuple(cfg.train.crop_scale), "hflip": cfg.train.hflip,
-        "color_jitter": cfg.train.color_jitter,
+        "color_jitter": cfg.train.color_jitter, "crop_pct": cfg.model.crop_pct,
+        "interpolation": cfg.model.interpolation, "model_kwargs": dict(cfg.model.backbone_kwargs),
     }
+
+
+def backbone_args(cfg: RunConfig) -> dict:
+    """Keyword arguments of :func:`pacl_ray.core.backbones.create_backbone` for the initial backbone
+    (embed stage): architecture, weights and transform settings from ``model.*``."""
+    m = cfg.model
+    return {"name": m.backbone, "pretrained": m.backbone_pretrained, "checkpoint": m.backbone_checkpoint,
+            "input_size": m.backbone_input_size, "crop_pct": m.crop_pct, "interpolation": m.interpolation,
+            "model_kwargs": dict(m.backbone_kwargs)}
+
+
+def trained_transform_args(cfg: RunConfig) -> dict:
+    """The transform settings of the trained backbone (its export and evaluation): ``input_size``
+    (``train.image_size`` when set, else ``model.backbone_input_size``), ``crop_pct`` (``model.crop_pct``;
+    when unset and ``train.image_size`` is set, 1.0: training at an explicit size evaluates the
+    whole image) and ``interpolation``. :func:`pacl_ray.core.pacl_model.build_backbone` resolves the
+    same."""
+    m = cfg.model
+    crop_pct = m.crop_pct if m.crop_pct is not None else (1.0 if cfg.train.image_size else None)
+    return {"input_size": cfg.train.image_size or m.backbone_input_size, "crop_pct": crop_pct,
+            "interpolation": m.interpolation}

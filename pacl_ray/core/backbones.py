@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -188,31 +188,140 @@ class Backbone:
     eval_transform: Callable  # PIL image -> tensor [3, H, W]
     train_transform: Callable
     image_size: int
+    # timm's resolved data config (input_size, crop_pct, interpolation, mean, std, crop_mode); {} for open_clip
+    data_config: dict = field(default_factory=dict)
+
+
+# create_model keywords the factory sets itself (pooled features, weights, transforms).
+RESERVED_TIMM_KWARGS = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+
+
+class CheckpointMismatchError(ValueError):
+    """A backbone checkpoint does not match the architecture; the message names the file and the
+    first mismatching key."""
+
+
+def timm_kwargs(model_kwargs: dict | None) -> dict:
+    """``model.backbone_kwargs`` as ``timm.create_model`` keywords (a copy). Raises ValueError for a
+    keyword the factory sets itself (:data:`RESERVED_TIMM_KWARGS`)."""
+    kwargs = dict(model_kwargs or {})
+    reserved = sorted(set(kwargs) & set(RESERVED_TIMM_KWARGS))
+    if reserved:
+        raise ValueError(f"model.backbone_kwargs.{reserved[0]}: set by pacl_ray itself (pooled features, "
+                         f"weights from model.backbone_pretrained / backbone_checkpoint); not allowed: "
+                         f"{', '.join(RESERVED_TIMM_KWARGS)}")
+    return kwargs
+
+
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of a timm model's classifier (``pretrained_cfg["classifier"]``, e.g.
+    ``("fc.",)`` for ResNets, ``("head.fc.",)`` for ConvNeXt)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{name}." for name in names)
+
+
+def _timm_checkpoint_filter(model: nn.Module, state: dict) -> dict:
+    """The architecture's own ``checkpoint_filter_fn`` (as timm applies it to pretrained weights:
+    e.g. ViT position embeddings resampled to the model's grid at another input size), when its
+    model file defines one; the state unchanged otherwise or when the filter does not apply."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return state
+    try:
+        return dict(fn(state, model))
+    except Exception:  # a filter for another checkpoint layout: compare the state as it is
+        return state
+
+
+def load_features_checkpoint(model: nn.Module, checkpoint: str, name: str = "") -> list[str]:
+    """Load a weights file (safetensors or torch, read with ``timm.models.load_state_dict``,
+    never unpickling code, then the architecture's checkpoint filter as timm applies it) into a
+    pooled-feature timm ``model`` (built with ``num_classes=0``).
+
+    A classifier the checkpoint still holds (e.g. a 5-class ``fc`` from fine-tuning) is dropped:
+    PACL trains and exports the pooled features. Everything else must match exactly.
+
+    Returns the dropped classifier keys. Raises :class:`CheckpointMismatchError` naming the file,
+    the architecture and the first key that is missing, unexpected or of another shape."""
+    import timm
+
+    path = os.path.expanduser(checkpoint)
+    state = _timm_checkpoint_filter(model, timm.models.load_state_dict(path, weights_only=True))
+    expected = model.state_dict()
+    prefixes = classifier_prefixes(model)
+    dropped = [k for k in state if k not in expected and prefixes and k.startswith(prefixes)]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    problems = []
+    for key, tensor in expected.items():
+        if key not in state:
+            problems.append(f"{key!r} is missing from the checkpoint")
+        elif tuple(state[key].shape) != tuple(tensor.shape):
+            problems.append(f"{key!r} has shape {list(state[key].shape)} in the checkpoint, "
+                            f"{list(tensor.shape)} in the model")
+    problems += [f"{key!r} is in the checkpoint but not in the model" for key in state if key not in expected]
+    if problems:
+        arch = name or type(model).__name__
+        raise CheckpointMismatchError(
+            f"{path}: does not match the architecture {arch} (model.backbone / model.backbone_kwargs): "
+            f"first mismatching key {problems[0]} ({len(problems)} mismatching keys)"
+        )
+    model.load_state_dict(state, strict=True)
+    return dropped
+
+
+def data_config(model: nn.Module, input_size: int = 0, crop_pct: float | None = None,
+                interpolation: str = "") -> dict:
+    """The one resolution of a timm backbone's transform settings: the model's ``pretrained_cfg``
+    with the overrides that are set (``input_size`` px, ``crop_pct`` in (0, 1], ``interpolation``),
+    through ``timm.data.resolve_data_config``. Embed, train and evaluate all build their transforms
+    from it, so they agree. At crop_pct 1.0 the eval transform resizes to ``input_size`` and crops
+    nothing."""
+    from timm.data import resolve_data_config
+
+    args: dict = {}
+    if input_size:
+        args["input_size"] = (3, int(input_size), int(input_size))
+    if crop_pct is not None:
+        args["crop_pct"] = float(crop_pct)
+    if interpolation:
+        args["interpolation"] = interpolation
+    return dict(resolve_data_config(args, model=model))
 
 
 def create_backbone(
-    name: str, pretrained: str = "true", checkpoint: str = "", input_size: int = 0
+    name: str, pretrained: str = "true", checkpoint: str = "", input_size: int = 0, *,
+    crop_pct: float | None = None, interpolation: str = "", model_kwargs: dict | None = None,
 ) -> Backbone:
     """Build a pooled-feature backbone from a timm name or ``open_clip:<arch>``.
 
-    A timm backbone is created with ``num_classes=0`` (pooled features). A local ``checkpoint``
-    is loaded through timm's own ``pretrained_cfg_overlay=dict(file=...)`` path, so exported PACL
-    backbones load exactly as users load them.
+    A timm backbone is created with ``num_classes=0`` (pooled features) and ``model_kwargs``
+    (``model.backbone_kwargs``: drop_path_rate, stem options, any ``timm.create_model`` keyword).
+    A local ``checkpoint`` is loaded by :func:`load_features_checkpoint` (a classifier in it is
+    dropped; any other mismatch raises :class:`CheckpointMismatchError` naming the file and key).
+    Transforms come from :func:`data_config` (``input_size``, ``crop_pct``, ``interpolation``
+    override the model's pretrained_cfg). Raises ValueError for ``model_kwargs`` or transform
+    overrides on an open_clip tower (it keeps its own).
     """
     if is_open_clip_backbone(name):
+        if model_kwargs or crop_pct is not None or interpolation:
+            raise ValueError(f"{name}: model.backbone_kwargs, model.crop_pct and model.interpolation apply to "
+                             f"timm backbones only; open_clip towers keep their own architecture and transforms")
         return _create_open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, checkpoint)
     import timm
-    from timm.data import create_transform, resolve_model_data_config
+    from timm.data import create_transform
 
-    kwargs: dict = {"num_classes": 0}
+    kwargs: dict = {**timm_kwargs(model_kwargs), "num_classes": 0}
     if input_size:
         kwargs["pretrained_cfg_overlay"] = dict(input_size=(3, input_size, input_size))
     if checkpoint:
-        overlay = dict(kwargs.get("pretrained_cfg_overlay", {}), file=os.path.expanduser(checkpoint))
-        model = timm.create_model(name, pretrained=True, **{**kwargs, "pretrained_cfg_overlay": overlay})
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_features_checkpoint(model, checkpoint, name)
     else:
         model = timm.create_model(name, pretrained=_truthy(pretrained), **kwargs)
-    data_cfg = resolve_model_data_config(model)
+    data_cfg = data_config(model, input_size, crop_pct, interpolation)
     return Backbone(
         name=name,
         model=model,
@@ -220,7 +329,25 @@ def create_backbone(
         eval_transform=create_transform(**data_cfg, is_training=False),
         train_transform=create_transform(**data_cfg, is_training=True),
         image_size=int(data_cfg["input_size"][-1]),
+        data_config=data_cfg,
     )
+
+
+def check_backbone(name: str, checkpoint: str = "", model_kwargs: dict | None = None) -> None:
+    """Fail fast, before any stage runs: build the architecture (without downloading weights) and,
+    when a ``checkpoint`` is given, check it loads (:func:`load_features_checkpoint`). Raises
+    :class:`CheckpointMismatchError`, ValueError (reserved kwargs) or timm's error for an unknown
+    name or keyword."""
+    if is_open_clip_backbone(name):
+        if model_kwargs:
+            raise ValueError(f"{name}: model.backbone_kwargs applies to timm backbones only")
+        return
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs(model_kwargs))
+        if checkpoint:
+            load_features_checkpoint(model, checkpoint, name)
 
 
 def _create_open_clip_backbone(arch: str, pretrained: str, checkpoint: str) -> Backbone:

@@ -88,22 +88,26 @@ def train_transform(
     )
 
 
-def _timm_transforms(backbone: backbones.Backbone, image_size: int, **augmentation) -> backbones.Backbone:
+def _timm_transforms(
+    backbone: backbones.Backbone, image_size: int, crop_pct: float | None, interpolation: str, **augmentation,
+) -> backbones.Backbone:
     """Set a timm backbone's train transform (:func:`train_transform`), optionally at
-    ``image_size`` px (then also its eval transform, with the backbone's own normalisation and
-    interpolation, no crop)."""
-    from timm.data import create_transform, resolve_model_data_config
+    ``image_size`` px: then its eval transform too, and unless ``crop_pct`` is given with no eval
+    crop (crop_pct 1.0): an explicit training size means the whole image. Settings resolve through
+    :func:`pacl_ray.core.backbones.data_config`, as the embed and evaluate transforms do."""
+    from timm.data import create_transform
 
-    if image_size and hasattr(backbone.model, "set_input_size"):  # ViT-style absolute position grids
-        backbone.model.set_input_size(img_size=image_size)
-    data_cfg = dict(resolve_model_data_config(backbone.model))
+    if image_size and image_size != backbone.image_size and hasattr(backbone.model, "set_input_size"):
+        backbone.model.set_input_size(img_size=image_size)  # ViT-style absolute position grids
     if image_size:
-        data_cfg["input_size"] = (3, image_size, image_size)
-        data_cfg["crop_pct"] = 1.0
+        data_cfg = backbones.data_config(backbone.model, image_size, 1.0 if crop_pct is None else crop_pct,
+                                         interpolation)
         backbone.eval_transform = create_transform(**data_cfg, is_training=False)
-        backbone.image_size = image_size
+        backbone.image_size, backbone.data_config = image_size, data_cfg
+    else:
+        data_cfg = backbone.data_config
     backbone.train_transform = train_transform(
-        int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"], data_cfg.get("interpolation", "bicubic"),
+        int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"], data_cfg.get("interpolation") or "bicubic",
         **augmentation,
     )
     return backbone
@@ -135,13 +139,19 @@ def build_backbone(
     crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: float = 0.5,
     color_jitter: float = 0.0,
+    crop_pct: float | None = None,
+    interpolation: str = "",
+    model_kwargs: dict | None = None,
 ) -> backbones.Backbone:
-    """A backbone (see :func:`~pacl_ray.core.backbones.create_backbone`) at ``input_size`` (as the
-    embed stage saw it), or at ``image_size`` px when that is set (timm only), with the training
-    augmentation of :func:`train_transform` (the same for timm and open_clip). Raises ValueError
-    for an ``image_size`` override of an open_clip tower or a bad ``crop_scale``."""
+    """A backbone (see :func:`~pacl_ray.core.backbones.create_backbone`: ``model_kwargs`` go to
+    ``timm.create_model``, a checkpoint's classifier is dropped) at ``input_size`` / ``crop_pct`` /
+    ``interpolation`` (as the embed stage saw it), or at ``image_size`` px when that is set (timm
+    only), with the training augmentation of :func:`train_transform` (the same for timm and
+    open_clip). Raises ValueError for an ``image_size`` override of an open_clip tower or a bad
+    ``crop_scale``."""
     augmentation = dict(crop_scale=crop_scale, hflip=hflip, color_jitter=color_jitter)
-    model = backbones.create_backbone(backbone, pretrained, checkpoint, input_size)
+    model = backbones.create_backbone(backbone, pretrained, checkpoint, input_size, crop_pct=crop_pct,
+                                      interpolation=interpolation, model_kwargs=model_kwargs)
     if backbones.is_open_clip_backbone(backbone):
         if image_size and image_size != model.image_size:
             raise ValueError(
@@ -149,8 +159,7 @@ def build_backbone(
                 f"({model.image_size}); leave train.image_size at 0"
             )
         return _open_clip_transforms(model, **augmentation)
-    size = image_size if image_size and image_size != model.image_size else 0
-    return _timm_transforms(model, size, **augmentation)
+    return _timm_transforms(model, image_size, crop_pct, interpolation, **augmentation)
 
 
 def build_model(
@@ -168,7 +177,8 @@ def build_model(
         seed: heads (and any random backbone init) come from ``torch.manual_seed(seed)``, so every
             worker builds the same model (DDP also broadcasts rank 0's parameters).
         backbone_args: :func:`build_backbone`'s arguments (backbone, pretrained, checkpoint,
-            input_size, image_size, crop_scale, hflip, color_jitter).
+            input_size, image_size, crop_scale, hflip, color_jitter, crop_pct, interpolation,
+            model_kwargs).
 
     A RunConfig's arguments are :func:`pacl_ray.config.model_args`.
     """

@@ -69,7 +69,8 @@ def extract_features_many(
             offsets[uri] = (start, start + len(split_data))
             items.extend([{"row": start + i, "path": p} for i, p in enumerate(split_data.paths)])
         extractor_kwargs = dict(backbone=ref.name, pretrained=ref.pretrained, checkpoint=ref.checkpoint,
-                                input_size=ref.input_size, precision=cfg.evaluate.precision, feature_column="feature")
+                                input_size=ref.input_size, precision=cfg.evaluate.precision, feature_column="feature",
+                                **ref.backbone_args())
         # One executor for every inference step (in this process for few images, else a Ray Data
         # actor pool), as the embed and scoring stages use it.
         table = run_udfs_on_table(

@@ -192,7 +192,8 @@ def _finetune_job(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
 
     torch.manual_seed(cfg.seed)
     device = default_device()
-    backbone = create_backbone(ref.name, ref.pretrained, local_file(ref.checkpoint), ref.input_size)
+    backbone = create_backbone(ref.name, ref.pretrained, local_file(ref.checkpoint), ref.input_size,
+                               **ref.backbone_args())
     model = _FinetuneModel(backbone.model, backbone.num_features, data.out_dims)
     init_head(model.head, data.kind, data.splits["train"].targets)
     model = model.to(device)

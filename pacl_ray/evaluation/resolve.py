@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import pyarrow.fs as pafs
 
@@ -39,12 +40,26 @@ class BackboneRef:
     label: str = ""
     export_dir: str = ""  # a PACL export directory (heads + text encoder for zero-shot)
     input_size: int = 0  # transform resolution; 0 = the architecture's own
+    crop_pct: Optional[float] = None  # eval crop fraction; None = the architecture's own
+    interpolation: str = ""  # "" = the architecture's own
+    model_kwargs: dict = field(default_factory=dict, hash=False)  # timm.create_model keywords
 
     def identity(self) -> list:
         """What the features depend on (the label does not)."""
-        if self.checkpoint:
-            return [self.name, cache.file_fingerprint(self.checkpoint), self.input_size]
-        return [self.name, self.pretrained, self.input_size]
+        weights = cache.file_fingerprint(self.checkpoint) if self.checkpoint else self.pretrained
+        settings = {k: v for k, v in self.backbone_args().items() if v not in (None, "", {})}
+        return [self.name, weights, self.input_size] + ([settings] if settings else [])
+
+    def backbone_args(self) -> dict:
+        """The transform and architecture keywords of ``create_backbone`` / ``ImageFeatureExtractor``."""
+        return {"crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "model_kwargs": dict(self.model_kwargs)}
+
+
+def _model_settings(cfg: RunConfig) -> dict:
+    """BackboneRef's transform/architecture fields from ``model.*``."""
+    return {"crop_pct": cfg.model.crop_pct, "interpolation": cfg.model.interpolation,
+            "model_kwargs": dict(cfg.model.backbone_kwargs)}
 
 
 def _file_type(uri: str) -> pafs.FileType:
@@ -62,7 +77,8 @@ def _export_ref(directory: str, label: str) -> BackboneRef:
     meta = export.read_export_meta(directory)
     return BackboneRef(name=meta["backbone"], pretrained="true", checkpoint=export.backbone_uri(directory),
                        label=label or f"{meta['backbone']} + PACL", export_dir=directory,
-                       input_size=int(meta.get("image_size") or 0))
+                       input_size=int(meta.get("image_size") or 0), crop_pct=meta.get("crop_pct"),
+                       interpolation=meta.get("interpolation") or "", model_kwargs=dict(meta.get("backbone_kwargs") or {}))
 
 
 def resolve_backbone(cfg: RunConfig, backbone: str | None = None, checkpoint: str = "", label: str = "") -> BackboneRef:
@@ -84,7 +100,7 @@ def resolve_backbone(cfg: RunConfig, backbone: str | None = None, checkpoint: st
         name, weights = cfg.model.backbone, storage.normalize(backbone)
         return BackboneRef(name=name, pretrained="true", checkpoint=weights,
                            label=label or f"{name} ({_parent(weights)[1]})",
-                           input_size=cfg.model.backbone_input_size)
+                           input_size=cfg.model.backbone_input_size, **_model_settings(cfg))
     if kind == pafs.FileType.Directory:
         raise ExportError(f"{storage.normalize(backbone)}: a directory without {EXPORT_META} is neither a "
                           f"PACL export nor a checkpoint")
@@ -97,9 +113,9 @@ def resolve_backbone(cfg: RunConfig, backbone: str | None = None, checkpoint: st
             return dataclasses.replace(_export_ref(parent, label), name=backbone)
         return BackboneRef(name=backbone, pretrained="true", checkpoint=checkpoint,
                            label=label or f"{backbone} ({filename})",
-                           input_size=cfg.model.backbone_input_size)
+                           input_size=cfg.model.backbone_input_size, **_model_settings(cfg))
     return BackboneRef(name=backbone, pretrained=cfg.model.backbone_pretrained, label=label or backbone,
-                       input_size=cfg.model.backbone_input_size)
+                       input_size=cfg.model.backbone_input_size, **_model_settings(cfg))
 
 
 def initial_ref(cfg: RunConfig, exported: BackboneRef) -> BackboneRef:
@@ -116,4 +132,5 @@ def initial_ref(cfg: RunConfig, exported: BackboneRef) -> BackboneRef:
             raise ExportError(f"{exported.export_dir}: the initial checkpoint {checkpoint} recorded in "
                               f"{EXPORT_META} is missing")
     return BackboneRef(name=exported.name, pretrained=pretrained, checkpoint=checkpoint,
-                       label=exported.name, input_size=exported.input_size)
+                       label=exported.name, input_size=exported.input_size, crop_pct=exported.crop_pct,
+                       interpolation=exported.interpolation, model_kwargs=dict(exported.model_kwargs))

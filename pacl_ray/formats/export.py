@@ -26,7 +26,9 @@ An export directory holds
   [embed_dim, text_dim]. Exports written before the heads were renamed hold ``image_head.weight``
   / ``text_head.weight``; readers accept both (:data:`HEAD_KEYS`).
 * ``export.json`` (:data:`EXPORT_META`): ``backbone``, ``text_encoder``, ``text_pooling``,
-  ``text_max_length``, ``embed_dim`` (required, :data:`EXPORT_KEYS`), plus ``image_size``,
+  ``text_max_length``, ``embed_dim`` (required, :data:`EXPORT_KEYS`), plus ``backbone_kwargs``
+  (the ``timm.create_model`` keywords of the architecture; pass them when loading), the transform
+  settings ``image_size``, ``crop_pct`` and ``interpolation`` (null = the model's own),
   ``image_dim``, ``text_dim``, the initial weights (``backbone_pretrained``,
   ``backbone_checkpoint``, so evaluation can compare "X" with "X + PACL"), ``temperature``,
   ``objective`` and a ``load_with`` hint.
@@ -48,7 +50,7 @@ from torch import nn
 
 from pacl_ray.core import backbones
 from pacl_ray.formats import storage
-from pacl_ray.config import RunConfig
+from pacl_ray.config import RunConfig, trained_transform_args
 from pacl_ray.core.pacl_model import PACLModel
 
 EXPORT_META = "export.json"
@@ -92,34 +94,38 @@ def read_safetensors(uri: str) -> dict[str, torch.Tensor]:
     return load_safetensors_bytes(storage.read_bytes(uri))
 
 
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    names = (names,) if isinstance(names, str) else tuple(names)
-    return tuple(f"{name}." for name in names)
-
-
-def _initial_classifier_state(cfg: RunConfig, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The classifier weights of the model PACL started from, when it had trained ones."""
+def _initial_classifier_state(cfg: RunConfig, full: nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The classifier weights of the model PACL started from, when it had trained ones of the
+    architecture's shape. A checkpoint's classifier of another shape (e.g. a 5-class ``fc`` from
+    fine-tuning) is dropped, as it was when the backbone was built
+    (:func:`pacl_ray.core.backbones.load_features_checkpoint`): the export keeps the fresh head."""
     import timm
 
     if cfg.model.backbone_checkpoint:
-        path = os.path.expanduser(cfg.model.backbone_checkpoint)
+        path = local_file(cfg.model.backbone_checkpoint)
         state = timm.models.load_state_dict(path, weights_only=True)  # never unpickle code
     elif cfg.model.backbone_pretrained.strip().lower() in ("1", "true", "yes", "on"):
-        state = timm.create_model(cfg.model.backbone, pretrained=True).state_dict()
+        state = timm.create_model(cfg.model.backbone, pretrained=True,
+                                  **backbones.timm_kwargs(cfg.model.backbone_kwargs)).state_dict()
     else:
         return {}
-    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+    expected = full.state_dict()
+    head = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if any(k not in expected or tuple(v.shape) != tuple(expected[k].shape) for k, v in head.items()):
+        return {}
+    return head
 
 
 def timm_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The trained pooled-feature backbone as a full timm state dict with a classifier."""
+    """The trained pooled-feature backbone as a full timm state dict with a classifier, of the
+    architecture ``timm.create_model(model.backbone, **model.backbone_kwargs)``."""
     import timm
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        full = timm.create_model(cfg.model.backbone, pretrained=False)
-    prefixes = _classifier_prefixes(full)
+        full = timm.create_model(cfg.model.backbone, pretrained=False,
+                                 **backbones.timm_kwargs(cfg.model.backbone_kwargs))
+    prefixes = backbones.classifier_prefixes(full)
     if hasattr(full, "set_input_size") and cfg.train.image_size:
         full.set_input_size(img_size=cfg.train.image_size)
     missing, unexpected = full.load_state_dict(backbone.state_dict(), strict=False)
@@ -129,7 +135,7 @@ def timm_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tens
             f"exporting {cfg.model.backbone}: trained backbone does not match a fresh timm model "
             f"(missing {not_classifier[:5]}, unexpected {list(unexpected)[:5]})"
         )
-    initial_head = _initial_classifier_state(cfg, prefixes)
+    initial_head = _initial_classifier_state(cfg, full, prefixes)
     if initial_head:
         full.load_state_dict(initial_head, strict=False)
     return full.state_dict()
@@ -153,12 +159,14 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         loader = f"open_clip.create_model_and_transforms({name[len(backbones.OPEN_CLIP_PREFIX):]!r}, pretrained=<file>)"
     else:
         backbone_state = timm_full_state(model.backbone, cfg)
-        loader = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=<file>))"
+        extra = "".join(f", {k}={v!r}" for k, v in cfg.model.backbone_kwargs.items())
+        loader = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=<file>){extra})"
     out = ExportedModel(
         backbone=storage.join(directory, EXPORT_BACKBONE),
         heads=storage.join(directory, EXPORT_HEADS),
         info=storage.join(directory, EXPORT_META),
     )
+    transform = trained_transform_args(cfg)
     write_safetensors(out.backbone, backbone_state, {"backbone": name})
     heads = {HEAD_KEYS[0][0]: model.image_proj.weight, HEAD_KEYS[1][0]: model.text_proj.weight}
     write_safetensors(out.heads, heads, {"backbone": name, "text_encoder": cfg.model.text_encoder})
@@ -167,7 +175,11 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         "backbone_file": EXPORT_BACKBONE,
         "heads_file": EXPORT_HEADS,
         "load_with": loader,
-        "image_size": cfg.train.image_size or cfg.model.backbone_input_size or None,
+        "image_size": transform["input_size"] or None,
+        # The architecture and transform settings, so readers re-create exactly what was trained.
+        "backbone_kwargs": dict(cfg.model.backbone_kwargs),
+        "crop_pct": transform["crop_pct"],
+        "interpolation": transform["interpolation"],
         # The initial weights, so evaluation can compare "X" with "X + PACL".
         "backbone_pretrained": cfg.model.backbone_pretrained,
         "backbone_checkpoint": cfg.model.backbone_checkpoint,

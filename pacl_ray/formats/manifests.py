@@ -31,7 +31,8 @@ Accepted manifest forms (``image`` relative to the manifest's folder, absolute, 
 
 Columns: ``image``, ``text`` (required); ``id`` (else a hash of image reference and text, so
 exact duplicate rows are caught); ``anps`` (string or list), ``factual_score``,
-``emotional_score``, ``label`` (or ``emotion_label``), ``planted_partition`` (1-4); other columns
+``emotional_score``, ``label`` (or ``emotion_label``), ``planted_partition`` (1-4), ``partition`` (a known
+partition code 1-4, used as given instead of thresholding scores); other columns
 are ignored.
 """
 
@@ -71,6 +72,7 @@ RECORD = pa.schema(
         pa.field("emotional_score", pa.float32()),
         pa.field("label", pa.string()),
         pa.field("planted_partition", pa.int8()),
+        pa.field("partition", pa.int8()),  # a known partition code 1-4, used as given
         # set when reading already found the record bad (malformed line, bad value, ...)
         pa.field("reason", pa.string()),
         pa.field("field", pa.string()),
@@ -202,7 +204,8 @@ def as_float(value: Any, name: str) -> Optional[float]:
     return number
 
 
-def as_planted(value: Any) -> Optional[int]:
+def as_planted(value: Any, name: str = "planted_partition") -> Optional[int]:
+    """A partition code 1-4 (``planted_partition``, or a given ``partition``); else bad_value."""
     if _absent(value):
         return None
     try:
@@ -210,9 +213,9 @@ def as_planted(value: Any) -> Optional[int]:
         if isinstance(value, bool) or not number.is_integer():
             raise ValueError
     except (TypeError, ValueError):
-        raise Rejected("bad_value", "planted_partition", f"not an integer: {value!r:.80}") from None
+        raise Rejected("bad_value", name, f"not an integer: {value!r:.80}") from None
     if int(number) not in (1, 2, 3, 4):
-        raise Rejected("bad_value", "planted_partition", f"must be 1-4, got {value}")
+        raise Rejected("bad_value", name, f"must be 1-4, got {value}")
     return int(number)
 
 
@@ -269,6 +272,7 @@ def fill_optional(record: dict, row: dict) -> None:
     label = row.get("label")
     record["label"] = as_label(label) if not _absent(label) else as_label(row.get("emotion_label"), "emotion_label")
     record["planted_partition"] = as_planted(row.get("planted_partition"))
+    record["partition"] = as_planted(row.get("partition"), "partition")
 
 
 # --------------------------------------------------------------------------- JSONL / JSON list

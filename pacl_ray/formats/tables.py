@@ -31,6 +31,7 @@ PAIRS = pa.schema(
         pa.field("label", pa.string()),  # optional annotation (e.g. TumEmo emotion_label); never trained on
         pa.field("source", pa.string(), nullable=False),  # manifest file and row, for messages
         pa.field("planted_partition", pa.int8()),  # optional ground-truth code 1-4 (synthetic data)
+        pa.field("partition", pa.int8()),  # optional known partition code 1-4, used as given
     ]
 )
 

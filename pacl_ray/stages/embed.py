@@ -31,9 +31,10 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pacl_ray.config import RunConfig
+from pacl_ray.config import RunConfig, backbone_args
 from pacl_ray.core import backbones
 from pacl_ray.formats import storage, tables
+from pacl_ray.formats.export import local_file
 from pacl_ray.stages import cache, executor
 from pacl_ray.stages.cache import StageOutput
 from pacl_ray.stages.executor import ActorPool, Udf
@@ -132,13 +133,38 @@ def embed_table_locally(
 # --------------------------------------------------------------------------- stage
 
 
+def pairs_identity(ingest: StageOutput) -> object:
+    """What the pairs' ids, images and texts are: ingest's content fingerprint of those columns
+    (its summary's ``content_fingerprint``), so a manifest that changes only scores, ANPs, labels
+    or partitions keeps the embed and cluster keys. An ingest output without one (written before
+    the fingerprint existed, or hand-made) is identified by its own key."""
+    try:
+        fingerprint = cache.read_summary(ingest.uri).get("content_fingerprint")
+    except (FileNotFoundError, OSError, ValueError):
+        fingerprint = None
+    return {"pairs_content": fingerprint} if fingerprint else ingest
+
+
 def embed_key(cfg: RunConfig, ingest: StageOutput) -> str:
     m = cfg.model
     checkpoint = cache.file_fingerprint(m.backbone_checkpoint) if m.backbone_checkpoint else ""
     return cache.content_key(
-        STAGE, ingest, m.backbone, m.backbone_pretrained, checkpoint, m.backbone_input_size,
+        STAGE, pairs_identity(ingest), m.backbone, m.backbone_pretrained, checkpoint, m.backbone_input_size,
         m.text_encoder, m.text_pooling, m.text_max_length, cfg.embed.feature_dtype,
+        # transform and architecture settings: keyed only when set, so existing keys stay valid
+        *([{"backbone_kwargs": m.backbone_kwargs}] if m.backbone_kwargs else []),
+        *([{"crop_pct": m.crop_pct}] if m.crop_pct is not None else []),
+        *([{"interpolation": m.interpolation}] if m.interpolation else []),
     )
+
+
+def check_backbone(cfg: RunConfig) -> None:
+    """Before any stage runs: the configured backbone builds with ``model.backbone_kwargs`` and its
+    checkpoint (if any) loads with its classifier dropped. Raises
+    :class:`pacl_ray.core.backbones.CheckpointMismatchError` naming the file and the first
+    mismatching key, or ValueError / timm's error for bad kwargs."""
+    m = cfg.model
+    backbones.check_backbone(m.backbone, local_file(m.backbone_checkpoint), m.backbone_kwargs)
 
 
 def text_dim(name_or_path: str) -> int:
@@ -158,7 +184,8 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
         pairs_files = cache.table_files(ingest, "pairs")
         features_uri = storage.join(uri, "features")
         image_kwargs = dict(backbone=m.backbone, pretrained=m.backbone_pretrained, checkpoint=m.backbone_checkpoint,
-                            input_size=m.backbone_input_size, precision=e.precision)
+                            input_size=m.backbone_input_size, crop_pct=m.crop_pct, interpolation=m.interpolation,
+                            model_kwargs=dict(m.backbone_kwargs), precision=e.precision)
         text_kwargs = dict(name=m.text_encoder, pooling=m.text_pooling, max_length=m.text_max_length,
                            precision=e.precision, dtype=e.feature_dtype)
         rows = storage.parquet_rows(pairs_files)
@@ -172,8 +199,7 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
         else:
             # The driver builds the backbone once only to learn its eval transform and feature width.
             image_extractor = None
-            built = backbones.create_backbone(m.backbone, m.backbone_pretrained, m.backbone_checkpoint,
-                                              m.backbone_input_size)
+            built = backbones.create_backbone(**{**backbone_args(cfg), "checkpoint": local_file(m.backbone_checkpoint)})
             transform, image_dim = built.eval_transform, built.num_features
             del built
         ran = executor.run_udfs(

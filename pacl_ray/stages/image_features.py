@@ -30,6 +30,9 @@ class ImageFeatureExtractor:
         checkpoint: weights file as a local path or URI (remote files are copied to a local cache
             once per node, :func:`pacl_ray.formats.export.local_file`); "" for ``pretrained``.
         input_size: transform resolution; 0 = the architecture's own.
+        crop_pct, interpolation: eval transform overrides (None / "" = the model's pretrained_cfg;
+            :func:`pacl_ray.core.backbones.data_config`).
+        model_kwargs: ``timm.create_model`` keywords (``model.backbone_kwargs``).
         precision: autocast precision on accelerators (``bf16``, ``fp16``, ``fp32``).
         feature_column: the output column's name.
 
@@ -39,9 +42,11 @@ class ImageFeatureExtractor:
     """
 
     def __init__(self, backbone: str, pretrained: str, checkpoint: str = "", input_size: int = 0,
-                 precision: str = "fp32", feature_column: str = "image_feature"):
+                 precision: str = "fp32", feature_column: str = "image_feature", crop_pct: float | None = None,
+                 interpolation: str = "", model_kwargs: dict | None = None):
         self.device = backbones.default_device()
-        built = backbones.create_backbone(backbone, pretrained, local_file(checkpoint), input_size)
+        built = backbones.create_backbone(backbone, pretrained, local_file(checkpoint), input_size,
+                                          crop_pct=crop_pct, interpolation=interpolation, model_kwargs=model_kwargs)
         self.model = built.model.to(self.device).eval().requires_grad_(False)
         self.eval_transform, self.num_features = built.eval_transform, built.num_features
         self.precision = precision

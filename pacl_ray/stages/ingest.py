@@ -28,6 +28,7 @@ detail), ``config.yaml`` and ``_SUCCESS`` with the counts per reason. If every r
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import posixpath
 from typing import Callable, Iterable, Optional
@@ -41,7 +42,7 @@ from pacl_ray.stages import cache
 from pacl_ray.formats import images, manifests, tables
 from pacl_ray.formats import storage
 from pacl_ray.formats.manifests import RECORD, Rejected
-from pacl_ray.config import RunConfig, save_config
+from pacl_ray.config import RunConfig
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
@@ -59,7 +60,8 @@ BLOCK_ROWS = 1024  # records per block between reading and validation (one valid
 VALIDATED = pa.schema(
     [f.with_nullable(True) for f in tables.PAIRS]
     + [pa.field("position", pa.int64()), pa.field("reason", pa.string()), pa.field("field", pa.string()),
-       pa.field("detail", pa.string())]
+       pa.field("detail", pa.string()),
+       pa.field("content_digest", pa.string())]  # of id, image and text: the pairs' content fingerprint
 )
 
 
@@ -116,8 +118,8 @@ def validate_record(record: dict, max_image_pixels: int, clean: bool) -> dict:
         "id": record["id"], "source": record["source"], "position": record["position"],
         "image_source": record["image_name"], "anps": record["anps"],
         "factual_score": record["factual_score"], "emotional_score": record["emotional_score"],
-        "label": record["label"], "planted_partition": record["planted_partition"],
-        "reason": None, "field": None, "detail": None,
+        "label": record["label"], "planted_partition": record["planted_partition"], "partition": record["partition"],
+        "reason": None, "field": None, "detail": None, "content_digest": None,
     }
     try:
         if record["reason"]:
@@ -139,9 +141,39 @@ def validate_record(record: dict, max_image_pixels: int, clean: bool) -> dict:
         return out
     out.update(
         image=image, width=width, height=height, converted_from=converted_from,
-        text_raw=text_raw, text=cleaned,
+        text_raw=text_raw, text=cleaned, content_digest=content_digest(record["id"], image, cleaned),
     )
     return out
+
+
+def content_digest(pair_id: str, image: bytes, text: str) -> str:
+    """One pair's identity for the upstream stages: SHA-256 of its id, stored image bytes and
+    cleaned text (what embedding and clustering read), not of its scores or partition."""
+    digest = hashlib.sha256()
+    for part in (pair_id.encode("utf-8"), hashlib.sha256(image).digest(), text.encode("utf-8")):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+FINGERPRINT_BITS = 128
+
+
+def fingerprint_tally(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF over kept pairs: (rows, sum of their content digests mod 2^128) of one block,
+    an order-independent part of :func:`pairs_fingerprint` (the driver adds one row per block)."""
+    total = sum(int(d[: FINGERPRINT_BITS // 4], 16) for d in batch.column("content_digest").to_pylist())
+    return pa.table({"n": [batch.num_rows], "digest_sum": [str(total % (1 << FINGERPRINT_BITS))]})
+
+
+def pairs_fingerprint(tallies: Iterable[dict]) -> str:
+    """Order-independent fingerprint of the stored pairs' ids, images and texts (the summary's
+    ``content_fingerprint``): embed and pseudo-labels are keyed by it, so a manifest that changes
+    only scores or partitions re-runs only scoring and partitioning."""
+    n, total = 0, 0
+    for row in tallies:
+        n, total = n + int(row["n"]), (total + int(row["digest_sum"])) % (1 << FINGERPRINT_BITS)
+    return cache.content_key("pairs-content", n, f"{total:032x}")
 
 
 def validate_batch(batch: pa.Table, max_image_pixels: int, clean: bool) -> pa.Table:
@@ -221,11 +253,14 @@ def duplicate_rows(batch: pa.Table, index) -> pa.Table:
     })
 
 
-def pairs_only(batch: pa.Table, index) -> pa.Table:
-    """Valid rows that are not a later duplicate of an id, as :data:`tables.PAIRS`."""
+def pairs_only(batch: pa.Table, index, with_digest: bool = False) -> pa.Table:
+    """Valid rows that are not a later duplicate of an id, as :data:`tables.PAIRS` (plus
+    ``content_digest`` when ``with_digest``)."""
     mask, _ = _duplicate_mask(batch, _index_table(index))
     keep = pc.and_(pc.is_null(batch.column("reason")), pc.invert(mask))
-    return batch.filter(keep).select(tables.PAIRS.names).cast(tables.PAIRS)
+    pairs = batch.filter(keep)
+    out = pairs.select(tables.PAIRS.names).cast(tables.PAIRS)
+    return out.append_column("content_digest", pairs.column("content_digest")) if with_digest else out
 
 
 def quarantined_only(batch: pa.Table) -> pa.Table:
@@ -464,15 +499,17 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
         raise IngestError(f"ingest.manifest: no files found at {icfg.manifest}")
     fmt = detect_format(icfg.manifest, files, icfg.format)
     key = ingest_key(cfg, files, fmt)
-    uri = cache.stage_uri(cfg.output_dir, STAGE, key)
-    if cache.is_complete(uri):
-        summary = cache.read_summary(uri)
-        if "pairs" in summary:
-            print(format_summary(summary) + " [cached]")
-        return cache.StageOutput(STAGE, key, uri, cached=True)
-    storage.delete_dir(uri)  # leftovers of an interrupted run
+    return cache.run_cached(
+        cfg.output_dir, STAGE, key, lambda uri: _build(cfg, files, fmt, uri), config=cfg, describe=format_summary,
+        keep_failed=True,  # the quarantine table of a manifest whose every record is bad
+    )
 
+
+def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str) -> dict:
+    """Ingest's work into the staging directory ``uri``; returns the summary."""
     from pacl_ray.stages.runtime import init_ray
+
+    icfg = cfg.ingest
 
     init_ray(cfg.ray)
     records = read_records(icfg.manifest, fmt, files)
@@ -493,7 +530,6 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
         quarantine = validated.map_batches(quarantined_only, batch_format="pyarrow").union(
             duplicates.map_batches(lambda b: b.select(tables.QUARANTINE.names).cast(tables.QUARANTINE), batch_format="pyarrow"))
         _write(quarantine, quarantine_dir)
-    print(format_summary(summary))
     if n_pairs == 0:
         storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2))
         if icfg.fail_if_all_bad:
@@ -502,14 +538,18 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
                 f"see {quarantine_dir}", summary,
             )
         storage.write_parquet(tables.PAIRS.empty_table(), storage.join(uri, "pairs"))
+        summary["content_fingerprint"] = pairs_fingerprint([])
     else:
+        # Two passes over the validated blocks (already materialised), none over new copies.
+        with_digest = validated.map_batches(pairs_only, batch_format="pyarrow",
+                                            fn_kwargs={"index": index, "with_digest": True})
+        summary["content_fingerprint"] = pairs_fingerprint(
+            with_digest.map_batches(fingerprint_tally, batch_format="pyarrow", batch_size=None).take_all())
         _write(validated.map_batches(pairs_only, batch_format="pyarrow", fn_kwargs={"index": index}),
                storage.join(uri, "pairs"))
-    save_config(cfg, uri)
-    cache.mark_complete(uri, summary)
-    return cache.StageOutput(STAGE, key, uri, cached=False)
+    return summary
 
 
 def read_pairs_table(ingest: cache.StageOutput, columns: Optional[list[str]] = None) -> pa.Table:
     """The whole PAIRS table of a finished ingest (driver-side; use Ray Data for big reads)."""
-    return storage.read_parquet_dir(ingest.path("pairs"), columns=columns)
+    return cache.read_table(ingest, "pairs", columns=columns)

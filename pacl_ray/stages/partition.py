@@ -4,6 +4,8 @@
 (:mod:`pacl_ray.stages.scoring`), thresholds them (:func:`pacl_ray.core.partitions.assign_partitions`),
 writes :data:`tables.SCORES` under ``scores/`` and a report (``report.json``, ``histograms.png``,
 ``gallery.html``) and prints the split. It never runs a model, so a sigma sweep re-runs only this.
+A partition code given in the manifest (``partition`` column, validated 1-4 at ingest) is used as
+given; only the other pairs are thresholded.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pacl_ray.stages import cache
 from pacl_ray.stages.scoring import read_raw_scores
 
 PARTITION_STAGE = "partition"
-PARTITION_VERSION = 1
+PARTITION_VERSION = 2
 PARTITION_CODES = tuple(PARTITION_NAMES)  # the codes 1-4, from core.partitions
 
 
@@ -46,19 +48,35 @@ def partition_key(cfg: RunConfig, scores: cache.StageOutput) -> str:
 
 
 def scores_table(raw: pa.Table, pcfg: PartitionConfig) -> pa.Table:
-    """RAW_SCORES -> :data:`tables.SCORES` (calibrated scores and partition at the config's sigma)."""
-    factual = raw.column("factual_score").to_numpy()
-    emotional = raw.column("emotional_score").to_numpy()
-    factual_cal, emotional_cal = calibrated_scores(factual, emotional, pcfg.factual_calibration, pcfg.emotional_calibration)
-    codes = assign_partitions(factual, emotional, **partition_args(pcfg))
+    """RAW_SCORES -> :data:`tables.SCORES` (calibrated scores and partition at the config's sigma;
+    a ``partition`` code given in the manifest is kept as given). Pairs with a given code may have
+    NaN scores; calibration (e.g. ``rank``) is computed over the scored pairs only."""
+    factual = raw.column("factual_score").to_numpy(zero_copy_only=False).astype(np.float32)
+    emotional = raw.column("emotional_score").to_numpy(zero_copy_only=False).astype(np.float32)
+    given = given_partitions(raw)
+    scored = given == 0
+    factual_cal = np.full(factual.shape, np.nan, np.float64)
+    emotional_cal = np.full(emotional.shape, np.nan, np.float64)
+    codes = given.astype(np.int8)
+    if scored.any():
+        factual_cal[scored], emotional_cal[scored] = calibrated_scores(
+            factual[scored], emotional[scored], pcfg.factual_calibration, pcfg.emotional_calibration)
+        codes[scored] = assign_partitions(factual[scored], emotional[scored], **partition_args(pcfg))
     return pa.Table.from_arrays(
         [
-            raw.column("id"), raw.column("factual_score"), raw.column("emotional_score"), raw.column("anps"),
+            raw.column("id"), pa.array(factual), pa.array(emotional), raw.column("anps"),
             pa.array(factual_cal.astype(np.float32)), pa.array(emotional_cal.astype(np.float32)),
             pa.array(codes, pa.int8()),
         ],
         schema=tables.SCORES,
     )
+
+
+def given_partitions(raw: pa.Table) -> np.ndarray:
+    """int8 [N]: the partition code given in the manifest per pair, 0 where none was given."""
+    if "partition" not in raw.column_names:
+        return np.zeros(raw.num_rows, np.int8)
+    return raw.column("partition").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int8)
 
 
 def split_report(codes: np.ndarray, pcfg: PartitionConfig, planted: Optional[np.ndarray] = None) -> dict:
@@ -98,6 +116,8 @@ def format_split(report: dict) -> str:
         f"({report['factual_calibration']}), emotional > {report['sigma_emotional']:g} "
         f"({report['emotional_calibration']})"
     ]
+    if report.get("given_partitions"):
+        lines.append(f"  {report['given_partitions']} pairs with a partition given in the manifest (used as given)")
     for code, entry in report["partitions"].items():
         lines.append(f"  {code} {entry['name']:<26} {entry['count']:>8}  {entry['percent']:6.2f}%")
     agreement = report.get("planted_agreement")
@@ -124,7 +144,8 @@ def plot_histograms(table: pa.Table, pcfg: PartitionConfig) -> bytes:
         ("emotional_calibrated", f"emotional ({pcfg.emotional_calibration})", sigma_e),
     ]
     for ax, (column, title, sigma) in zip(axes.flat, panels):
-        ax.hist(table.column(column).to_numpy(), bins=50, color="#4c72b0")
+        values = table.column(column).to_numpy()
+        ax.hist(values[np.isfinite(values)], bins=50, color="#4c72b0")  # pairs with a given partition: NaN
         if sigma is not None:
             ax.axvline(sigma, color="#c44e52", linestyle="--", label=f"sigma = {sigma:g}")
             ax.legend()
@@ -197,6 +218,7 @@ def run_partition(cfg: RunConfig, scores: cache.StageOutput) -> cache.StageOutpu
         codes = table.column("partition").to_numpy()
         planted = raw.column("planted_partition").fill_null(0).to_numpy()
         report = split_report(codes, pcfg, planted)
+        report["given_partitions"] = int(np.count_nonzero(given_partitions(raw)))
         storage.write_parquet(table, storage.join(uri, "scores"))
         storage.write_bytes(storage.join(uri, "histograms.png"), plot_histograms(table, pcfg))
         examples = _gallery_examples(table, pcfg.report_examples, cfg.seed)

@@ -59,7 +59,12 @@ class Pipeline:
         return self._stage("cluster", lambda: run_cluster(self.cfg, self.embed()))
 
     def upstream_of_train(self) -> dict[str, StageOutput]:
-        """The four outputs training reads, by stage name."""
+        """The four outputs training reads, by stage name. The backbone and its checkpoint are
+        checked first (:func:`pacl_ray.stages.embed.check_backbone`), before any stage runs."""
+        from pacl_ray.stages.embed import check_backbone
+
+        if "embed" not in self.outputs:
+            check_backbone(self.cfg)
         return {"ingest": self.ingest(), "partition": self.partition(), "embed": self.embed(),
                 "cluster": self.cluster()}
 

@@ -10,7 +10,9 @@ The steps go through :mod:`pacl_ray.stages.executor`: in this process for inputs
 ``ray.in_process_max_rows`` pairs, else as a Ray Data pipeline whose model steps are actor pools
 (``partition.num_gpus`` GPUs each when the cluster has GPUs, bf16/fp16 autocast there).
 Precomputed ``factual_score`` / ``emotional_score`` / ``anps`` columns are used as given, and a
-model is skipped entirely when nothing needs it. Thresholding the stored scores is
+model is skipped entirely when nothing needs it. A pair with a given ``partition`` (codes 1-4)
+needs no score: the models skip it, its missing scores are stored as NaN, and the partition
+stage uses its code as given. Thresholding the stored scores is
 :mod:`pacl_ray.stages.partition`.
 """
 
@@ -31,7 +33,7 @@ from pacl_ray.stages import cache, executor
 from pacl_ray.stages.executor import ActorPool, Udf
 
 SCORES_STAGE = "scores"
-SCORES_VERSION = 1
+SCORES_VERSION = 2
 DEFAULT_ANP_VOCAB = Path(__file__).resolve().parents[1] / "data" / "anp_vocab.txt"
 ANP_PROMPT = "a photo of {}."
 ANP_SEPARATOR = "; "  # stored form; tables.PAIRS / SCORES say "; "-separated
@@ -44,9 +46,11 @@ RAW_SCORES = pa.schema(
         pa.field("emotional_score", pa.float32(), nullable=False),
         pa.field("anps", pa.string()),
         pa.field("planted_partition", pa.int8()),
+        pa.field("partition", pa.int8()),  # a code given in the manifest (used as given), else null
     ]
 )
-SCORING_INPUT_COLUMNS = ["id", "image", "text", "anps", "factual_score", "emotional_score", "planted_partition"]
+SCORING_INPUT_COLUMNS = ["id", "image", "text", "anps", "factual_score", "emotional_score", "planted_partition",
+                         "partition"]
 
 
 # --------------------------------------------------------------------------- vocabulary and transforms
@@ -99,6 +103,14 @@ def _missing(values: Any) -> np.ndarray:
     return np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in values], dtype=bool)
 
 
+def _given_partition(batch: dict) -> np.ndarray:
+    """Bool [B]: which pairs carry a partition code given in the manifest (they need no score)."""
+    given = batch.get("partition")
+    if given is None:
+        return np.zeros(len(batch["id"]), dtype=bool)
+    return ~_missing(given)
+
+
 def _as_float32(values: Any) -> np.ndarray:
     """A nullable numeric numpy column as float32 [B] with NaN for nulls."""
     values = np.asarray(values)
@@ -147,8 +159,9 @@ class ClipScorer:
         import torch
 
         out = {k: v for k, v in batch.items() if k != "pixels"}
-        need_factual = _missing(batch["factual_score"])
-        need_anps = _missing(batch["anps"])
+        given = _given_partition(batch)
+        need_factual = _missing(batch["factual_score"]) & ~given
+        need_anps = _missing(batch["anps"]) & ~given
         if not (need_factual.any() or need_anps.any()):
             return out
         with torch.inference_mode():
@@ -196,7 +209,7 @@ class SentimentScorer:
 
     def __call__(self, batch: dict) -> dict:
         out = dict(batch)
-        need = _missing(batch["emotional_score"])
+        need = _missing(batch["emotional_score"]) & ~_given_partition(batch)
         if not need.any():
             return out
         rows = np.flatnonzero(need)
@@ -215,19 +228,20 @@ class SentimentScorer:
 
 def to_raw_scores(batch: dict) -> pa.Table:
     """The stored columns of a scored batch, as :data:`RAW_SCORES`."""
-    planted = batch.get("planted_partition")
-    if planted is None:
-        planted_arr = pa.nulls(len(batch["id"]), pa.int8())
-    else:
-        missing = _missing(planted)
-        planted_arr = pa.array([None if m else int(p) for p, m in zip(planted, missing)], pa.int8())
+    def codes(values: Any) -> pa.Array:
+        if values is None:
+            return pa.nulls(len(batch["id"]), pa.int8())
+        missing = _missing(values)
+        return pa.array([None if m else int(p) for p, m in zip(values, missing)], pa.int8())
+
     return pa.Table.from_arrays(
         [
             pa.array([str(i) for i in batch["id"]], pa.string()),
             pa.array(_as_float32(batch["factual_score"])),
             pa.array(_as_float32(batch["emotional_score"])),
             pa.array([None if a is None else str(a) for a in batch["anps"]], pa.string()),
-            planted_arr,
+            codes(batch.get("planted_partition")),
+            codes(batch.get("partition")),
         ],
         schema=RAW_SCORES,
     )
@@ -243,13 +257,15 @@ def _needed_models(pairs_files: list[str]) -> tuple[bool, bool]:
     """
     import pyarrow.compute as pc
 
-    table = storage.read_parquet_dir(pairs_files, columns=["factual_score", "emotional_score", "anps"])
+    table = storage.read_parquet_dir(pairs_files, columns=["factual_score", "emotional_score", "anps", "partition"])
     if table.num_rows == 0:
         return False, False
-    no_emotional = table.column("emotional_score").is_null()
+    unknown = table.column("partition").is_null()  # a given partition needs no score
+    no_emotional = pc.and_(table.column("emotional_score").is_null(), unknown)
     no_anps = table.column("anps").is_null()
     need_sentiment = bool(pc.any(no_emotional).as_py())
-    need_clip = table.column("factual_score").null_count > 0 or bool(pc.any(pc.and_(no_emotional, no_anps)).as_py())
+    no_factual = pc.and_(table.column("factual_score").is_null(), unknown)
+    need_clip = bool(pc.any(no_factual).as_py()) or bool(pc.any(pc.and_(no_emotional, no_anps)).as_py())
     return need_clip, need_sentiment
 
 

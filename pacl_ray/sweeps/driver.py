@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import types
@@ -242,9 +243,43 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
 @dataclass
 class TrialOutcome:
     trial: Trial
-    metrics: dict = field(default_factory=dict)  # "<task>/<col>" -> value
+    metrics: dict = field(default_factory=dict)  # "<task>/<col>" -> value (the mean over seeds)
     backbone: str = ""
     error: str = ""
+    spread: dict = field(default_factory=dict)  # "<task>/<col>" -> sample std over seeds (seed axis)
+    seeds: list = field(default_factory=list)  # the seeds averaged into this row (seed axis)
+    members: list = field(default_factory=list)  # their trial names
+
+
+def aggregate_seeds(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
+    """One outcome per results row: the trials of a seed axis (``Trial.repeat_of``) are averaged
+    into one outcome named after their row, with ``metrics`` the mean and ``spread`` the sample
+    standard deviation (0 for a single seed) of each metric over the seeds that report it.
+    Outcomes without a seed pass through unchanged; order follows first appearance."""
+    groups: dict[str, list[TrialOutcome]] = {}
+    for outcome in outcomes:
+        groups.setdefault(outcome.trial.group, []).append(outcome)
+    out = []
+    for name, members in groups.items():
+        if len(members) == 1 and members[0].trial.seed is None:
+            out.append(members[0])
+            continue
+        first = members[0].trial
+        trial = Trial(name, first.varied, first.baseline, first.baseline_overrides)
+        keys = list(dict.fromkeys(k for m in members for k in m.metrics))
+        metrics, spread = {}, {}
+        for key in keys:
+            values = [float(m.metrics[key]) for m in members if m.metrics.get(key) is not None]
+            if values:
+                metrics[key] = statistics.fmean(values)
+                spread[key] = statistics.stdev(values) if len(values) > 1 else 0.0
+        failed = [m for m in members if m.error]
+        error = ""
+        if failed:
+            error = f"{len(failed)} of {len(members)} seeds failed: {failed[0].error}"
+        out.append(TrialOutcome(trial, metrics, next((m.backbone for m in members if m.backbone), ""), error,
+                                spread, [m.trial.seed for m in members], [m.trial.name for m in members]))
+    return out
 
 
 def metric_columns(outcomes: list[TrialOutcome], initial: dict | None = None) -> list[str]:
@@ -280,6 +315,7 @@ def table_rows(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
                initial: dict | None = None) -> list[dict]:
     """Rows of the Table-5 layout: one block per searched key (its values in order, the adopted
     value marked), then baselines and the initial backbone."""
+    outcomes = aggregate_seeds(outcomes)  # a seed axis: one row per trial, mean and spread
     by_name = {o.trial.name: o for o in outcomes}
     rows: list[dict] = []
 
@@ -289,6 +325,8 @@ def table_rows(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
             "hyperparameter": section, "value": value, "adopted": adopted,
             "trial": outcome.trial.name if outcome else "",
             "metrics": dict(metrics if metrics is not None else (outcome.metrics if outcome else {})),
+            "spread": dict(outcome.spread) if outcome else {},
+            "seeds": list(outcome.seeds) if outcome else [],
             "backbone": outcome.backbone if outcome else "",
             "error": outcome.error if outcome else "",
         }
@@ -323,23 +361,28 @@ def _sort_key(value: Any) -> tuple:
     return (1, 0.0, str(value))
 
 
-def _fmt_metric(value: Any) -> str:
+def _fmt_metric(value: Any, spread: Any = None) -> str:
     if value is None or value == "":
         return "-"
-    return f"{float(value):.2f}"  # evaluate reports percentages; the paper's precision
+    text = f"{float(value):.2f}"  # evaluate reports percentages; the paper's precision
+    return text if spread is None else f"{text} ± {float(spread):.2f}"  # mean ± std over seeds
 
 
 def results_markdown(rows: list[dict], columns: list[str]) -> str:
-    """The table as Markdown: hyperparameter | value | <task>/<metric> ..."""
-    header = ["hyperparameter", "value"] + columns
+    """The table as Markdown: hyperparameter | value | <task>/<metric> ... (on a seed axis each
+    cell is ``mean ± std`` over the seeds, and a ``seeds`` column counts them)."""
+    with_seeds = any(r.get("seeds") for r in rows)
+    header = ["hyperparameter", "value"] + columns + (["seeds"] if with_seeds else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous = None
     for r in rows:
         section = r["hyperparameter"] if r["hyperparameter"] != previous else ""
         previous = r["hyperparameter"]
-        cells = [_fmt_metric(r["metrics"].get(c)) for c in columns]
+        cells = [_fmt_metric(r["metrics"].get(c), r.get("spread", {}).get(c)) for c in columns]
         if r["error"] and not r["metrics"]:
             cells = [f"failed: {r['error'][:40]}"] + ["-"] * (len(columns) - 1) if columns else []
+        if with_seeds:
+            cells.append(str(len(r.get("seeds") or [])) if r.get("seeds") else "-")
         lines.append("| " + " | ".join([section, r["value"]] + cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -347,10 +390,14 @@ def results_markdown(rows: list[dict], columns: list[str]) -> str:
 def results_csv(rows: list[dict], columns: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + ["backbone", "error"])
+    with_seeds = any(r.get("seeds") for r in rows)  # a seed axis: std columns and the seeds
+    spread_columns = [f"{c} std" for c in columns] + ["seeds"] if with_seeds else []
+    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + spread_columns + ["backbone", "error"])
     for r in rows:
+        spreads = ([r.get("spread", {}).get(c, "") for c in columns]
+                   + [" ".join(str(s) for s in r.get("seeds") or [])]) if with_seeds else []
         writer.writerow([r["hyperparameter"], r["value"], r["adopted"], r["trial"]]
-                        + [r["metrics"].get(c, "") for c in columns] + [r["backbone"], r["error"]])
+                        + [r["metrics"].get(c, "") for c in columns] + spreads + [r["backbone"], r["error"]])
     return buffer.getvalue()
 
 
@@ -451,10 +498,11 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
         storage.write_bytes(uri, plot_hyperparameter(key, rows, columns, metric, reference, domain.log_scale))
         plots.append(uri)
 
-    best = best_outcome(outcomes, metric, mode) if metric else None
+    best = best_outcome(aggregate_seeds(outcomes), metric, mode) if metric else None  # by mean over seeds
     best_yaml = ""
     if best is not None:
-        best_yaml = config_mod.dump_config(config_mod.from_dict(trial_configs[best.trial.name]))
+        # a seed axis' best row: the config of its first seed
+        best_yaml = config_mod.dump_config(config_mod.from_dict(trial_configs[(best.members or [best.trial.name])[0]]))
         storage.write_text(storage.join(sweep_dir, "best_config.yaml"), best_yaml)
     trials_json = [
         {**o.trial.to_dict(), "metrics": o.metrics, "backbone_checkpoint": o.backbone, "error": o.error}

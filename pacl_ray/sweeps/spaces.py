@@ -19,6 +19,8 @@ Pure: no Ray. A space file looks like::
     resources: {workers_per_trial: 1, use_gpu: true}
     asha: {grace_period: 1, reduction_factor: 2}
     max_failures: 1              # retries of a trial whose process died (lost node)
+    seeds: [0, 1, 2]             # repeat every trial per training seed (or repeats: 3, or
+                                 # search: {seed: {grid: [0, 1, 2]}}); results give mean and std
 
 ``one_at_a_time`` is the paper's Table 5: each searched key is varied alone, every other key at
 its adopted (fixed or default) value; the all-adopted trial is run once and shared by every key.
@@ -49,9 +51,10 @@ DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
 MODES = ("one_at_a_time", "product", "rows")
 TOP_LEVEL_KEYS = (
     "name", "mode", "num_samples", "seed", "fixed", "search", "rows", "baselines", "downstream",
-    "metric", "resources", "asha", "max_failures",
+    "metric", "resources", "asha", "max_failures", "seeds", "repeats",
 )
 ROW_KEYS = ("name", "set", "labels")
+SEED_KEY = "seed"  # the config's top-level training seed: a seed axis, not a searched key
 
 
 class SpaceError(ValueError):
@@ -160,6 +163,16 @@ class SweepSpace:
     asha: Optional[Asha]
     max_failures: int = 1  # retries of a trial whose process died (e.g. its node was reclaimed)
     rows: tuple = ()  # Row, in file order (mode rows)
+    seeds: tuple = ()  # the seed axis: every trial repeated per training seed ("seed" config key)
+    repeats: int = 0  # seeds base seed .. base seed + repeats - 1 (when ``seeds`` is empty)
+
+    def seed_values(self, base: dict) -> tuple:
+        """The seed axis given the resolved base config: ``seeds``, else ``repeats`` seeds from the
+        base's ``seed``; () = no axis (every trial once, at the base seed)."""
+        if self.seeds:
+            return tuple(self.seeds)
+        start = int(base.get(SEED_KEY, 0))
+        return tuple(range(start, start + self.repeats))
 
 
 @dataclass(frozen=True)
@@ -167,35 +180,50 @@ class Trial:
     """One configuration to train and evaluate.
 
     ``varied`` holds the searched keys this trial sets away from the base config (empty for the
-    shared adopted trial); ``baseline`` names a baseline trial ("" otherwise)."""
+    shared adopted trial); ``baseline`` names a baseline trial ("" otherwise). On a seed axis,
+    ``seed`` is the training seed and ``repeat_of`` the name of the row the seeds are averaged
+    into (the trial's name without ``@seed=N``)."""
 
     name: str
     varied: dict = field(default_factory=dict)
     baseline: str = ""
     baseline_overrides: dict = field(default_factory=dict)
+    seed: Optional[int] = None
+    repeat_of: str = ""
 
     @property
     def overrides(self) -> dict:
         """Dotted-key overrides to apply on top of the sweep's base config."""
-        return {**self.baseline_overrides, **self.varied}
+        seed = {} if self.seed is None else {SEED_KEY: self.seed}
+        return {**self.baseline_overrides, **self.varied, **seed}
+
+    @property
+    def group(self) -> str:
+        """The results-table row this trial belongs to (its own name unless it is one seed of it)."""
+        return self.repeat_of or self.name
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "varied": dict(self.varied), "baseline": self.baseline,
-                "baseline_overrides": dict(self.baseline_overrides)}
+        out = {"name": self.name, "varied": dict(self.varied), "baseline": self.baseline,
+               "baseline_overrides": dict(self.baseline_overrides)}
+        if self.seed is not None:
+            out.update(seed=self.seed, repeat_of=self.repeat_of)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Trial":
         return cls(data["name"], dict(data.get("varied", {})), data.get("baseline", ""),
-                   dict(data.get("baseline_overrides", {})))
+                   dict(data.get("baseline_overrides", {})), data.get("seed"), data.get("repeat_of", ""))
 
 
 # --------------------------------------------------------------------------- dotted keys
 
 
 def get_dotted(data: dict, key: str) -> Any:
+    """The value at a dotted key; None for an entry a mapping field does not hold (an unset
+    ``model.backbone_kwargs.drop_path_rate`` is the architecture's default)."""
     node: Any = data
     for part in key.split("."):
-        node = node[part]
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
@@ -350,7 +378,14 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
     if not isinstance(search_data, dict):
         raise SpaceError(f"{path}: search: expected a mapping of dotted config keys to domains")
     search = {}
+    seeds = _parse_seeds(path, data.get("seeds"), search_data.get(SEED_KEY) if isinstance(search_data, dict) else None)
+    repeats = data.get("repeats", 0)
+    _check_number(f"{path}: repeats", repeats, integer=True)
+    if seeds and repeats:
+        raise SpaceError(f"{path}: repeats: give either seeds (a list) or repeats (a count), not both")
     for key, spec in search_data.items():
+        if key == SEED_KEY:
+            continue  # the seed axis (_parse_seeds)
         if not isinstance(key, str) or "." not in key:
             raise SpaceError(f"{path}: search.{key}: keys are dotted config keys like partition.sigma")
         if _leaf_type(key) is None or _is_section(key):
@@ -414,6 +449,7 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
         path=path, name=str(name), mode=mode, num_samples=num_samples, seed=seed,
         fixed=fixed_nested, search=search, baselines=baselines, downstream=tuple(downstream),
         metric=metric, resources=resources, asha=asha, max_failures=max_failures, rows=rows,
+        seeds=seeds, repeats=repeats,
     )
 
 
@@ -446,6 +482,28 @@ def _parse_rows(path: str, mode: str, data: Any, search: dict) -> tuple:
             raise SpaceError(f"{where}.labels: expected a mapping of column -> text, got {labels!r}")
         rows.append(Row(name, _parse_overrides(f"{where}.set", entry.get("set")), dict(labels)))
     return tuple(rows)
+
+
+def _parse_seeds(path: str, seeds: Any, search_seed: Any) -> tuple:
+    """The seed axis from ``seeds: [0, 1, 2]`` or ``search: {seed: {grid: [0, 1, 2]}}``: distinct
+    integers >= 0 (the training seed, config key ``seed``)."""
+    if seeds is not None and search_seed is not None:
+        raise SpaceError(f"{path}: seeds: give the seed axis once (seeds, or search.seed), not both")
+    where = f"{path}: seeds"
+    if search_seed is not None:
+        where = f"{path}: search.seed"
+        if not isinstance(search_seed, dict) or set(search_seed) != {"grid"}:
+            raise SpaceError(f"{where}: the seed axis is a grid, e.g. {{grid: [0, 1, 2]}}; got {search_seed!r}")
+        seeds = search_seed["grid"]
+    if seeds is None:
+        return ()
+    if not isinstance(seeds, list) or not seeds:
+        raise SpaceError(f"{where}: expected a non-empty list of integer seeds, got {seeds!r}")
+    for i, seed in enumerate(seeds):
+        _check_number(f"{where}[{i}]", seed, integer=True)
+    if len(set(seeds)) != len(seeds):
+        raise SpaceError(f"{where}: repeated seeds in {seeds!r}")
+    return tuple(seeds)
 
 
 def _is_section(key: str) -> bool:
@@ -531,7 +589,12 @@ def expand_trials(space: SweepSpace, base: dict) -> list[Trial]:
                 trials.append(Trial(name, varied))
     for name, overrides in space.baselines.items():
         trials.append(Trial(f"baseline:{name}", {}, name, dict(overrides)))
-    return _unique_names(trials)
+    trials = _unique_names(trials)
+    seeds = space.seed_values(base)
+    if seeds:  # the seed axis: every row repeated per seed, averaged back into one row
+        trials = [Trial(f"{t.name}@seed={seed}", t.varied, t.baseline, t.baseline_overrides, seed, t.name)
+                  for t in trials for seed in seeds]
+    return trials
 
 
 def _unique_names(trials: list[Trial]) -> list[Trial]:
@@ -541,6 +604,7 @@ def _unique_names(trials: list[Trial]) -> list[Trial]:
         count = seen.get(trial.name, 0)
         seen[trial.name] = count + 1
         if count:
-            trial = Trial(f"{trial.name}#{count + 1}", trial.varied, trial.baseline, trial.baseline_overrides)
+            trial = Trial(f"{trial.name}#{count + 1}", trial.varied, trial.baseline, trial.baseline_overrides,
+                          trial.seed, trial.repeat_of)
         out.append(trial)
     return out

@@ -42,3 +42,90 @@ def test_no_module_calls_torch_autocast_itself():
     callers = [str(p.relative_to(root)) for p in root.rglob("*.py")
                if "torch.autocast(" in p.read_text() and p.name != "backbones.py"]
     assert callers == []
+
+
+# --------------------------------------------------------------------------- timm backbones (issue 23)
+
+
+def _image(size: int = 32, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_eval_transform_at_32px_with_crop_pct_one_does_no_resize_and_crop():
+    import numpy as np
+
+    from pacl_ray.core.backbones import create_backbone
+
+    image = _image(32)
+    default = create_backbone("test_resnet", "false", input_size=32)
+    assert default.data_config["crop_pct"] < 1.0  # the model's own crop: resize to 33, crop 32
+    whole = create_backbone("test_resnet", "false", input_size=32, crop_pct=1.0, interpolation="bicubic")
+    assert whole.data_config["crop_pct"] == 1.0 and whole.data_config["interpolation"] == "bicubic"
+    # At crop_pct 1.0 a 32 px image comes through pixel for pixel: only to-tensor and normalisation.
+    mean, std = (np.asarray(whole.data_config[k], np.float32)[:, None, None] for k in ("mean", "std"))
+    expected = (np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    np.testing.assert_allclose(whole.eval_transform(image).numpy(), expected, atol=1e-5)
+    assert not np.allclose(default.eval_transform(image).numpy(), expected, atol=1e-3)
+
+
+def test_train_image_size_equal_to_the_input_size_still_evaluates_the_whole_image():
+    from pacl_ray.core.pacl_model import build_backbone
+
+    same = build_backbone("test_resnet", "false", input_size=32, image_size=32)
+    assert same.image_size == 32 and same.data_config["crop_pct"] == 1.0
+    kept = build_backbone("test_resnet", "false", input_size=32, image_size=32, crop_pct=0.5)
+    assert kept.data_config["crop_pct"] == 0.5  # an explicit model.crop_pct wins
+    plain = build_backbone("test_resnet", "false", input_size=32, crop_pct=1.0, interpolation="bicubic")
+    assert plain.data_config["interpolation"] == "bicubic" and plain.data_config["crop_pct"] == 1.0
+
+
+def test_backbone_kwargs_reach_timm(monkeypatch):
+    import timm
+
+    from pacl_ray.core import backbones
+
+    calls = []
+    real = timm.create_model
+
+    def spy(name, *args, **kwargs):
+        calls.append(kwargs)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    built = backbones.create_backbone("test_resnet", "false", input_size=32,
+                                      model_kwargs={"drop_path_rate": 0.2, "stem_type": ""})
+    assert calls[-1]["drop_path_rate"] == 0.2 and calls[-1]["stem_type"] == "" and calls[-1]["num_classes"] == 0
+    # test_resnet's own stem is deep (conv1.0, conv1.1, ...): the keyword built a plain one
+    assert "conv1.weight" in built.model.state_dict() and "conv1.0.weight" not in built.model.state_dict()
+    with pytest.raises(ValueError, match="model.backbone_kwargs.num_classes"):
+        backbones.create_backbone("test_resnet", "false", model_kwargs={"num_classes": 5})
+    with pytest.raises(ValueError, match="timm backbones only"):
+        backbones.create_backbone("open_clip:test-tiny", "", model_kwargs={"drop_path_rate": 0.1})
+
+
+def test_headed_checkpoint_loads_with_the_classifier_dropped_and_a_mismatch_names_file_and_key(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from pacl_ray.core import backbones
+
+    torch.manual_seed(0)
+    headed = timm.create_model("test_resnet", pretrained=False, num_classes=5)  # a fine-tuned 5-class fc
+    path = tmp_path / "headed.safetensors"
+    save_file({k: v.contiguous() for k, v in headed.state_dict().items()}, str(path))
+    built = backbones.create_backbone("test_resnet", "true", checkpoint=str(path), input_size=32)
+    features = {k: v for k, v in headed.state_dict().items() if not k.startswith("fc.")}
+    for key, value in built.model.state_dict().items():
+        assert torch.equal(value, features[key]), key
+    backbones.check_backbone("test_resnet", str(path))
+
+    # Another architecture (a plain stem) does not match: the error names the file and first key.
+    with pytest.raises(backbones.CheckpointMismatchError, match=r"headed\.safetensors.*first mismatching key 'conv1\.weight'"):
+        backbones.check_backbone("test_resnet", str(path), {"stem_type": ""})
+    truncated = tmp_path / "truncated.pt"
+    torch.save({k: v for k, v in headed.state_dict().items() if k != "bn1.weight"}, truncated)
+    with pytest.raises(backbones.CheckpointMismatchError, match=r"truncated\.pt.*'bn1\.weight' is missing"):
+        backbones.create_backbone("test_resnet", "true", checkpoint=str(truncated))

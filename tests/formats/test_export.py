@@ -173,3 +173,50 @@ def test_export_errors_name_the_file_and_key(tmp_path):
     save_file({"image_proj.weight": torch.randn(4, 5)}, str(tmp_path / export.EXPORT_HEADS))
     with pytest.raises(ExportError, match="missing tensor 'text_proj.weight' or 'text_head.weight'"):
         load_export(str(tmp_path))
+
+
+def test_headed_checkpoint_trains_and_exports_and_the_export_loads_in_timm(tmp_path):
+    """Issue 23: a fine-tuned checkpoint with a 5-class head trains (one step) and exports; the
+    export keeps a classifier of the architecture's own shape, so timm loads it both ways."""
+    torch.manual_seed(0)
+    finetuned = timm.create_model(TINY, pretrained=False, num_classes=5)
+    initial = str(tmp_path / "finetuned.safetensors")
+    write_safetensors(initial, finetuned.state_dict())
+    cfg = _cfg(backbone_checkpoint=initial, backbone_kwargs={"drop_path_rate": 0.1})
+    model, _ = build_model(6, **model_args(cfg))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    z_image, z_text = model(torch.randn(4, 3, 32, 32), torch.randn(4, 6))
+    (-(z_image * z_text).sum()).backward()
+    optimizer.step()
+    model.eval()
+    out = export_model(model, cfg, str(tmp_path / "export"), text_dim=6)
+
+    meta = read_export_meta(str(tmp_path / "export"))
+    assert meta["backbone_kwargs"] == {"drop_path_rate": 0.1}
+    assert meta["image_size"] == 32 and meta["crop_pct"] == 1.0  # train.image_size: the whole image
+    assert "drop_path_rate=0.1" in meta["load_with"]
+    assert read_safetensors(out.backbone)["head.fc.weight"].shape[0] == 1000  # the 5-class head dropped
+    images = torch.randn(2, 3, 32, 32)
+    pooled = timm.create_model(TINY, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=out.backbone),
+                               **meta["backbone_kwargs"]).eval()
+    full = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=out.backbone),
+                             **meta["backbone_kwargs"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pooled(images), model.backbone(images), rtol=0, atol=0)
+        assert full(images).shape == (2, 1000)
+
+
+def test_backbone_kwargs_rebuild_the_exported_architecture(tmp_path):
+    cfg = _cfg(backbone_kwargs={"drop_path_rate": 0.2})
+    out = export_model(_perturbed_model(cfg), cfg, str(tmp_path / "export"), text_dim=6)
+    meta = read_export_meta(str(tmp_path / "export"))
+    # The evaluation resolves the same architecture and transform settings from export.json.
+    from pacl_ray.evaluation.resolve import resolve_backbone
+
+    ref = resolve_backbone(cfg, str(tmp_path / "export"))
+    assert ref.model_kwargs == meta["backbone_kwargs"] == {"drop_path_rate": 0.2}
+    assert (ref.input_size, ref.crop_pct) == (32, 1.0)
+    built = backbones.create_backbone(ref.name, checkpoint=out.backbone, input_size=ref.input_size,
+                                      **ref.backbone_args())
+    assert built.data_config["crop_pct"] == 1.0
+    assert any(type(m).__name__ == "DropPath" for m in built.model.modules())  # drop path was built

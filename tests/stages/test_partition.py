@@ -99,3 +99,84 @@ def test_scoring_and_partition_on_ray(ray_local, tmp_path, output_dir, minilm_pa
     assert factual_matched.sum() >= 1
     np.testing.assert_array_equal(np.isin(codes, (1, 3)), factual_matched)
     np.testing.assert_array_equal(np.isin(codes, (1, 2)), emotional_matched)
+
+
+def test_given_partitions_are_used_and_a_scores_only_change_reruns_only_scoring_and_partition(
+        ray_local, tmp_path, output_dir, minilm_path, monkeypatch):
+    """Issue 23: a ``partition`` column (1-4) is used as given, bad codes are quarantined, and a
+    manifest that differs only in scores/partitions keeps the embed and cluster keys."""
+    from pacl_ray.stages.embed import embed_key, run_embed
+    from pacl_ray.stages.pseudo_labels import cluster_key
+
+    first = write_manifest(tmp_path / "data", precomputed=True)
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    changed = []
+    for i, row in enumerate(rows):
+        row = dict(row, factual_score=row["factual_score"] / 2)  # other scores for every pair
+        if i % 3 == 0:
+            row["partition"] = 4 - i % 4
+        if i == 3:  # a given partition needs no score at all
+            for key in ("factual_score", "emotional_score", "anps"):
+                row.pop(key)
+        changed.append(row)
+    changed += [dict(rows[1], id="bad-code", partition=7), dict(rows[2], id="bad-type", partition="x")]
+    second = tmp_path / "data" / "second.jsonl"
+    second.write_text("\n".join(json.dumps(r) for r in changed) + "\n")
+
+    cfg_a = tiny_cfg(output_dir, first, minilm_path)
+    cfg_b = tiny_cfg(output_dir, second, minilm_path)
+    for cfg in (cfg_a, cfg_b):
+        cfg.model.backbone, cfg.model.backbone_pretrained, cfg.model.backbone_input_size = "test_resnet", "false", 32
+        cfg.model.text_encoder, cfg.model.text_pooling = minilm_path, "mean"
+    ingest_a, ingest_b = run_ingest(cfg_a), run_ingest(cfg_b)
+    assert ingest_a.key != ingest_b.key
+    summary_b = cache.read_summary(ingest_b.uri)
+    assert summary_b["pairs"] == N_PAIRS and summary_b["quarantine_reasons"] == {"bad_value": 2}
+    quarantine = pq.read_table(ingest_b.path("quarantine")).to_pylist()
+    assert {(q["id"], q["field"]) for q in quarantine} == {("bad-code", "partition"), ("bad-type", "partition")}
+    assert "must be 1-4, got 7" in next(q["detail"] for q in quarantine if q["id"] == "bad-code")
+
+    # Same ids, images and texts: embedding (and so clustering) is keyed the same and not re-run.
+    assert embed_key(cfg_a, ingest_a) == embed_key(cfg_b, ingest_b)
+    embed_a = run_embed(cfg_a, ingest_a)
+    embed_b = run_embed(cfg_b, ingest_b)
+    assert not embed_a.cached and embed_b.cached and embed_b.key == embed_a.key
+    assert cluster_key(cfg_a, embed_a) == cluster_key(cfg_b, embed_b)
+    # Architecture and transform settings are part of the embed key.
+    import dataclasses
+
+    for change in ({"backbone_kwargs": {"drop_path_rate": 0.1}}, {"crop_pct": 1.0}, {"interpolation": "bicubic"}):
+        changed_cfg = dataclasses.replace(cfg_a, model=dataclasses.replace(cfg_a.model, **change))
+        assert embed_key(changed_cfg, ingest_a) != embed_key(cfg_a, ingest_a), change
+    # ... while scoring and partitioning re-run, without any model (scores or partitions are given).
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(scoring_mod.ClipScorer, "__init__", no_models)
+    monkeypatch.setattr(scoring_mod.SentimentScorer, "__init__", no_models)
+    scores_a, scores_b = run_scoring(cfg_a, ingest_a), run_scoring(cfg_b, ingest_b)
+    assert scores_a.key != scores_b.key and not scores_b.cached
+    part_a, part_b = run_partition(cfg_a, scores_a), run_partition(cfg_b, scores_b)
+    assert part_a.key != part_b.key
+
+    codes = dict(zip(*(read_scores(part_b).sort_by("id").column(c).to_pylist() for c in ("id", "partition"))))
+    given = {r["id"]: r["partition"] for r in changed[:N_PAIRS] if "partition" in r}
+    assert given and all(codes[k] == v for k, v in given.items())  # used as given
+    report = json.loads(storage_text(part_b, "report.json"))
+    assert report["given_partitions"] == len(given)
+    # The other pairs are thresholded on their own scores (rank calibration over the scored pairs).
+    raw = read_scores(part_b).sort_by("id").to_pylist()
+    scored = [r for r in raw if r["id"] not in given]
+    factual = np.array([r["factual_score"] for r in scored])
+    emotional = np.array([r["emotional_score"] for r in scored])
+    expected = [(1 if e else 3) if f else (2 if e else 4) for f, e in zip(
+        [(factual <= x).mean() > 0.5 for x in factual], [(emotional <= x).mean() > 0.5 for x in emotional])]
+    assert [r["partition"] for r in scored] == expected
+    assert np.isnan(next(r["factual_score"] for r in raw if r["id"] == "p3"))  # given, never scored
+
+
+def storage_text(stage, name: str) -> str:
+    from pacl_ray.formats import storage
+
+    return storage.read_text(stage.path(name))

@@ -81,3 +81,30 @@ def test_precomputed_scores_skip_models(ray_local, tmp_path, output_dir, minilm_
     raw = pq.read_table(scores.path("raw_scores")).sort_by("id")
     pairs = read_pairs_table(ingest).sort_by("id")
     np.testing.assert_allclose(raw.column("factual_score").to_numpy(), pairs.column("factual_score").to_numpy())
+
+
+def test_pairs_with_a_given_partition_need_no_model_and_keep_their_code(tmp_path):
+    """Issue 23: a ``partition`` given in the manifest needs no score; the code is carried into
+    RAW_SCORES (missing scores as NaN)."""
+    import pyarrow as pa
+
+    from pacl_ray.stages.scoring import RAW_SCORES, _needed_models, to_raw_scores
+
+    def pairs(partition, factual, emotional, anps):
+        path = tmp_path / f"pairs-{len(list(tmp_path.iterdir()))}.parquet"
+        pq.write_table(pa.table({"factual_score": pa.array(factual, pa.float32()),
+                                 "emotional_score": pa.array(emotional, pa.float32()),
+                                 "anps": pa.array(anps, pa.string()), "partition": pa.array(partition, pa.int8())}),
+                       path)
+        return [str(path)]
+
+    assert _needed_models(pairs([2, 3], [None, None], [None, None], [None, None])) == (False, False)
+    assert _needed_models(pairs([2, None], [None, 0.1], [None, None], [None, "happy dog"])) == (False, True)
+    assert _needed_models(pairs([None, 1], [None, None], [0.3, None], [None, None])) == (True, False)
+    batch = {"id": np.array(["a", "b"], dtype=object), "factual_score": np.array([None, 0.2], dtype=object),
+             "emotional_score": np.array([None, 0.5], dtype=object), "anps": np.array([None, "x"], dtype=object),
+             "planted_partition": np.array([None, 1], dtype=object), "partition": np.array([4, None], dtype=object)}
+    table = to_raw_scores(batch)
+    assert table.schema.equals(RAW_SCORES)
+    assert table.column("partition").to_pylist() == [4, None]
+    assert np.isnan(table.column("factual_score").to_pylist()[0]) and table.column("planted_partition").to_pylist() == [None, 1]

@@ -376,3 +376,65 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     assert cli.main(["tune", *argv]) == 0  # relaunch: restored, nothing retrained
     assert "resuming" in capsys.readouterr().out
     assert count("train") == 2
+
+
+def test_a_seed_axis_yields_mean_and_spread_per_row():
+    """Issue 23: seeds are part of a space; the results table averages them into one row per
+    trial with the mean and sample standard deviation (synthetic outcomes, no Ray)."""
+    space = parse_space({
+        "search": {"partition.sigma": {"grid": [0.3, 0.7]}, "seed": {"grid": [0, 1, 2]}},
+        "fixed": {"partition": {"sigma": 0.7}},
+        "baselines": {"vanilla": {"train.objective": "clip"}},
+        "metric": {"name": "emotion/Acc-4", "mode": "max"},
+    }, "seeds.yaml")
+    assert space.seeds == (0, 1, 2) and "seed" not in space.search
+    base = config.to_dict(config.from_dict(space.fixed))
+    trials = expand_trials(space, base)
+    assert [t.name for t in trials] == [f"{row}@seed={s}" for row in ("adopted", "partition.sigma=0.3", "baseline:vanilla")
+                                        for s in (0, 1, 2)]
+    configs = {t.name: driver.trial_config_dict(base, t, [2]) for t in trials}
+    assert [configs[f"partition.sigma=0.3@seed={s}"]["seed"] for s in (0, 1, 2)] == [0, 1, 2]
+    assert configs["partition.sigma=0.3@seed=2"]["partition"]["sigma"] == 0.3
+
+    acc = {"adopted": [60.0, 62.0, 64.0], "partition.sigma=0.3": [50.0, 50.0, 56.0], "baseline:vanilla": [70.0, 71.0, 72.0]}
+    outcomes = [driver.TrialOutcome(t, {"emotion/Acc-4": acc[t.group][t.seed]}, backbone=f"/runs/{t.name}")
+                for t in trials]
+    outcomes[5] = driver.TrialOutcome(trials[5], error="RuntimeError: out of memory")  # sigma=0.3, seed 2 failed
+    rows = driver.table_rows(space, base, outcomes)
+    by_value = {r["value"]: r for r in rows}
+    adopted = by_value["0.7 (adopted)"]
+    assert adopted["metrics"]["emotion/Acc-4"] == pytest.approx(62.0)
+    assert adopted["spread"]["emotion/Acc-4"] == pytest.approx(2.0)  # sample std of 60, 62, 64
+    assert adopted["seeds"] == [0, 1, 2] and adopted["trial"] == "adopted"
+    partial = by_value["0.3"]
+    assert partial["metrics"]["emotion/Acc-4"] == pytest.approx(50.0) and partial["spread"]["emotion/Acc-4"] == 0.0
+    assert partial["error"].startswith("1 of 3 seeds failed: RuntimeError")
+    assert by_value["vanilla (train.objective=clip)"]["metrics"]["emotion/Acc-4"] == pytest.approx(71.0)
+
+    columns = driver.metric_columns(outcomes)
+    markdown = driver.results_markdown(rows, columns).splitlines()
+    assert markdown[0] == "| hyperparameter | value | emotion/Acc-4 | seeds |"
+    assert "| 0.7 (adopted) | 62.00 ± 2.00 | 3 |" in markdown[3]
+    parsed = list(csv.DictReader(io.StringIO(driver.results_csv(rows, columns))))
+    row = next(r for r in parsed if r["value"] == "0.7 (adopted)")
+    assert float(row["emotion/Acc-4"]) == pytest.approx(62.0) and float(row["emotion/Acc-4 std"]) == pytest.approx(2.0)
+    assert row["seeds"] == "0 1 2"
+    # The best row is chosen by its mean over seeds (baselines excluded).
+    assert driver.best_outcome(driver.aggregate_seeds(outcomes), "emotion/Acc-4", "max").trial.name == "adopted"
+
+
+def test_seed_axis_forms_and_errors():
+    base = config.to_dict(config.from_dict({"seed": 5}))
+    space = parse_space({"repeats": 2, "search": {"train.k": {"grid": [3]}}}, "r.yaml")
+    assert [(t.name, t.seed) for t in expand_trials(space, base)] == [
+        ("adopted@seed=5", 5), ("adopted@seed=6", 6), ("train.k=3@seed=5", 5), ("train.k=3@seed=6", 6)]
+    assert parse_space({"seeds": [3, 1]}, "s.yaml").seeds == (3, 1)
+    for bad, message in [({"seeds": [1, 1]}, "repeated seeds"), ({"seeds": ["a"]}, r"seeds\[0\]"),
+                         ({"seeds": [1], "search": {"seed": {"grid": [2]}}}, "not both"),
+                         ({"search": {"seed": {"uniform": [0, 3]}}}, "the seed axis is a grid"),
+                         ({"seeds": [0], "repeats": 2}, "either seeds")]:
+        with pytest.raises(SpaceError, match=message):
+            parse_space(bad, "bad.yaml")
+    # Without a seed axis nothing changes: trials keep their names and no seed override.
+    plain = expand_trials(parse_space({"search": {"train.k": {"grid": [3]}}}, "p.yaml"), base)
+    assert [t.name for t in plain] == ["adopted", "train.k=3"] and all("seed" not in t.overrides for t in plain)
