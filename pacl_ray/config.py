@@ -631,8 +631,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML text, with credentials in URIs redacted
+    (:func:`pacl_ray.formats.storage.redact`): every saved or printed config goes through here."""
+    data = to_dict(cfg)
+    data["output_dir"] = storage.redact(data["output_dir"])
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def save_config(cfg: RunConfig, directory: str, filename: str = "config.yaml") -> str:

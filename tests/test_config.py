@@ -295,3 +295,13 @@ def test_format_fields_lists_every_key():
     for info in C.describe_fields():
         assert f"\n{info.key}  (" in f"\n{text}", info.key
     assert "allowed: one of bf16, fp16, fp32" in text and "allowed: a number > 0" in text
+
+
+def test_saved_configs_never_hold_credentials(tmp_path):
+    """Issue #17: an output URI with credentials is redacted in every saved or printed C."""
+    cfg = C.from_dict({"output_dir": "s3://AKIA:SECRET@bucket/runs"})
+    text = C.dump_config(cfg)
+    assert "SECRET" not in text and "AKIA" not in text and "s3://***@bucket/runs" in text
+    saved = C.save_config(cfg, str(tmp_path))
+    assert "SECRET" not in open(saved).read()
+    assert cfg.output_dir == "s3://AKIA:SECRET@bucket/runs"  # the run itself still uses it
