@@ -71,7 +71,6 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -143,10 +142,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def subset(self, keep: Sequence[int]) -> "Split":
-        keep = list(keep)
-        return Split([self.paths[i] for i in keep], self.targets[keep], [self.sources[i] for i in keep])
 
 
 @dataclass
@@ -780,7 +775,3 @@ def load_dataset(kind: str, dataset: str, root: str, seed: int = 0, limit: int =
         known = ", ".join(f"{k}:{d}" for k, d in READERS) + ", imagefolder:<any name>"
         raise DatasetError(f"no reader for {kind}:{dataset}; known: {known}")
     return reader(root, seed=seed, limit=limit)
-
-
-def quarantine_json(data: TaskData) -> str:
-    return json.dumps(data.quarantine, indent=1)
