@@ -269,6 +269,15 @@ class TrainConfig:
     # Same batches either way; copying saves seconds per epoch on small data.
     in_memory_max_mb: float = _f(256.0, "a joined dataset up to this size is copied into each worker "
                                  "instead of streamed by Ray Data every epoch; 0 = always stream", at_least(0))
+    # The epoch order is built from ids alone (stages/train_feed.py); both keys change the order.
+    feed_shards: int = _f(16, "canonical shards of a global batch (the largest divisor of the global batch "
+                          "up to this); W workers each read 1/W of the image bytes per epoch when W divides "
+                          "it, and any W gives the same batches", at_least(1))
+    feed_chunk_rows: int = _f(64, "pairs per storage chunk (one Parquet row group of the training feed); "
+                              "shuffling moves whole chunks between shards, pairs within a chunk", at_least(1))
+    sync_batchnorm: Optional[bool] = _f(None, "BatchNorm statistics over the global batch (SPEC Training "
+                                        "recipe); null = on when a run has more than one worker and the "
+                                        "backbone has BatchNorm")
 
 
 @dataclass

@@ -50,15 +50,16 @@ from pacl_ray.stages import cache, runtime
 from pacl_ray.stages.cache import StageOutput
 from pacl_ray.stages.checkpoint import STAGE, load_state, save_checkpoint, train_key, unwrap
 from pacl_ray.stages.train_data import (  # noqa: F401  (re-exported: the stage's public names)
-    EMOTIONAL, FACTUAL, PARTITION, NoTrainableEpochError, TrainingPlan, build_dataset, epoch_phases,
-    epoch_positions, fits_in_memory, joined_table, load_training_table, make_plan, rank_batches, rank_slots,
-    seed_of, steps_per_epoch, with_codes,
+    EMOTIONAL, FACTUAL, PARTITION, NoTrainableEpochError, TrainingPlan, epoch_phases, epoch_positions, feed_order,
+    fits_in_memory, joined_table, load_training_table, make_plan, rank_batches, rank_slots, seed_of,
+    steps_per_epoch, with_codes,
 )
+from pacl_ray.stages.train_feed import FeedOrder, chunk_layout, feed_uri, write_feed
 from pacl_ray.stages.train_step import (  # noqa: F401  (re-exported)
     NonFiniteLossError, build_optimizer, cosine_factor, grad_scaler, nonfinite_terms, optimizer_step,
 )
 from pacl_ray.stages.train_metrics import (
-    LOSS_TERMS, RunLog, epoch_table, plan_lines, step_metrics, tensorboard, write_metric_logs,
+    LOSS_TERMS, RunLog, TensorBoardLog, epoch_table, plan_lines, step_metrics, write_metric_logs,
 )
 
 NONFINITE_FILE = "nonfinite_loss.json"
@@ -111,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
     from pacl_ray.core.pacl_model import build_model
 
     cfg: RunConfig = config["cfg"]
-    partition_by_row: np.ndarray = config["partition_by_row"]
+    order: FeedOrder = config["order"]
     plan: TrainingPlan = config["plan"]
     phases, steps, B = plan.phases, plan.steps, plan.global_batch
     fault: Optional[FaultInjection] = config.get("fault")
@@ -129,6 +130,8 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
         epoch, step_in_epoch, global_step = (state["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
         step_rows = state["step_rows"]
+    if sync_batchnorm(cfg, model):  # global-batch statistics (SPEC "Training recipe"); same state_dict keys
+        model = dist.convert_sync_batchnorm(model, device)
     model = ray.train.torch.prepare_model(model)  # to the device (+ DDP when W > 1)
     # The optimiser is built on the moved parameters so its restored state lands on their device.
     optimizer, scheduler = build_optimizer(unwrap(model), cfg, plan.total_steps)
@@ -141,7 +144,8 @@ def train_loop_per_worker(config: dict) -> None:
     data = config["dataset"]
     if isinstance(data, ray.ObjectRef):  # small data: the joined table, batched here
         data = ray.get(data)
-    writer = tensorboard(config["run_uri"]) if rank == 0 else None
+    writer = TensorBoardLog(config["run_uri"]) if rank == 0 else None
+    node_id = ray.get_runtime_context().get_node_id()
 
     diverged = False
     while epoch < len(phases):
@@ -149,8 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
         if steps[epoch] == 0:  # an empty phase: no step (SPEC "Choice (empty phases)"; logged by the driver)
             epoch, step_in_epoch = epoch + 1, 0
             continue
-        batches = rank_batches(data, partition_by_row, phase, epoch, step_in_epoch, rank, world, B,
-                               cfg.seed, backbone.train_transform, device)
+        batches = rank_batches(data, order, phase, epoch, step_in_epoch, rank, world, backbone.train_transform, device)
         tick = time.perf_counter()
         for batch in batches:
             if step_in_epoch >= steps[epoch]:
@@ -188,37 +191,44 @@ def train_loop_per_worker(config: dict) -> None:
                        samples_per_s=row["batch_size"] / max(now - tick, 1e-9))
             tick = now
             step_rows.append(row)
-            if writer:
-                for key in (*LOSS_TERMS, "samples_per_s", "lr_backbone", "lr_heads", "amp_skipped"):
-                    writer.add_scalar(f"train/{key}", row[key], global_step)
+            if writer:  # every step to TensorBoard; synced to the run directory with each checkpoint
+                writer.add_scalars({f"train/{k}": row[k] for k in (*LOSS_TERMS, "samples_per_s", "lr_backbone",
+                                                                   "lr_heads", "amp_skipped")}, global_step)
+            if rank == 0 and global_step % cfg.train.log_every_steps == 0:
+                print(f"train: step {global_step} epoch {epoch} " + " ".join(f"{k}={row[k]:.4g}" for k in LOSS_TERMS),
+                      flush=True)
             epoch_done = step_in_epoch == steps[epoch]
             every = cfg.train.checkpoint_every_steps
-            wants_ckpt = epoch_done or (every > 0 and global_step % every == 0)
-            if wants_ckpt or global_step % max(cfg.train.log_every_steps, 1) == 0:
+            # Ray Train V2: every report is a barrier and carries a checkpoint; step metrics go to
+            # TensorBoard and metrics_steps.csv instead of metric-only reports.
+            if epoch_done or (every > 0 and global_step % every == 0):
                 next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch)
                 counters = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step}
-                _report(row, counters, model, optimizer, scheduler, scaler, step_rows, wants_ckpt, rank,
-                        config["run_uri"], plan)
+                _report({**row, "world_rank": rank, "world_size": world, "node_id": node_id}, counters, model,
+                        optimizer, scheduler, scaler, step_rows, rank, config["run_uri"], plan, writer)
         if diverged:
             break
         if step_in_epoch < steps[epoch]:
             raise RuntimeError(f"rank {rank}: epoch {epoch} ended after {step_in_epoch} of {steps[epoch]} steps")
         epoch, step_in_epoch = epoch + 1, 0
     if writer:
-        writer.close()
+        writer.close()  # and a last sync
 
 
-def _report(row: dict, counters: dict, model, optimizer, scheduler, scaler, step_rows: list[dict],
-            with_checkpoint: bool, rank: int, run_uri: str, plan: TrainingPlan) -> None:
-    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+def _report(row: dict, counters: dict, model, optimizer, scheduler, scaler, step_rows: list[dict], rank: int,
+            run_uri: str, plan: TrainingPlan, writer: Optional[TensorBoardLog]) -> None:
+    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint and
+    writes the metric logs and TensorBoard files to the run directory first."""
     import ray.train
 
     metrics = {**{k: v for k, v in row.items() if k != "phase"}, **counters}
-    if not (with_checkpoint and rank == 0):
+    if rank != 0:
         ray.train.report(metrics)
         return
     epochs = sorted({r["epoch"] for r in step_rows})
     write_metric_logs(run_uri, step_rows, epoch_table(step_rows, plan, epochs))
+    if writer:
+        writer.sync()
     checkpoint, directory = save_checkpoint(model, optimizer, scheduler, scaler, counters, step_rows)
     try:
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -281,6 +291,14 @@ def _ray_storage(uri: str) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+def sync_batchnorm(cfg: RunConfig, model: torch.nn.Module) -> bool:
+    """``train.sync_batchnorm``, resolved: null = on when the run can have more than one worker and
+    the model has BatchNorm (then 1 and W workers train the same; SPEC "Training recipe")."""
+    if cfg.train.sync_batchnorm is not None:
+        return cfg.train.sync_batchnorm
+    return max(cfg.train.num_workers, cfg.train.max_workers or 0) > 1 and dist.has_batchnorm(model)
+
+
 def _nonfinite_error(uri: str, cfg: RunConfig, last_step: Optional[int]) -> Optional[NonFiniteLossError]:
     record_uri = storage.join(uri, NONFINITE_FILE)
     if not storage.exists(record_uri):
@@ -309,7 +327,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     import ray
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from pacl_ray.core.pacl_model import build_model
     from pacl_ray.formats.export import export_model
@@ -324,32 +342,38 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     log = RunLog(uri)
 
     meta = load_training_table(ingest, partition, embed, cluster, cfg.train.k)
+    # The pairs' storage chunks (id column only): the epoch order is built on them (train_feed).
+    layout = chunk_layout(ingest.path("pairs"), meta.column("id").to_numpy(zero_copy_only=False).astype(str),
+                          cfg.train.feed_chunk_rows)
     try:
-        codes, plan = make_plan(cfg, meta.column(PARTITION).to_numpy())
+        codes, plan = make_plan(cfg, meta.column(PARTITION).to_numpy(), layout)
     except NoTrainableEpochError as err:
         log.write(str(err))
         raise
     meta = with_codes(meta, codes)
     log.write(*plan_lines(plan))
-    scaling, use_gpu = _scaling_config(cfg)
+    scaling, _ = _scaling_config(cfg)
     text_dim = int(meta.column("text_feature").type.list_size)
     # Small data: one table in the object store that each worker batches itself; a Ray Data
-    # pipeline per epoch would cost more than the epoch's steps.
+    # pipeline per epoch would cost more than the epoch's steps. Otherwise each rank streams its
+    # chunks of the feed files (written once per ingest/embed/cluster/K, shared across trials).
     if fits_in_memory(ingest, cfg.train.in_memory_max_mb):
         dataset = ray.put(joined_table(ingest, meta))
     else:
-        dataset = build_dataset(ingest, meta)
+        dataset = write_feed(feed_uri(cfg.output_dir, ingest, embed, cluster, cfg.train.k, cfg.train.feed_chunk_rows),
+                             ingest.path("pairs"), meta.drop_columns([PARTITION]), cfg.train.feed_chunk_rows)
+    order = feed_order(codes, plan.global_batch, cfg.seed, cfg.train.feed_shards, layout)
+
     record_fs, record_path = storage.resolve(storage.join(uri, NONFINITE_FILE))
     if storage.exists(storage.join(uri, NONFINITE_FILE)):  # from an earlier launch; this one records its own
         record_fs.delete_file(record_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg, "dataset": dataset, "partition_by_row": codes, "plan": plan,
+            "cfg": cfg, "dataset": dataset, "order": order, "plan": plan,
             "text_dim": text_dim, "run_uri": uri, "fault": fault,
         },
         scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name="ray_train", **_ray_storage(uri),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
