@@ -143,7 +143,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if not (self.training and is_initialized() and get_world_size() > 1):
             return super().forward(input)
-        x = input.float()
+        x = input if input.dtype in (torch.float32, torch.float64) else input.float()  # statistics in fp32+
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)

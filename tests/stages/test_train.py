@@ -1,8 +1,8 @@
 """Stage 3 on Ray Train: worker-count invariance, failure recovery, phases, export, caching.
 
-The equivalence tests use ``test_convnext`` (LayerNorm only): a BatchNorm backbone such as
-``TINY_TIMM`` normalises each rank's half-batch with its own statistics, so 1 and 2 workers would
-legitimately differ. Runs are shared by the module's tests (a trainer start costs seconds).
+The equivalence tests use ``test_convnext`` (LayerNorm only); BatchNorm backbones agree across
+worker counts through ``train.sync_batchnorm`` (tested without Ray in tests/core/test_dist.py).
+Runs are shared by the module's tests (a trainer start costs seconds).
 """
 
 from __future__ import annotations
