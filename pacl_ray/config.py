@@ -265,7 +265,8 @@ class TrainConfig:
     hflip: float = _f(0.5, "horizontal flip probability of the training augmentation", between(0, 1))
     color_jitter: float = _f(0.4, "colour jitter strength of the training augmentation; 0 = off",
                              at_least(0))
-    log_every_steps: int = _f(10, "report training metrics every this many steps", at_least(1))
+    log_every_steps: int = _f(10, "print training metrics every this many steps (TensorBoard gets every step; "
+                              "Ray Train reports go with checkpoints)", at_least(1))
     # Same batches either way; copying saves seconds per epoch on small data.
     in_memory_max_mb: float = _f(256.0, "a joined dataset up to this size is copied into each worker "
                                  "instead of streamed by Ray Data every epoch; 0 = always stream", at_least(0))
@@ -273,8 +274,9 @@ class TrainConfig:
     feed_shards: int = _f(16, "canonical shards of a global batch (the largest divisor of the global batch "
                           "up to this); W workers each read 1/W of the image bytes per epoch when W divides "
                           "it, and any W gives the same batches", at_least(1))
-    feed_chunk_rows: int = _f(64, "pairs per storage chunk (one Parquet row group of the training feed); "
-                              "shuffling moves whole chunks between shards, pairs within a chunk", at_least(1))
+    feed_chunk_rows: int = _f(64, "pairs per storage chunk (one Parquet row group of the training feed), at "
+                              "most; small data gets smaller chunks (16 per shard); shuffling moves whole "
+                              "chunks between shards, pairs within a chunk", at_least(1))
     sync_batchnorm: Optional[bool] = _f(None, "BatchNorm statistics over the global batch (SPEC Training "
                                         "recipe); null = on when a run has more than one worker and the "
                                         "backbone has BatchNorm")

@@ -54,7 +54,7 @@ from pacl_ray.stages.train_data import (  # noqa: F401  (re-exported: the stage'
     fits_in_memory, joined_table, load_training_table, make_plan, rank_batches, rank_slots, seed_of,
     steps_per_epoch, with_codes,
 )
-from pacl_ray.stages.train_feed import FeedOrder, chunk_layout, feed_uri, write_feed
+from pacl_ray.stages.train_feed import FeedOrder, chunk_layout, feed_chunk_rows, feed_shards, feed_uri, write_feed
 from pacl_ray.stages.train_step import (  # noqa: F401  (re-exported)
     NonFiniteLossError, build_optimizer, cosine_factor, grad_scaler, nonfinite_terms, optimizer_step,
 )
@@ -343,8 +343,9 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
 
     meta = load_training_table(ingest, partition, embed, cluster, cfg.train.k)
     # The pairs' storage chunks (id column only): the epoch order is built on them (train_feed).
-    layout = chunk_layout(ingest.path("pairs"), meta.column("id").to_numpy(zero_copy_only=False).astype(str),
-                          cfg.train.feed_chunk_rows)
+    chunk_rows = feed_chunk_rows(meta.num_rows, cfg.train.feed_chunk_rows,
+                                 feed_shards(cfg.train.global_batch_size, cfg.train.feed_shards))
+    layout = chunk_layout(ingest.path("pairs"), meta.column("id").to_numpy(zero_copy_only=False).astype(str), chunk_rows)
     try:
         codes, plan = make_plan(cfg, meta.column(PARTITION).to_numpy(), layout)
     except NoTrainableEpochError as err:
@@ -360,8 +361,8 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     if fits_in_memory(ingest, cfg.train.in_memory_max_mb):
         dataset = ray.put(joined_table(ingest, meta))
     else:
-        dataset = write_feed(feed_uri(cfg.output_dir, ingest, embed, cluster, cfg.train.k, cfg.train.feed_chunk_rows),
-                             ingest.path("pairs"), meta.drop_columns([PARTITION]), cfg.train.feed_chunk_rows)
+        dataset = write_feed(feed_uri(cfg.output_dir, ingest, embed, cluster, cfg.train.k, chunk_rows),
+                             ingest.path("pairs"), meta.drop_columns([PARTITION]), chunk_rows)
     order = feed_order(codes, plan.global_batch, cfg.seed, cfg.train.feed_shards, layout)
 
     record_fs, record_path = storage.resolve(storage.join(uri, NONFINITE_FILE))

@@ -207,7 +207,8 @@ def load_training_table(ingest: StageOutput, partition: StageOutput, embed: Stag
     """One row per pair, in id order: id, row, partition (the scored code 1-4),
     factual_pseudo_label, emotional_pseudo_label (int64, of K = ``k``), text_feature.
 
-    Image bytes stay out of the driver; :func:`build_dataset` joins them in Ray Data.
+    Image bytes stay out of the driver: the feed (:mod:`pacl_ray.stages.train_feed`) or, for small
+    data, :func:`joined_table` joins them.
     """
     pairs_uri = ingest.path("pairs")
     ids = np.sort(_read_table(pairs_uri, [tables.ID], "ingest pairs").column(tables.ID).to_numpy(zero_copy_only=False).astype(str))
@@ -262,7 +263,7 @@ def _join_meta(batch: pa.Table, meta: pa.Table, where: str) -> pa.Table:
 
 
 def joined_table(ingest: StageOutput, meta: pa.Table) -> pa.Table:
-    """What :func:`build_dataset` holds, read into one in-memory table (for small data)."""
+    """The pairs' (id, image) joined with ``meta``, read into one in-memory table (for small data)."""
     pairs = _read_table(ingest.path("pairs"), [tables.ID, "image"], "ingest pairs")
     return _join_meta(pairs, meta, where=f"ingest pairs ({storage.redact(ingest.path('pairs'))})")
 

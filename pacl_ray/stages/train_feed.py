@@ -96,6 +96,16 @@ def feed_shards(global_batch: int, shards: int) -> int:
     return max(d for d in range(1, min(shards, global_batch) + 1) if global_batch % d == 0)
 
 
+MIN_CHUNKS_PER_SHARD = 16
+
+
+def feed_chunk_rows(n_pairs: int, chunk_rows: int, shards: int) -> int:
+    """The chunk size used: ``train.feed_chunk_rows``, smaller for small data so that each of the
+    P shards gets at least :data:`MIN_CHUNKS_PER_SHARD` chunks (shard loads differ by at most
+    one chunk, so this bounds the pairs an epoch leaves out)."""
+    return max(1, min(chunk_rows, n_pairs // (shards * MIN_CHUNKS_PER_SHARD)))
+
+
 @dataclass(frozen=True)
 class FeedOrder:
     """Everything that places a pair in an epoch (ids-only; the same on the driver and on every rank)."""

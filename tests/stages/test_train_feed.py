@@ -87,3 +87,10 @@ def test_resume_reads_only_what_is_left():
     later = rank_chunks(order, pos, 0, 8, start_step=6)
     assert all(p >= 48 for i in later for p in i["positions"])
     assert sum(len(i["rows"]) for i in later) == 80 - 48
+
+
+def test_small_data_gets_small_chunks():
+    from pacl_ray.stages.train_feed import feed_chunk_rows
+
+    assert feed_chunk_rows(32, 64, 8) == 1 and feed_chunk_rows(195_000, 64, 16) == 64
+    assert feed_chunk_rows(4096, 64, 16) == 16
