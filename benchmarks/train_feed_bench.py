@@ -34,9 +34,11 @@ class SmallTransform:
 
 def _object_store_bytes() -> int:
     # Ray's own counter of plasma bytes in use; the public equivalent is `ray memory --stats-only`.
+    import ray
     from ray._private.internal_api import memory_summary
 
-    match = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    match = re.search(r"Plasma memory usage (\d+) MiB", summary)
     return int(match.group(1)) * 2**20 if match else 0
 
 
