@@ -12,6 +12,15 @@ convention equals single-process training on the global batch. Dropout randomnes
 ``torch.amp.GradScaler`` (a step whose gradients overflow is skipped and counted, ``amp_skipped``);
 bf16 and fp32 need no scaler.
 
+BatchNorm (SPEC "Training recipe"). ``train.sync_batchnorm`` (default: on when the run can have
+more than one worker and the model has BatchNorm) converts BatchNorm to global-batch statistics
+(:func:`pacl_ray.core.dist.convert_sync_batchnorm`: torch's on CUDA, ours on gloo/CPU) before
+``prepare_model``, so 1 and W workers train the same; with it off, BatchNorm uses each rank's B/W rows.
+
+Reporting (Ray Train V2). ``ray.train.report`` is a barrier and goes with every checkpoint
+(``train.checkpoint_every_steps`` and each epoch end) only; step metrics go to TensorBoard every
+step (event files copied to the run directory at each checkpoint) and to ``metrics_steps.csv``.
+
 Non-finite loss (SPEC "Training recipe"). A step whose loss terms are not all finite stops the
 run before ``backward``: every rank returns, rank 0 records the step, epoch and terms in
 ``nonfinite_loss.json``, and the driver raises :class:`NonFiniteLossError`; nothing is exported
