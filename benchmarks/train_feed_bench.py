@@ -7,7 +7,8 @@ For each size a synthetic world (noise PNGs) is written, its feed files built on
 the W ranks' epoch streams (phase 1234, epoch 0) run concurrently from driver threads, exactly as
 ``rank_batches`` runs in each Ray Train worker. "bytes/worker" is measured: the compressed bytes of
 the Parquet row groups each rank read. "peak object store" is sampled every 50 ms from Ray's
-object-store statistics (the figure ``ray memory --stats-only`` prints) while the epoch runs.
+object-store statistics (bytes needed by referenced objects, as ``ray memory --stats-only``
+prints) while the epoch runs.
 For contrast, the old feed (materialise the joined dataset, every worker filters all of it) needed
 all the image bytes per worker per epoch and the whole dataset in the object store: shown as
 "old: bytes/worker" and "old: object store" (computed, not run).
@@ -32,14 +33,19 @@ class SmallTransform:
         return torch.from_numpy(np.asarray(img.resize((32, 32)), dtype=np.float32).transpose(2, 0, 1).copy())
 
 
+OBJECT_STORE_BYTES = 512 * 2**20  # small, so that the 0.1 % resolution of Ray's figure is 0.5 MiB
+
+
 def _object_store_bytes() -> int:
-    # Ray's own counter of plasma bytes in use; the public equivalent is `ray memory --stats-only`.
+    """Object-store bytes *needed* (pinned: referenced objects' primary copies), from Ray's own
+    statistics (the public equivalent is ``ray memory --stats-only``). Its "usage" figure also
+    counts released objects that plasma keeps until it needs the space, so it is not used."""
     import ray
     from ray._private.internal_api import memory_summary
 
     summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
-    match = re.search(r"Plasma memory usage (\d+) MiB", summary)
-    return int(match.group(1)) * 2**20 if match else 0
+    match = re.search(r"([\d.]+)% needed", summary)
+    return int(float(match.group(1)) / 100 * OBJECT_STORE_BYTES) if match else 0
 
 
 class PeakSampler(threading.Thread):
@@ -85,6 +91,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--chunk-rows", type=int, default=16)
     parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--data-limit-mb", type=float, default=0,
+                        help="Ray Data object-store limit (DataContext resource_limits); 0 = Ray Data's default")
     args = parser.parse_args()
 
     import ray
@@ -94,8 +102,13 @@ def main() -> None:
     from pacl_ray.stages.train_feed import chunk_layout, write_feed
     from pacl_ray.world.stage_tables import write_stage_tables
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.init(num_cpus=8, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    if args.data_limit_mb:
+        context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=args.data_limit_mb * 2**20)
     lines = []
     for n in args.sizes:
         root = tempfile.mkdtemp(prefix="pacl-feed-bench-")
@@ -116,7 +129,8 @@ def main() -> None:
 
     mib = 2**20
     print(f"\nfeed: batch {args.batch}, chunk {args.chunk_rows} rows, {args.shards} shards, "
-          f"{args.image_px}px noise PNGs; one epoch of phase 1234")
+          f"{args.image_px}px noise PNGs, Ray Data object-store limit {args.data_limit_mb or 'default'} MiB; "
+          f"one epoch of phase 1234")
     header = (f"{'pairs':>6} {'feed MiB':>9} {'W':>2} {'bytes/worker MiB (mean, max)':>29} {'share':>6} "
               f"{'rows/worker':>11} {'peak obj store MiB':>19} {'old: bytes/worker MiB':>22} {'old: obj store MiB':>19}")
     print(header)
