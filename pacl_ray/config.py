@@ -284,8 +284,9 @@ class TrainConfig:
                       "Choice: 0.5)", between(0, 1))
     color_jitter: float = _f(0.0, "colour jitter strength of the training augmentation; 0 = off (SPEC Training "
                              "recipe Choice: off, colour is an emotional cue)", at_least(0))
-    log_every_steps: int = _f(10, "report training metrics every this many steps (and read the step's values "
-                              "back from the device: the finite-loss check runs then)", at_least(1))
+    log_every_steps: int = _f(10, "print training metrics and read the steps' values back from the device every "
+                              "this many steps (the finite-loss check runs then; TensorBoard gets every step; Ray "
+                              "Train reports go with checkpoints)", at_least(1))
     compile: Optional[bool] = _f(None, "torch.compile the model for the training step; null = on CUDA, off on "
                                  "CPU")
     channels_last: Optional[bool] = _f(None, "NHWC model and images in the training step; null = for conv nets "
@@ -293,6 +294,16 @@ class TrainConfig:
     # Same batches either way; copying saves seconds per epoch on small data.
     in_memory_max_mb: float = _f(256.0, "a joined dataset up to this size is copied into each worker "
                                  "instead of streamed by Ray Data every epoch; 0 = always stream", at_least(0))
+    # The epoch order is built from ids alone (stages/train_feed.py); both keys change the order.
+    feed_shards: int = _f(16, "canonical shards of a global batch (the largest divisor of the global batch "
+                          "up to this); W workers each read 1/W of the image bytes per epoch when W divides "
+                          "it, and any W gives the same batches", at_least(1))
+    feed_chunk_rows: int = _f(64, "pairs per storage chunk (one Parquet row group of the training feed), at "
+                              "most; small data gets smaller chunks (16 per shard); shuffling moves whole "
+                              "chunks between shards, pairs within a chunk", at_least(1))
+    sync_batchnorm: Optional[bool] = _f(None, "BatchNorm statistics over the global batch (SPEC Training "
+                                        "recipe); null = on when a run has more than one worker and the "
+                                        "backbone has BatchNorm")
 
 
 @dataclass

@@ -8,8 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Ray Train V2 is the default on Ray >= 2.60; keep it explicit so tests exercise what users run.
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import pytest
 

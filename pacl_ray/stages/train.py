@@ -17,6 +17,15 @@ resumed run replays exactly. fp16 autocast steps through
 ``torch.amp.GradScaler`` (a step whose gradients overflow is skipped and counted, ``amp_skipped``);
 bf16 and fp32 need no scaler.
 
+BatchNorm (SPEC "Training recipe"). ``train.sync_batchnorm`` (default: on when the run can have
+more than one worker and the model has BatchNorm) converts BatchNorm to global-batch statistics
+(:func:`pacl_ray.core.dist.convert_sync_batchnorm`: torch's on CUDA, ours on gloo/CPU) before
+``prepare_model``, so 1 and W workers train the same; with it off, BatchNorm uses each rank's B/W rows.
+
+Reporting (Ray Train V2). ``ray.train.report`` is a barrier and goes with every checkpoint
+(``train.checkpoint_every_steps`` and each epoch end) only; step metrics go to TensorBoard every
+step (event files copied to the run directory at each checkpoint) and to ``metrics_steps.csv``.
+
 Non-finite loss (SPEC "Training recipe"). A step whose loss terms are not all finite stops the
 run at the next readback (at most ``train.log_every_steps`` steps later, and always before a
 checkpoint): every rank returns, rank 0 records the first non-finite step, its epoch and terms in
@@ -47,20 +56,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from pacl_ray.config import RunConfig, model_args, save_config
-from pacl_ray.core import backbones, loss
+from pacl_ray.core import backbones, dist, loss
 from pacl_ray.formats import storage
 from pacl_ray.stages import cache, runtime
 from pacl_ray.stages.cache import StageOutput
 from pacl_ray.stages.checkpoint import STAGE, load_state, save_checkpoint, train_key, unwrap
 from pacl_ray.stages.train_data import (  # noqa: F401  (re-exported: the stage's public names)
-    EMOTIONAL, FACTUAL, PARTITION, NoTrainableEpochError, TrainingPlan, build_dataset, epoch_phases,
-    epoch_positions, fits_in_memory, joined_table, load_training_table, make_plan, rank_batches, rank_slots,
-    seed_of, steps_per_epoch, with_codes,
+    EMOTIONAL, FACTUAL, PARTITION, NoTrainableEpochError, TrainingPlan, epoch_phases, epoch_positions, feed_order,
+    fits_in_memory, joined_table, load_training_table, make_plan, rank_batches, rank_slots, seed_of,
+    steps_per_epoch, with_codes,
 )
+from pacl_ray.stages.train_feed import FeedOrder, chunk_layout, feed_chunk_rows, feed_shards, feed_uri, write_feed
 from pacl_ray.stages.train_step import (  # noqa: F401  (re-exported)
     NonFiniteLossError, build_optimizer, cosine_factor, grad_scaler, nonfinite_terms, optimizer_step,
 )
@@ -69,7 +78,7 @@ from pacl_ray.stages.train_loop import (
     startup_times, step_model,
 )
 from pacl_ray.stages.train_metrics import (
-    LOSS_TERMS, RunLog, epoch_table, plan_lines, tensorboard, write_metric_logs,
+    LOSS_TERMS, RunLog, TensorBoardLog, epoch_table, plan_lines, write_metric_logs,
 )
 
 NONFINITE_FILE = "nonfinite_loss.json"
@@ -122,7 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
     from pacl_ray.core.pacl_model import build_model
 
     cfg: RunConfig = config["cfg"]
-    partition_by_row: np.ndarray = config["partition_by_row"]
+    order: FeedOrder = config["order"]
     plan: TrainingPlan = config["plan"]
     phases, steps, B = plan.phases, plan.steps, plan.global_batch
     fault: Optional[FaultInjection] = config.get("fault")
@@ -140,6 +149,8 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"])
         epoch, step_in_epoch, global_step = (state["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
         step_rows = state["step_rows"]
+    if sync_batchnorm(cfg, model):  # global-batch statistics (SPEC "Training recipe"); same state_dict keys
+        model = dist.convert_sync_batchnorm(model, device)
     channels_last = resolve_channels_last(cfg.train.channels_last, model, device)
     if channels_last:  # before DDP wraps it, so DDP's buckets see the NHWC parameters
         model = model.to(memory_format=torch.channels_last)
@@ -156,7 +167,8 @@ def train_loop_per_worker(config: dict) -> None:
     data = config["dataset"]
     if isinstance(data, ray.ObjectRef):  # small data: the joined table, batched here
         data = ray.get(data)
-    writer = tensorboard(config["run_uri"]) if rank == 0 else None
+    writer = TensorBoardLog(config["run_uri"]) if rank == 0 else None
+    node_id = ray.get_runtime_context().get_node_id()
 
     log_every = max(cfg.train.log_every_steps, 1)
     step_log = StepLog(B, rank)
@@ -167,8 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
         if steps[epoch] == 0:  # an empty phase: no step (SPEC "Choice (empty phases)"; logged by the driver)
             epoch, step_in_epoch = epoch + 1, 0
             continue
-        batches = rank_batches(data, partition_by_row, phase, epoch, step_in_epoch, rank, world, B,
-                               cfg.seed, backbone.train_transform, device)
+        batches = rank_batches(data, order, phase, epoch, step_in_epoch, rank, world, backbone.train_transform, device)
         tick = time.perf_counter()
         for batch in batches:
             if step_in_epoch >= steps[epoch]:
@@ -205,10 +216,14 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             rows, diverged = step_log.flush(device)
             step_rows.extend(rows)
-            if writer:
+            if writer:  # every step to TensorBoard; synced to the run directory with each checkpoint
                 for row in rows:
-                    for key in (*LOSS_TERMS, "samples_per_s", "lr_backbone", "lr_heads", "amp_skipped"):
-                        writer.add_scalar(f"train/{key}", row[key], row["global_step"] + 1)
+                    writer.add_scalars({f"train/{k}": row[k] for k in (*LOSS_TERMS, "samples_per_s", "lr_backbone",
+                                                                       "lr_heads", "amp_skipped")}, row["global_step"] + 1)
+            if rank == 0:
+                row = step_rows[-1]
+                print(f"train: step {global_step} epoch {epoch} " + " ".join(f"{k}={row[k]:.4g}" for k in LOSS_TERMS),
+                      flush=True)
             if diverged:
                 if rank == 0:
                     record = {"global_step": diverged.global_step, "epoch": diverged.epoch, "phase": diverged.phase,
@@ -218,28 +233,34 @@ def train_loop_per_worker(config: dict) -> None:
             next_epoch, next_step = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch)
             counters = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step}
             timing = {"first_step_at": first_step_at, "loop_started_at": loop_started_at}
-            _report({**step_rows[-1], **timing}, counters, model, optimizer, scheduler, scaler, step_rows, wants_ckpt,
-                    rank, config["run_uri"], plan)
+            # Ray Train V2: every report is a barrier and carries a checkpoint; step metrics go to
+            # TensorBoard and metrics_steps.csv instead of metric-only reports.
+            if wants_ckpt:
+                _report({**step_rows[-1], **timing, "world_rank": rank, "world_size": world, "node_id": node_id},
+                        counters, model, optimizer, scheduler, scaler, step_rows, rank, config["run_uri"], plan, writer)
         if diverged:
             break
         if step_in_epoch < steps[epoch]:
             raise RuntimeError(f"rank {rank}: epoch {epoch} ended after {step_in_epoch} of {steps[epoch]} steps")
         epoch, step_in_epoch = epoch + 1, 0
     if writer:
-        writer.close()
+        writer.close()  # and a last sync
 
 
-def _report(row: dict, counters: dict, model, optimizer, scheduler, scaler, step_rows: list[dict],
-            with_checkpoint: bool, rank: int, run_uri: str, plan: TrainingPlan) -> None:
-    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+def _report(row: dict, counters: dict, model, optimizer, scheduler, scaler, step_rows: list[dict], rank: int,
+            run_uri: str, plan: TrainingPlan, writer: Optional[TensorBoardLog]) -> None:
+    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint and
+    writes the metric logs and TensorBoard files to the run directory first."""
     import ray.train
 
     metrics = {**{k: v for k, v in row.items() if k != "phase"}, **counters}
-    if not (with_checkpoint and rank == 0):
+    if rank != 0:
         ray.train.report(metrics)
         return
     epochs = sorted({r["epoch"] for r in step_rows})
     write_metric_logs(run_uri, step_rows, epoch_table(step_rows, plan, epochs))
+    if writer:
+        writer.sync()
     checkpoint, directory = save_checkpoint(model, optimizer, scheduler, scaler, counters, step_rows)
     try:
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -302,6 +323,14 @@ def _ray_storage(uri: str) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+def sync_batchnorm(cfg: RunConfig, model: torch.nn.Module) -> bool:
+    """``train.sync_batchnorm``, resolved: null = on when the run can have more than one worker and
+    the model has BatchNorm (then 1 and W workers train the same; SPEC "Training recipe")."""
+    if cfg.train.sync_batchnorm is not None:
+        return cfg.train.sync_batchnorm
+    return max(cfg.train.num_workers, cfg.train.max_workers or 0) > 1 and dist.has_batchnorm(model)
+
+
 def _nonfinite_error(uri: str, cfg: RunConfig, last_step: Optional[int]) -> Optional[NonFiniteLossError]:
     record_uri = storage.join(uri, NONFINITE_FILE)
     if not storage.exists(record_uri):
@@ -334,7 +363,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     import ray
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from pacl_ray.core.pacl_model import build_model
     from pacl_ray.formats.export import export_model
@@ -350,32 +379,39 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     log = RunLog(uri)
 
     meta = load_training_table(ingest, partition, embed, cluster, cfg.train.k)
+    # The pairs' storage chunks (id column only): the epoch order is built on them (train_feed).
+    chunk_rows = feed_chunk_rows(meta.num_rows, cfg.train.feed_chunk_rows,
+                                 feed_shards(cfg.train.global_batch_size, cfg.train.feed_shards))
+    layout = chunk_layout(ingest.path("pairs"), meta.column("id").to_numpy(zero_copy_only=False).astype(str), chunk_rows)
     try:
-        codes, plan = make_plan(cfg, meta.column(PARTITION).to_numpy())
+        codes, plan = make_plan(cfg, meta.column(PARTITION).to_numpy(), layout)
     except NoTrainableEpochError as err:
         log.write(str(err))
         raise
     meta = with_codes(meta, codes)
     log.write(*plan_lines(plan))
-    scaling, use_gpu = _scaling_config(cfg)
+    scaling, _ = _scaling_config(cfg)
     text_dim = int(meta.column("text_feature").type.list_size)
     # Small data: one table in the object store that each worker batches itself; a Ray Data
-    # pipeline per epoch would cost more than the epoch's steps.
+    # pipeline per epoch would cost more than the epoch's steps. Otherwise each rank streams its
+    # chunks of the feed files (written once per ingest/embed/cluster/K, shared across trials).
     if fits_in_memory(ingest, cfg.train.in_memory_max_mb):
         dataset = ray.put(joined_table(ingest, meta))
     else:
-        dataset = build_dataset(ingest, meta)
+        dataset = write_feed(feed_uri(cfg.output_dir, ingest, embed, cluster, cfg.train.k, chunk_rows),
+                             ingest.path("pairs"), meta.drop_columns([PARTITION]), chunk_rows)
+    order = feed_order(codes, plan.global_batch, cfg.seed, cfg.train.feed_shards, layout)
+
     record_fs, record_path = storage.resolve(storage.join(uri, NONFINITE_FILE))
     if storage.exists(storage.join(uri, NONFINITE_FILE)):  # from an earlier launch; this one records its own
         record_fs.delete_file(record_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg, "dataset": dataset, "partition_by_row": codes, "plan": plan,
+            "cfg": cfg, "dataset": dataset, "order": order, "plan": plan,
             "text_dim": text_dim, "run_uri": uri, "fault": fault,
         },
         scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name="ray_train", **_ray_storage(uri),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),

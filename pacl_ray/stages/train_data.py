@@ -1,31 +1,30 @@
 """Stage 3's data: the training plan (phases, steps, epoch order), the driver-side join and the
 per-worker batches (paper 3.3, Eqs. 15-17; SPEC "Choice (empty phases)").
 
-Data. The driver joins the four upstream tables by ``id`` into one table (encoded image bytes,
-cached text feature, partition code, the factual and emotional pseudo-labels of K, and ``row``,
-the pair's index in id order). Every epoch, each worker streams its share through Ray Data:
-``filter`` to the phase's partitions (filtered, never re-read), keep this rank's rows, ``sort``
-them into the epoch's order, then decode + the backbone's train transform in ``map_batches`` on
-CPU, and ``iter_torch_batches`` into the step. Small data (pairs' Parquet up to
-``train.in_memory_max_mb``) skips Ray Data: the driver reads and joins it into one Arrow table in
-the object store, and each worker selects, orders and decodes the same rows itself, giving the
-same batches without a pipeline start per epoch (seconds each, more than a small epoch's steps).
+Data. The driver joins the four upstream tables by ``id`` into one metadata table (cached text
+feature, partition code, the factual and emotional pseudo-labels of K, and ``row``, the pair's
+index in id order); image bytes stay in storage. Each epoch's global order and each rank's share
+of it are defined in :mod:`pacl_ray.stages.train_feed` from ids alone, the same for every worker
+count. Data over ``train.in_memory_max_mb`` streams: each rank reads only the chunks of its shards
+from the cached feed files (about 1/W of the image bytes per epoch) through Ray Data, decoding on
+CPU tasks. Small data skips Ray Data: the driver reads and joins it into one Arrow table in the
+object store, and each worker selects, orders and decodes the same rows itself, giving the same
+batches without a pipeline start per epoch (seconds each, more than a small epoch's steps).
 
-Deterministic order. The epoch's global order is a seeded permutation of the phase's rows
-(:func:`epoch_positions`), the same on every worker and for every worker count. Global step s
-holds positions [s*B, (s+1)*B); rank r of W takes the contiguous slots [B*r//W, B*(r+1)//W) of
-it, so the gathered global batch is the same batch, in the same order, whatever W. Augmentation
-randomness is seeded per (seed, epoch, row). We do not use ``get_dataset_shard``:
-``streaming_split`` hands blocks to workers dynamically, which would make the batches depend on
-timing and worker count. The last incomplete global batch of an epoch is dropped (as open_clip
-does); an epoch whose phase holds fewer pairs than one global batch therefore takes no step.
+Deterministic order. Global step s holds positions [s*B, (s+1)*B); rank r of W takes the
+contiguous slots [B*r//W, B*(r+1)//W) of it, so the gathered global batch is the same batch, in
+the same order, whatever W. Augmentation randomness is seeded per (seed, epoch, row). We do not
+use ``get_dataset_shard``: ``streaming_split`` hands blocks to workers dynamically, which would
+make the batches depend on timing and worker count and a resumed epoch impossible to replay.
+Pairs that do not fill the epoch's last global batch are dropped (as open_clip does); an epoch
+whose phase holds fewer pairs than one global batch therefore takes no step.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -43,11 +42,15 @@ from pacl_ray.stages.embed import load_features
 from pacl_ray.stages.ingest import read_pairs_table
 from pacl_ray.stages.partition import read_scores
 from pacl_ray.stages.pseudo_labels import load_labels
+from pacl_ray.stages.train_feed import (
+    READ_BYTES, ChunkLayout, FeedOrder, feed_shards, singleton_layout, stream_rank_batches,
+)
 
 PARTITION = "partition"
 FACTUAL = "factual_pseudo_label"  # image-side k-means cluster of the pair (paper 3.2)
 EMOTIONAL = "emotional_pseudo_label"  # text-side k-means cluster of the pair (paper 3.2)
 OBJECTIVES = ("pacl", "clip")
+DEFAULT_FEED_SHARDS = 16  # TrainConfig.feed_shards' default
 
 
 class NoTrainableEpochError(ValueError):
@@ -92,9 +95,20 @@ def phase_rows(partition: np.ndarray, phase: tuple[int, ...]) -> np.ndarray:
     return np.flatnonzero(np.isin(partition, phase))
 
 
-def steps_per_epoch(partition: np.ndarray, phases: list[tuple[int, ...]], global_batch: int) -> list[int]:
-    """Full global batches per epoch (the last incomplete batch is dropped; 0 = an empty phase)."""
-    return [len(phase_rows(partition, phase)) // global_batch for phase in phases]
+def steps_per_epoch(partition: np.ndarray, phases: list[tuple[int, ...]], global_batch: int,
+                    layout: Optional[ChunkLayout] = None, seed: int = 0, shards: int = DEFAULT_FEED_SHARDS) -> list[int]:
+    """Full global batches per epoch (0 = an empty phase). With one-row chunks (``layout`` None)
+    this is ``pairs // global_batch``; with a storage layout see :mod:`pacl_ray.stages.train_feed`."""
+    order = feed_order(partition, global_batch, seed, shards, layout)
+    return [order.steps(phase, e) for e, phase in enumerate(phases)]
+
+
+def feed_order(codes: np.ndarray, global_batch: int, seed: int, shards: int,
+               layout: Optional[ChunkLayout] = None) -> FeedOrder:
+    """The epoch order of ``codes`` [N] (by row) with ``train.feed_shards`` = ``shards``."""
+    codes = np.asarray(codes, dtype=np.int64)
+    return FeedOrder(layout if layout is not None else singleton_layout(len(codes)), codes, global_batch,
+                     feed_shards(global_batch, shards), seed)
 
 
 def format_counts(counts: dict[int, int]) -> str:
@@ -126,8 +140,9 @@ class TrainingPlan:
                 f"no step (partition counts {format_counts(self.counts)})")
 
 
-def make_plan(cfg: RunConfig, scored_codes: np.ndarray) -> tuple[np.ndarray, TrainingPlan]:
-    """(codes training sees [N] int64, the plan) for scored codes [N].
+def make_plan(cfg: RunConfig, scored_codes: np.ndarray, layout: Optional[ChunkLayout] = None) -> tuple[np.ndarray, TrainingPlan]:
+    """(codes training sees [N] int64, the plan) for scored codes [N]; ``layout``: the pairs'
+    storage chunks (None = one row per chunk).
 
     Raises:
         NoTrainableEpochError: when no epoch can take a step; names sigma, the calibrations and the
@@ -137,7 +152,8 @@ def make_plan(cfg: RunConfig, scored_codes: np.ndarray) -> tuple[np.ndarray, Tra
                                    cfg.train.partitions)
     batch = cfg.train.global_batch_size
     pairs = [len(phase_rows(codes, phase)) for phase in phases]
-    plan = TrainingPlan(phases, [n // batch for n in pairs], pairs, partition_counts(scored_codes), batch)
+    steps = steps_per_epoch(codes, phases, batch, layout, cfg.seed, cfg.train.feed_shards)
+    plan = TrainingPlan(phases, steps, pairs, partition_counts(scored_codes), batch)
     if plan.total_steps == 0:
         sigma_f, sigma_e = thresholds(cfg.partition)
         raise NoTrainableEpochError(
@@ -151,20 +167,17 @@ def make_plan(cfg: RunConfig, scored_codes: np.ndarray) -> tuple[np.ndarray, Tra
     return codes, plan
 
 
-def epoch_positions(partition: np.ndarray, phase: tuple[int, ...], seed: int, epoch: int, global_batch: int) -> np.ndarray:
+def epoch_positions(partition: np.ndarray, phase: tuple[int, ...], seed: int, epoch: int, global_batch: int,
+                    layout: Optional[ChunkLayout] = None, shards: int = DEFAULT_FEED_SHARDS) -> np.ndarray:
     """Each row's position in the epoch's global order, or -1 when it is not trained on.
 
     Args:
         partition: [N] codes by row (row = index in id order).
     Returns:
-        [N] int64; positions 0..steps*B-1 appear once each, a seeded permutation of the phase's rows.
+        [N] int64; positions 0..steps*B-1 appear once each, a seeded order of the phase's rows
+        (:func:`pacl_ray.stages.train_feed.epoch_positions`).
     """
-    rows = phase_rows(partition, phase)
-    order = np.random.default_rng([seed, epoch]).permutation(rows)
-    order = order[: (len(rows) // global_batch) * global_batch]
-    positions = np.full(len(partition), -1, dtype=np.int64)
-    positions[order] = np.arange(len(order), dtype=np.int64)
-    return positions
+    return feed_order(partition, global_batch, seed, shards, layout).positions(phase, epoch)
 
 
 def rank_slots(global_batch: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -199,7 +212,8 @@ def load_training_table(ingest: StageOutput, partition: StageOutput, embed: Stag
     """One row per pair, in id order: id, row, partition (the scored code 1-4),
     factual_pseudo_label, emotional_pseudo_label (int64, of K = ``k``), text_feature.
 
-    Image bytes stay out of the driver; :func:`build_dataset` joins them in Ray Data.
+    Image bytes stay out of the driver: the feed (:mod:`pacl_ray.stages.train_feed`) or, for small
+    data, :func:`joined_table` joins them.
     """
     pairs_uri = ingest.path("pairs")
     ids = np.sort(read_pairs_table(ingest, [tables.ID]).column(tables.ID).to_numpy(zero_copy_only=False).astype(str))
@@ -253,7 +267,7 @@ def _join_meta(batch: pa.Table, meta: pa.Table, where: str) -> pa.Table:
 
 
 def joined_table(ingest: StageOutput, meta: pa.Table) -> pa.Table:
-    """What :func:`build_dataset` holds, read into one in-memory table (for small data)."""
+    """The pairs' (id, image) joined with ``meta``, read into one in-memory table (for small data)."""
     pairs = read_pairs_table(ingest, [tables.ID, "image"])
     return _join_meta(pairs, meta, where=f"ingest pairs ({storage.redact(ingest.path('pairs'))})")
 
@@ -262,19 +276,6 @@ def fits_in_memory(ingest: StageOutput, max_mb: float) -> bool:
     """Whether the pairs' Parquet files (mostly encoded images) total at most ``max_mb``."""
     files = cache.table_files(ingest, "pairs")
     return sum(fs.get_file_info(path).size for fs, path in map(storage.resolve, files)) <= max_mb * 2**20
-
-
-def build_dataset(ingest: StageOutput, meta: pa.Table):
-    """The materialised Ray Dataset every epoch filters: image bytes joined with ``meta``."""
-    import ray
-
-    fs, path = storage.resolve(cache.table_dir(ingest, "pairs"))  # checked against the ingest record
-    pairs = ray.data.read_parquet(path, filesystem=fs, columns=[tables.ID, "image"], file_extensions=["parquet"])
-    joined = pairs.map_batches(
-        _join_meta, fn_kwargs=dict(meta=meta, where=f"ingest pairs ({storage.redact(ingest.path('pairs'))})"),
-        batch_format="pyarrow",
-    )
-    return joined.materialize()
 
 
 # --------------------------------------------------------------------------- worker-side data
@@ -315,50 +316,56 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
     }
     for name in (PARTITION, FACTUAL, EMOTIONAL, "position"):
         out[name] = batch.column(name).to_numpy().astype(np.int64)
+    if READ_BYTES in batch.column_names:
+        out[READ_BYTES] = batch.column(READ_BYTES).to_numpy().astype(np.int64)
     return out
 
 
-def rank_batches(base, partition_by_row: np.ndarray, phase: tuple[int, ...], epoch: int, start_step: int,
-                 rank: int, world_size: int, global_batch: int, seed: int, transform, device) -> Iterator[dict]:
+def rank_batches(source, order: FeedOrder, phase: tuple[int, ...], epoch: int, start_step: int, rank: int,
+                 world_size: int, transform, device, read_bytes: Optional[list] = None) -> Iterator[dict]:
     """This rank's batches of the epoch from global step ``start_step`` on, in global order.
 
-    ``base`` is the materialised Ray Dataset (streamed through Ray Data every epoch) or, for
-    small data, the same rows as one in-memory ``pyarrow.Table`` (:func:`joined_table`); both
-    give the same batches."""
-    if isinstance(base, pa.Table):
-        return _local_rank_batches(base, partition_by_row, phase, epoch, start_step, rank, world_size,
-                                   global_batch, seed, transform, device)
-    from ray.data.expressions import col
-
-    lo, hi = rank_slots(global_batch, rank, world_size)
-    positions = epoch_positions(partition_by_row, phase, seed, epoch, global_batch)
-    if hi == lo or (positions >= start_step * global_batch).sum() == 0:
-        return iter(())
-    ds = base.filter(expr=col(PARTITION).is_in(list(phase)))  # the phase's data (Eqs. 15-17)
-    ds = ds.map_batches(
-        _select_rank_rows, fn_kwargs=dict(positions=positions, lo=lo, hi=hi, global_batch=global_batch, start_step=start_step),
-        batch_format="pyarrow", batch_size=None,
-    )
-    ds = ds.sort("position")
-    ds = ds.map_batches(_decode_batch, fn_kwargs=dict(transform=transform, seed=seed, epoch=epoch), batch_format="pyarrow", batch_size=32)
-    # The dataset carries the driver's DataContext; order must survive every operator after sort.
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
-    return ds.iter_torch_batches(batch_size=hi - lo, device=device, prefetch_batches=2, drop_last=False)
-
-
-def _local_rank_batches(table: pa.Table, partition_by_row: np.ndarray, phase: tuple[int, ...], epoch: int,
-                        start_step: int, rank: int, world_size: int, global_batch: int, seed: int, transform,
-                        device) -> Iterator[dict]:
-    """:func:`rank_batches` from an in-memory table: the same row selection, order and decode,
-    without a Ray Data pipeline per epoch. On a small dataset that pipeline's start, sort and
-    teardown cost seconds per epoch while the steps themselves take a fraction of that."""
-    lo, hi = rank_slots(global_batch, rank, world_size)
+    ``source``: the feed files (a list of URIs, streamed by Ray Data; see
+    :mod:`pacl_ray.stages.train_feed`) or, for small data, the joined rows as one in-memory
+    ``pyarrow.Table`` (:func:`joined_table`); both give the same batches. ``read_bytes``: when a
+    list, each streamed batch's bytes read from storage are appended to it.
+    """
+    lo, hi = rank_slots(order.global_batch, rank, world_size)
     if hi == lo:
-        return
+        return iter(())
+    if isinstance(source, pa.Table):
+        return _local_rank_batches(source, order, phase, epoch, start_step, lo, hi, transform, device)
+    decode = _Decode(transform, order.seed, epoch)
+    return _drop_read_bytes(stream_rank_batches(list(source), order, phase, epoch, start_step, lo, hi, decode, device),
+                            read_bytes)
+
+
+class _Decode:
+    """Ray Data UDF: :func:`_decode_batch` with the epoch's seed (a picklable callable)."""
+
+    def __init__(self, transform, seed: int, epoch: int):
+        self.transform, self.seed, self.epoch = transform, seed, epoch
+
+    def __call__(self, batch: pa.Table) -> dict:
+        return _decode_batch(batch, self.transform, self.seed, self.epoch)
+
+
+def _drop_read_bytes(batches: Iterator[dict], read_bytes: Optional[list]) -> Iterator[dict]:
+    for batch in batches:
+        n = batch.pop(READ_BYTES)
+        if read_bytes is not None:
+            read_bytes.append(int(n.sum()))
+        yield batch
+
+
+def _local_rank_batches(table: pa.Table, order: FeedOrder, phase: tuple[int, ...], epoch: int, start_step: int,
+                        lo: int, hi: int, transform, device) -> Iterator[dict]:
+    """:func:`rank_batches` from an in-memory table: the same row selection, order and decode,
+    without a Ray Data pipeline per epoch. On a small dataset that pipeline's start and teardown
+    cost seconds per epoch while the steps themselves take a fraction of that."""
     # Rows outside the phase have position -1, so the selection also applies the phase filter.
-    positions = epoch_positions(partition_by_row, phase, seed, epoch, global_batch)
-    mine = _select_rank_rows(table, positions, lo, hi, global_batch, start_step).sort_by("position")
+    positions = order.positions(phase, epoch)
+    mine = _select_rank_rows(table, positions, lo, hi, order.global_batch, start_step).sort_by("position")
     for start in range(0, mine.num_rows, hi - lo):
-        batch = _decode_batch(mine.slice(start, hi - lo), transform, seed, epoch)
+        batch = _decode_batch(mine.slice(start, hi - lo), transform, order.seed, epoch)
         yield {name: torch.from_numpy(value).to(device) for name, value in batch.items()}

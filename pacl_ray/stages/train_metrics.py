@@ -2,14 +2,16 @@
 
 Files in the run directory: ``metrics_steps.csv`` (one row per global step), ``metrics_epochs.csv``
 (one row per epoch, including epochs that took no step, with the reason and the partition counts;
-SPEC "Choice (empty phases)"), ``run.log`` (the plan, skipped epochs, a non-finite loss) and, for
-local runs, ``tensorboard/``.
+SPEC "Choice (empty phases)"), ``run.log`` (the plan, skipped epochs, a non-finite loss) and ``tensorboard/`` (event files, on
+any storage: written locally and copied at each checkpoint).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
 from typing import Any, Optional
 
 import numpy as np
@@ -21,6 +23,7 @@ from pacl_ray.stages.train_data import TrainingPlan, format_counts
 
 LOSS_TERMS = (*(f"L{k}" for k in PARTITION_CODES), "total")
 RUN_LOG = "run.log"
+TENSORBOARD_DIR = "tensorboard"
 _MEANS = (*LOSS_TERMS, *(f"share_{k}" for k in PARTITION_CODES), "samples_per_s", "data_wait_s")
 
 
@@ -102,12 +105,49 @@ class RunLog:
         storage.write_text(self.uri, "\n".join(self.lines) + "\n")
 
 
-def tensorboard(run_uri: str):
-    """A TensorBoard writer for local run directories (None for remote storage or no tensorboard)."""
-    if storage.is_remote(run_uri):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(storage.join(run_uri, "tensorboard"))
+class TensorBoardLog:
+    """TensorBoard event files for a run directory on any storage: written to a local directory
+    (the run's own ``tensorboard/`` for a plain local path, a temporary one otherwise) and copied
+    to ``<run>/tensorboard/`` through :mod:`pacl_ray.formats.storage` by :meth:`sync` (at each
+    checkpoint) and :meth:`close`. Without the ``tensorboard`` package it writes nothing."""
+
+    def __init__(self, run_uri: str):
+        import tempfile
+
+        self.uri = storage.join(run_uri, TENSORBOARD_DIR)
+        self.local = "://" not in run_uri  # a plain path: write in place, nothing to copy
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer, self.directory = None, None
+            return
+        self.directory = self.uri if self.local else tempfile.mkdtemp(prefix="pacl-tb-")
+        self.writer = SummaryWriter(self.directory)
+
+    def add_scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def sync(self) -> None:
+        """Flush, and copy every event file to the run directory (whole files: they stay small)."""
+        if not self.writer:
+            return
+        self.writer.flush()
+        if self.local:
+            return
+        for root, _, names in os.walk(self.directory):
+            for name in names:
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, self.directory).replace(os.sep, "/")
+                with open(path, "rb") as handle:
+                    storage.write_bytes(storage.join(self.uri, rel), handle.read())
+
+    def close(self) -> None:
+        if not self.writer:
+            return
+        self.sync()
+        self.writer.close()
+        if not self.local:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.writer = None

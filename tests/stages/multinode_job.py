@@ -7,15 +7,15 @@ and every Ray Data task) and two worker nodes that offer no CPU to Ray, only one
 each, so each holds exactly one Ray Train worker and nothing else. ``run_train`` trains elastically
 (``train.num_workers=1, train.max_workers=2``) with ``output_dir`` a ``file://`` URI.
 
-When the 2-worker group has reported global step ``GATE_STEP`` (the latest checkpoint is at step
-2), a Ray Train callback holds the controller until the driver has removed the node of rank 0;
+Every step reports a checkpoint (Ray Train V2 reports are checkpoints). When the 2-worker group
+has reported global step ``GATE_STEP``, a Ray Train callback holds the controller until the driver has removed the node of rank 0;
 while it is held the workers can run at most two reports ahead (Ray Train's result queue holds
 one report), so the node always goes mid-training. Ray Train then restarts on what remains (one
 worker on the surviving node) from the latest checkpoint.
 
-What happened is recorded by two callbacks that run in the controller (worker group starts with
-each rank's node, every report with its world size and global step, worker exceptions) in an
-events file, and printed with the final state as one line ``RESULT {json}`` on stdout.
+What happened is recorded by a public ``UserCallback`` that runs in the controller (each worker
+group's ranks and nodes, from the reports; every report with its world size and global step;
+worker exceptions) in an events file, and printed with the final state as one line ``RESULT {json}`` on stdout.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from ray.train import UserCallback  # noqa: E402
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback  # noqa: E402
 
-GATE_STEP = 3  # remove a node once the 2-worker group has done 3 steps (checkpoints at 1 and 2)
+GATE_STEP = 3  # remove a node once the 2-worker group has done 3 steps (checkpointed at 1, 2 and 3)
 GATE_TIMEOUT_S = 300.0
 
 
@@ -55,26 +54,22 @@ def read_events(path: str) -> list[dict]:
     return events
 
 
-class PlacementRecorder(WorkerGroupCallback):
-    """Controller side: each started worker group's ranks and the node each runs on."""
-
-    def __init__(self, events: str):
-        self.events = events
-
-    def after_worker_group_start(self, worker_group) -> None:
-        workers = [[w.distributed_context.world_rank, w.metadata.node_id] for w in worker_group.get_workers()]
-        append_event(self.events, {"event": "group", "workers": sorted(workers)})
-
-
 class ReportRecorder(UserCallback):
-    """Controller side: every report (world size, global step, checkpoint or not), worker
-    exceptions, and the gate that holds the controller while the driver removes a node."""
+    """Controller side (public ``UserCallback``): every report (world size, global step,
+    checkpoint or not), each worker group's ranks and nodes (a "group" event before the first
+    report of a group that differs from the last; every report carries its rank's ``world_rank``
+    and ``node_id``), worker exceptions, and the gate that holds the controller while the driver
+    removes a node."""
 
     def __init__(self, events: str, release: str):
-        self.events, self.release, self.gated = events, release, False
+        self.events, self.release, self.gated, self.group = events, release, False, None
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         step = int(metrics[0]["global_step"])
+        workers = sorted([int(m["world_rank"]), m["node_id"]] for m in metrics)
+        if workers != self.group:
+            self.group = workers
+            append_event(self.events, {"event": "group", "workers": workers})
         append_event(self.events, {"event": "report", "world": len(metrics), "step": step,
                                    "steps": sorted({int(m["global_step"]) for m in metrics}),
                                    "checkpoint": checkpoint is not None})
@@ -124,7 +119,7 @@ def main(workdir: str) -> dict:
         "output_dir": output_dir, "seed": 3,
         "model": {"backbone": TINY, "backbone_pretrained": "false", "embed_dim": 16},
         "train": {"epochs": 3, "global_batch_size": 8, "image_size": 32, "lr_backbone": 1e-3,
-                  "checkpoint_every_steps": 2, "log_every_steps": 1, "num_workers": 1, "max_workers": 2,
+                  "checkpoint_every_steps": 1, "log_every_steps": 1, "num_workers": 1, "max_workers": 2,
                   "max_failures": 2, "resources_per_worker": {"CPU": 0, "trainer_slot": 1}},
     })
     expected_total = sum(steps_per_epoch(np.asarray(CODES), epoch_phases(cfg), cfg.train.global_batch_size))
@@ -162,7 +157,7 @@ def main(workdir: str) -> dict:
     remover.start()
     try:
         result = run_train(cfg, tables["ingest"], tables["partition"], tables["embed"], tables["cluster"],
-                           callbacks=[PlacementRecorder(events), ReportRecorder(events, release)])
+                           callbacks=[ReportRecorder(events, release)])
         state = load_state(result.checkpoint)
         out.update(
             run_uri=result.uri, checkpoint=result.checkpoint, counters=state["counters"],

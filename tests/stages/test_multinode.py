@@ -6,7 +6,7 @@ driver, the Ray Train controller and every Ray Data task; two worker nodes offer
 ``trainer_slot`` each and no CPU, and ``train.resources_per_worker = {CPU: 0, trainer_slot: 1}``,
 so a 2-worker group can only be one worker per worker node. Training is elastic
 (``train.num_workers=1, train.max_workers=2``) and writes through a ``file://`` URI. After the
-2-worker group's third step (checkpoints at steps 1 and 2), the node of rank 0 (the rank that
+2-worker group's third step (a checkpoint at every step), the node of rank 0 (the rank that
 writes checkpoints) is removed; Ray Train restarts one worker on the surviving node from the
 latest checkpoint and the run must end with every global step exactly once.
 """
@@ -36,7 +36,7 @@ def _run_job(workdir: str) -> dict:
     # Ray's temp dir (sockets, logs, and the "current cluster" address file that an address-less
     # ray.init() would join) goes to a short private directory (Unix socket paths are limited).
     ray_tmp = tempfile.mkdtemp(prefix="pacl-mn-", dir="/tmp")
-    env.update(RAY_TMPDIR=ray_tmp, RAY_TRAIN_V2_ENABLED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    env.update(RAY_TMPDIR=ray_tmp, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0",
                # The controller takes one report per health check: poll every 0.5 s, not 2 s.
                RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")

@@ -1,8 +1,8 @@
 """Stage 3 on Ray Train: worker-count invariance, failure recovery, phases, export, caching.
 
-The equivalence tests use ``test_convnext`` (LayerNorm only): a BatchNorm backbone such as
-``TINY_TIMM`` normalises each rank's half-batch with its own statistics, so 1 and 2 workers would
-legitimately differ. Runs are shared by the module's tests (a trainer start costs seconds).
+The equivalence tests use ``test_convnext`` (LayerNorm only); BatchNorm backbones agree across
+worker counts through ``train.sync_batchnorm`` (tested without Ray in tests/core/test_dist.py).
+Runs are shared by the module's tests (a trainer start costs seconds).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pacl_ray.config import model_args
 from pacl_ray.stages.checkpoint import STATE_FILE
 from pacl_ray.core.pacl_model import build_model
 from pacl_ray.stages.train import (
-    FaultInjection, NonFiniteLossError, build_dataset, fits_in_memory, joined_table, load_state, load_training_table,
-    rank_batches, run_train,
+    FaultInjection, NonFiniteLossError, chunk_layout, feed_order, fits_in_memory, joined_table, load_state,
+    load_training_table, rank_batches, run_train, write_feed,
 )
 
 pytestmark = pytest.mark.timeout(900)  # Ray Train starts are slow on a shared, loaded 2-core machine
@@ -78,8 +78,8 @@ def runs(ray_local, tables, tmp_path_factory):
     global step 7; the latest checkpoint is at step 6, inside the last epoch). The 2-worker run
     doubles as the 1-vs-2 comparison: its replayed steps are recomputed, so a lost or repeated
     step would show in both its step log and its parameters. The 1-worker run streams its data
-    through Ray Data every epoch, the 2-worker run batches an in-memory copy, so the comparison
-    also checks that both data paths train the same."""
+    through Ray Data every epoch (from the feed files), the 2-worker run batches an in-memory copy,
+    so the comparison also checks that both data paths train the same."""
     base = tmp_path_factory.mktemp("runs")
     marker = str(base / "fault-marker")
     return {
@@ -92,24 +92,29 @@ def runs(ray_local, tables, tmp_path_factory):
 # --------------------------------------------------------------------------- Ray Train runs
 
 
-@pytest.mark.parametrize("rank, start_step", [(0, 0), (1, 2)])
-def test_in_memory_batches_equal_streamed_batches(ray_local, tables, rank, start_step):
+@pytest.mark.parametrize("rank, start_step, chunk_rows", [(0, 0, 1), (1, 2, 3)])
+def test_in_memory_batches_equal_streamed_batches(ray_local, tables, tmp_path, rank, start_step, chunk_rows):
     cfg = make_cfg("unused")
     meta = load_training_table(tables["ingest"], tables["partition"], tables["embed"], tables["cluster"], cfg.train.k)
-    dataset = build_dataset(tables["ingest"], meta)
-    partition = meta.column("partition").to_numpy()
+    pairs = tables["ingest"].path("pairs")
+    layout = chunk_layout(pairs, meta.column("id").to_numpy(zero_copy_only=False).astype(str), chunk_rows)
+    files = write_feed("file://" + str(tmp_path / "feed"), pairs, meta.drop_columns(["partition"]), chunk_rows)
+    order = feed_order(meta.column("partition").to_numpy(), 8, 5, 16, layout)
     _, backbone = build_model(TEXT_DIM, **model_args(cfg))
-    plan = dict(partition_by_row=partition, phase=(1, 2, 3, 4), epoch=2, start_step=start_step, rank=rank,
-                world_size=2, global_batch=8, seed=5, transform=backbone.train_transform, device=torch.device("cpu"))
-    streamed = list(rank_batches(dataset, **plan))
+    plan = dict(order=order, phase=(1, 2, 3, 4), epoch=2, start_step=start_step, rank=rank, world_size=2,
+                transform=backbone.train_transform, device=torch.device("cpu"))
+    read_bytes: list[int] = []
+    streamed = list(rank_batches(files, **plan, read_bytes=read_bytes))
     in_memory = list(rank_batches(joined_table(tables["ingest"], meta), **plan))
-    assert len(streamed) == len(in_memory) == 4 - start_step
+    steps = order.steps((1, 2, 3, 4), 2)  # 4 with one-row chunks; 3-row chunks leave the 8 shards uneven
+    assert steps == (4 if chunk_rows == 1 else 3)
+    assert len(streamed) == len(in_memory) == steps - start_step and sum(read_bytes) > 0
     for a, b in zip(streamed, in_memory):
         assert a.keys() == b.keys()
         for name in a:
             assert a[name].dtype == b[name].dtype, name
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-    assert (torch.cat([b["position"] for b in in_memory]) // 8).tolist() == [s for s in range(start_step, 4) for _ in range(4)]
+    assert (torch.cat([b["position"] for b in in_memory]) // 8).tolist() == [s for s in range(start_step, steps) for _ in range(4)]
 
 
 def test_fits_in_memory_compares_the_pairs_files_with_the_limit(tables):
