@@ -137,6 +137,80 @@ def sweep_fingerprint(trial_configs: dict[str, dict]) -> str:
     return cache.content_key("sweep", sorted(trial_configs.items()))
 
 
+# --------------------------------------------------------------------------- what Tune sees
+
+# Always in a trial's Tune config (as well as every searched key): the method's headline
+# hyperparameters, so ResultGrid and TensorBoard's HParams view show what each trial ran.
+HEADLINE_KEYS = ("train.objective", "partition.sigma", "train.k", "train.temperature")
+SHORT_NAMES = {"train.objective": "objective", "partition.sigma": "sigma", "train.k": "K",
+               "train.temperature": "tau"}
+
+
+def trial_hyperparameters(space: SweepSpace, trial_configs: dict[str, dict]) -> dict[str, dict]:
+    """{trial: {dotted key: value}} over HEADLINE_KEYS and every searched or baseline key."""
+    keys = list(HEADLINE_KEYS) + [k for k in space.search if k not in HEADLINE_KEYS]
+    for overrides in space.baselines.values():
+        keys += [k for k in overrides if k not in keys]
+    return {name: {key: get_dotted(data, key) for key in keys} for name, data in trial_configs.items()}
+
+
+def param_space(hyperparameters: dict[str, dict]) -> dict:
+    """Tune's ``param_space``: a grid over trial names (the one-at-a-time layout is a fixed list,
+    not a product) with each hyperparameter a value resolved from the trial's name, so a trial's
+    ``config`` holds ``{"trial": name, "partition.sigma": 0.3, ...}``."""
+    import ray.tune
+
+    table = {name: dict(values) for name, values in hyperparameters.items()}
+    keys = list(next(iter(table.values()), {}))
+    space: dict = {"trial": ray.tune.grid_search(list(table))}
+    for key in keys:
+        space[key] = ray.tune.sample_from(lambda spec, key=key: table[spec.config["trial"]][key])
+    return space
+
+
+def run_label(name: str, hyperparameters: dict) -> str:
+    """A run name that says what ran: trial, objective, sigma, K, tau (TensorBoard, MLflow)."""
+    parts = [_safe_name(name)]
+    for key in HEADLINE_KEYS:
+        if key in hyperparameters:
+            parts.append(f"{SHORT_NAMES[key]}={format_value(hyperparameters[key])}")
+    return ",".join(parts)
+
+
+class _TrialNamer:
+    """Tune's ``trial_name_creator``: the trial's :func:`run_label` (a picklable callable: Tune
+    saves it with the experiment for a restore)."""
+
+    def __init__(self, hyperparameters: dict[str, dict]):
+        self.hyperparameters = hyperparameters
+
+    def __call__(self, trial: Any) -> str:
+        name = trial.config["trial"]
+        return run_label(name, self.hyperparameters.get(name, {}))
+
+
+# Metrics the training stage reports each epoch: losses on the training batches. Their scale moves
+# with tau, and which L_k enter `total` moves with sigma and K, so trials cannot be ranked on them.
+TRAINING_LOSS_PREFIXES = ("total", "loss", "l_", "lr")
+
+
+def check_asha(space: SweepSpace) -> None:
+    """Refuse ASHA on a training loss (raises SpaceError naming the key, value and what is allowed).
+
+    The training stage reports no held-out validation signal while training, and the downstream
+    metrics only exist once a trial has finished, so early stopping has nothing comparable across
+    trials to rank on."""
+    if space.asha is None:
+        return
+    metric = space.asha.metric
+    if metric.lower().startswith(TRAINING_LOSS_PREFIXES) or not metric.lower().startswith("val"):
+        raise SpaceError(
+            f"{space.path}: asha.metric: {metric!r} is a training-loss signal, which is not comparable "
+            "across trials (tau changes its scale; sigma and K change which L_k enter it), so ASHA would "
+            "stop trials on a meaningless number; the training stage reports no held-out validation "
+            "metric (val/...) to rank on: remove `asha:` from the space")
+
+
 # --------------------------------------------------------------------------- resources
 
 
@@ -204,11 +278,46 @@ def _safe_name(name: str) -> str:
 # --------------------------------------------------------------------------- the trial
 
 
+def write_eval_tensorboard(sweep_dir: str, name: str, hyperparameters: dict, metrics: dict[str, float],
+                           step: int) -> str:
+    """TensorBoard event files of one trial's evaluation metrics (scalars under ``eval/`` and an
+    HParams entry) in ``{sweep_dir}/tensorboard/<run label>``, written locally and copied through
+    :mod:`pacl_ray.formats.storage`, so ``file://`` and ``s3://`` outputs both get them. Returns
+    the run's URI ("" when tensorboard is not installed)."""
+    import shutil
+    import tempfile
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return ""
+    label = run_label(name, hyperparameters)
+    uri = storage.join(sweep_dir, "tensorboard", label)
+    local = tempfile.mkdtemp(prefix="pacl-tb-")
+    try:
+        writer = SummaryWriter(local)
+        for key, value in metrics.items():
+            writer.add_scalar(f"eval/{key}", value, step)
+        hparams = {SHORT_NAMES.get(k, k): (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in hyperparameters.items()}
+        writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        writer.close()
+        for root, _, files in os.walk(local):
+            for file in files:
+                path = os.path.join(root, file)
+                with open(path, "rb") as handle:
+                    storage.write_bytes(storage.join(uri, os.path.relpath(path, local)), handle.read())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return uri
+
+
 def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: str, report_epochs: bool,
                    upstream: dict[str, dict] | None = None) -> Callable:
     """The Tune function trainable: train (a TorchTrainer inside the trial), evaluate, report.
     ``upstream``: {trial: {stage: StageOutput}} resolved once by the driver (:func:`prepare_upstream`);
-    a trial then resolves none of them again."""
+    a trial then resolves none of them again. The trial's evaluation metrics also go to TensorBoard
+    (:func:`write_eval_tensorboard`)."""
 
     def pacl_trial(config: dict) -> None:
         import ray.tune
@@ -228,6 +337,8 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
         out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
         rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
+        hyperparameters = {k: v for k, v in config.items() if k != "trial"}
+        write_eval_tensorboard(sweep_dir, name, hyperparameters, metrics, int(cfg.train.epochs))
         ray.tune.report({
             **metrics, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
             "train_uri": result.uri, "evaluated": 1,
@@ -423,6 +534,7 @@ class SweepReport:
     best_config_yaml: str
     metric: str
     plots: list[str]
+    result_grid: Any = None  # Tune's ResultGrid (configs hold the hyperparameters)
 
 
 def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
@@ -470,16 +582,80 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
 # --------------------------------------------------------------------------- the driver
 
 
+class OnceFilter(io.TextIOBase):
+    """A stdout wrapper that passes each printed summary once: output is cut into blocks (a line
+    at column 0 and the indented lines under it), and a block equal to one already passed, up to
+    a trailing " [cached]", is dropped. Trials of a sweep share stages, so each would print the
+    same cached summaries again. A block is held only until the next block starts."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.seen: set[str] = set()
+        self.block: list[str] = []
+        self.partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            if line[:1].isspace() and self.block:
+                self.block.append(line)
+            else:
+                self._emit()
+                self.block = [line]
+        if self.block and self.block[0].startswith(("[", "(")):
+            self._emit()  # a log line ("[tune] ...", Ray's "(pid=...)") has no indented body
+        return len(text)
+
+    def _emit(self) -> None:
+        if not self.block:
+            return
+        text = "\n".join(self.block)
+        key = text[:-len(" [cached]")] if text.endswith(" [cached]") else text
+        self.block = []
+        if key.strip() and key in self.seen:
+            return
+        self.seen.add(key)
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close_block(self) -> None:
+        """Emit what is held (the last block and any unterminated line)."""
+        self._emit()
+        if self.partial:
+            self.stream.write(self.partial)
+            self.partial = ""
+        self.stream.flush()
+
+
 def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] = print) -> dict[str, dict]:
     """Resolve the stages trials share, once, on the driver: {trial: {stage: StageOutput}} of the
     four outputs training reads, handed to the trials so that none resolves them again. Every
     trial's partition is thresholded here too (cheap), so its report is available; scoring and
     clustering hit the cache after the first trial because their content keys exclude sigma and
     hold every K. Trials on the same data share one ingest resolution."""
-    from pacl_ray.stages import pipeline
+    import contextlib
 
     upstream: dict[str, dict] = {}
     earlier: list = []
+    once = OnceFilter(sys.stdout)
+    with contextlib.redirect_stdout(once):
+        try:
+            _prepare_each(trial_configs, upstream, earlier, log)
+        finally:
+            once.close_block()
+    return upstream
+
+
+def _prepare_each(trial_configs: dict[str, dict], upstream: dict, earlier: list, log: Callable[[str], None]) -> None:
+    from pacl_ray.stages import pipeline
+
     for name, data in trial_configs.items():
         cfg = config_mod.from_dict(data)
         start = time.time()
@@ -494,7 +670,6 @@ def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] 
         partition, cluster = upstream[name]["partition"], upstream[name]["cluster"]
         log(f"[tune] upstream for {name}: partition {partition.key}{' (cached)' if partition.cached else ''}, "
             f"cluster {cluster.key}{' (cached)' if cluster.cached else ''} [{time.time() - start:.1f}s]")
-    return upstream
 
 
 def run_sweep(
@@ -518,6 +693,7 @@ def run_sweep(
 
     from pacl_ray.stages.runtime import cluster_cpus, cluster_gpus
 
+    check_asha(space)
     trials = expand_trials(space, base)
     ks = sweep_ks(base, trials)
     trial_configs = {t.name: trial_config_dict(base, t, ks) for t in trials}
@@ -556,6 +732,9 @@ def run_sweep(
             max_t=(space.asha.max_t or epochs) + 1, grace_period=space.asha.grace_period,
             reduction_factor=space.asha.reduction_factor)
 
+    from pacl_ray.sweeps.tracking import TrialProgress, tracking_callbacks
+
+    callbacks = [TrialProgress(len(trials), log), *tracking_callbacks(base.get("tracking") or {}, name)]
     if not resume and storage.exists(experiment_path):
         storage.delete_dir(experiment_path)
     if resume and ray.tune.Tuner.can_restore(experiment_path):
@@ -565,18 +744,28 @@ def run_sweep(
     else:
         log(f"[tune] starting {experiment_path}; up to {concurrency} trial(s) at once"
             f"{' on GPU' if use_gpu else ' on CPU'}")
+        hyperparameters = trial_hyperparameters(space, trial_configs)
         tuner = ray.tune.Tuner(
             trainable,
-            param_space={"trial": ray.tune.grid_search([t.name for t in trials])},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler),
+            param_space=param_space(hyperparameters),
+            tune_config=ray.tune.TuneConfig(
+                max_concurrent_trials=concurrency, scheduler=scheduler,
+                # Trial names and folders say what ran (trial, objective, sigma, K, tau): Ray's
+                # TensorBoard, MLflow and W&B runs take these names.
+                trial_name_creator=_TrialNamer(hyperparameters),
+                trial_dirname_creator=_TrialNamer(hyperparameters)),
             run_config=ray.tune.RunConfig(
                 name=experiment_name, storage_path=experiment_root,
                 failure_config=ray.tune.FailureConfig(max_failures=space.max_failures),
+                # Tune's own status tables and per-result dicts are off; TrialProgress prints
+                # a line per trial start/end and a heartbeat, the report prints the results.
+                verbose=0, callbacks=callbacks,
             ),
         )
     grid = tuner.fit()
     outcomes = collect_outcomes(grid, trials)
     report = write_report(space, base, trial_configs, outcomes, sweep_dir, initial)
+    report.result_grid = grid
     return outcomes, report, partitions
 
 
@@ -615,18 +804,6 @@ def _print_world(world: Any) -> None:
     print(format_report(world.report))
 
 
-def _print_partition(name: str, partition: Any) -> None:
-    from pacl_ray.stages.partition import format_split
-
-    try:
-        summary = cache.read_summary(partition.uri)
-    except (OSError, ValueError):
-        return
-    if "partitions" in summary:
-        print(f"\n== Partition of trial {name} (scorer vs the planted split) ==")
-        print(format_split(summary))
-
-
 def run_tune(
     space: str = DEFAULT_SPACE,
     *,
@@ -654,6 +831,7 @@ def run_tune(
         world=world, world_dir=world_dir, world_seed=world_seed)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     space = load_space(resolve_space_path(args.space))
+    check_asha(space)  # before Ray starts or the world is built
     probe = base_config_dict(space, config_file=args.config, overrides=args.overrides,
                              data=args.data, downstream=args.downstream, output_dir=args.output_dir)
     ray_cfg = config_mod.from_dict(probe).ray
@@ -685,13 +863,14 @@ def run_tune(
     sweep_dir = storage.join(base["output_dir"], "sweeps", name)
     if on_sweep_dir is not None:
         on_sweep_dir(sweep_dir)
+    # The resolved config goes to a file (its path is printed), not to the console.
+    config_path = storage.join(sweep_dir, "config.yaml")
+    storage.write_text(config_path, config_mod.dump_config(cfg))
+    print(f"[tune] resolved config: {config_path}")
     initial = flatten_rows(evaluate_rows(cfg, cfg.model.backbone, cfg.model.backbone_checkpoint, "initial",
                                          storage.join(sweep_dir, "initial")))
     outcomes, report, partitions = run_sweep(space, base, name, resume=args.resume,
                                              max_concurrent=args.max_concurrent, initial=initial)
-    if partitions:
-        shown = "adopted" if "adopted" in partitions else next(iter(partitions))
-        _print_partition(shown, partitions[shown])
     print("\n== Initial backbone (before PACL) ==")
     for key, value in initial.items():
         print(f"  {key}: {value:.2f}")
@@ -700,10 +879,15 @@ def run_tune(
     print("Exported backbones:")
     for outcome in outcomes:
         print(f"  {outcome.trial.name}: {outcome.backbone or '-'}")
+    if partitions:
+        print("Partition reports (split, score histograms, gallery):")
+        for trial_name, partition in partitions.items():
+            print(f"  {trial_name}: {partition.uri}")
+    print(f"TensorBoard (evaluation metrics per trial): tensorboard --logdir {storage.join(report.sweep_dir, 'tensorboard')}")
+    print(f"Resolved base config: {config_path}")
     if report.best is not None:
         print(f"\n== Best config ({report.metric} = {report.best.metrics[report.metric]:.2f}, "
-              f"trial {report.best.trial.name}) -> {storage.join(report.sweep_dir, 'best_config.yaml')} ==\n")
-        print(report.best_config_yaml)
+              f"trial {report.best.trial.name}) -> {storage.join(report.sweep_dir, 'best_config.yaml')} ==")
     failed = [o for o in outcomes if o.error and o.error != "stopped early"]
     if failed:
         for outcome in failed:

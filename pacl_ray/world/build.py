@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -426,7 +427,7 @@ def _dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _train_classifier(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
-    seed: int, augment: bool, batch_size: int = 64,
+    seed: int, augment: bool, batch_size: int = 64, label: str = "classifier",
 ) -> None:
     """Plain supervised training of a timm classifier on in-memory tensors (AdamW, cosine decay)."""
     generator = torch.Generator().manual_seed(seed)
@@ -434,16 +435,18 @@ def _train_classifier(
     steps = max(1, epochs * math.ceil(len(images) / batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), batch_size):
-            idx = order[start: start + batch_size]
-            batch = _dihedral(images[idx], generator) if augment else images[idx]
-            loss = torch.nn.functional.cross_entropy(model(batch), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with _steps(label, steps) as progress:
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for start in range(0, len(images), batch_size):
+                idx = order[start: start + batch_size]
+                batch = _dihedral(images[idx], generator) if augment else images[idx]
+                loss = torch.nn.functional.cross_entropy(model(batch), labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                progress.update()
     model.eval()
 
 
@@ -472,7 +475,8 @@ def fit_backbone(root: Path, size: WorldSize, seed: int) -> Path:
     # gives the stand-in the same property while the layers above learn the objects.
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not name.startswith(FROZEN_STEM))
-    _train_classifier(model, images, labels, size.backbone_epochs, lr=3e-3, seed=seed, augment=True)
+    _train_classifier(model, images, labels, size.backbone_epochs, lr=3e-3, seed=seed, augment=True,
+                      label="object-pretrained backbone")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # timm's default num_classes is the pretrained cfg's 1000: pad the classifier with rows that
     # never win, so loading with or without num_classes=0 both work
@@ -496,7 +500,12 @@ def fit_clip(root: Path, size: WorldSize, seed: int) -> Path:
 
     backbones.register_model_configs()
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(CLIP_MODEL, pretrained=None)
+    expected = _DropExpectedWarning()
+    logging.getLogger().addFilter(expected)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(CLIP_MODEL, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(expected)
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL)
     rows = read_jsonl(root / "clean" / "clean.jsonl")
     images = _load_images([root / "clean" / r["image"] for r in rows], preprocess)
@@ -510,18 +519,20 @@ def fit_clip(root: Path, size: WorldSize, seed: int) -> Path:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=CLIP_LR, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(size.clip_epochs):
-        order = torch.randperm(len(rows), generator=generator)
-        for start in range(0, len(rows), batch_size):
-            idx = order[start: start + batch_size]
-            # one of the image's captions (or its bare ANP) per step
-            which = torch.randint(0, n_captions, (len(idx),), generator=generator)
-            image_features, text_features, logit_scale = model(images[idx], tokens[idx, which])[:3]
-            loss = loss_fn(image_features, text_features, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with _steps("factual scorer", steps) as progress:
+        for _ in range(size.clip_epochs):
+            order = torch.randperm(len(rows), generator=generator)
+            for start in range(0, len(rows), batch_size):
+                idx = order[start: start + batch_size]
+                # one of the image's captions (or its bare ANP) per step
+                which = torch.randint(0, n_captions, (len(idx),), generator=generator)
+                image_features, text_features, logit_scale = model(images[idx], tokens[idx, which])[:3]
+                loss = loss_fn(image_features, text_features, logit_scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                progress.update()
     model.eval()
     path = root / "clip.pt"
     torch.save({"state_dict": model.state_dict()}, path)
@@ -548,16 +559,18 @@ def _warm_start_text_tower(model: torch.nn.Module, tokens: torch.Tensor, rows: l
     text_parameters = [p for n, p in model.named_parameters() if not n.startswith(("visual.", "logit_"))]
     optimizer = torch.optim.AdamW(text_parameters + list(heads.parameters()), lr=CLIP_LR, weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed + 1)
-    for _ in range(epochs):
-        order = torch.randperm(len(flat_tokens), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
-            features = model.encode_text(flat_tokens[idx])
-            loss = (torch.nn.functional.cross_entropy(heads["object"](features), object_labels[idx])
-                    + torch.nn.functional.cross_entropy(heads["emotion"](features), emotion_labels[idx]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with _steps("text tower warm start", epochs * math.ceil(len(flat_tokens) / batch_size)) as progress:
+        for _ in range(epochs):
+            order = torch.randperm(len(flat_tokens), generator=generator)
+            for start in range(0, len(order), batch_size):
+                idx = order[start: start + batch_size]
+                features = model.encode_text(flat_tokens[idx])
+                loss = (torch.nn.functional.cross_entropy(heads["object"](features), object_labels[idx])
+                        + torch.nn.functional.cross_entropy(heads["emotion"](features), emotion_labels[idx]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.update()
 
 
 @torch.inference_mode()
@@ -650,7 +663,8 @@ def measure_gap(root: Path, backbone_checkpoint: Path, size: WorldSize, seed: in
     torch.manual_seed(seed)
     ceiling = timm.create_model(BACKBONE, pretrained=False, num_classes=len(EMOTIONS))
     images, targets = data["train"]
-    _train_classifier(ceiling, images, targets, size.ceiling_epochs, lr=3e-3, seed=seed, augment=False)
+    _train_classifier(ceiling, images, targets, size.ceiling_epochs, lr=3e-3, seed=seed, augment=False,
+                      label="emotion ceiling")
     ceiling.reset_classifier(0)
     result = {"random_init": probe(random_init), "object_pretrained": probe(start), "ceiling": probe(ceiling)}
     result["gap_points"] = round(100 * (result["ceiling"] - result["object_pretrained"]), 2)
@@ -748,6 +762,25 @@ def _log(progress: bool, message: str) -> None:
         print(f"[pacl_ray.world] {message}", file=sys.stderr, flush=True)
 
 
+_SHOW_PROGRESS = [True]  # set by build_world: the stand-in fits report their steps when it is on
+
+
+def _steps(label: str, total: int):
+    """Progress of one stand-in fit in optimizer steps (a bar on a terminal, else a line with
+    counts, rate and ETA every 10 s): the default world's fits take minutes."""
+    from pacl_ray.stages.runtime import Progress
+
+    return Progress(f"[pacl_ray.world] {label}", total, "steps", enabled=_SHOW_PROGRESS[0])
+
+
+class _DropExpectedWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger
+    for ``pretrained=None``; the world's scorer is trained from random weights on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded for model" not in record.getMessage()
+
+
 def generate_data(root: Path, seed: int, spec: WorldSize) -> tuple[dict, dict]:
     """Write every data file of a world (deterministic in ``seed``); returns the planted split %
     and the downstream split sizes."""
@@ -763,6 +796,7 @@ def build_world(root: Path, seed: int, size: str, progress: bool = True) -> dict
     """Generate the data, fit the stand-ins and measure the gap into ``root``; returns the report."""
     spec = SIZES[size]
     timings: dict[str, float] = {}
+    _SHOW_PROGRESS[0] = progress
 
     def timed(name: str, fn, *args):
         _log(progress, f"{name} ...")
