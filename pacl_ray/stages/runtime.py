@@ -49,13 +49,17 @@ def quiet_env() -> dict[str, str]:
 
 
 def configure_driver_console() -> None:
-    """Ray Data's progress on the driver: off in logs, the global bar only on a terminal."""
+    """Ray Data's progress in this process: off in logs (with its INFO lines), the global bar only
+    on a terminal."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = False
     if not interactive():
         ctx.enable_progress_bars = False
+        # Each execution's start/plan/finish lines (with a path into Ray's session folder): the
+        # stages print one summary per step instead.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -94,6 +98,11 @@ QUIETED_LOGGERS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": "ERROR",
     "ray.train.v2._internal.execution.scaling_policy.scaling_policy": "WARNING",
     "ray.train.v2._internal.execution.worker_group.worker_group": "WARNING",
+    # Train's per-report echoes: the TrainingReport repr (600-900 characters) of every report,
+    # each checkpoint's path and the device move; the stage's run.log lines say the same briefly.
+    "ray.train.v2._internal.execution.context": "WARNING",
+    "ray.train.v2._internal.execution.storage": "WARNING",
+    "ray.train.v2.torch.train_loop_utils": "WARNING",
 }
 
 
