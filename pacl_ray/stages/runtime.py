@@ -60,6 +60,8 @@ def configure_driver_console() -> None:
         # Each execution's start/plan/finish lines (with a path into Ray's session folder): the
         # stages print one summary per step instead.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # ... and its notice that the bars are off (they are off on purpose here).
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:

@@ -428,6 +428,35 @@ def table_rows(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
     return rows
 
 
+def merge_repeats(rows: list[dict]) -> list[dict]:
+    """Rows with the same (hyperparameter, value) -- a sweep repeated over seeds -- merged into one
+    whose ``metrics`` are the means, ``spread`` the sample standard deviations and ``n`` the
+    number of finished repeats per column; order is first appearance. Single rows get n = 1."""
+    merged: dict[tuple, dict] = {}
+    samples: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        key = (r["hyperparameter"], r["value"])
+        if key not in merged:
+            merged[key] = {**r, "trials": [r["trial"]] if r["trial"] else [], "errors": [r["error"]] if r["error"] else []}
+            samples[key] = {}
+        else:
+            merged[key]["trials"] += [r["trial"]] if r["trial"] else []
+            merged[key]["errors"] += [r["error"]] if r["error"] else []
+        for column, value in r["metrics"].items():
+            samples[key].setdefault(column, []).append(float(value))
+    out = []
+    for key, r in merged.items():
+        values = samples[key]
+        r["metrics"] = {c: sum(v) / len(v) for c, v in values.items()}
+        r["spread"] = {c: (sum((x - r["metrics"][c]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+                       for c, v in values.items()}
+        r["n"] = max((len(v) for v in values.values()), default=0)
+        r["trial"] = ";".join(r.pop("trials"))
+        r["error"] = "; ".join(dict.fromkeys(r.pop("errors")))
+        out.append(r)
+    return out
+
+
 def _sort_key(value: Any) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (0, float(value), "")
@@ -449,6 +478,9 @@ def results_markdown(rows: list[dict], columns: list[str]) -> str:
         section = r["hyperparameter"] if r["hyperparameter"] != previous else ""
         previous = r["hyperparameter"]
         cells = [_fmt_metric(r["metrics"].get(c)) for c in columns]
+        if r.get("n", 1) > 1:  # repeats (seeds): mean ± sample standard deviation (n)
+            cells = [cell if cell == "-" else f"{cell} ± {r['spread'][c]:.2f} (n={r['n']})"
+                     for cell, c in zip(cells, columns)]
         if r["error"] and not r["metrics"]:
             cells = [f"failed: {r['error'][:40]}"] + ["-"] * (len(columns) - 1) if columns else []
         lines.append("| " + " | ".join([section, r["value"]] + cells) + " |")
@@ -458,10 +490,13 @@ def results_markdown(rows: list[dict], columns: list[str]) -> str:
 def results_csv(rows: list[dict], columns: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + ["backbone", "error"])
+    repeated = any(r.get("n", 1) > 1 for r in rows)
+    spread = [f"{c} std" for c in columns] + ["n"] if repeated else []
+    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + spread + ["backbone", "error"])
     for r in rows:
+        extra = [r["spread"].get(c, "") for c in columns] + [r.get("n", "")] if repeated else []
         writer.writerow([r["hyperparameter"], r["value"], r["adopted"], r["trial"]]
-                        + [r["metrics"].get(c, "") for c in columns] + [r["backbone"], r["error"]])
+                        + [r["metrics"].get(c, "") for c in columns] + extra + [r["backbone"], r["error"]])
     return buffer.getvalue()
 
 
@@ -547,7 +582,7 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
         print(f"[tune] warning: metric {space.metric.name!r} is not a result column "
               f"({', '.join(columns)}); using {metric!r}", file=sys.stderr)
     mode = space.metric.mode if space.metric else "max"
-    rows = table_rows(space, base, outcomes, initial)
+    rows = merge_repeats(table_rows(space, base, outcomes, initial))
     markdown, csv_text = results_markdown(rows, columns), results_csv(rows, columns)
     storage.write_text(storage.join(sweep_dir, "results.md"), markdown)
     storage.write_text(storage.join(sweep_dir, "results.csv"), csv_text)
@@ -557,8 +592,9 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
                  for r in rows if r["hyperparameter"] in ("baseline", "initial backbone") and metric in r["metrics"]}
     plots = []
     for key, domain in space.search.items():
-        if not any(r["hyperparameter"] == key and r["metrics"] for r in rows) or not metric:
-            continue
+        values = {r["value"].replace(" (adopted)", "") for r in rows if r["hyperparameter"] == key and r["metrics"]}
+        if len(values) < 2 or not metric:
+            continue  # a one-value axis is a lone point, not a curve
         uri = storage.join(sweep_dir, f"plot_{key.replace('.', '_')}.png")
         storage.write_bytes(uri, plot_hyperparameter(key, rows, columns, metric, reference, domain.log_scale))
         plots.append(uri)

@@ -24,9 +24,14 @@ class TrialProgress(Callback):
     """One line per trial start/end and a heartbeat every ``HEARTBEAT_S`` while trials run."""
 
     def __init__(self, total: int, log: Callable[[str], None] = print, heartbeat_s: float = HEARTBEAT_S):
-        self.total, self.log, self.heartbeat_s = total, log, heartbeat_s
+        self.total, self.heartbeat_s = total, heartbeat_s
+        # Tune pickles its callbacks with the experiment; the builtin print is looked up at call
+        # time instead (Ray replaces builtins.print while Tune runs, so it does not pickle).
+        self._log = None if log is print else log
         self.start = self.last = time.monotonic()
-        self.finished = 0
+
+    def log(self, message: str) -> None:
+        (self._log or print)(message)
 
     @staticmethod
     def _name(trial: Any) -> str:

@@ -403,3 +403,29 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     assert cli.main(["tune", *argv]) == 0  # relaunch: restored, nothing retrained
     assert "resuming" in capsys.readouterr().out
     assert count("train") == 2
+
+
+def test_repeated_rows_show_mean_and_spread_and_one_value_axes_get_no_plot(tmp_path):
+    """A sweep repeated over seeds gives several rows per value: the table shows their mean,
+    sample standard deviation and count; an axis searched at one value gets no plot."""
+    rows = [
+        {"hyperparameter": "partition.sigma", "value": "0.3", "adopted": False, "trial": f"s{seed}",
+         "metrics": {"emotion/Acc-4": acc}, "backbone": "", "error": ""}
+        for seed, acc in enumerate([50.0, 54.0, 58.0])
+    ] + [{"hyperparameter": "partition.sigma", "value": "0.5 (adopted)", "adopted": True, "trial": "adopted",
+          "metrics": {"emotion/Acc-4": 60.0}, "backbone": "", "error": ""}]
+    merged = driver.merge_repeats(rows)
+    assert [(r["value"], r["n"], r["trial"]) for r in merged] == [("0.3", 3, "s0;s1;s2"), ("0.5 (adopted)", 1, "adopted")]
+    assert merged[0]["metrics"]["emotion/Acc-4"] == 54.0 and merged[0]["spread"]["emotion/Acc-4"] == 4.0
+    markdown = driver.results_markdown(merged, ["emotion/Acc-4"])
+    assert "| partition.sigma | 0.3 | 54.00 ± 4.00 (n=3) |" in markdown and "|  | 0.5 (adopted) | 60.00 |" in markdown
+    parsed = list(csv.DictReader(io.StringIO(driver.results_csv(merged, ["emotion/Acc-4"]))))
+    assert parsed[0]["emotion/Acc-4 std"] == "4.0" and parsed[0]["n"] == "3"
+
+    space = parse_space({"search": {"partition.sigma": {"grid": [0.7]}}, "metric": "emotion/Acc-4"}, "one.yaml")
+    base = config.to_dict(config.from_dict({}))
+    trials = expand_trials(space, base)
+    outcomes = [driver.TrialOutcome(t, {"emotion/Acc-4": 50.0}) for t in trials]
+    configs = {t.name: driver.trial_config_dict(base, t, [2]) for t in trials}
+    report = driver.write_report(space, base, configs, outcomes, str(tmp_path / "one"))
+    assert report.plots == [] and not (tmp_path / "one" / "plot_partition_sigma.png").exists()
