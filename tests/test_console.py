@@ -14,9 +14,11 @@ MAX_LINE = 200
 # A Python dict repr: "{'key': " (json.dumps output uses double quotes and is not printed).
 DICT_REPR = re.compile(r"\{'[^']*': ")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The raylet's own warnings about a loaded machine ("N PYTHON worker processes have been
-# started ...") come from Ray's scheduler, not from anything a run can switch off.
-RAYLET = "(raylet)"
+# Ray's C++ runtime logs these itself: the raylet's warnings about a loaded machine ("N PYTHON
+# worker processes have been started ...") and core_worker.cc lines such as Ray Train's own
+# PreemptionWatcher actor notice (ray-project/ray#53727). Only RAY_BACKEND_LOG_LEVEL silences
+# them, and that would hide real errors too.
+RAY_RUNTIME = re.compile(r"\(raylet\)|\] \w+\.cc:\d+: ")
 
 
 def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
@@ -25,7 +27,7 @@ def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
     exactly once."""
     problems = []
     for number, line in enumerate(text.splitlines(), 1):
-        if RAYLET in line:
+        if RAY_RUNTIME.search(line):
             continue
         if "Traceback (most recent call last)" in line:
             problems.append(f"line {number}: traceback")

@@ -102,6 +102,7 @@ QUIETED_LOGGERS = {
     "ray.train.v2._internal.execution.worker_group.worker_group": "WARNING",
     # Train's per-report echoes: the TrainingReport repr (600-900 characters) of every report,
     # each checkpoint's path and the device move; the stage's run.log lines say the same briefly.
+    # (this module's logger is named by its file path: see _logger_name)
     "ray.train.v2._internal.execution.context": "WARNING",
     "ray.train.v2._internal.execution.storage": "WARNING",
     "ray.train.v2.torch.train_loop_utils": "WARNING",
@@ -120,7 +121,37 @@ def setup_worker() -> None:
         pass
     configure_driver_console()
     for name, level in QUIETED_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+        logger = logging.getLogger(_logger_name(name))
+        logger.setLevel(level)
+        # Ray Train re-applies its logging config (dictConfig) in its worker and controller
+        # processes, which resets the levels of loggers below `ray.train` but keeps their filters.
+        logger.addFilter(_AtLeast(logging.getLevelName(level)))
+
+
+# Modules whose logger is getLogger(__file__) rather than getLogger(__name__).
+FILE_NAMED_LOGGERS = ("ray.train.v2._internal.execution.context",)
+
+
+def _logger_name(module: str) -> str:
+    """The name ``module`` logs under: its dotted name, or its file path for FILE_NAMED_LOGGERS."""
+    if module in FILE_NAMED_LOGGERS:
+        import importlib.util
+
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            return spec.origin
+    return module
+
+
+class _AtLeast(logging.Filter):
+    """Drops a logger's records below ``level`` (survives logging.config.dictConfig)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
 
 
 quiet_worker_logs = setup_worker  # the hook's earlier name (conftest and old runtime_envs use it)

@@ -307,7 +307,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
         NoTrainableEpochError: no epoch's phase holds one global batch of pairs.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -355,6 +355,9 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks or []),
+            # Ray Train's INFO echoes (every report's TrainingReport repr, resource requests):
+            # the stage prints its own plan and epoch lines (issue 20).
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()

@@ -164,7 +164,7 @@ def param_space(hyperparameters: dict[str, dict]) -> dict:
     keys = list(next(iter(table.values()), {}))
     space: dict = {"trial": ray.tune.grid_search(list(table))}
     for key in keys:
-        space[key] = ray.tune.sample_from(lambda spec, key=key: table[spec.config["trial"]][key])
+        space[key] = ray.tune.sample_from(lambda config, key=key: table[config["trial"]][key])
     return space
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+import types
 from typing import Any, Callable
 
 from ray.tune import Callback
@@ -25,9 +26,10 @@ class TrialProgress(Callback):
 
     def __init__(self, total: int, log: Callable[[str], None] = print, heartbeat_s: float = HEARTBEAT_S):
         self.total, self.heartbeat_s = total, heartbeat_s
-        # Tune pickles its callbacks with the experiment; the builtin print is looked up at call
-        # time instead (Ray replaces builtins.print while Tune runs, so it does not pickle).
-        self._log = None if log is print else log
+        # Tune pickles its callbacks with the experiment; a builtin (print) is looked up at call
+        # time instead: Ray may have replaced builtins.print by then, and the original then does
+        # not pickle ("not the same object as builtins.print").
+        self._log = None if isinstance(log, types.BuiltinFunctionType) else log
         self.start = self.last = time.monotonic()
 
     def log(self, message: str) -> None:

@@ -367,8 +367,9 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     # characters, each shared stage's summary once, the config as a path, not a dump.
     from test_console import console_problems
 
-    assert console_problems(captured.out + captured.err, summaries=(
-        "ingest:", "scores:", "embed:", "cluster:", "== Sweep tiny", "== Best config")) == []
+    problems = console_problems(captured.out + captured.err, summaries=(
+        "ingest:", "scores:", "embed:", "cluster:", "== Sweep tiny", "== Best config"))
+    assert problems == [], "\n".join(problems)
     assert f"resolved config: {sweep / 'config.yaml'}" in printed and (sweep / "config.yaml").is_file()
     assert "train:\n" not in printed  # no YAML dump on the console
     # Tune's ResultGrid holds each trial's hyperparameters
