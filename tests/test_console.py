@@ -26,11 +26,12 @@ def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
     characters, ANSI colour codes, and each of ``summaries`` (a line prefix) printed other than
     exactly once."""
     problems = []
-    for number, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
         if RAY_RUNTIME.search(line):
             continue
         if "Traceback (most recent call last)" in line:
-            problems.append(f"line {number}: traceback")
+            problems.append(f"line {number}: traceback: " + " | ".join(lines[number - 2: number + 14])[:2000])
         if DICT_REPR.search(line):
             problems.append(f"line {number}: dict repr: {line[:120]}")
         if len(line) > MAX_LINE:
