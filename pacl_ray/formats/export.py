@@ -253,7 +253,7 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         data_config = json.loads(config_text).get("pretrained_cfg", {})
         storage.write_text(storage.join(directory, TIMM_CONFIG), config_text)
         write_safetensors(storage.join(directory, TIMM_WEIGHTS), backbone_state, {"backbone": name})
-        info["load_with_timm"] = f'timm.create_model("local-dir:<export dir>", pretrained=True)'
+        info["load_with_timm"] = 'timm.create_model("local-dir:<export dir>", pretrained=True)'
     storage.write_text(storage.join(directory, MODEL_CARD), model_card(info, data_config))
     storage.write_text(out.info, json.dumps(info, indent=2))
     return out

@@ -22,7 +22,6 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 from pacl_ray.config import RayConfig
 # The in-process-or-Ray-Data decision lives with the executor; re-exported for existing callers.

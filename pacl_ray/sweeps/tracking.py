@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import time
-import types
 from typing import Any, Callable
 
 from ray.tune import Callback
@@ -29,7 +28,8 @@ class TrialProgress(Callback):
         # Tune pickles its callbacks with the experiment; a builtin (print) is looked up at call
         # time instead: Ray may have replaced builtins.print by then, and the original then does
         # not pickle ("not the same object as builtins.print").
-        self._log = None if isinstance(log, types.BuiltinFunctionType) else log
+        builtin_print = getattr(log, "__module__", None) == "builtins" and getattr(log, "__name__", "") == "print"
+        self._log = None if builtin_print else log
         self.start = self.last = time.monotonic()
 
     def log(self, message: str) -> None:
