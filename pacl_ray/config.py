@@ -332,6 +332,19 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Opt-in experiment trackers of sweeps, through Ray Tune's logger callbacks
+    (pacl_ray.sweeps.tracking). TensorBoard event files are always written."""
+
+    mlflow_uri: str = _f("", "MLflow tracking URI of sweep runs (sqlite:///path/mlflow.db, http://host:5000, "
+                         "file:///path/mlruns with MLFLOW_ALLOW_FILE_STORE=true); empty = no MLflow")
+    mlflow_experiment: str = _f("", "MLflow experiment name; empty = the sweep's name")
+    wandb_project: str = _f("", "W&B project of sweep runs; empty = no W&B")
+    wandb_mode: str = _f("offline", "W&B mode: offline writes local files (wandb sync uploads them)",
+                         one_of("offline", "online"))
+
+
+@dataclass
 class RunConfig:
     """The whole pipeline's configuration."""
 
@@ -348,6 +361,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # --------------------------------------------------------------------------- coercion

@@ -21,8 +21,11 @@ def ray_local():
     Ray Data tasks, actor pools and Train workers must all fit at once on a 2-core CI machine."""
     import ray
 
+    from pacl_ray.config import RayConfig
+    from pacl_ray.stages.runtime import init_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=8, num_gpus=0, include_dashboard=False, configure_logging=False)
+        init_ray(RayConfig(num_cpus=8, num_gpus=0))  # what the CLI starts: its console switches too
     yield ray
     ray.shutdown()
 

@@ -112,7 +112,10 @@ def evaluate_backbone(
     loaded = []
     for spec in specs:
         data = load_task(spec)
-        print(f"[evaluate] {spec.text}: {data.summary()}", flush=True)
+        info = data.summary()
+        sizes = " / ".join(f"{split} {n}" for split, n in info["sizes"].items())
+        print(f"[evaluate] {info['name']} ({info['kind']}, {info['out_dims']} outputs): {sizes}"
+              f"{', quarantined ' + str(info['quarantined']) if info['quarantined'] else ''}", flush=True)
         qname = re.sub(r"[^\w.-]+", "_", f"{spec.kind}-{spec.dataset}-{cache.content_key(spec.text)}")
         storage.write_text(storage.join(out_dir, "quarantine", f"{qname}.json"), json.dumps(data.quarantine, indent=1))
         runnable = [p for p in protocols if not (p == "zeroshot" and data.kind == "vad")]

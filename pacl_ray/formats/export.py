@@ -25,6 +25,14 @@ An export directory holds
   ``image_proj.weight`` float32 [embed_dim, image_dim] and ``text_proj.weight`` float32
   [embed_dim, text_dim]. Exports written before the heads were renamed hold ``image_head.weight``
   / ``text_head.weight``; readers accept both (:data:`HEAD_KEYS`).
+* timm backbones also get the layout of a timm model folder (Hugging Face Hub style):
+  ``config.json`` (:data:`TIMM_CONFIG`: architecture, num_classes and timm's ``pretrained_cfg``
+  with the trained input size, mean/std, interpolation and crop_pct, written by timm's own
+  ``save_config_for_hf``) and ``model.safetensors`` (:data:`TIMM_WEIGHTS`, the same tensors as
+  ``backbone.safetensors``; timm's ``local-dir:`` loader takes only that name when a folder holds
+  several weight files), so ``timm.create_model("local-dir:<export dir>", pretrained=True)``
+  builds the right architecture and ``timm.data.resolve_model_data_config`` the right transform.
+* ``README.md`` (:data:`MODEL_CARD`): a short model card (what was trained, how, how to load it).
 * ``export.json`` (:data:`EXPORT_META`): ``backbone``, ``text_encoder``, ``text_pooling``,
   ``text_max_length``, ``embed_dim`` (required, :data:`EXPORT_KEYS`), plus ``backbone_kwargs``
   (the ``timm.create_model`` keywords of the architecture; pass them when loading), the transform
@@ -56,6 +64,9 @@ from pacl_ray.core.pacl_model import PACLModel
 EXPORT_META = "export.json"
 EXPORT_BACKBONE = "backbone.safetensors"
 EXPORT_HEADS = "heads.safetensors"
+TIMM_CONFIG = "config.json"
+TIMM_WEIGHTS = "model.safetensors"
+MODEL_CARD = "README.md"
 EXPORT_KEYS = ("backbone", "text_encoder", "text_pooling", "text_max_length", "embed_dim")
 # (image, text) projection weights [E, D]: the contract's name first, then the name exports had
 # before the model's heads were renamed (still read).
@@ -141,6 +152,62 @@ def timm_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tens
     return full.state_dict()
 
 
+def timm_config_json(cfg: RunConfig) -> str:
+    """timm's ``config.json`` for the exported backbone: its ``pretrained_cfg`` with the input size
+    PACL trained at (``train.image_size``, else ``model.backbone_input_size``, else the
+    architecture's), through timm's own ``save_config_for_hf``."""
+    import timm
+    from timm.models._hub import save_config_for_hf  # timm's own writer (not re-exported by timm.models)
+
+    size = cfg.train.image_size or cfg.model.backbone_input_size
+    overlay = dict(input_size=(3, size, size)) if size else {}
+    model = timm.create_model(cfg.model.backbone, pretrained=False, pretrained_cfg_overlay=overlay)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, TIMM_CONFIG)
+        save_config_for_hf(model, path, data_config={"input_size": (3, size, size)} if size else None)
+        with open(path) as handle:
+            return handle.read()
+
+
+def model_card(info: dict, data_config: dict | None) -> str:
+    """``README.md`` of an export: what the backbone is, how it was trained, how to load it."""
+    name = info["backbone"]
+    lines = [
+        "---", "library_name: timm" if data_config is not None else "library_name: open_clip",
+        "tags: [image-feature-extraction, affective-computing, pacl]", "---", "",
+        f"# {name} + PACL",
+        "",
+        f"The visual backbone `{name}` after partition-adaptive contrastive learning (PACL, ACM MM 2024)"
+        f" on image-text pairs (objective `{info['objective']}`, temperature {info['temperature']},"
+        f" text encoder `{info['text_encoder']}`). Initial weights: "
+        f"`{info['backbone_checkpoint'] or 'pretrained=' + str(info['backbone_pretrained'])}`.",
+        "",
+        "## Load",
+        "",
+        "```python",
+    ]
+    if data_config is not None:
+        lines += [
+            "import timm",
+            'model = timm.create_model("local-dir:<this folder>", pretrained=True, num_classes=0)  # pooled features',
+            "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))",
+        ]
+    else:
+        lines += ["import open_clip", f"# {info['load_with']}"]
+    lines += ["```", ""]
+    if data_config is not None:
+        lines += ["## Input", "",
+                  f"input size {tuple(data_config.get('input_size', ()))}, mean {data_config.get('mean')}, "
+                  f"std {data_config.get('std')}, interpolation {data_config.get('interpolation')}, "
+                  f"crop_pct {data_config.get('crop_pct')}", ""]
+    lines += ["## Files", "",
+              f"- `{EXPORT_BACKBONE}`: backbone weights" + (f" (also `{TIMM_WEIGHTS}` + `{TIMM_CONFIG}` for timm)"
+                                                            if data_config is not None else ""),
+              f"- `{EXPORT_HEADS}`: projection heads for zero-shot use (embed dim {info['embed_dim']})",
+              f"- `{EXPORT_META}`: how the export was made", ""]
+    return "\n".join(lines)
+
+
 def open_clip_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The initial CLIP model's state dict with the trained visual tower put in."""
     arch = cfg.model.backbone[len(backbones.OPEN_CLIP_PREFIX):]
@@ -192,6 +259,14 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         "temperature": cfg.train.temperature,
         "objective": cfg.train.objective,
     }
+    data_config = None
+    if not backbones.is_open_clip_backbone(name):
+        config_text = timm_config_json(cfg)
+        data_config = json.loads(config_text).get("pretrained_cfg", {})
+        storage.write_text(storage.join(directory, TIMM_CONFIG), config_text)
+        write_safetensors(storage.join(directory, TIMM_WEIGHTS), backbone_state, {"backbone": name})
+        info["load_with_timm"] = 'timm.create_model("local-dir:<export dir>", pretrained=True)'
+    storage.write_text(storage.join(directory, MODEL_CARD), model_card(info, data_config))
     storage.write_text(out.info, json.dumps(info, indent=2))
     return out
 

@@ -128,28 +128,50 @@ def format_split(report: dict) -> str:
     return "\n".join(lines)
 
 
+def raw_threshold(raw: np.ndarray, calibrated: np.ndarray, sigma: float) -> Optional[float]:
+    """The raw score where the (monotone) calibration crosses ``sigma``: midway between the highest
+    raw score calibrated at or below sigma and the lowest one above it; None when every pair
+    falls on one side."""
+    below, above = raw[calibrated <= sigma], raw[calibrated > sigma]
+    if not len(below) or not len(above):
+        return None
+    return float((below.max() + above.min()) / 2)
+
+
 def plot_histograms(table: pa.Table, pcfg: PartitionConfig) -> bytes:
-    """PNG of raw and calibrated score histograms with the thresholds marked."""
+    """PNG of the raw score histograms (cosine similarities) with each threshold marked where the
+    calibration puts sigma on the raw scale, plus the calibrated histograms for calibrations that
+    are not rank-based (a rank-calibrated histogram is flat by construction)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sigma_f, sigma_e = thresholds(pcfg)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     panels = [
-        ("factual_score", "factual (raw cosine)", None),
-        ("emotional_score", "emotional (raw cosine)", None),
-        ("factual_calibrated", f"factual ({pcfg.factual_calibration})", sigma_f),
-        ("emotional_calibrated", f"emotional ({pcfg.emotional_calibration})", sigma_e),
+        ("factual_score", "factual_calibrated", "factual (raw cosine)", sigma_f, True),
+        ("emotional_score", "emotional_calibrated", "emotional (raw cosine)", sigma_e, True),
     ]
-    for ax, (column, title, sigma) in zip(axes.flat, panels):
+    for calibration, (raw, calibrated, name, sigma) in (
+            (pcfg.factual_calibration, ("factual_score", "factual_calibrated", "factual", sigma_f)),
+            (pcfg.emotional_calibration, ("emotional_score", "emotional_calibrated", "emotional", sigma_e))):
+        if calibration != "rank":
+            panels.append((calibrated, calibrated, f"{name} ({calibration})", sigma, False))
+    rows = 1 if len(panels) == 2 else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    for ax, (column, calibrated, title, sigma, on_raw) in zip(axes.flat, panels):
         values = table.column(column).to_numpy()
-        ax.hist(values[np.isfinite(values)], bins=50, color="#4c72b0")  # pairs with a given partition: NaN
-        if sigma is not None:
-            ax.axvline(sigma, color="#c44e52", linestyle="--", label=f"sigma = {sigma:g}")
+        finite = np.isfinite(values)  # pairs with a given partition have no scores (NaN)
+        ax.hist(values[finite], bins=50, color="#4c72b0")
+        line = raw_threshold(values[finite], table.column(calibrated).to_numpy()[finite], sigma) if on_raw else sigma
+        if line is not None:
+            label = f"sigma = {sigma:g}" + (f" (raw {line:.3f})" if on_raw else "")
+            ax.axvline(line, color="#c44e52", linestyle="--", label=label)
             ax.legend()
         ax.set_title(title)
+        ax.set_xlabel("score")
         ax.set_ylabel("pairs")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -159,12 +181,20 @@ def plot_histograms(table: pa.Table, pcfg: PartitionConfig) -> bytes:
 
 
 def _thumbnail_base64(data: bytes, size: int = 160) -> str:
+    """A JPEG of the image fitted to ``size`` px on its long side: small images (a 32 px world) are
+    upscaled with nearest-neighbour sampling, so their pixels stay visible rather than blurred."""
+    from PIL import Image
+
     from pacl_ray.formats.images import decode_rgb
 
     image = decode_rgb(data)
-    image.thumbnail((size, size))
+    scale = size / max(image.size)
+    if scale > 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    else:
+        image.thumbnail((size, size))
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
+    image.save(buffer, "JPEG", quality=90)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -220,8 +220,8 @@ def train_loop_per_worker(config: dict) -> None:
                 for row in rows:
                     writer.add_scalars({f"train/{k}": row[k] for k in (*LOSS_TERMS, "samples_per_s", "lr_backbone",
                                                                        "lr_heads", "amp_skipped")}, row["global_step"] + 1)
-            if rank == 0:
-                row = step_rows[-1]
+            if rank == 0 and rows:
+                row = rows[-1]
                 print(f"train: step {global_step} epoch {epoch} " + " ".join(f"{k}={row[k]:.4g}" for k in LOSS_TERMS),
                       flush=True)
             if diverged:
@@ -361,7 +361,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
         NoTrainableEpochError: no epoch's phase holds one global batch of pairs.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -417,6 +417,9 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks or []),
+            # Ray Train's INFO echoes (every report's TrainingReport repr, resource requests):
+            # the stage prints its own plan and epoch lines (issue 20).
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     fit_at = time.time()

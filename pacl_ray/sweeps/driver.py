@@ -24,22 +24,23 @@ How a sweep runs:
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from pacl_ray.stages import cache
 from pacl_ray.formats import storage
 from pacl_ray import config as config_mod
+from pacl_ray.sweeps.report import (  # noqa: F401 -- the report's names, as the driver exported them
+    SweepReport, TrialOutcome, aggregate_seeds, best_outcome, default_metric, metric_columns, plot_hyperparameter,
+    resolve_metric, results_csv, results_markdown, table_rows, write_report,
+)
 from pacl_ray.sweeps.spaces import (
     SpaceError, SweepSpace, Trial, expand_trials, format_value, get_dotted, load_space,
 )
@@ -138,6 +139,80 @@ def sweep_fingerprint(trial_configs: dict[str, dict]) -> str:
     return cache.content_key("sweep", sorted(trial_configs.items()))
 
 
+# --------------------------------------------------------------------------- what Tune sees
+
+# Always in a trial's Tune config (as well as every searched key): the method's headline
+# hyperparameters, so ResultGrid and TensorBoard's HParams view show what each trial ran.
+HEADLINE_KEYS = ("train.objective", "partition.sigma", "train.k", "train.temperature")
+SHORT_NAMES = {"train.objective": "objective", "partition.sigma": "sigma", "train.k": "K",
+               "train.temperature": "tau"}
+
+
+def trial_hyperparameters(space: SweepSpace, trial_configs: dict[str, dict]) -> dict[str, dict]:
+    """{trial: {dotted key: value}} over HEADLINE_KEYS and every searched or baseline key."""
+    keys = list(HEADLINE_KEYS) + [k for k in space.search if k not in HEADLINE_KEYS]
+    for overrides in space.baselines.values():
+        keys += [k for k in overrides if k not in keys]
+    return {name: {key: get_dotted(data, key) for key in keys} for name, data in trial_configs.items()}
+
+
+def param_space(hyperparameters: dict[str, dict]) -> dict:
+    """Tune's ``param_space``: a grid over trial names (the one-at-a-time layout is a fixed list,
+    not a product) with each hyperparameter a value resolved from the trial's name, so a trial's
+    ``config`` holds ``{"trial": name, "partition.sigma": 0.3, ...}``."""
+    import ray.tune
+
+    table = {name: dict(values) for name, values in hyperparameters.items()}
+    keys = list(next(iter(table.values()), {}))
+    space: dict = {"trial": ray.tune.grid_search(list(table))}
+    for key in keys:
+        space[key] = ray.tune.sample_from(lambda config, key=key: table[config["trial"]][key])
+    return space
+
+
+def run_label(name: str, hyperparameters: dict) -> str:
+    """A run name that says what ran: trial, objective, sigma, K, tau (TensorBoard, MLflow)."""
+    parts = [_safe_name(name)]
+    for key in HEADLINE_KEYS:
+        if key in hyperparameters:
+            parts.append(f"{SHORT_NAMES[key]}={format_value(hyperparameters[key])}")
+    return ",".join(parts)
+
+
+class _TrialNamer:
+    """Tune's ``trial_name_creator``: the trial's :func:`run_label` (a picklable callable: Tune
+    saves it with the experiment for a restore)."""
+
+    def __init__(self, hyperparameters: dict[str, dict]):
+        self.hyperparameters = hyperparameters
+
+    def __call__(self, trial: Any) -> str:
+        name = trial.config["trial"]
+        return run_label(name, self.hyperparameters.get(name, {}))
+
+
+# Metrics the training stage reports each epoch: losses on the training batches. Their scale moves
+# with tau, and which L_k enter `total` moves with sigma and K, so trials cannot be ranked on them.
+TRAINING_LOSS_PREFIXES = ("total", "loss", "l_", "lr")
+
+
+def check_asha(space: SweepSpace) -> None:
+    """Refuse ASHA on a training loss (raises SpaceError naming the key, value and what is allowed).
+
+    The training stage reports no held-out validation signal while training, and the downstream
+    metrics only exist once a trial has finished, so early stopping has nothing comparable across
+    trials to rank on."""
+    if space.asha is None:
+        return
+    metric = space.asha.metric
+    if metric.lower().startswith(TRAINING_LOSS_PREFIXES) or not metric.lower().startswith("val"):
+        raise SpaceError(
+            f"{space.path}: asha.metric: {metric!r} is a training-loss signal, which is not comparable "
+            "across trials (tau changes its scale; sigma and K change which L_k enter it), so ASHA would "
+            "stop trials on a meaningless number; the training stage reports no held-out validation "
+            "metric (val/...) to rank on: remove `asha:` from the space")
+
+
 # --------------------------------------------------------------------------- resources
 
 
@@ -205,11 +280,46 @@ def _safe_name(name: str) -> str:
 # --------------------------------------------------------------------------- the trial
 
 
+def write_eval_tensorboard(sweep_dir: str, name: str, hyperparameters: dict, metrics: dict[str, float],
+                           step: int) -> str:
+    """TensorBoard event files of one trial's evaluation metrics (scalars under ``eval/`` and an
+    HParams entry) in ``{sweep_dir}/tensorboard/<run label>``, written locally and copied through
+    :mod:`pacl_ray.formats.storage`, so ``file://`` and ``s3://`` outputs both get them. Returns
+    the run's URI ("" when tensorboard is not installed)."""
+    import shutil
+    import tempfile
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return ""
+    label = run_label(name, hyperparameters)
+    uri = storage.join(sweep_dir, "tensorboard", label)
+    local = tempfile.mkdtemp(prefix="pacl-tb-")
+    try:
+        writer = SummaryWriter(local)
+        for key, value in metrics.items():
+            writer.add_scalar(f"eval/{key}", value, step)
+        hparams = {SHORT_NAMES.get(k, k): (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in hyperparameters.items()}
+        writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        writer.close()
+        for root, _, files in os.walk(local):
+            for file in files:
+                path = os.path.join(root, file)
+                with open(path, "rb") as handle:
+                    storage.write_bytes(storage.join(uri, os.path.relpath(path, local)), handle.read())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return uri
+
+
 def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: str, report_epochs: bool,
                    upstream: dict[str, dict] | None = None) -> Callable:
     """The Tune function trainable: train (a TorchTrainer inside the trial), evaluate, report.
     ``upstream``: {trial: {stage: StageOutput}} resolved once by the driver (:func:`prepare_upstream`);
-    a trial then resolves none of them again."""
+    a trial then resolves none of them again. The trial's evaluation metrics also go to TensorBoard
+    (:func:`write_eval_tensorboard`)."""
 
     def pacl_trial(config: dict) -> None:
         import ray.tune
@@ -229,6 +339,8 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
         out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
         rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
+        hyperparameters = {k: v for k, v in config.items() if k != "trial"}
+        write_eval_tensorboard(sweep_dir, name, hyperparameters, metrics, int(cfg.train.epochs))
         ray.tune.report({
             **metrics, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
             "train_uri": result.uri, "evaluated": 1,
@@ -237,285 +349,59 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
     return pacl_trial
 
 
-# --------------------------------------------------------------------------- results table
-
-
-@dataclass
-class TrialOutcome:
-    trial: Trial
-    metrics: dict = field(default_factory=dict)  # "<task>/<col>" -> value (the mean over seeds)
-    backbone: str = ""
-    error: str = ""
-    spread: dict = field(default_factory=dict)  # "<task>/<col>" -> sample std over seeds (seed axis)
-    seeds: list = field(default_factory=list)  # the seeds averaged into this row (seed axis)
-    members: list = field(default_factory=list)  # their trial names
-
-
-def aggregate_seeds(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
-    """One outcome per results row: the trials of a seed axis (``Trial.repeat_of``) are averaged
-    into one outcome named after their row, with ``metrics`` the mean and ``spread`` the sample
-    standard deviation (0 for a single seed) of each metric over the seeds that report it.
-    Outcomes without a seed pass through unchanged; order follows first appearance."""
-    groups: dict[str, list[TrialOutcome]] = {}
-    for outcome in outcomes:
-        groups.setdefault(outcome.trial.group, []).append(outcome)
-    out = []
-    for name, members in groups.items():
-        if len(members) == 1 and members[0].trial.seed is None:
-            out.append(members[0])
-            continue
-        first = members[0].trial
-        trial = Trial(name, first.varied, first.baseline, first.baseline_overrides)
-        keys = list(dict.fromkeys(k for m in members for k in m.metrics))
-        metrics, spread = {}, {}
-        for key in keys:
-            values = [float(m.metrics[key]) for m in members if m.metrics.get(key) is not None]
-            if values:
-                metrics[key] = statistics.fmean(values)
-                spread[key] = statistics.stdev(values) if len(values) > 1 else 0.0
-        failed = [m for m in members if m.error]
-        error = ""
-        if failed:
-            error = f"{len(failed)} of {len(members)} seeds failed: {failed[0].error}"
-        out.append(TrialOutcome(trial, metrics, next((m.backbone for m in members if m.backbone), ""), error,
-                                spread, [m.trial.seed for m in members], [m.trial.name for m in members]))
-    return out
-
-
-def metric_columns(outcomes: list[TrialOutcome], initial: dict | None = None) -> list[str]:
-    """Metric columns in first-seen order, grouped by task (accuracy before F1 as evaluated)."""
-    seen: dict[str, None] = {}
-    for metrics in [initial or {}] + [o.metrics for o in outcomes]:
-        for key in metrics:
-            if "/" in key:
-                seen.setdefault(key, None)
-    tasks: dict[str, list[str]] = {}
-    for key in seen:
-        tasks.setdefault(key.split("/", 1)[0], []).append(key)
-    return [key for keys in tasks.values() for key in keys]
-
-
-def default_metric(columns: list[str]) -> str:
-    """The first accuracy column when the space names no metric."""
-    for column in columns:
-        if column.split("/", 1)[1].lower().startswith("acc"):
-            return column
-    return columns[0] if columns else ""
-
-
-def resolve_metric(name: str, columns: list[str]) -> str:
-    """The result column for a space's metric: exact, or ``"<task>/Acc"`` matching ``"<task>/Acc-C"``
-    whatever the class count C; "" when no column matches."""
-    if name in columns:
-        return name
-    return next((c for c in columns if c.startswith(f"{name}-")), "")
-
-
-def table_rows(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
-               initial: dict | None = None) -> list[dict]:
-    """Rows of the Table-5 layout: one block per searched key (its values in order, the adopted
-    value marked), then baselines and the initial backbone."""
-    outcomes = aggregate_seeds(outcomes)  # a seed axis: one row per trial, mean and spread
-    by_name = {o.trial.name: o for o in outcomes}
-    rows: list[dict] = []
-
-    def row(section: str, value: str, outcome: TrialOutcome | None, adopted: bool = False,
-            metrics: dict | None = None) -> dict:
-        return {
-            "hyperparameter": section, "value": value, "adopted": adopted,
-            "trial": outcome.trial.name if outcome else "",
-            "metrics": dict(metrics if metrics is not None else (outcome.metrics if outcome else {})),
-            "spread": dict(outcome.spread) if outcome else {},
-            "seeds": list(outcome.seeds) if outcome else [],
-            "backbone": outcome.backbone if outcome else "",
-            "error": outcome.error if outcome else "",
-        }
-
-    if space.mode == "one_at_a_time":
-        adopted_outcome = by_name.get("adopted")
-        for key in space.search:
-            adopted_value = get_dotted(base, key)
-            entries = [(adopted_value, adopted_outcome, True)]
-            entries += [(o.trial.varied[key], o, False) for o in outcomes if set(o.trial.varied) == {key}]
-            entries.sort(key=lambda e: _sort_key(e[0]))
-            for value, outcome, adopted in entries:
-                label = format_value(value) + (" (adopted)" if adopted else "")
-                rows.append(row(key, label, outcome, adopted))
-    else:
-        for outcome in outcomes:
-            if outcome.trial.baseline:
-                continue
-            rows.append(row("+".join(space.search) or "config", outcome.trial.name, outcome))
-    for outcome in outcomes:
-        if outcome.trial.baseline:
-            overrides = ", ".join(f"{k}={format_value(v)}" for k, v in outcome.trial.baseline_overrides.items())
-            rows.append(row("baseline", f"{outcome.trial.baseline} ({overrides})", outcome))
-    if initial is not None:
-        rows.append(row("initial backbone", "before training", None, metrics=initial))
-    return rows
-
-
-def _sort_key(value: Any) -> tuple:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value), "")
-    return (1, 0.0, str(value))
-
-
-def _fmt_metric(value: Any, spread: Any = None) -> str:
-    if value is None or value == "":
-        return "-"
-    text = f"{float(value):.2f}"  # evaluate reports percentages; the paper's precision
-    return text if spread is None else f"{text} ± {float(spread):.2f}"  # mean ± std over seeds
-
-
-def results_markdown(rows: list[dict], columns: list[str]) -> str:
-    """The table as Markdown: hyperparameter | value | <task>/<metric> ... (on a seed axis each
-    cell is ``mean ± std`` over the seeds, and a ``seeds`` column counts them)."""
-    with_seeds = any(r.get("seeds") for r in rows)
-    header = ["hyperparameter", "value"] + columns + (["seeds"] if with_seeds else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    previous = None
-    for r in rows:
-        section = r["hyperparameter"] if r["hyperparameter"] != previous else ""
-        previous = r["hyperparameter"]
-        cells = [_fmt_metric(r["metrics"].get(c), r.get("spread", {}).get(c)) for c in columns]
-        if r["error"] and not r["metrics"]:
-            cells = [f"failed: {r['error'][:40]}"] + ["-"] * (len(columns) - 1) if columns else []
-        if with_seeds:
-            cells.append(str(len(r.get("seeds") or [])) if r.get("seeds") else "-")
-        lines.append("| " + " | ".join([section, r["value"]] + cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def results_csv(rows: list[dict], columns: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    with_seeds = any(r.get("seeds") for r in rows)  # a seed axis: std columns and the seeds
-    spread_columns = [f"{c} std" for c in columns] + ["seeds"] if with_seeds else []
-    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + spread_columns + ["backbone", "error"])
-    for r in rows:
-        spreads = ([r.get("spread", {}).get(c, "") for c in columns]
-                   + [" ".join(str(s) for s in r.get("seeds") or [])]) if with_seeds else []
-        writer.writerow([r["hyperparameter"], r["value"], r["adopted"], r["trial"]]
-                        + [r["metrics"].get(c, "") for c in columns] + spreads + [r["backbone"], r["error"]])
-    return buffer.getvalue()
-
-
-def plot_hyperparameter(key: str, rows: list[dict], columns: list[str], metric: str,
-                        reference: dict[str, float], log_scale: bool) -> bytes:
-    """PNG of every accuracy column (and the sweep metric, bold) against one key's values, with
-    baselines and the initial backbone as dashed lines of the sweep metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    block = [r for r in rows if r["hyperparameter"] == key and r["metrics"]]
-    raw = [r["value"].replace(" (adopted)", "") for r in block]
-    numeric = all(_is_number(v) for v in raw)
-    xs: list = [float(v) for v in raw] if numeric else list(range(len(raw)))
-    shown = [c for c in columns if c == metric or c.split("/", 1)[1].lower().startswith("acc")]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-    for column in shown:
-        ys = [r["metrics"].get(column, float("nan")) for r in block]
-        ax.plot(xs, ys, marker="o", linewidth=2.4 if column == metric else 1.2, label=column)
-    for r in block:
-        if r["adopted"] and metric in r["metrics"]:
-            ax.scatter([xs[block.index(r)]], [r["metrics"][metric]], s=120, facecolors="none",
-                       edgecolors="black", zorder=5, label="adopted")
-    for (name, value), style in zip(reference.items(), ["--", ":", "-.", (0, (5, 1))] * 4):
-        ax.axhline(value, linestyle=style, color="gray", linewidth=1.0, label=f"{name} ({metric})")
-    if numeric and log_scale and all(x > 0 for x in xs):
-        ax.set_xscale("log")
-    if not numeric:
-        ax.set_xticks(xs, raw, rotation=30, ha="right")
-    ax.set_xlabel(key)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {key}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def best_outcome(outcomes: list[TrialOutcome], metric: str, mode: str) -> Optional[TrialOutcome]:
-    """The best searched trial by ``metric`` (baselines are comparisons, not candidates)."""
-    best = None
-    for outcome in outcomes:
-        value = outcome.metrics.get(metric)
-        if outcome.trial.baseline or value is None:
-            continue
-        if best is None or (value > best.metrics[metric] if mode == "max" else value < best.metrics[metric]):
-            best = outcome
-    return best
-
-
-@dataclass
-class SweepReport:
-    sweep_dir: str
-    markdown: str
-    csv: str
-    best: Optional[TrialOutcome]
-    best_config_yaml: str
-    metric: str
-    plots: list[str]
-
-
-def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
-                 outcomes: list[TrialOutcome], sweep_dir: str, initial: dict | None = None) -> SweepReport:
-    """Table (Markdown + CSV), one plot per searched key, best config and trials.json."""
-    columns = metric_columns(outcomes, initial)
-    metric = resolve_metric(space.metric.name, columns) if space.metric else default_metric(columns)
-    if space.metric and not metric and columns:
-        metric = default_metric(columns)
-        print(f"[tune] warning: metric {space.metric.name!r} is not a result column "
-              f"({', '.join(columns)}); using {metric!r}", file=sys.stderr)
-    mode = space.metric.mode if space.metric else "max"
-    rows = table_rows(space, base, outcomes, initial)
-    markdown, csv_text = results_markdown(rows, columns), results_csv(rows, columns)
-    storage.write_text(storage.join(sweep_dir, "results.md"), markdown)
-    storage.write_text(storage.join(sweep_dir, "results.csv"), csv_text)
-
-    reference = {r["value"].split(" (")[0] if r["hyperparameter"] == "baseline" else r["hyperparameter"]:
-                 r["metrics"][metric]
-                 for r in rows if r["hyperparameter"] in ("baseline", "initial backbone") and metric in r["metrics"]}
-    plots = []
-    for key, domain in space.search.items():
-        if not any(r["hyperparameter"] == key and r["metrics"] for r in rows) or not metric:
-            continue
-        uri = storage.join(sweep_dir, f"plot_{key.replace('.', '_')}.png")
-        storage.write_bytes(uri, plot_hyperparameter(key, rows, columns, metric, reference, domain.log_scale))
-        plots.append(uri)
-
-    best = best_outcome(aggregate_seeds(outcomes), metric, mode) if metric else None  # by mean over seeds
-    best_yaml = ""
-    if best is not None:
-        # a seed axis' best row: the config of its first seed
-        best_yaml = config_mod.dump_config(config_mod.from_dict(trial_configs[(best.members or [best.trial.name])[0]]))
-        storage.write_text(storage.join(sweep_dir, "best_config.yaml"), best_yaml)
-    trials_json = [
-        {**o.trial.to_dict(), "metrics": o.metrics, "backbone_checkpoint": o.backbone, "error": o.error}
-        for o in outcomes
-    ]
-    storage.write_text(storage.join(sweep_dir, "trials.json"),
-                       json.dumps({"metric": metric, "mode": mode, "initial": initial,
-                                   "best": best.trial.name if best else None, "trials": trials_json},
-                                  indent=2, default=str))
-    return SweepReport(sweep_dir, markdown, csv_text, best, best_yaml, metric, plots)
-
-
 # --------------------------------------------------------------------------- the driver
+
+
+class OnceFilter(io.TextIOBase):
+    """A stdout wrapper that passes each printed summary once: output is cut into blocks (a line
+    at column 0 and the indented lines under it), and a block equal to one already passed, up to
+    a trailing " [cached]", is dropped. Trials of a sweep share stages, so each would print the
+    same cached summaries again. A block is held only until the next block starts."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.seen: set[str] = set()
+        self.block: list[str] = []
+        self.partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            if line[:1].isspace() and self.block:
+                self.block.append(line)
+            else:
+                self._emit()
+                self.block = [line]
+        if self.block and self.block[0].startswith(("[", "(")):
+            self._emit()  # a log line ("[tune] ...", Ray's "(pid=...)") has no indented body
+        return len(text)
+
+    def _emit(self) -> None:
+        if not self.block:
+            return
+        text = "\n".join(self.block)
+        key = text[:-len(" [cached]")] if text.endswith(" [cached]") else text
+        self.block = []
+        if key.strip() and key in self.seen:
+            return
+        self.seen.add(key)
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close_block(self) -> None:
+        """Emit what is held (the last block and any unterminated line)."""
+        self._emit()
+        if self.partial:
+            self.stream.write(self.partial)
+            self.partial = ""
+        self.stream.flush()
 
 
 def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] = print) -> dict[str, dict]:
@@ -524,10 +410,22 @@ def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] 
     trial's partition is thresholded here too (cheap), so its report is available; scoring and
     clustering hit the cache after the first trial because their content keys exclude sigma and
     hold every K. Trials on the same data share one ingest resolution."""
-    from pacl_ray.stages import pipeline
+    import contextlib
 
     upstream: dict[str, dict] = {}
     earlier: list = []
+    once = OnceFilter(sys.stdout)
+    with contextlib.redirect_stdout(once):
+        try:
+            _prepare_each(trial_configs, upstream, earlier, log)
+        finally:
+            once.close_block()
+    return upstream
+
+
+def _prepare_each(trial_configs: dict[str, dict], upstream: dict, earlier: list, log: Callable[[str], None]) -> None:
+    from pacl_ray.stages import pipeline
+
     for name, data in trial_configs.items():
         cfg = config_mod.from_dict(data)
         start = time.time()
@@ -542,7 +440,6 @@ def prepare_upstream(trial_configs: dict[str, dict], log: Callable[[str], None] 
         partition, cluster = upstream[name]["partition"], upstream[name]["cluster"]
         log(f"[tune] upstream for {name}: partition {partition.key}{' (cached)' if partition.cached else ''}, "
             f"cluster {cluster.key}{' (cached)' if cluster.cached else ''} [{time.time() - start:.1f}s]")
-    return upstream
 
 
 def run_sweep(
@@ -566,6 +463,7 @@ def run_sweep(
 
     from pacl_ray.stages.runtime import cluster_cpus, cluster_gpus
 
+    check_asha(space)
     trials = expand_trials(space, base)
     ks = sweep_ks(base, trials)
     trial_configs = {t.name: trial_config_dict(base, t, ks) for t in trials}
@@ -604,6 +502,9 @@ def run_sweep(
             max_t=(space.asha.max_t or epochs) + 1, grace_period=space.asha.grace_period,
             reduction_factor=space.asha.reduction_factor)
 
+    from pacl_ray.sweeps.tracking import TrialProgress, tracking_callbacks
+
+    callbacks = [TrialProgress(len(trials), log), *tracking_callbacks(base.get("tracking") or {}, name)]
     if not resume and storage.exists(experiment_path):
         storage.delete_dir(experiment_path)
     if resume and ray.tune.Tuner.can_restore(experiment_path):
@@ -613,18 +514,28 @@ def run_sweep(
     else:
         log(f"[tune] starting {experiment_path}; up to {concurrency} trial(s) at once"
             f"{' on GPU' if use_gpu else ' on CPU'}")
+        hyperparameters = trial_hyperparameters(space, trial_configs)
         tuner = ray.tune.Tuner(
             trainable,
-            param_space={"trial": ray.tune.grid_search([t.name for t in trials])},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler),
+            param_space=param_space(hyperparameters),
+            tune_config=ray.tune.TuneConfig(
+                max_concurrent_trials=concurrency, scheduler=scheduler,
+                # Trial names and folders say what ran (trial, objective, sigma, K, tau): Ray's
+                # TensorBoard, MLflow and W&B runs take these names.
+                trial_name_creator=_TrialNamer(hyperparameters),
+                trial_dirname_creator=_TrialNamer(hyperparameters)),
             run_config=ray.tune.RunConfig(
                 name=experiment_name, storage_path=experiment_root,
                 failure_config=ray.tune.FailureConfig(max_failures=space.max_failures),
+                # Tune's own status tables and per-result dicts are off; TrialProgress prints
+                # a line per trial start/end and a heartbeat, the report prints the results.
+                verbose=0, callbacks=callbacks,
             ),
         )
     grid = tuner.fit()
     outcomes = collect_outcomes(grid, trials)
     report = write_report(space, base, trial_configs, outcomes, sweep_dir, initial)
+    report.result_grid = grid
     return outcomes, report, partitions
 
 
@@ -663,18 +574,6 @@ def _print_world(world: Any) -> None:
     print(format_report(world.report))
 
 
-def _print_partition(name: str, partition: Any) -> None:
-    from pacl_ray.stages.partition import format_split
-
-    try:
-        summary = cache.read_summary(partition.uri)
-    except (OSError, ValueError):
-        return
-    if "partitions" in summary:
-        print(f"\n== Partition of trial {name} (scorer vs the planted split) ==")
-        print(format_split(summary))
-
-
 def run_tune(
     space: str = DEFAULT_SPACE,
     *,
@@ -702,6 +601,7 @@ def run_tune(
         world=world, world_dir=world_dir, world_seed=world_seed)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     space = load_space(resolve_space_path(args.space))
+    check_asha(space)  # before Ray starts or the world is built
     probe = base_config_dict(space, config_file=args.config, overrides=args.overrides,
                              data=args.data, downstream=args.downstream, output_dir=args.output_dir)
     ray_cfg = config_mod.from_dict(probe).ray
@@ -733,13 +633,14 @@ def run_tune(
     sweep_dir = storage.join(base["output_dir"], "sweeps", name)
     if on_sweep_dir is not None:
         on_sweep_dir(sweep_dir)
+    # The resolved config goes to a file (its path is printed), not to the console.
+    config_path = storage.join(sweep_dir, "config.yaml")
+    storage.write_text(config_path, config_mod.dump_config(cfg))
+    print(f"[tune] resolved config: {config_path}")
     initial = flatten_rows(evaluate_rows(cfg, cfg.model.backbone, cfg.model.backbone_checkpoint, "initial",
                                          storage.join(sweep_dir, "initial")))
     outcomes, report, partitions = run_sweep(space, base, name, resume=args.resume,
                                              max_concurrent=args.max_concurrent, initial=initial)
-    if partitions:
-        shown = "adopted" if "adopted" in partitions else next(iter(partitions))
-        _print_partition(shown, partitions[shown])
     print("\n== Initial backbone (before PACL) ==")
     for key, value in initial.items():
         print(f"  {key}: {value:.2f}")
@@ -748,10 +649,15 @@ def run_tune(
     print("Exported backbones:")
     for outcome in outcomes:
         print(f"  {outcome.trial.name}: {outcome.backbone or '-'}")
+    if partitions:
+        print("Partition reports (split, score histograms, gallery):")
+        for trial_name, partition in partitions.items():
+            print(f"  {trial_name}: {partition.uri}")
+    print(f"TensorBoard (evaluation metrics per trial): tensorboard --logdir {storage.join(report.sweep_dir, 'tensorboard')}")
+    print(f"Resolved base config: {config_path}")
     if report.best is not None:
         print(f"\n== Best config ({report.metric} = {report.best.metrics[report.metric]:.2f}, "
-              f"trial {report.best.trial.name}) -> {storage.join(report.sweep_dir, 'best_config.yaml')} ==\n")
-        print(report.best_config_yaml)
+              f"trial {report.best.trial.name}) -> {storage.join(report.sweep_dir, 'best_config.yaml')} ==")
     failed = [o for o in outcomes if o.error and o.error != "stopped early"]
     if failed:
         for outcome in failed:

@@ -78,6 +78,7 @@ from pacl_ray.world.data import (
     write_downstream, write_training_manifest,
 )
 from pacl_ray.world.gap import format_report, measure_gap
+from pacl_ray.world import standins
 from pacl_ray.world.standins import BACKBONE, CLIP_MODEL, clip_zero_shot, fit_backbone, fit_clip
 
 SUCCESS = cache.SUCCESS  # the stage cache's completion record, written last
@@ -191,6 +192,7 @@ def build_world(root: Path, seed: int, size: str, progress: bool = True) -> dict
     """Generate the data, fit the stand-ins and measure the gap into ``root``; returns the report."""
     spec = SIZES[size]
     timings: dict[str, float] = {}
+    standins.SHOW_PROGRESS[0] = progress
 
     def timed(name: str, fn, *args):
         _log(progress, f"{name} ...")

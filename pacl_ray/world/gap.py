@@ -71,7 +71,8 @@ def measure_gap(root: Path, backbone_checkpoint: Path, size: WorldSize, seed: in
     torch.manual_seed(seed)
     ceiling = timm.create_model(BACKBONE, pretrained=False, num_classes=len(EMOTIONS))
     images, targets = data["train"]
-    _train_classifier(ceiling, images, targets, size.ceiling_epochs, lr=3e-3, seed=seed, augment=False)
+    _train_classifier(ceiling, images, targets, size.ceiling_epochs, lr=3e-3, seed=seed, augment=False,
+                      label="emotion ceiling")
     ceiling.reset_classifier(0)
     result = {"random_init": probe(random_init), "object_pretrained": probe(start), "ceiling": probe(ceiling)}
     result["gap_points"] = round(100 * (result["ceiling"] - result["object_pretrained"]), 2)

@@ -5,6 +5,7 @@ object-pretrained target backbone (timm ``test_resnet`` with a generic random st
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +23,25 @@ BACKBONE = "test_resnet"
 FROZEN_STEM = ("conv1.0.", "conv1.1.", "conv1.3.", "conv1.4.")
 CLIP_LR = 2e-3
 CLIP_BATCH = 64
+
+
+SHOW_PROGRESS = [True]  # set by build_world: the stand-in fits report their steps when it is on
+
+
+def _steps(label: str, total: int):
+    """Progress of one stand-in fit in optimizer steps (a bar on a terminal, else a line with
+    counts, rate and ETA every 10 s): the default world's fits take minutes."""
+    from pacl_ray.stages.runtime import Progress
+
+    return Progress(f"[pacl_ray.world] {label}", total, "steps", enabled=SHOW_PROGRESS[0])
+
+
+class _DropExpectedWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger
+    for ``pretrained=None``; the world's scorer is trained from random weights on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded for model" not in record.getMessage()
 
 
 def _load_images(paths: list[Path], transform) -> torch.Tensor:
@@ -44,7 +64,7 @@ def _dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _train_classifier(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
-    seed: int, augment: bool, batch_size: int = 64,
+    seed: int, augment: bool, batch_size: int = 64, label: str = "classifier",
 ) -> None:
     """Plain supervised training of a timm classifier on in-memory tensors (AdamW, cosine decay)."""
     generator = torch.Generator().manual_seed(seed)
@@ -52,16 +72,18 @@ def _train_classifier(
     steps = max(1, epochs * math.ceil(len(images) / batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), batch_size):
-            idx = order[start: start + batch_size]
-            batch = _dihedral(images[idx], generator) if augment else images[idx]
-            loss = torch.nn.functional.cross_entropy(model(batch), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with _steps(label, steps) as progress:
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for start in range(0, len(images), batch_size):
+                idx = order[start: start + batch_size]
+                batch = _dihedral(images[idx], generator) if augment else images[idx]
+                loss = torch.nn.functional.cross_entropy(model(batch), labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                progress.update()
     model.eval()
 
 
@@ -90,7 +112,8 @@ def fit_backbone(root: Path, size: WorldSize, seed: int) -> Path:
     # gives the stand-in the same property while the layers above learn the objects.
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not name.startswith(FROZEN_STEM))
-    _train_classifier(model, images, labels, size.backbone_epochs, lr=3e-3, seed=seed, augment=True)
+    _train_classifier(model, images, labels, size.backbone_epochs, lr=3e-3, seed=seed, augment=True,
+                      label="object-pretrained backbone")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # timm's default num_classes is the pretrained cfg's 1000: pad the classifier with rows that
     # never win, so loading with or without num_classes=0 both work
@@ -114,7 +137,12 @@ def fit_clip(root: Path, size: WorldSize, seed: int) -> Path:
 
     backbones.register_model_configs()
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(CLIP_MODEL, pretrained=None)
+    expected = _DropExpectedWarning()
+    logging.getLogger().addFilter(expected)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(CLIP_MODEL, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(expected)
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL)
     rows = read_jsonl(root / "clean" / "clean.jsonl")
     images = _load_images([root / "clean" / r["image"] for r in rows], preprocess)
@@ -128,18 +156,20 @@ def fit_clip(root: Path, size: WorldSize, seed: int) -> Path:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=CLIP_LR, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(size.clip_epochs):
-        order = torch.randperm(len(rows), generator=generator)
-        for start in range(0, len(rows), batch_size):
-            idx = order[start: start + batch_size]
-            # one of the image's captions (or its bare ANP) per step
-            which = torch.randint(0, n_captions, (len(idx),), generator=generator)
-            image_features, text_features, logit_scale = model(images[idx], tokens[idx, which])[:3]
-            loss = loss_fn(image_features, text_features, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with _steps("factual scorer", steps) as progress:
+        for _ in range(size.clip_epochs):
+            order = torch.randperm(len(rows), generator=generator)
+            for start in range(0, len(rows), batch_size):
+                idx = order[start: start + batch_size]
+                # one of the image's captions (or its bare ANP) per step
+                which = torch.randint(0, n_captions, (len(idx),), generator=generator)
+                image_features, text_features, logit_scale = model(images[idx], tokens[idx, which])[:3]
+                loss = loss_fn(image_features, text_features, logit_scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                progress.update()
     model.eval()
     path = root / "clip.pt"
     torch.save({"state_dict": model.state_dict()}, path)
@@ -166,16 +196,18 @@ def _warm_start_text_tower(model: torch.nn.Module, tokens: torch.Tensor, rows: l
     text_parameters = [p for n, p in model.named_parameters() if not n.startswith(("visual.", "logit_"))]
     optimizer = torch.optim.AdamW(text_parameters + list(heads.parameters()), lr=CLIP_LR, weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed + 1)
-    for _ in range(epochs):
-        order = torch.randperm(len(flat_tokens), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
-            features = model.encode_text(flat_tokens[idx])
-            loss = (torch.nn.functional.cross_entropy(heads["object"](features), object_labels[idx])
-                    + torch.nn.functional.cross_entropy(heads["emotion"](features), emotion_labels[idx]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with _steps("text tower warm start", epochs * math.ceil(len(flat_tokens) / batch_size)) as progress:
+        for _ in range(epochs):
+            order = torch.randperm(len(flat_tokens), generator=generator)
+            for start in range(0, len(order), batch_size):
+                idx = order[start: start + batch_size]
+                features = model.encode_text(flat_tokens[idx])
+                loss = (torch.nn.functional.cross_entropy(heads["object"](features), object_labels[idx])
+                        + torch.nn.functional.cross_entropy(heads["emotion"](features), emotion_labels[idx]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.update()
 
 
 @torch.inference_mode()

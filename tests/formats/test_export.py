@@ -220,3 +220,24 @@ def test_backbone_kwargs_rebuild_the_exported_architecture(tmp_path):
                                       **ref.backbone_args())
     assert built.data_config["crop_pct"] == 1.0
     assert any(type(m).__name__ == "DropPath" for m in built.model.modules())  # drop path was built
+
+
+def test_timm_export_is_a_local_dir_model_with_its_transform(tmp_path):
+    """timm.create_model("local-dir:<export>") builds the architecture from config.json, loads the
+    trained weights and resolves the trained input size (32 px, not the architecture's default)."""
+    cfg = _cfg()
+    model = _perturbed_model(cfg)
+    directory = tmp_path / "export"
+    export_model(model, cfg, str(directory), text_dim=6)
+    loaded = timm.create_model(f"local-dir:{directory}", pretrained=True, num_classes=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model.backbone(images), rtol=0, atol=0)
+    data_config = timm.data.resolve_model_data_config(loaded)
+    default = timm.data.resolve_model_data_config(timm.create_model(TINY, pretrained=False))
+    assert data_config["input_size"] == (3, 32, 32) != default["input_size"]
+    assert {"mean", "std", "interpolation", "crop_pct"} <= set(data_config)
+    saved = json.loads((directory / "config.json").read_text())
+    assert saved["architecture"] == TINY and saved["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    card = (directory / "README.md").read_text()
+    assert f"# {TINY} + PACL" in card and "local-dir:" in card and "(3, 32, 32)" in card

@@ -180,3 +180,22 @@ def storage_text(stage, name: str) -> str:
     from pacl_ray.formats import storage
 
     return storage.read_text(stage.path(name))
+
+
+def test_raw_threshold_and_gallery_upscaling():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pacl_ray.stages.partition import _thumbnail_base64, raw_threshold
+
+    raw = np.array([0.10, 0.20, 0.30, 0.40])
+    calibrated = np.array([0.25, 0.50, 0.75, 1.00])  # a rank calibration
+    assert raw_threshold(raw, calibrated, 0.5) == pytest.approx(0.25)  # between 0.2 (<= sigma) and 0.3
+    assert raw_threshold(raw, calibrated, 1.0) is None  # nobody above: nothing to mark
+    small = io.BytesIO()
+    Image.new("RGB", (32, 16), (200, 10, 10)).save(small, "PNG")
+    shown = Image.open(io.BytesIO(base64.b64decode(_thumbnail_base64(small.getvalue(), size=160))))
+    assert shown.size == (160, 80)  # upscaled to the gallery's size, aspect kept

@@ -330,6 +330,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     assert runs_of(log_dir, "adopted") == 1  # finished: kept, not re-run
     assert runs_of(log_dir, "partition.sigma=0.5") == 2
     assert report.best.trial.name == "adopted"  # 50.7 > 50.5
+    # Tune sees the hyperparameters, not only the trial's name
+    best = report.result_grid.get_best_result("emotion/Acc-4", "max")
+    assert best.config["trial"] == "adopted" and best.config["partition.sigma"] == 0.7
+    assert {r.config["partition.sigma"] for r in report.result_grid} == {0.5, 0.7}
+    assert best.config["train.temperature"] == 0.07 and best.config["train.objective"] == "pacl"
 
     driver.run_sweep(space, base, "resume", resume=False, **kwargs)
     assert runs_of(log_dir, "adopted") == 2  # --no-resume starts over
@@ -355,8 +360,31 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     # shared with other tests; everything the sweep writes goes to tmp_path.
     argv = ["--space", str(space), "--world", "tiny", "--output-dir", str(output), "--name", "tiny"]
     assert cli.main(["tune", *argv]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     sweep = output / "sweeps" / "tiny"
+    # What the user read (tests/test_console.py): no traceback, dict repr or line over 200
+    # characters, each shared stage's summary once, the config as a path, not a dump.
+    from test_console import console_problems
+
+    problems = console_problems(captured.out + captured.err, summaries=(
+        "ingest:", "scores:", "embed:", "cluster:", "== Sweep tiny", "== Best config"))
+    assert problems == [], "\n".join(problems)
+    assert f"resolved config: {sweep / 'config.yaml'}" in printed and (sweep / "config.yaml").is_file()
+    assert "train:\n" not in printed  # no YAML dump on the console
+    # Tune's ResultGrid holds each trial's hyperparameters
+    grid = __import__("ray").tune.ResultGrid(__import__("ray").tune.ExperimentAnalysis(
+        json.loads((sweep / "sweep.json").read_text())["experiment"]))
+    assert {r.config["trial"]: r.config["partition.sigma"] for r in grid} == {"adopted": 0.5, "partition.sigma=0.3": 0.3}
+    assert all(r.config["train.k"] == 2 and r.config["train.objective"] == "pacl" for r in grid)
+    # TensorBoard: one named run per trial with its evaluation metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted(p.name for p in (sweep / "tensorboard").iterdir())
+    assert runs == ["adopted,objective=pacl,sigma=0.5,K=2,tau=0.07",
+                    "partition.sigma=0.3,objective=pacl,sigma=0.3,K=2,tau=0.07"]
+    events = EventAccumulator(str(sweep / "tensorboard" / runs[0])).Reload()
+    assert any(tag.startswith("eval/emotion/Acc-") for tag in events.Tags()["scalars"])
     assert re.search(r"\| hyperparameter \| value \| emotion/Acc-(\d+) \| emotion/F1-\1 \|", printed)
     assert "0.5 (adopted)" in printed and "initial backbone" in printed
     assert "== Best config" in printed and "affective gap" in printed.lower()
@@ -438,3 +466,14 @@ def test_seed_axis_forms_and_errors():
     # Without a seed axis nothing changes: trials keep their names and no seed override.
     plain = expand_trials(parse_space({"search": {"train.k": {"grid": [3]}}}, "p.yaml"), base)
     assert [t.name for t in plain] == ["adopted", "train.k=3"] and all("seed" not in t.overrides for t in plain)
+
+
+def test_one_value_axes_get_no_plot(tmp_path):
+    """An axis searched at one value gets no plot (a lone point is not a curve)."""
+    space = parse_space({"search": {"partition.sigma": {"grid": [0.7]}}, "metric": "emotion/Acc-4"}, "one.yaml")
+    base = config.to_dict(config.from_dict({}))
+    trials = expand_trials(space, base)
+    outcomes = [driver.TrialOutcome(t, {"emotion/Acc-4": 50.0}) for t in trials]
+    configs = {t.name: driver.trial_config_dict(base, t, [2]) for t in trials}
+    report = driver.write_report(space, base, configs, outcomes, str(tmp_path / "one"))
+    assert report.plots == [] and not (tmp_path / "one" / "plot_partition_sigma.png").exists()

@@ -18,7 +18,7 @@ import yaml
 
 from moto_s3 import moto_s3
 from pacl_ray.formats import storage
-from pacl_ray.sweeps import driver
+from pacl_ray import cli
 
 # ray_local's settings, restored after the S3 case has run on a Ray instance of its own
 LOCAL_RAY = dict(num_cpus=8, num_gpus=0, include_dashboard=False, configure_logging=False)
@@ -39,7 +39,7 @@ def _restart_ray(env: dict[str, str] | None) -> None:
 @pytest.fixture(params=["file", "s3"])
 def output_uri(request, tmp_path, monkeypatch) -> Iterator[str]:
     """The sweep's output_dir as a URI: ``file://<tmp>/runs``, or ``s3://pacl/runs`` on moto."""
-    if request.param == "file":  # any Ray instance will do; driver.main starts one if needed
+    if request.param == "file":  # any Ray instance will do; the tune command starts one if needed
         yield f"file://{tmp_path}/runs"
         return
     with moto_s3() as env:
@@ -67,7 +67,7 @@ def test_tiny_sweep_on_a_uri_trains_evaluates_and_resumes(output_uri, tmp_path, 
         "resources": {"max_concurrent": 1, "trial_cpus": 0.5},
     }))
     argv = ["--space", str(space), "--world", "tiny", "--output-dir", output_uri, "--name", "remote"]
-    assert driver.main(argv) == 0
+    assert cli.main(["tune", *argv]) == 0
     printed = capsys.readouterr().out
     assert "0.5 (adopted)" in printed and "initial backbone" in printed
     sweep = storage.join(output_uri, "sweeps", "remote")
@@ -85,7 +85,7 @@ def test_tiny_sweep_on_a_uri_trains_evaluates_and_resumes(output_uri, tmp_path, 
     assert "| adopted | Linear Evaluation |" in trial_table
     assert _completed(output_uri, "train") == 1
 
-    assert driver.main(argv) == 0  # relaunch: the finished trial is restored, not retrained
+    assert cli.main(["tune", *argv]) == 0  # relaunch: the finished trial is restored, not retrained
     assert "resuming" in capsys.readouterr().out
     assert _completed(output_uri, "train") == 1
     again = json.loads(storage.read_text(storage.join(sweep, "trials.json")))["trials"]

@@ -1,0 +1,96 @@
+"""What a sweep reports while it runs: a progress line per trial, and opt-in experiment trackers.
+
+* :class:`TrialProgress` (a ``ray.tune.Callback``) prints one line when a trial starts, finishes or
+  fails, and a heartbeat with counts, elapsed time and an ETA at least every 30 s while trials run;
+  Tune's own status tables are off (``RunConfig(verbose=0)``).
+* :func:`tracking_callbacks` turns on MLflow and W&B through Ray Tune's own logger callbacks
+  (``ray.air.integrations.mlflow.MLflowLoggerCallback``, ``ray.air.integrations.wandb.
+  WandbLoggerCallback``) from the ``tracking`` config section. Runs are named after the trial
+  (:func:`pacl_ray.sweeps.driver.run_label`: trial, objective, sigma, K, tau) by the Tuner's
+  ``trial_name_creator``; their params are the trial's hyperparameters (Tune's ``param_space``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+HEARTBEAT_S = 30.0
+
+
+class TrialProgress(Callback):
+    """One line per trial start/end and a heartbeat every ``HEARTBEAT_S`` while trials run."""
+
+    def __init__(self, total: int, log: Callable[[str], None] = print, heartbeat_s: float = HEARTBEAT_S):
+        self.total, self.heartbeat_s = total, heartbeat_s
+        # Tune pickles its callbacks with the experiment; a builtin (print) is looked up at call
+        # time instead: Ray may have replaced builtins.print by then, and the original then does
+        # not pickle ("not the same object as builtins.print").
+        builtin_print = getattr(log, "__module__", None) == "builtins" and getattr(log, "__name__", "") == "print"
+        self._log = None if builtin_print else log
+        self.start = self.last = time.monotonic()
+
+    def log(self, message: str) -> None:
+        (self._log or print)(message)
+
+    @staticmethod
+    def _name(trial: Any) -> str:
+        return str((getattr(trial, "config", None) or {}).get("trial", trial))
+
+    def _counts(self, trials: list) -> str:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        elapsed = time.monotonic() - self.start
+        eta = ""
+        if 0 < done < self.total:
+            eta = f", ETA {elapsed / done * (self.total - done):.0f} s"
+        return f"{done}/{self.total} trials done, {running} running [{elapsed:.0f} s{eta}]"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self.log(f"[tune] trial {self._name(trial)} started; {self._counts(trials)}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self.log(f"[tune] trial {self._name(trial)} finished; {self._counts(trials)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self.log(f"[tune] trial {self._name(trial)} failed (see the sweep report); {self._counts(trials)}")
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.heartbeat_s:
+            self.last = now
+            self.log(f"[tune] {self._counts(trials)}")
+
+
+def tracking_callbacks(tracking: dict, experiment: str) -> list:
+    """Ray Tune logger callbacks for the trackers the ``tracking`` section turns on (none by
+    default). ``tracking.mlflow_uri`` (e.g. ``file:///path/mlruns``, ``http://host:5000``) logs each
+    trial's hyperparameters and reported metrics to MLflow experiment ``tracking.mlflow_experiment``
+    (default: the sweep's name); ``tracking.wandb_project`` does the same for W&B in
+    ``tracking.wandb_mode`` (offline writes local files, synced later with ``wandb sync``).
+
+    Raises ImportError naming the package to install when a tracker is on but missing."""
+    callbacks: list = []
+    if tracking.get("mlflow_uri"):
+        try:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+            import mlflow  # noqa: F401 -- Ray's callback imports it lazily; fail here, clearly
+        except ImportError as err:
+            raise ImportError(f"tracking.mlflow_uri is set but MLflow is not installed ({err}); "
+                              "pip install mlflow") from err
+        callbacks.append(MLflowLoggerCallback(
+            tracking_uri=tracking["mlflow_uri"],
+            experiment_name=tracking.get("mlflow_experiment") or experiment,
+            tags={"sweep": experiment}, save_artifact=False))
+    if tracking.get("wandb_project"):
+        try:
+            from ray.air.integrations.wandb import WandbLoggerCallback
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"tracking.wandb_project is set but wandb is not installed ({err}); "
+                              "pip install wandb") from err
+        callbacks.append(WandbLoggerCallback(
+            project=tracking["wandb_project"], group=experiment, mode=tracking.get("wandb_mode") or "offline"))
+    return callbacks

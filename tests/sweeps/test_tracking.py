@@ -1,0 +1,73 @@
+"""Sweep tracking: the trial progress callback's lines, and MLflow through Ray Tune's own
+MLflowLoggerCallback on MLflow's local file store (offline; skipped where MLflow is not installed)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from pacl_ray.sweeps import driver
+from pacl_ray.sweeps.spaces import parse_space
+from pacl_ray.sweeps.tracking import TrialProgress, tracking_callbacks
+
+
+def test_trial_progress_lines(monkeypatch):
+    lines: list[str] = []
+    now = [0.0]
+    monkeypatch.setattr("pacl_ray.sweeps.tracking.time.monotonic", lambda: now[0])
+    progress = TrialProgress(2, lines.append, heartbeat_s=30)
+    trial = lambda name, status: types.SimpleNamespace(config={"trial": name}, status=status)  # noqa: E731
+    trials = [trial("adopted", "RUNNING"), trial("partition.sigma=0.3", "PENDING")]
+    progress.on_trial_start(0, trials, trials[0])
+    now[0] = 20.0
+    progress.on_step_end(1, trials)  # under the heartbeat: nothing
+    now[0] = 40.0
+    trials[0].status = "TERMINATED"
+    progress.on_step_end(2, trials)
+    progress.on_trial_complete(3, trials, trials[0])
+    assert lines == [
+        "[tune] trial adopted started; 0/2 trials done, 1 running [0 s]",
+        "[tune] 1/2 trials done, 0 running [40 s, ETA 40 s]",
+        "[tune] trial adopted finished; 1/2 trials done, 0 running [40 s, ETA 40 s]",
+    ]
+
+
+def test_no_tracker_by_default_and_a_missing_one_is_named(monkeypatch):
+    assert tracking_callbacks({}, "sweep") == []
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ImportError, match="tracking.wandb_project is set but wandb is not installed"):
+        tracking_callbacks({"wandb_project": "p"}, "sweep")
+
+
+def test_mlflow_runs_are_named_and_hold_hyperparameters_and_metrics(ray_local, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    # MLflow >= 3.x keeps the file store behind this switch (a database URI needs no switch).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    store = f"file://{tmp_path}/mlruns"
+    space = parse_space({"search": {"partition.sigma": {"grid": [0.5]}}, "metric": "emotion/Acc-4",
+                         "resources": {"max_concurrent": 2, "trial_cpus": 0.5}}, "mlflow.yaml")
+    base = driver.base_config_dict(space, output_dir=str(tmp_path / "runs"), downstream=["imagefolder:e=/x"],
+                                   overrides=[f"tracking.mlflow_uri={store}"])
+
+    def factory(trial_configs, sweep_dir, driver_cwd, report_epochs):
+        def trainable(config):
+            import ray.tune
+
+            ray.tune.report({"emotion/Acc-4": 50 + config["partition.sigma"], "evaluated": 1})
+
+        return trainable
+
+    driver.run_sweep(space, base, "mlflow", trainable_factory=factory, prepare=False, log=lambda _: None)
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("mlflow")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"adopted,objective=pacl,sigma=0.7,K=2,tau=0.07",
+                         "partition.sigma=0.5,objective=pacl,sigma=0.5,K=2,tau=0.07"}
+    run = runs["partition.sigma=0.5,objective=pacl,sigma=0.5,K=2,tau=0.07"]
+    assert run.data.params["partition.sigma"] == "0.5" and run.data.params["train.temperature"] == "0.07"
+    assert run.data.metrics["emotion/Acc-4"] == pytest.approx(50.5)
