@@ -366,7 +366,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     from ray.train.torch import TorchTrainer
 
     from pacl_ray.core.pacl_model import build_model
-    from pacl_ray.formats.export import export_model
+    from pacl_ray.stages.export_backbone import export_model
 
     started_at = time.time() if started_at is None else started_at
     key = train_key(cfg, ingest, partition, embed, cluster)

@@ -18,7 +18,8 @@ from pacl_ray.formats import storage
 from pacl_ray.config import model_args
 from pacl_ray.core.pacl_model import build_model
 from pacl_ray.formats import export
-from pacl_ray.formats.export import (ExportError, export_model, is_export_dir, load_export, load_heads, local_file,
+from pacl_ray.stages.export_backbone import export_model
+from pacl_ray.formats.export import (ExportError, is_export_dir, load_export, load_heads, local_file,
                                      read_export_meta, read_safetensors, write_safetensors)
 from moto_s3 import mock_s3  # noqa: F401 (fixture)
 
