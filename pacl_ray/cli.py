@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--backbone", help="timm name, open_clip:<arch>, or an exported PACL checkpoint directory")
     p.add_argument("--task", action="append", default=[], metavar="TASKSPEC",
-                   help="task spec, e.g. single:fi=/data/FI (repeatable; see pacl_ray.evaluation.evaluate; "
+                   help="task spec, e.g. single:fi=/data/FI (repeatable; see pacl_ray.evaluation.tasks; "
                         "sets evaluate.tasks)")
     p.add_argument("--protocol", help="linear, finetune or zeroshot; several comma-separated (sets evaluate.protocol)")
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="manifest of real image-text pairs (sets ingest.manifest); "
                    "the paper's models become the defaults")
     p.add_argument("--downstream", action="append", default=[], metavar="TASKSPEC",
-                   help="downstream task spec for evaluation (repeatable; see pacl_ray.evaluation.evaluate)")
+                   help="downstream task spec for evaluation (repeatable; see pacl_ray.evaluation.tasks)")
     p.add_argument("--name", help="sweep name: its outputs go to {output_dir}/sweeps/NAME "
                    "(default: the space file's name)")
     p.add_argument("--output-dir", help="where stage outputs and sweeps go (path, s3://, gs://)")

@@ -310,7 +310,7 @@ class TrainConfig:
 class EvaluateConfig:
     """Downstream evaluation (paper 4.4, 4.5)."""
 
-    tasks: list[str] = _f([], "downstream task specs (see pacl_ray.evaluation.evaluate)")
+    tasks: list[str] = _f([], "downstream task specs (see pacl_ray.evaluation.tasks)")
     protocol: str = _f("linear", "linear probe, fine-tuning or zero-shot (paper 4.4, 4.5.2); several "
                        "comma-separated", one_of(*PROTOCOLS, separator=","))
     linear_lr: float = _f(1e-2, "linear probe learning rate (paper 4.4: 1e-2)", above(0))

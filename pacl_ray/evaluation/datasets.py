@@ -22,7 +22,7 @@ split (``split_seed``). When only train and test are given (WebEmo), validation 
 train, so the three parts are again about 8:1:1. The split is drawn before images are validated, so
 a bad image never moves another image to a different split.
 
-Layouts (``ROOT`` is the path given in the task spec; see :mod:`pacl_ray.evaluation.evaluate`):
+Layouts (``ROOT`` is the path given in the task spec; see :mod:`pacl_ray.evaluation.tasks`):
 
 * **ImageFolder** (:func:`read_imagefolder`) -- ``ROOT/{train,val,test}/<class>/<image>``
   (``val`` may be spelled ``valid`` or ``validation``), or ``ROOT/<class>/<image>`` split 8:1:1.
