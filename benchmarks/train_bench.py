@@ -220,8 +220,9 @@ def cpu_benchmarks(args) -> None:
     from pacl_ray.core import backbones
     from pacl_ray.stages.runtime import init_ray
     from pacl_ray.stages.train import (
-        build_optimizer, epoch_phases, joined_table, load_state, load_training_table, rank_batches, run_train, seed_of,
+        build_optimizer, joined_table, load_state, load_training_table, rank_batches, run_train, seed_of,
     )
+    from pacl_ray.stages.train_data import epoch_phases
     from pacl_ray.world import stage_tables
 
     words = "happy sad calm angry bright dark storm beach dog city night joy fear love gloomy sunny".split()

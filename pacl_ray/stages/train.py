@@ -64,15 +64,12 @@ from pacl_ray.formats import storage
 from pacl_ray.stages import cache, runtime
 from pacl_ray.stages.cache import StageOutput
 from pacl_ray.stages.checkpoint import STAGE, load_state, save_checkpoint, train_key, unwrap
-from pacl_ray.stages.train_data import (  # noqa: F401  (re-exported: the stage's public names)
-    EMOTIONAL, FACTUAL, PARTITION, NoTrainableEpochError, TrainingPlan, epoch_phases, epoch_positions, feed_order,
-    fits_in_memory, joined_table, load_training_table, make_plan, rank_batches, rank_slots, seed_of,
-    steps_per_epoch, with_codes,
+from pacl_ray.stages.train_data import (  # noqa: F401 (NoTrainableEpochError: the stage's errors are its own)
+    EMOTIONAL, FACTUAL, PARTITION, NoTrainableEpochError, TrainingPlan, feed_order, fits_in_memory, joined_table,
+    load_training_table, make_plan, rank_batches, seed_of, with_codes,
 )
 from pacl_ray.stages.train_feed import FeedOrder, chunk_layout, feed_chunk_rows, feed_shards, feed_uri, write_feed
-from pacl_ray.stages.train_step import (  # noqa: F401  (re-exported)
-    NonFiniteLossError, build_optimizer, cosine_factor, grad_scaler, nonfinite_terms, optimizer_step,
-)
+from pacl_ray.stages.train_step import NonFiniteLossError, build_optimizer, grad_scaler, optimizer_step
 from pacl_ray.stages.train_loop import (
     NonFinite, StepLog, gather_features, gather_labels, resolve_channels_last, resolve_compile, startup_line,
     startup_times, step_model,

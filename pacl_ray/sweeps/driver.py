@@ -37,10 +37,7 @@ from typing import Any, Callable
 from pacl_ray.stages import cache
 from pacl_ray.formats import storage
 from pacl_ray import config as config_mod
-from pacl_ray.sweeps.report import (  # noqa: F401 -- the report's names, as the driver exported them
-    SweepReport, TrialOutcome, aggregate_seeds, best_outcome, default_metric, metric_columns, plot_hyperparameter,
-    resolve_metric, results_csv, results_markdown, table_rows, write_report,
-)
+from pacl_ray.sweeps.report import SweepReport, TrialOutcome, write_report
 from pacl_ray.sweeps.spaces import (
     SpaceError, SweepSpace, Trial, expand_trials, format_value, get_dotted, load_space,
 )

@@ -109,7 +109,8 @@ def main(workdir: str) -> dict:
 
     from pacl_ray import config
     from pacl_ray.formats import storage
-    from pacl_ray.stages.train import epoch_phases, load_state, run_train, steps_per_epoch
+    from pacl_ray.stages.train import load_state, run_train
+    from pacl_ray.stages.train_data import epoch_phases, steps_per_epoch
     from test_train import CODES, TINY, write_stage_tables
 
     events, release = os.path.join(workdir, "events.jsonl"), os.path.join(workdir, "node-removed")

@@ -18,6 +18,7 @@ from pacl_ray.stages import cache
 from pacl_ray import cli, config
 from pacl_ray.formats import storage
 from pacl_ray.sweeps import driver
+from pacl_ray.sweeps import report as sweep_report
 from pacl_ray.sweeps.spaces import SpaceError, Trial, expand_trials, load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,7 +197,7 @@ def test_flatten_rows_keeps_metric_columns_per_dataset():
     }
 
 
-def sigma_outcomes() -> tuple[object, dict, list[driver.TrialOutcome], dict]:
+def sigma_outcomes() -> tuple[object, dict, list[sweep_report.TrialOutcome], dict]:
     space = parse_space({
         "fixed": {"partition": {"sigma": 0.7}},
         "search": {"partition.sigma": {"grid": [0.3, 0.7, 1.0]}, "train.temperature": {"grid": [0.01, 0.5]}},
@@ -207,16 +208,16 @@ def sigma_outcomes() -> tuple[object, dict, list[driver.TrialOutcome], dict]:
     trials = expand_trials(space, base)
     scores = {"adopted": 60.0, "partition.sigma=0.3": 55.0, "partition.sigma=1": 40.0,
               "train.temperature=0.01": 62.0, "train.temperature=0.5": 58.0, "baseline:vanilla": 70.0}
-    outcomes = [driver.TrialOutcome(t, {"emotion/Acc-4": scores[t.name], "emotion/F1-4": scores[t.name] - 1},
+    outcomes = [sweep_report.TrialOutcome(t, {"emotion/Acc-4": scores[t.name], "emotion/F1-4": scores[t.name] - 1},
                                   backbone=f"/runs/{t.name}/backbone.safetensors") for t in trials]
-    outcomes[2] = driver.TrialOutcome(trials[2], error="RuntimeError: out of memory")
+    outcomes[2] = sweep_report.TrialOutcome(trials[2], error="RuntimeError: out of memory")
     configs = {t.name: driver.trial_config_dict(base, t, [2]) for t in trials}
     return space, base, outcomes, configs
 
 
 def test_table_has_the_table5_layout():
     space, base, outcomes, _ = sigma_outcomes()
-    rows = driver.table_rows(space, base, outcomes, initial={"emotion/Acc-4": 30.0, "emotion/F1-4": 29.0})
+    rows = sweep_report.table_rows(space, base, outcomes, initial={"emotion/Acc-4": 30.0, "emotion/F1-4": 29.0})
     layout = [(r["hyperparameter"], r["value"]) for r in rows]
     assert layout == [
         ("partition.sigma", "0.3"), ("partition.sigma", "0.7 (adopted)"), ("partition.sigma", "1"),
@@ -225,15 +226,15 @@ def test_table_has_the_table5_layout():
     ]
     # the adopted trial's result appears in both blocks
     assert rows[1]["metrics"] == rows[4]["metrics"] == {"emotion/Acc-4": 60.0, "emotion/F1-4": 59.0}
-    columns = driver.metric_columns(outcomes)
+    columns = sweep_report.metric_columns(outcomes)
     assert columns == ["emotion/Acc-4", "emotion/F1-4"]
-    markdown = driver.results_markdown(rows, columns)
+    markdown = sweep_report.results_markdown(rows, columns)
     lines = markdown.splitlines()
     assert lines[0] == "| hyperparameter | value | emotion/Acc-4 | emotion/F1-4 |"
     assert lines[2] == "| partition.sigma | 0.3 | 55.00 | 54.00 |"
     assert lines[3] == "|  | 0.7 (adopted) | 60.00 | 59.00 |"
     assert "failed: RuntimeError: out of memory" in lines[4]
-    parsed = list(csv.DictReader(io.StringIO(driver.results_csv(rows, columns))))
+    parsed = list(csv.DictReader(io.StringIO(sweep_report.results_csv(rows, columns))))
     assert [r["value"] for r in parsed][:3] == ["0.3", "0.7 (adopted)", "1"]
     assert parsed[0]["emotion/Acc-4"] == "55.0" and parsed[0]["backbone"].endswith("sigma=0.3/backbone.safetensors")
     assert parsed[2]["error"].startswith("RuntimeError")
@@ -241,15 +242,15 @@ def test_table_has_the_table5_layout():
 
 def test_best_config_ignores_baselines_and_follows_the_mode():
     _, _, outcomes, _ = sigma_outcomes()
-    assert driver.best_outcome(outcomes, "emotion/Acc-4", "max").trial.name == "train.temperature=0.01"
-    assert driver.best_outcome(outcomes, "emotion/Acc-4", "min").trial.name == "partition.sigma=0.3"
-    assert driver.best_outcome(outcomes, "missing/Acc-4", "max") is None
+    assert sweep_report.best_outcome(outcomes, "emotion/Acc-4", "max").trial.name == "train.temperature=0.01"
+    assert sweep_report.best_outcome(outcomes, "emotion/Acc-4", "min").trial.name == "partition.sigma=0.3"
+    assert sweep_report.best_outcome(outcomes, "missing/Acc-4", "max") is None
 
 
 def test_write_report_files(tmp_path):
     space, base, outcomes, configs = sigma_outcomes()
     sweep_dir = f"file://{tmp_path}/sweeps/tiny"  # through a pyarrow filesystem URI
-    report = driver.write_report(space, base, configs, outcomes, sweep_dir, initial={"emotion/Acc-4": 30.0})
+    report = sweep_report.write_report(space, base, configs, outcomes, sweep_dir, initial={"emotion/Acc-4": 30.0})
     for name in ("results.md", "results.csv", "best_config.yaml", "trials.json",
                  "plot_partition_sigma.png", "plot_train_temperature.png"):
         assert storage.exists(storage.join(sweep_dir, name)), name
@@ -265,15 +266,15 @@ def test_write_report_files(tmp_path):
 
 def test_metric_names_resolve_to_result_columns():
     columns = ["emotion/Acc-4", "emotion/F1-4", "fi/Acc-8"]
-    assert driver.resolve_metric("emotion/Acc-4", columns) == "emotion/Acc-4"
-    assert driver.resolve_metric("emotion/Acc", columns) == "emotion/Acc-4"  # any class count
-    assert driver.resolve_metric("fi/Acc", columns) == "fi/Acc-8"
-    assert driver.resolve_metric("emotion/Acc-6", columns) == ""
+    assert sweep_report.resolve_metric("emotion/Acc-4", columns) == "emotion/Acc-4"
+    assert sweep_report.resolve_metric("emotion/Acc", columns) == "emotion/Acc-4"  # any class count
+    assert sweep_report.resolve_metric("fi/Acc", columns) == "fi/Acc-8"
+    assert sweep_report.resolve_metric("emotion/Acc-6", columns) == ""
 
 
 def test_default_metric_is_the_first_accuracy():
-    assert driver.default_metric(["fi/F1-8", "fi/Acc-8", "e6/Acc-6"]) == "fi/Acc-8"
-    assert driver.default_metric(["emotic/mAP"]) == "emotic/mAP"
+    assert sweep_report.default_metric(["fi/F1-8", "fi/Acc-8", "e6/Acc-6"]) == "fi/Acc-8"
+    assert sweep_report.default_metric(["emotic/mAP"]) == "emotic/mAP"
 
 
 # --------------------------------------------------------------------------- resume
@@ -425,10 +426,10 @@ def test_a_seed_axis_yields_mean_and_spread_per_row():
     assert configs["partition.sigma=0.3@seed=2"]["partition"]["sigma"] == 0.3
 
     acc = {"adopted": [60.0, 62.0, 64.0], "partition.sigma=0.3": [50.0, 50.0, 56.0], "baseline:vanilla": [70.0, 71.0, 72.0]}
-    outcomes = [driver.TrialOutcome(t, {"emotion/Acc-4": acc[t.group][t.seed]}, backbone=f"/runs/{t.name}")
+    outcomes = [sweep_report.TrialOutcome(t, {"emotion/Acc-4": acc[t.group][t.seed]}, backbone=f"/runs/{t.name}")
                 for t in trials]
-    outcomes[5] = driver.TrialOutcome(trials[5], error="RuntimeError: out of memory")  # sigma=0.3, seed 2 failed
-    rows = driver.table_rows(space, base, outcomes)
+    outcomes[5] = sweep_report.TrialOutcome(trials[5], error="RuntimeError: out of memory")  # sigma=0.3, seed 2 failed
+    rows = sweep_report.table_rows(space, base, outcomes)
     by_value = {r["value"]: r for r in rows}
     adopted = by_value["0.7 (adopted)"]
     assert adopted["metrics"]["emotion/Acc-4"] == pytest.approx(62.0)
@@ -439,16 +440,16 @@ def test_a_seed_axis_yields_mean_and_spread_per_row():
     assert partial["error"].startswith("1 of 3 seeds failed: RuntimeError")
     assert by_value["vanilla (train.objective=clip)"]["metrics"]["emotion/Acc-4"] == pytest.approx(71.0)
 
-    columns = driver.metric_columns(outcomes)
-    markdown = driver.results_markdown(rows, columns).splitlines()
+    columns = sweep_report.metric_columns(outcomes)
+    markdown = sweep_report.results_markdown(rows, columns).splitlines()
     assert markdown[0] == "| hyperparameter | value | emotion/Acc-4 | seeds |"
     assert "| 0.7 (adopted) | 62.00 ± 2.00 | 3 |" in markdown[3]
-    parsed = list(csv.DictReader(io.StringIO(driver.results_csv(rows, columns))))
+    parsed = list(csv.DictReader(io.StringIO(sweep_report.results_csv(rows, columns))))
     row = next(r for r in parsed if r["value"] == "0.7 (adopted)")
     assert float(row["emotion/Acc-4"]) == pytest.approx(62.0) and float(row["emotion/Acc-4 std"]) == pytest.approx(2.0)
     assert row["seeds"] == "0 1 2"
     # The best row is chosen by its mean over seeds (baselines excluded).
-    assert driver.best_outcome(driver.aggregate_seeds(outcomes), "emotion/Acc-4", "max").trial.name == "adopted"
+    assert sweep_report.best_outcome(sweep_report.aggregate_seeds(outcomes), "emotion/Acc-4", "max").trial.name == "adopted"
 
 
 def test_seed_axis_forms_and_errors():
@@ -473,7 +474,7 @@ def test_one_value_axes_get_no_plot(tmp_path):
     space = parse_space({"search": {"partition.sigma": {"grid": [0.7]}}, "metric": "emotion/Acc-4"}, "one.yaml")
     base = config.to_dict(config.from_dict({}))
     trials = expand_trials(space, base)
-    outcomes = [driver.TrialOutcome(t, {"emotion/Acc-4": 50.0}) for t in trials]
+    outcomes = [sweep_report.TrialOutcome(t, {"emotion/Acc-4": 50.0}) for t in trials]
     configs = {t.name: driver.trial_config_dict(base, t, [2]) for t in trials}
-    report = driver.write_report(space, base, configs, outcomes, str(tmp_path / "one"))
+    report = sweep_report.write_report(space, base, configs, outcomes, str(tmp_path / "one"))
     assert report.plots == [] and not (tmp_path / "one" / "plot_partition_sigma.png").exists()
