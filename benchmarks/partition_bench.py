@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentiment-model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--sentiment-pooling", default="mean")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=1, help="actors per model in the Ray pipeline")
+    parser.add_argument("--max-actors", type=int, default=1, help="actors per model in the Ray pipeline, at most "
+                        "(the pool autoscales from 1)")
     parser.add_argument("--precision", default="bf16", help="autocast on GPU; CPU runs fp32")
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray instance CPUs")
     parser.add_argument("--workdir", default="", help="where data and outputs go (default: a temp dir)")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.partition
     p.clip_model, p.clip_pretrained = args.clip_model, args.clip_pretrained
     p.sentiment_model, p.sentiment_pooling = args.sentiment_model, args.sentiment_pooling
-    p.batch_size, p.concurrency, p.precision = args.batch_size, args.concurrency, args.precision
+    p.batch_size, p.max_actors, p.precision = args.batch_size, args.max_actors, args.precision
     init_ray(cfg.ray)
     ingest = run_ingest(cfg)
     pairs = read_pairs_table(ingest)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     n = pairs.num_rows
     result = {
         "pairs": n, "clip": f"{args.clip_model}:{args.clip_pretrained or 'random'}",
-        "sentiment": args.sentiment_model, "batch_size": args.batch_size, "concurrency": args.concurrency,
+        "sentiment": args.sentiment_model, "batch_size": args.batch_size, "max_actors": args.max_actors,
         "cluster_cpus": ray.cluster_resources().get("CPU"), "cluster_gpus": cluster_gpus(),
         "torch_threads": torch.get_num_threads(),
         "ray_seconds": round(ray_s, 2), "local_seconds": round(local_s, 2),

@@ -130,6 +130,22 @@ def _f(default: Any, meaning: str, domain: Optional[Domain] = None) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def check_actor_pool(section: str, min_actors: int, max_actors: int) -> None:
+    """An inference section's actor pool bounds: ``min_actors <= max_actors`` (each field's own
+    domain is checked with it). Raises :class:`ConfigError` naming both keys and values."""
+    if min_actors > max_actors:
+        raise ConfigError(f"{section}.min_actors={min_actors!r} is not allowed: expected at most "
+                          f"{section}.max_actors={max_actors!r} (the pool autoscales between them)")
+
+
+# Keys that were renamed: reading one names what to use instead.
+RENAMED_KEYS = {
+    f"{section}.concurrency": f"{section}.min_actors and {section}.max_actors (an autoscaling actor pool; "
+                              f"the old concurrency: N is min_actors: N, max_actors: N)"
+    for section in ("partition", "embed", "evaluate")
+}
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -212,10 +228,16 @@ class PartitionConfig:
                          "one-score partition, the other score matched for every pair (SPEC Choice sample usage)",
                          one_of(*USE_SCORES))
     batch_size: int = _f(128, "pairs per scoring batch", at_least(1))
-    concurrency: int = _f(1, "actors in the scoring pool (per model)", at_least(1))
+    min_actors: int = _f(1, "actors each scoring model pool (CLIP, sentiment) keeps at least (Ray Data "
+                         "ActorPoolStrategy min_size)", at_least(1))
+    max_actors: int = _f(1, "actors each scoring model pool grows to while inputs queue (max_size; with GPUs "
+                         "max_actors x num_gpus GPUs per model)", at_least(1))
     num_gpus: float = _f(1.0, "GPUs per scoring actor when the cluster has GPUs", at_least(0))
     precision: str = _f("bf16", "autocast dtype of scoring on GPU (CPU always fp32)", one_of(*PRECISIONS))
     report_examples: int = _f(8, "pairs per partition in the HTML gallery", at_least(0))
+
+    def __post_init__(self) -> None:
+        check_actor_pool("partition", self.min_actors, self.max_actors)
 
 
 @dataclass
@@ -224,9 +246,15 @@ class EmbedConfig:
 
     feature_dtype: str = _f("float32", "stored feature dtype", one_of(*FEATURE_DTYPES))
     batch_size: int = _f(128, "pairs per embedding batch", at_least(1))
-    concurrency: int = _f(1, "actors in the embedding pool", at_least(1))
+    min_actors: int = _f(1, "actors each embedding model pool (image, text) keeps at least (Ray Data "
+                         "ActorPoolStrategy min_size)", at_least(1))
+    max_actors: int = _f(1, "actors each embedding model pool grows to while inputs queue (max_size; with "
+                         "GPUs max_actors x num_gpus GPUs per model)", at_least(1))
     num_gpus: float = _f(1.0, "GPUs per embedding actor when the cluster has GPUs", at_least(0))
     precision: str = _f("bf16", "autocast dtype of embedding on GPU (CPU always fp32)", one_of(*PRECISIONS))
+
+    def __post_init__(self) -> None:
+        check_actor_pool("embed", self.min_actors, self.max_actors)
 
 
 @dataclass
@@ -323,12 +351,18 @@ class EvaluateConfig:
     prompts: list[str] = _f(["A photo with {} emotion.", "The photo makes me feel so {}!"],
                             "zero-shot prompt templates, {} = class name (paper 4.5.2)")
     weight_decay: float = _f(0.0, "AdamW weight decay of the linear head and of fine-tuning", at_least(0))
-    concurrency: int = _f(1, "feature-extraction actors (Ray Data)", at_least(1))
+    min_actors: int = _f(1, "feature-extraction actors kept at least (Ray Data ActorPoolStrategy min_size)",
+                         at_least(1))
+    max_actors: int = _f(1, "feature-extraction actors the pool grows to while images queue (max_size; with "
+                         "GPUs max_actors x num_gpus GPUs)", at_least(1))
     num_gpus: float = _f(1.0, "GPUs per feature-extraction actor / fine-tuning task when the cluster "
                          "has GPUs", at_least(0))
     precision: str = _f("bf16", "autocast dtype of evaluation on GPU (CPU always fp32)", one_of(*PRECISIONS))
     compare_initial: bool = _f(True, "with a PACL export, also evaluate its initial weights (Table 1 rows)")
     num_workers: int = _f(0, "fine-tuning DataLoader worker processes", at_least(0))
+
+    def __post_init__(self) -> None:
+        check_actor_pool("evaluate", self.min_actors, self.max_actors)
 
 
 @dataclass
@@ -456,6 +490,8 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    if unknown and f"{prefix}{unknown[0]}" in RENAMED_KEYS:
+        raise ConfigError(f"config key {prefix}{unknown[0]} was replaced by {RENAMED_KEYS[prefix + unknown[0]]}")
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; valid keys under "

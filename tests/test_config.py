@@ -226,6 +226,33 @@ def test_edges_of_domains_are_allowed():
         C.load_config(None, ["evaluate.protocol=linear,probe"])
 
 
+@pytest.mark.parametrize("section", ["partition", "embed", "evaluate"])
+def test_inference_pools_have_typed_bounds(section, tmp_path):
+    default = getattr(C.RunConfig(), section)
+    assert (default.min_actors, default.max_actors) == (1, 1)  # one actor per model on a laptop
+    cfg = C.load_config(None, [f"{section}.min_actors=2", f"{section}.max_actors=8"])
+    assert (getattr(cfg, section).min_actors, getattr(cfg, section).max_actors) == (2, 8)
+    assert getattr(C.load_config(None, [f"{section}.max_actors=4"]), section).min_actors == 1
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(None, [f"{section}.max_actors=0"])
+    assert str(err.value) == f"{section}.max_actors=0 is not allowed: expected a number >= 1"
+    with pytest.raises(C.ConfigError, match=f"{section}.min_actors: expected an integer, got 1.5"):
+        C.load_config(None, [f"{section}.min_actors=1.5"])
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(None, [f"{section}.min_actors=3", f"{section}.max_actors=2"])
+    assert str(err.value) == (f"{section}.min_actors=3 is not allowed: expected at most {section}.max_actors=2 "
+                              f"(the pool autoscales between them)")
+    path = tmp_path / "old.yaml"  # a config written before the pools autoscaled
+    path.write_text(yaml.safe_dump({section: {"concurrency": 4}}))
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(str(path))
+    assert str(err.value) == (f"config key {section}.concurrency was replaced by {section}.min_actors and "
+                              f"{section}.max_actors (an autoscaling actor pool; the old concurrency: N is "
+                              f"min_actors: N, max_actors: N)")
+    with pytest.raises(C.ConfigError, match=f"{section}.concurrency was replaced"):
+        C.load_config(None, [f"{section}.concurrency=2"])
+
+
 def test_layer_config_order_later_wins(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"epochs": 3, "k": 3}}))

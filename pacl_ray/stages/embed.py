@@ -37,7 +37,7 @@ from pacl_ray.formats import storage, tables
 from pacl_ray.formats.export import local_file
 from pacl_ray.stages import cache, executor
 from pacl_ray.stages.cache import StageOutput
-from pacl_ray.stages.executor import ActorPool, Udf
+from pacl_ray.stages.executor import Udf
 from pacl_ray.stages.image_features import ImageFeatureExtractor
 
 STAGE = "embed"
@@ -204,7 +204,7 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
             del built
         ran = executor.run_udfs(
             cache.table_dir(ingest, "pairs"), [tables.ID, "image", "text"], embed_udfs(transform, image_kwargs, text_kwargs),
-            features_uri, pool=ActorPool(e.concurrency, e.num_gpus, pools=2), batch_size=e.batch_size,
+            features_uri, pool=executor.actor_pool(e, pools=2), batch_size=e.batch_size,
             ray_cfg=cfg.ray,
             in_process_udfs=embed_udfs(transform, image_kwargs, text_kwargs, image_extractor),
         )

@@ -9,15 +9,17 @@ table. :func:`run_udfs` then either
   when the input has at most ``ray.in_process_max_rows`` rows (:func:`runs_in_process`): a pool's
   process starts and model loads would take longer than the work; or
 * chains ``map_batches`` over a Ray Data dataset (:func:`apply_ray_data`), callable classes in
-  actor pools sized and resourced by :func:`actor_pool_args`.
+  autoscaling actor pools (``min_actors`` .. ``max_actors`` actors per model, Ray Data's
+  ``ActorPoolStrategy(min_size, max_size)``) resourced by :func:`actor_pool_args`.
 
 Both paths run the same UDFs on the same batches, so they give the same rows (tests compare them).
 
 Adopting it (e.g. evaluation's feature extraction)::
 
-    udfs = [Udf(FeatureExtractor, kwargs=extractor_kwargs, actor=True)]   # batch {row, path} -> {row, feature}
+    udfs = [Udf(decode, {"transform": transform}),                         # CPU task: {row, path} -> {row, pixels}
+            Udf(FeatureExtractor, kwargs=extractor_kwargs, actor=True)]    # model actor: -> {row, feature}
     table = run_udfs_on_table(pa.Table.from_pylist(items), udfs,
-                              pool=ActorPool(cfg.evaluate.concurrency, cfg.evaluate.num_gpus),
+                              pool=actor_pool(cfg.evaluate),
                               batch_size=cfg.evaluate.batch_size, ray_cfg=cfg.ray)
     # -> pa.Table (row, feature: fixed-size list [D]) on either path; sort by row.
     run_udfs(source_files, columns, udfs, out_uri, pool=..., batch_size=..., ray_cfg=...)  # -> Parquet
@@ -54,12 +56,27 @@ class Udf:
 
 @dataclass(frozen=True)
 class ActorPool:
-    """Actor pools of one stage: ``concurrency`` actors per model step, ``num_gpus`` each when
-    the cluster has GPUs; ``pools``: how many model pools run at once (CPU sharing)."""
+    """Actor pools of one stage: each model step's pool autoscales between ``min_actors`` and
+    ``max_actors`` actors (Ray Data adds actors while inputs queue, up to ``max_actors``, and
+    removes idle ones down to ``min_actors``), ``num_gpus`` each when the cluster has GPUs, so a
+    pool uses at most ``max_actors * num_gpus`` GPUs; ``pools``: how many model pools run at once
+    (CPU sharing). Raises ValueError unless ``1 <= min_actors <= max_actors``."""
 
-    concurrency: int = 1
+    min_actors: int = 1
+    max_actors: int = 1
     num_gpus: float = 1.0
     pools: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise ValueError(f"ActorPool: need 1 <= min_actors <= max_actors, got min_actors={self.min_actors}, "
+                             f"max_actors={self.max_actors}")
+
+
+def actor_pool(section: Any, pools: int = 1) -> ActorPool:
+    """The :class:`ActorPool` of an inference config section (``partition``, ``embed``,
+    ``evaluate``: its ``min_actors``, ``max_actors`` and ``num_gpus``)."""
+    return ActorPool(section.min_actors, section.max_actors, section.num_gpus, pools=pools)
 
 
 def runs_in_process(rows: int, cfg: RayConfig) -> bool:
@@ -78,20 +95,22 @@ def runs_in_process(rows: int, cfg: RayConfig) -> bool:
 def actor_pool_args(pool: ActorPool, batch_size: int) -> dict:
     """``map_batches`` arguments of one model step's actor pool.
 
-    With GPUs each actor takes ``pool.num_gpus``. CPU-only, whole-CPU actors would take every CPU
-    of a small machine and leave none for the read / decode / write tasks (a deadlock on 2 cores):
-    the actors of all ``pool.pools`` pools share at most half of the cluster's CPUs.
+    ``compute`` is ``ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)``: an
+    autoscaling pool. With GPUs each actor takes ``pool.num_gpus``. CPU-only, whole-CPU actors
+    would take every CPU of a small machine and leave none for the read / decode / write tasks (a
+    deadlock on 2 cores): the actors of all ``pool.pools`` pools, each at its largest, share at
+    most half of the cluster's CPUs.
     """
     import ray
 
     from pacl_ray.stages.runtime import cluster_cpus, cluster_gpus
 
-    args: dict = {"compute": ray.data.ActorPoolStrategy(size=pool.concurrency), "batch_size": batch_size,
-                  "batch_format": "numpy"}
+    strategy = ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)
+    args: dict = {"compute": strategy, "batch_size": batch_size, "batch_format": "numpy"}
     if cluster_gpus() > 0:
         args["num_gpus"] = pool.num_gpus
     else:
-        actors = max(1, pool.pools * pool.concurrency)
+        actors = max(1, pool.pools * pool.max_actors)
         args["num_cpus"] = min(1.0, max(cluster_cpus(), 1.0) / (2 * actors))
     return args
 

@@ -288,7 +288,7 @@ def scoring_columns(need_clip: bool) -> list[str]:
 
 
 def scoring_pool(pcfg: PartitionConfig) -> ActorPool:
-    return ActorPool(pcfg.concurrency, pcfg.num_gpus, pools=2)  # CLIP and sentiment pools run at once
+    return executor.actor_pool(pcfg, pools=2)  # CLIP and sentiment pools run at once
 
 
 def build_scoring_pipeline(ds, pcfg: PartitionConfig, vocab: list[str], need_clip: bool, need_sentiment: bool):

@@ -1,5 +1,5 @@
 """pacl_ray.stages.executor: the same UDFs in this process and on Ray Data give the same rows;
-actor pools leave CPUs for the read/decode/write tasks."""
+actor pools autoscale between the configured bounds and leave CPUs for the read/decode/write tasks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pacl_ray.config import RayConfig
+from pacl_ray.config import EmbedConfig, EvaluateConfig, PartitionConfig, RayConfig
 from pacl_ray.formats import storage
 from pacl_ray.stages import executor
 from pacl_ray.stages.executor import ActorPool, Udf
@@ -64,7 +64,7 @@ def test_ray_data_gives_the_in_process_rows(ray_local, tmp_path):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
-    pool = ActorPool(concurrency=1, num_gpus=0)
+    pool = ActorPool(num_gpus=0)
     local = executor.run_udfs_on_table(_input(), UDFS, pool=pool, batch_size=5, ray_cfg=RayConfig())
     remote = executor.run_udfs_on_table(_input(), UDFS, pool=pool, batch_size=5,
                                         ray_cfg=RayConfig(in_process_max_rows=0))
@@ -82,10 +82,33 @@ def test_ray_data_gives_the_in_process_rows(ray_local, tmp_path):
 
 def test_cpu_actor_pools_leave_half_the_cpus_free(ray_local):
     cpus = ray_local.cluster_resources()["CPU"]
-    args = executor.actor_pool_args(ActorPool(concurrency=4, num_gpus=1, pools=2), batch_size=8)
+    args = executor.actor_pool_args(ActorPool(min_actors=1, max_actors=4, num_gpus=1, pools=2), batch_size=8)
     assert "num_gpus" not in args and args["batch_size"] == 8 and args["batch_format"] == "numpy"
-    assert args["num_cpus"] * 4 * 2 <= cpus / 2 + 1e-9
-    assert executor.actor_pool_args(ActorPool(concurrency=1), 8)["num_cpus"] <= 1.0
+    assert args["num_cpus"] * 4 * 2 <= cpus / 2 + 1e-9  # every pool at its largest still leaves half
+    assert executor.actor_pool_args(ActorPool(), 8)["num_cpus"] <= 1.0
+
+
+@pytest.mark.parametrize("section", [PartitionConfig, EmbedConfig, EvaluateConfig])
+def test_pools_autoscale_between_the_configured_bounds(section, monkeypatch):
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda: 8.0)
+    monkeypatch.setattr(runtime, "cluster_cpus", lambda: 64.0)
+    cfg = section(min_actors=2, max_actors=5, num_gpus=0.5)
+    args = executor.actor_pool_args(executor.actor_pool(cfg, pools=2), batch_size=16)
+    strategy = args["compute"]
+    assert (strategy.min_size, strategy.max_size) == (2, 5)
+    assert args["num_gpus"] == 0.5 and "num_cpus" not in args
+    # the defaults keep one actor per model (a laptop run)
+    default = executor.actor_pool_args(executor.actor_pool(section()), batch_size=16)["compute"]
+    assert (default.min_size, default.max_size) == (1, 1)
+
+
+def test_actor_pool_rejects_bounds_out_of_order():
+    with pytest.raises(ValueError, match="min_actors=3, max_actors=2"):
+        ActorPool(min_actors=3, max_actors=2)
+    with pytest.raises(ValueError, match="min_actors=0"):
+        ActorPool(min_actors=0)
 
 
 def test_matrix_outputs_become_fixed_size_lists():

@@ -48,7 +48,7 @@ def tiny_cfg(output_dir, manifest, minilm_path) -> RunConfig:
     p = cfg.partition
     p.clip_model, p.clip_pretrained = TINY_CLIP, ""
     p.sentiment_model, p.sentiment_pooling = minilm_path, "mean"
-    p.precision, p.batch_size, p.concurrency, p.report_examples = "fp32", 8, 1, 2
+    p.precision, p.batch_size, p.max_actors, p.report_examples = "fp32", 8, 1, 2
     p.factual_calibration = p.emotional_calibration = "rank"
     p.sigma = 0.5
     return cfg
