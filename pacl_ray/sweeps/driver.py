@@ -210,6 +210,27 @@ def check_asha(space: SweepSpace) -> None:
             "metric (val/...) to rank on: remove `asha:` from the space")
 
 
+def tune_run_config(experiment_root: str, experiment_name: str, max_failures: int, callbacks: list) -> Any:
+    """The sweep's ``ray.tune.RunConfig`` for experiments under ``experiment_root`` (a local path
+    or pyarrow URI): ``storage_filesystem`` and ``storage_path`` from
+    :func:`pacl_ray.formats.storage.resolve`, so credentials in the URI
+    (``s3://KEY:SECRET@bucket/...``) live only in the filesystem object and the path Tune logs,
+    prints and records has no scheme, user info or query. (Tune pickles that filesystem object
+    for its workers, and pyarrow's pickle of an S3 filesystem built with explicit keys holds them:
+    credentials from the environment or an instance profile keep them out of it too.) Tune's own
+    console output is off."""
+    import ray.tune
+
+    fs, root = storage.resolve(experiment_root)
+    return ray.tune.RunConfig(
+        name=experiment_name, storage_path=root, storage_filesystem=fs,
+        failure_config=ray.tune.FailureConfig(max_failures=max_failures),
+        # Tune's own status tables and per-result dicts are off; TrialProgress prints
+        # a line per trial start/end and a heartbeat, the report prints the results.
+        verbose=0, callbacks=callbacks,
+    )
+
+
 # --------------------------------------------------------------------------- resources
 
 
@@ -474,7 +495,7 @@ def run_sweep(
     experiment_name = f"{name}-{fingerprint[:8]}"
     experiment_path = storage.join(experiment_root, experiment_name)
     storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps({
-        "space": space.path, "fingerprint": fingerprint, "experiment": experiment_path,
+        "space": space.path, "fingerprint": fingerprint, "experiment": storage.redact(experiment_path),
         "trials": [t.to_dict() for t in trials], "cluster_ks": ks,
     }, indent=2, default=str))
     log(f"[tune] sweep {name}: {len(trials)} trials ({space.mode}); K values clustered once: {ks}")
@@ -504,12 +525,18 @@ def run_sweep(
     callbacks = [TrialProgress(len(trials), log), *tracking_callbacks(base.get("tracking") or {}, name)]
     if not resume and storage.exists(experiment_path):
         storage.delete_dir(experiment_path)
-    if resume and ray.tune.Tuner.can_restore(experiment_path):
-        log(f"[tune] resuming {experiment_path} (finished trials are kept)")
-        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable,
-                                       resume_unfinished=True, resume_errored=True)
+    tune_fs, tune_root = storage.resolve(experiment_root)  # as tune_run_config: credentials stay in tune_fs
+    if storage.redact(experiment_root) != experiment_root:
+        log("[tune] note: output_dir's URI carries credentials; Tune keeps them only inside its pickled "
+            "filesystem object (tuner.pkl), never in paths or logs. AWS_* variables or an instance profile "
+            "keep them out of that too.")
+    tune_path = f"{tune_root.rstrip('/')}/{experiment_name}"
+    if resume and ray.tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
+        log(f"[tune] resuming {storage.redact(experiment_path)} (finished trials are kept)")
+        tuner = ray.tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=tune_fs)
     else:
-        log(f"[tune] starting {experiment_path}; up to {concurrency} trial(s) at once"
+        log(f"[tune] starting {storage.redact(experiment_path)}; up to {concurrency} trial(s) at once"
             f"{' on GPU' if use_gpu else ' on CPU'}")
         hyperparameters = trial_hyperparameters(space, trial_configs)
         tuner = ray.tune.Tuner(
@@ -521,13 +548,7 @@ def run_sweep(
                 # TensorBoard, MLflow and W&B runs take these names.
                 trial_name_creator=_TrialNamer(hyperparameters),
                 trial_dirname_creator=_TrialNamer(hyperparameters)),
-            run_config=ray.tune.RunConfig(
-                name=experiment_name, storage_path=experiment_root,
-                failure_config=ray.tune.FailureConfig(max_failures=space.max_failures),
-                # Tune's own status tables and per-result dicts are off; TrialProgress prints
-                # a line per trial start/end and a heartbeat, the report prints the results.
-                verbose=0, callbacks=callbacks,
-            ),
+            run_config=tune_run_config(experiment_root, experiment_name, space.max_failures, callbacks),
         )
     grid = tuner.fit()
     outcomes = collect_outcomes(grid, trials)
