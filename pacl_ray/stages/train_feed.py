@@ -48,7 +48,8 @@ from pacl_ray.stages import cache
 
 FEED_STAGE = "train_feed"
 READ_BYTES = "read_bytes"  # per streamed row: bytes of the chunk it was read with (first kept row), else 0
-PREFETCH_CHUNKS = 2  # decoded chunks the iterator fetches ahead of the training step
+PREFETCH_BLOCKS = 2  # decoded blocks the iterator fetches ahead of the training step
+TASK_ROWS = 32  # pairs a feed task reads and decodes (whole chunks, at least one): its output block
 
 
 # --------------------------------------------------------------------------- layout and order (pure)
@@ -303,9 +304,11 @@ def rank_dataset(files: list[str], order: FeedOrder, phase: tuple[int, ...], epo
     budget: Ray Data's ``execution_options.resource_limits.object_store_memory`` on this
     dataset's own DataContext (a copy; the process-wide context is untouched). The streaming
     executor counts blocks queued between operators, outputs of running tasks and the iterator's
-    prefetched batches against it and starts no read or decode task that would exceed it, so the
-    feed's object-store use stays about this budget plus one chunk in flight, whatever the
-    dataset size (Ray Data: a soft limit; one task at a time always runs).
+    prefetched batches against it and starts no read-and-decode task whose output (a block of
+    about :data:`TASK_ROWS` decoded pairs, at least one chunk) would exceed it, so the feed's
+    object-store use stays about this budget plus one task's output, whatever the dataset size
+    (Ray Data: a soft limit; one task at a time always runs; the tasks started before the first
+    output's size is known, at most one per CPU, can overshoot it once).
     """
     import ray
 
@@ -317,10 +320,13 @@ def rank_dataset(files: list[str], order: FeedOrder, phase: tuple[int, ...], epo
         return None
     for item in items:  # each chunk carries its rows' codes: no per-dataset array is shipped to the tasks
         item["partition"] = order.codes[item["rows"]].astype(np.int64).tolist()
-    # One block per chunk descriptor (ids and positions only) and one task per chunk: read, then
-    # decode the whole chunk (batch_size=None). A decode batch size would make Ray Data bundle that
-    # many descriptors into one task, whose single output block the budget could not split.
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # One task per block of descriptors (ids and positions only), about TASK_ROWS pairs (at least
+    # one chunk): it reads, then decodes its whole block (batch_size=None) into one output block.
+    # A decode batch size would make Ray Data bundle that many *descriptors* (chunks) per task, and
+    # a task's output is what the budget cannot split.
+    mean_rows = sum(len(item["rows"]) for item in items) / len(items)
+    per_task = max(1, int(TASK_ROWS // mean_rows))
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_task))
     ds = ds.map_batches(_read_chunks, fn_kwargs=dict(files=files), batch_format="pyarrow", batch_size=1)
     ds = ds.map_batches(decode, batch_format="pyarrow", batch_size=None)
     context = ds.context
@@ -343,8 +349,8 @@ def stream_rank_batches(files: list[str], order: FeedOrder, phase: tuple[int, ..
     B, width = order.global_batch, hi - lo
     pending: dict[str, np.ndarray] = {}
     step = start_step
-    # A batch is one decoded chunk; the prefetched ones count against the budget.
-    for batch in ds.iter_batches(batch_format="numpy", prefetch_batches=PREFETCH_CHUNKS, batch_size=None):
+    # A batch is one task's decoded block; the prefetched ones count against the budget.
+    for batch in ds.iter_batches(batch_format="numpy", prefetch_batches=PREFETCH_BLOCKS, batch_size=None):
         pending = {k: np.concatenate([pending[k], v]) if pending else v for k, v in batch.items()}
         while pending and ((pending["position"] // B) == step).sum() == width:
             here = np.flatnonzero(pending["position"] // B == step)

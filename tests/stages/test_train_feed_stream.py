@@ -3,7 +3,6 @@ the budget reaches the feed's own DataContext and changes nothing in the batches
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,11 +18,12 @@ TINY_MB = 0.01  # 10 KiB: less than one decoded chunk, so Ray Data runs one read
 PHASE, EPOCH = (1, 2, 3, 4), 1
 
 
-class Tiny:
-    """Decode to 8x8 float CHW (the feed's cost is not under test)."""
+def tiny_transform():
+    """Decode to 8x8 float CHW (the feed's cost is not under test); a torchvision transform, which
+    Ray workers can unpickle (a class defined here could not be imported there)."""
+    from torchvision import transforms
 
-    def __call__(self, img):
-        return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32).transpose(2, 0, 1).copy())
+    return transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +40,17 @@ def feed(tmp_path_factory):
 def test_the_budget_is_set_on_the_feeds_own_data_context(ray_local, feed):
     files, order = feed
     before = ray_local.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
-    ds = rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, _Decode(Tiny(), order.seed, EPOCH), object_store_mb=TINY_MB)
+    ds = rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, _Decode(tiny_transform(), order.seed, EPOCH), object_store_mb=TINY_MB)
     options = ds.context.execution_options
     assert options.resource_limits.object_store_memory == int(TINY_MB * 2**20) and options.preserve_order
     assert ray_local.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == before
     with pytest.raises(ValueError, match="feed_object_store_mb"):
-        rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, _Decode(Tiny(), order.seed, EPOCH), object_store_mb=0)
+        rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, _Decode(tiny_transform(), order.seed, EPOCH), object_store_mb=0)
 
 
 def test_one_and_two_workers_stream_the_same_global_batches_under_a_tiny_budget(ray_local, feed):
     files, order = feed
-    plan = dict(order=order, phase=PHASE, epoch=EPOCH, start_step=0, transform=Tiny(), device=torch.device("cpu"),
+    plan = dict(order=order, phase=PHASE, epoch=EPOCH, start_step=0, transform=tiny_transform(), device=torch.device("cpu"),
                 object_store_mb=TINY_MB)
     one = list(rank_batches(files, rank=0, world_size=1, **plan))
     two = [list(rank_batches(files, rank=r, world_size=2, **plan)) for r in range(2)]
