@@ -2,14 +2,14 @@
 workers, two or more dataset sizes and one or more feed object-store budgets
 (``train.feed_object_store_mb``; local Ray with logical CPUs; ``pacl_ray.stages.train_feed``).
 
-    PYTHONPATH=. python benchmarks/train_feed_bench.py [--sizes 512 4096] [--object-store-mb 2 100000]
+    PYTHONPATH=. python benchmarks/train_feed_bench.py [--sizes 1024 4096] [--object-store-mb 1 100000]
 
 For each size a synthetic world (noise PNGs) is written, its feed files built once, and for each
 budget and W the W ranks' epoch streams (phase 1234, epoch 0) run concurrently from driver threads,
 exactly as ``rank_batches`` runs in each Ray Train worker (each rank its own Ray Data pipeline with
 its own budget, as in Ray Train), each rank spending ``--step-ms`` per step as a training step
-would (so the feed can run ahead of it). "bytes/worker" is measured: the compressed bytes of the Parquet
-row groups each rank read. "peak obj store" is sampled every 20 ms while the epoch runs, through
+would (so the feed can run ahead of it). "bytes/worker" is measured: the compressed bytes of the
+Parquet row groups each rank read. "peak obj store" is sampled every 20 ms while the epoch runs, through
 Ray's public resource view: ``cluster_resources() - available_resources()`` of the
 ``object_store_memory`` resource (the bytes of live objects in the object store, all ranks
 together), minus its value just before the epoch. A budget of 100000 MiB leaves Ray Data's own
@@ -46,7 +46,8 @@ def _object_store_bytes() -> int:
     resource's total minus what is available; Ray updates it as objects are created and freed)."""
     import ray
 
-    return int(ray.cluster_resources().get("object_store_memory", 0) - ray.available_resources().get("object_store_memory", 0))
+    total = ray.cluster_resources().get("object_store_memory", 0)
+    return int(total - ray.available_resources().get("object_store_memory", 0))
 
 
 class PeakSampler(threading.Thread):
@@ -90,11 +91,11 @@ def _epoch(files, order, world: int, budget_mb: float, step_s: float) -> tuple[l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--object-store-mb", type=float, nargs="+", default=[2.0, 100000.0],
+    parser.add_argument("--object-store-mb", type=float, nargs="+", default=[1.0, 100000.0],
                         help="train.feed_object_store_mb values to run (MiB per worker); 100000 = Ray Data's default")
-    parser.add_argument("--step-ms", type=float, default=20.0, help="time each rank spends per step (a stand-in "
+    parser.add_argument("--step-ms", type=float, default=200.0, help="time each rank spends per step (a stand-in "
                         "for the training step); the feed runs ahead of it up to its budget")
     parser.add_argument("--image-px", type=int, default=96)
     parser.add_argument("--batch", type=int, default=32)

@@ -40,18 +40,19 @@ def feed(tmp_path_factory):
 def test_the_budget_is_set_on_the_feeds_own_data_context(ray_local, feed):
     files, order = feed
     before = ray_local.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
-    ds = rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, _Decode(tiny_transform(), order.seed, EPOCH), object_store_mb=TINY_MB)
+    decode = _Decode(tiny_transform(), order.seed, EPOCH)
+    ds = rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, decode, object_store_mb=TINY_MB)
     options = ds.context.execution_options
     assert options.resource_limits.object_store_memory == int(TINY_MB * 2**20) and options.preserve_order
     assert ray_local.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == before
     with pytest.raises(ValueError, match="feed_object_store_mb"):
-        rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, _Decode(tiny_transform(), order.seed, EPOCH), object_store_mb=0)
+        rank_dataset(files, order, PHASE, EPOCH, 0, 0, 4, decode, object_store_mb=0)
 
 
 def test_one_and_two_workers_stream_the_same_global_batches_under_a_tiny_budget(ray_local, feed):
     files, order = feed
-    plan = dict(order=order, phase=PHASE, epoch=EPOCH, start_step=0, transform=tiny_transform(), device=torch.device("cpu"),
-                object_store_mb=TINY_MB)
+    plan = dict(order=order, phase=PHASE, epoch=EPOCH, start_step=0, transform=tiny_transform(),
+                device=torch.device("cpu"), object_store_mb=TINY_MB)
     one = list(rank_batches(files, rank=0, world_size=1, **plan))
     two = [list(rank_batches(files, rank=r, world_size=2, **plan)) for r in range(2)]
     steps = order.steps(PHASE, EPOCH)
