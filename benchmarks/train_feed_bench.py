@@ -1,23 +1,28 @@
 """Training feed: bytes each worker reads per epoch and peak object-store use, for W = 1, 2, 4
-workers and two dataset sizes (local Ray with logical CPUs; ``pacl_ray.stages.train_feed``).
+workers, two or more dataset sizes and one or more feed object-store budgets
+(``train.feed_object_store_mb``; local Ray with logical CPUs; ``pacl_ray.stages.train_feed``).
 
-    PYTHONPATH=. python benchmarks/train_feed_bench.py [--sizes 512 2048] [--image-px 96]
+    PYTHONPATH=. python benchmarks/train_feed_bench.py [--sizes 1024 4096] [--object-store-mb 1 100000]
 
-For each size a synthetic world (noise PNGs) is written, its feed files built once, and for each W
-the W ranks' epoch streams (phase 1234, epoch 0) run concurrently from driver threads, exactly as
-``rank_batches`` runs in each Ray Train worker. "bytes/worker" is measured: the compressed bytes of
-the Parquet row groups each rank read. "peak object store" is sampled every 50 ms from Ray's
-object-store statistics (bytes needed by referenced objects, as ``ray memory --stats-only``
-prints) while the epoch runs.
+For each size a synthetic world (noise PNGs) is written, its feed files built once, and for each
+budget and W the W ranks' epoch streams (phase 1234, epoch 0) run concurrently from driver threads,
+exactly as ``rank_batches`` runs in each Ray Train worker (each rank its own Ray Data pipeline with
+its own budget, as in Ray Train), each rank spending ``--step-ms`` per step as a training step
+would (so the feed can run ahead of it). "bytes/worker" is measured: the compressed bytes of the
+Parquet row groups each rank read. "peak obj store" is sampled every 20 ms while the epoch runs, through
+Ray's public resource view: ``cluster_resources() - available_resources()`` of the
+``object_store_memory`` resource (the bytes of live objects in the object store, all ranks
+together), minus its value just before the epoch. A budget of 100000 MiB leaves Ray Data's own
+default (half the object store) in charge: the contrast the budget removes.
 For contrast, the old feed (materialise the joined dataset, every worker filters all of it) needed
 all the image bytes per worker per epoch and the whole dataset in the object store: shown as
-"old: bytes/worker" and "old: object store" (computed, not run).
+"old: bytes/worker" and "old: obj store" (computed, not run).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import logging
 import tempfile
 import threading
 import time
@@ -33,34 +38,34 @@ class SmallTransform:
         return torch.from_numpy(np.asarray(img.resize((32, 32)), dtype=np.float32).transpose(2, 0, 1).copy())
 
 
-OBJECT_STORE_BYTES = 512 * 2**20  # small, so that the 0.1 % resolution of Ray's figure is 0.5 MiB
+OBJECT_STORE_BYTES = 512 * 2**20  # Ray Data's default budget is half of it: more than every epoch here
 
 
 def _object_store_bytes() -> int:
-    """Object-store bytes *needed* (pinned: referenced objects' primary copies), from Ray's own
-    statistics (the public equivalent is ``ray memory --stats-only``). Its "usage" figure also
-    counts released objects that plasma keeps until it needs the space, so it is not used."""
+    """Bytes of live objects in the object store (public API: the ``object_store_memory``
+    resource's total minus what is available; Ray updates it as objects are created and freed)."""
     import ray
-    from ray._private.internal_api import memory_summary
 
-    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
-    match = re.search(r"([\d.]+)% needed", summary)
-    return int(float(match.group(1)) / 100 * OBJECT_STORE_BYTES) if match else 0
+    total = ray.cluster_resources().get("object_store_memory", 0)
+    return int(total - ray.available_resources().get("object_store_memory", 0))
 
 
 class PeakSampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
+        self.base = _object_store_bytes()
         self.peak, self.stop = 0, threading.Event()
 
     def run(self):
         while not self.stop.is_set():
-            self.peak = max(self.peak, _object_store_bytes())
-            time.sleep(0.05)
+            self.peak = max(self.peak, _object_store_bytes() - self.base)
+            time.sleep(0.02)
 
 
-def _epoch(files, order, world: int) -> tuple[list[int], list[int], int]:
-    """(bytes read per rank, rows per rank, peak object-store bytes) of one epoch with W ranks."""
+def _epoch(files, order, world: int, budget_mb: float, step_s: float) -> tuple[list[int], list[int], int]:
+    """(bytes read per rank, rows per rank, peak object-store bytes) of one epoch with W ranks,
+    each streaming with an object-store budget of ``budget_mb`` MiB and spending ``step_s``
+    seconds on each step (a training step slower than the feed: Ray Data runs ahead)."""
     from pacl_ray.stages.train_data import rank_batches
 
     read = [[] for _ in range(world)]
@@ -68,8 +73,9 @@ def _epoch(files, order, world: int) -> tuple[list[int], list[int], int]:
 
     def rank(r):
         for batch in rank_batches(files, order, (1, 2, 3, 4), 0, 0, r, world, SmallTransform(), torch.device("cpu"),
-                                  read_bytes=read[r]):
+                                  read_bytes=read[r], object_store_mb=budget_mb):
             rows[r] += len(batch["position"])
+            time.sleep(step_s)
 
     sampler = PeakSampler()
     sampler.start()
@@ -85,14 +91,16 @@ def _epoch(files, order, world: int) -> tuple[list[int], list[int], int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--object-store-mb", type=float, nargs="+", default=[1.0, 100000.0],
+                        help="train.feed_object_store_mb values to run (MiB per worker); 100000 = Ray Data's default")
+    parser.add_argument("--step-ms", type=float, default=200.0, help="time each rank spends per step (a stand-in "
+                        "for the training step); the feed runs ahead of it up to its budget")
     parser.add_argument("--image-px", type=int, default=96)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--chunk-rows", type=int, default=16)
     parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--data-limit-mb", type=float, default=0,
-                        help="Ray Data object-store limit (DataContext resource_limits); 0 = Ray Data's default")
     args = parser.parse_args()
 
     import ray
@@ -104,11 +112,8 @@ def main() -> None:
 
     ray.init(num_cpus=8, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    if args.data_limit_mb:
-        context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-            object_store_memory=args.data_limit_mb * 2**20)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one "starting execution" line per rank and epoch
     lines = []
     for n in args.sizes:
         root = tempfile.mkdtemp(prefix="pacl-feed-bench-")
@@ -121,23 +126,27 @@ def main() -> None:
         files = write_feed(storage.join(root, "feed"), pairs, meta.drop_columns(["partition"]), args.chunk_rows)
         total = sum(storage.resolve(f)[0].get_file_info(storage.resolve(f)[1]).size for f in files)
         order = feed_order(meta.column("partition").to_numpy(), args.batch, 0, args.shards, layout)
-        for w in args.workers:
-            read, rows, peak = _epoch(files, order, w)
-            lines.append((n, total, w, read, rows, peak))
-            print(f"done N={n} W={w}", flush=True)
+        for budget in args.object_store_mb:
+            for w in args.workers:
+                tick = time.perf_counter()
+                read, rows, peak = _epoch(files, order, w, budget, args.step_ms / 1000)
+                lines.append((n, total, budget, w, read, rows, peak))
+                print(f"done N={n} budget={budget:g} MiB W={w} ({time.perf_counter() - tick:.0f} s)", flush=True)
     ray.shutdown()
 
     mib = 2**20
+    decoded = 3 * 32 * 32 * 4  # bytes of one decoded image (SmallTransform)
     print(f"\nfeed: batch {args.batch}, chunk {args.chunk_rows} rows, {args.shards} shards, "
-          f"{args.image_px}px noise PNGs, Ray Data object-store limit {args.data_limit_mb or 'default'} MiB; "
-          f"one epoch of phase 1234")
-    header = (f"{'pairs':>6} {'feed MiB':>9} {'W':>2} {'bytes/worker MiB (mean, max)':>29} {'share':>6} "
-              f"{'rows/worker':>11} {'peak obj store MiB':>19} {'old: bytes/worker MiB':>22} {'old: obj store MiB':>19}")
+          f"{args.image_px}px noise PNGs decoded to 32px float32 ({decoded / 1024:.0f} KiB each); "
+          f"one epoch of phase 1234, {args.step_ms:g} ms per step; budget = train.feed_object_store_mb per worker (100000 = Ray Data's default)")
+    header = (f"{'pairs':>6} {'feed MiB':>9} {'decoded MiB':>11} {'budget MiB':>10} {'W':>2} "
+              f"{'bytes/worker MiB (mean, max)':>29} {'share':>6} {'rows/worker':>11} {'peak obj store MiB':>19} "
+              f"{'old: bytes/worker MiB':>22} {'old: obj store MiB':>19}")
     print(header)
-    for n, total, w, read, rows, peak in lines:
-        print(f"{n:>6} {total / mib:>9.1f} {w:>2} {np.mean(read) / mib:>14.2f}, {max(read) / mib:>12.2f} "
-              f"{np.mean(read) / total:>6.2f} {int(np.mean(rows)):>11} {peak / mib:>19.1f} {total / mib:>22.1f} "
-              f"{total / mib:>19.1f}")
+    for n, total, budget, w, read, rows, peak in lines:
+        print(f"{n:>6} {total / mib:>9.1f} {n * decoded / mib:>11.1f} {budget:>10g} {w:>2} "
+              f"{np.mean(read) / mib:>14.2f}, {max(read) / mib:>12.2f} {np.mean(read) / total:>6.2f} "
+              f"{int(np.mean(rows)):>11} {peak / mib:>19.1f} {total / mib:>22.1f} {total / mib:>19.1f}")
 
 
 if __name__ == "__main__":

@@ -329,6 +329,11 @@ class TrainConfig:
     feed_chunk_rows: int = _f(64, "pairs per storage chunk (one Parquet row group of the training feed), at "
                               "most; small data gets smaller chunks (16 per shard); shuffling moves whole "
                               "chunks between shards, pairs within a chunk", at_least(1))
+    # Ray Data's resource limit on each worker's feed pipeline; the batches do not depend on it.
+    feed_object_store_mb: float = _f(256.0, "object-store budget (MiB) of each worker's streamed feed: the "
+                                     "chunks read, decoded and prefetched in flight at once; bounds the feed's "
+                                     "object-store use whatever the dataset size (a soft Ray Data limit: one "
+                                     "decode task always runs)", above(0))
     sync_batchnorm: Optional[bool] = _f(None, "BatchNorm statistics over the global batch (SPEC Training "
                                         "recipe); null = on when a run has more than one worker and the "
                                         "backbone has BatchNorm")

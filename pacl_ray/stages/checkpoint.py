@@ -31,11 +31,12 @@ STATE_FILE = "state.pt"
 # TrainConfig fields that can change between launches of one run without changing its result:
 # failures allowed, logging and checkpoint frequency, worker count (the global batch, its order
 # and the data each step sees do not depend on it; see pacl_ray.stages.train_data), Ray resources
-# per worker, the in-memory/streamed switch (both feed the same batches), and the step's kernel
-# choices (compile, memory format: the same math, rounded differently, as with a worker count).
+# per worker, the in-memory/streamed switch and the streamed feed's object-store budget (the same
+# batches either way), and the step's kernel choices (compile, memory format: the same math,
+# rounded differently, as with a worker count).
 OPERATIONAL_SETTINGS = (
     "max_failures", "num_workers", "max_workers", "resources_per_worker", "log_every_steps",
-    "checkpoint_every_steps", "in_memory_max_mb", "compile", "channels_last",
+    "checkpoint_every_steps", "in_memory_max_mb", "feed_object_store_mb", "compile", "channels_last",
 )
 
 

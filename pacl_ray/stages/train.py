@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
         if steps[epoch] == 0:  # an empty phase: no step (SPEC "Choice (empty phases)"; logged by the driver)
             epoch, step_in_epoch = epoch + 1, 0
             continue
-        batches = rank_batches(data, order, phase, epoch, step_in_epoch, rank, world, backbone.train_transform, device)
+        batches = rank_batches(data, order, phase, epoch, step_in_epoch, rank, world, backbone.train_transform, device,
+                               object_store_mb=cfg.train.feed_object_store_mb)
         tick = time.perf_counter()
         for batch in batches:
             if step_in_epoch >= steps[epoch]:

@@ -51,6 +51,7 @@ FACTUAL = "factual_pseudo_label"  # image-side k-means cluster of the pair (pape
 EMOTIONAL = "emotional_pseudo_label"  # text-side k-means cluster of the pair (paper 3.2)
 OBJECTIVES = ("pacl", "clip")
 DEFAULT_FEED_SHARDS = 16  # TrainConfig.feed_shards' default
+DEFAULT_FEED_OBJECT_STORE_MB = 256.0  # TrainConfig.feed_object_store_mb's default
 
 
 class NoTrainableEpochError(ValueError):
@@ -322,13 +323,15 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
 
 
 def rank_batches(source, order: FeedOrder, phase: tuple[int, ...], epoch: int, start_step: int, rank: int,
-                 world_size: int, transform, device, read_bytes: Optional[list] = None) -> Iterator[dict]:
+                 world_size: int, transform, device, read_bytes: Optional[list] = None,
+                 object_store_mb: float = DEFAULT_FEED_OBJECT_STORE_MB) -> Iterator[dict]:
     """This rank's batches of the epoch from global step ``start_step`` on, in global order.
 
     ``source``: the feed files (a list of URIs, streamed by Ray Data; see
     :mod:`pacl_ray.stages.train_feed`) or, for small data, the joined rows as one in-memory
     ``pyarrow.Table`` (:func:`joined_table`); both give the same batches. ``read_bytes``: when a
-    list, each streamed batch's bytes read from storage are appended to it.
+    list, each streamed batch's bytes read from storage are appended to it. ``object_store_mb``:
+    the streamed feed's object-store budget (``train.feed_object_store_mb``, MiB).
     """
     lo, hi = rank_slots(order.global_batch, rank, world_size)
     if hi == lo:
@@ -336,8 +339,8 @@ def rank_batches(source, order: FeedOrder, phase: tuple[int, ...], epoch: int, s
     if isinstance(source, pa.Table):
         return _local_rank_batches(source, order, phase, epoch, start_step, lo, hi, transform, device)
     decode = _Decode(transform, order.seed, epoch)
-    return _drop_read_bytes(stream_rank_batches(list(source), order, phase, epoch, start_step, lo, hi, decode, device),
-                            read_bytes)
+    return _drop_read_bytes(stream_rank_batches(list(source), order, phase, epoch, start_step, lo, hi, decode, device,
+                                                object_store_mb), read_bytes)
 
 
 class _Decode:

@@ -26,7 +26,11 @@ Reading (:func:`stream_rank_batches`). A rank's chunks, ordered by the first ste
 them, are a small Ray Dataset of chunk descriptors (ids and positions only); ``map_batches``
 reads each chunk's row group from storage, keeps the rank's pairs and decodes them on CPU tasks,
 and the rank merges the streamed rows into its per-step batches (at most about one chunk per shard
-is buffered). No global sort, no shuffle, no materialised dataset.
+is buffered). No global sort, no shuffle, no materialised dataset. The pipeline's object-store use
+is bounded by ``train.feed_object_store_mb`` per worker (Ray Data's resource limit on the
+dataset's own context), not by the dataset size: Ray Data stops starting read and decode tasks
+while the blocks in flight and prefetched fill the budget; the ids-level descriptors (rows,
+positions, codes: about 24 bytes per pair of the rank) are the only part that grows with the data.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from pacl_ray.stages import cache
 
 FEED_STAGE = "train_feed"
 READ_BYTES = "read_bytes"  # per streamed row: bytes of the chunk it was read with (first kept row), else 0
+PREFETCH_BLOCKS = 2  # decoded blocks the iterator fetches ahead of the training step
+TASK_ROWS = 32  # pairs a feed task reads and decodes (whole chunks, at least one): its output block
 
 
 # --------------------------------------------------------------------------- layout and order (pure)
@@ -260,7 +266,7 @@ def _write_feed_file_row(item: dict, meta: pa.Table, chunk_rows: int, targets: l
     return _write_feed_file(item, meta, chunk_rows, targets[int(item["index"])], where)
 
 
-def _read_chunks(batch: pa.Table, files: list[str], codes: np.ndarray) -> pa.Table:
+def _read_chunks(batch: pa.Table, files: list[str]) -> pa.Table:
     """Ray Data UDF: read each described chunk's row group, keep its listed rows, attach their
     positions, partition codes and the bytes read (on the chunk's first kept row)."""
     out = []
@@ -272,7 +278,7 @@ def _read_chunks(batch: pa.Table, files: list[str], codes: np.ndarray) -> pa.Tab
             meta = reader.metadata.row_group(item["row_group"])
             size = sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
         rows = group.column("row").to_numpy()
-        want = dict(zip(item["rows"], item["positions"]))
+        want = dict(zip(item["rows"], zip(item["positions"], item["partition"])))
         keep = np.flatnonzero(np.isin(rows, item["rows"]))
         if len(keep) != len(item["rows"]):
             raise ValueError(f"train feed ({storage.redact(files[item['file_index']])}): row group "
@@ -281,33 +287,70 @@ def _read_chunks(batch: pa.Table, files: list[str], codes: np.ndarray) -> pa.Tab
         kept_rows = rows[keep]
         read = np.zeros(len(keep), dtype=np.int64)
         read[0] = size
-        table = (table.append_column("position", pa.array([want[int(r)] for r in kept_rows], pa.int64()))
-                 .append_column("partition", pa.array(codes[kept_rows].astype(np.int64)))
+        table = (table.append_column("position", pa.array([want[int(r)][0] for r in kept_rows], pa.int64()))
+                 .append_column("partition", pa.array([want[int(r)][1] for r in kept_rows], pa.int64()))
                  .append_column(READ_BYTES, pa.array(read)))
         out.append(table)
     return pa.concat_tables(out)
 
 
-def stream_rank_batches(files: list[str], order: FeedOrder, phase: tuple[int, ...], epoch: int, start_step: int,
-                        lo: int, hi: int, decode, device) -> Iterator[dict]:
-    """This rank's batches (slots [lo, hi) of each global batch) of the epoch from ``start_step``
-    on, streamed from the feed files; ``decode(pa.Table) -> dict of numpy`` runs on Ray Data CPU tasks."""
+def rank_dataset(files: list[str], order: FeedOrder, phase: tuple[int, ...], epoch: int, start_step: int,
+                 lo: int, hi: int, decode, object_store_mb: float):
+    """The Ray Dataset streaming rank slots [lo, hi) of the epoch from ``start_step`` on (decoded
+    rows with their ``position``, ``partition`` and :data:`READ_BYTES`), chunks in the order their
+    first rows are needed; None when the rank has no rows.
+
+    ``object_store_mb`` (``train.feed_object_store_mb``, MiB, > 0) is the pipeline's object-store
+    budget: Ray Data's ``execution_options.resource_limits.object_store_memory`` on this
+    dataset's own DataContext (a copy; the process-wide context is untouched). The streaming
+    executor counts blocks queued between operators, outputs of running tasks and the iterator's
+    prefetched batches against it and starts no read-and-decode task whose output (a block of
+    about :data:`TASK_ROWS` decoded pairs, at least one chunk) would exceed it, so the feed's
+    object-store use stays about this budget plus one task's output, whatever the dataset size
+    (Ray Data: a soft limit; one task at a time always runs; the tasks started before the first
+    output's size is known, at most one per CPU, can overshoot it once).
+    """
     import ray
 
+    if not object_store_mb > 0:
+        raise ValueError(f"train.feed_object_store_mb = {object_store_mb!r}: must be > 0 (MiB per worker)")
     positions = order.positions(phase, epoch)
     items = rank_chunks(order, positions, lo, hi, start_step)
     if not items:
-        return
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_chunks, fn_kwargs=dict(files=files, codes=order.codes), batch_format="pyarrow", batch_size=1)
-    ds = ds.map_batches(decode, batch_format="pyarrow", batch_size=32)
+        return None
+    for item in items:  # each chunk carries its rows' codes: no per-dataset array is shipped to the tasks
+        item["partition"] = order.codes[item["rows"]].astype(np.int64).tolist()
+    # One task per block of descriptors (ids and positions only), about TASK_ROWS pairs (at least
+    # one chunk): it reads, then decodes its whole block (batch_size=None) into one output block.
+    # A decode batch size would make Ray Data bundle that many *descriptors* (chunks) per task, and
+    # a task's output is what the budget cannot split.
+    mean_rows = sum(len(item["rows"]) for item in items) / len(items)
+    per_task = max(1, int(TASK_ROWS // mean_rows))
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_task))
+    ds = ds.map_batches(_read_chunks, fn_kwargs=dict(files=files), batch_format="pyarrow", batch_size=1)
+    ds = ds.map_batches(decode, batch_format="pyarrow", batch_size=None)
+    context = ds.context
     # Order must survive every operator (the merge below relies on chunks arriving by first position).
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
+    context.execution_options.preserve_order = True
+    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+        object_store_memory=int(object_store_mb * 2**20))
+    context.enable_progress_bars = False
+    return ds
+
+
+def stream_rank_batches(files: list[str], order: FeedOrder, phase: tuple[int, ...], epoch: int, start_step: int,
+                        lo: int, hi: int, decode, device, object_store_mb: float) -> Iterator[dict]:
+    """This rank's batches (slots [lo, hi) of each global batch) of the epoch from ``start_step``
+    on, streamed from the feed files through :func:`rank_dataset` (object-store budget
+    ``object_store_mb`` MiB); ``decode(pa.Table) -> dict of numpy`` runs on Ray Data CPU tasks."""
+    ds = rank_dataset(files, order, phase, epoch, start_step, lo, hi, decode, object_store_mb)
+    if ds is None:
+        return
     B, width = order.global_batch, hi - lo
     pending: dict[str, np.ndarray] = {}
     step = start_step
-    for batch in ds.iter_batches(batch_format="numpy", prefetch_batches=2, batch_size=None):
+    # A batch is one task's decoded block; the prefetched ones count against the budget.
+    for batch in ds.iter_batches(batch_format="numpy", prefetch_batches=PREFETCH_BLOCKS, batch_size=None):
         pending = {k: np.concatenate([pending[k], v]) if pending else v for k, v in batch.items()}
         while pending and ((pending["position"] // B) == step).sum() == width:
             here = np.flatnonzero(pending["position"] // B == step)
