@@ -131,16 +131,28 @@ def _callables(udfs: list[Udf]) -> list[Callable]:
     return steps
 
 
+def progress(udfs: list[Udf], rows: int):
+    """A progress line (counts, rate, ETA) at least every 10 s while the UDFs run over ``rows``
+    inputs, none for a run shorter than that (:class:`pacl_ray.stages.runtime.Progress`)."""
+    from pacl_ray.stages.runtime import Progress
+
+    names = "+".join(getattr(u.fn, "__name__", "udf") for u in udfs if u.actor) or "udfs"
+    return Progress(f"[inference] {names}", rows, "rows", final=False)
+
+
 def apply_in_process(table: pa.Table, udfs: list[Udf], batch_size: int,
                      empty: Optional[pa.Schema] = None) -> pa.Table:
     """The UDFs in a plain loop in this process over ``table``'s rows -> the concatenated output
     (``empty``'s empty table when there are no rows)."""
     steps = _callables(udfs)
     parts = []
-    for batch in numpy_batches(table, batch_size):
-        for step in steps:
-            batch = step(batch)
-        parts.append(_as_table(batch))
+    with progress(udfs, table.num_rows) as shown:
+        for batch in numpy_batches(table, batch_size):
+            rows = len(next(iter(batch.values())))
+            for step in steps:
+                batch = step(batch)
+            parts.append(_as_table(batch))
+            shown.update(rows)
     if not parts:
         if empty is None:
             raise ValueError("apply_in_process: no input rows and no output schema given")
@@ -207,5 +219,9 @@ def run_udfs_on_table(table: pa.Table, udfs: list[Udf], *, pool: ActorPool, batc
     # table would go to one actor).
     blocks = max(1, math.ceil(table.num_rows / (4 * max(1, batch_size))))
     ds = apply_ray_data(ray.data.from_arrow(table).repartition(blocks), udfs, batch_size, pool)
-    parts = [_as_table(b) for b in ds.iter_batches(batch_format="numpy", batch_size=None)]
+    parts = []
+    with progress(udfs, table.num_rows) as shown:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            parts.append(_as_table(batch))
+            shown.update(parts[-1].num_rows)
     return pa.concat_tables(parts) if parts else (empty.empty_table() if empty is not None else pa.table({}))

@@ -501,7 +501,8 @@ def run_sweep(
 
     from pacl_ray.sweeps.tracking import TrialProgress, tracking_callbacks
 
-    callbacks = [TrialProgress(len(trials), log), *tracking_callbacks(base.get("tracking") or {}, name)]
+    callbacks = [TrialProgress(len(trials), log),
+                 *tracking_callbacks(base.get("tracking") or {}, name, sweep_dir, log)]
     if not resume and storage.exists(experiment_path):
         storage.delete_dir(experiment_path)
     if resume and ray.tune.Tuner.can_restore(experiment_path):
