@@ -155,6 +155,37 @@ def test_progress_lines_have_counts_rate_and_eta(monkeypatch):
                                              "[inference] ClipScorer: 64/64 rows [18 s, 3.56 rows/s]"]
 
 
+def test_watch_counts_work_that_runs_elsewhere(monkeypatch):
+    """runtime.Watch: each poll sets the progress to the count (e.g. rows of the Parquet files a
+    Ray Data write has finished); a failing count is skipped; on exit a last poll and the close."""
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "interactive", lambda: False)
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    counts = iter([RuntimeError("file still being written"), 40, 100])
+
+    def count():
+        value = next(counts)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    stream = io.StringIO()
+    progress = runtime.Progress("[inference] ImageFeatureExtractor", 100, "rows", stream=stream, final=False)
+    with runtime.Watch(progress, count, interval=3600) as watch:  # the thread never polls here
+        now[0] = 5.0
+        watch.poll()  # the count fails: nothing changes
+        assert progress.done == 0
+        now[0] = 12.0
+        watch.poll()
+        assert progress.done == 40
+        now[0] = 20.0
+    assert stream.getvalue().splitlines() == [
+        "[inference] ImageFeatureExtractor: 40/100 rows [12 s, 3.33 rows/s, ETA 18 s]",
+        "[inference] ImageFeatureExtractor: 100/100 rows [20 s, 5.00 rows/s]"]
+
+
 def test_quiet_env_in_logs(monkeypatch):
     from pacl_ray.stages import runtime
 

@@ -197,8 +197,24 @@ def run_udfs(
     read = ray.data.read_parquet(paths, filesystem=fs, columns=columns, file_extensions=["parquet"])
     ds = apply_ray_data(read, udfs, batch_size, pool)
     out_fs, out_path = storage.resolve(out_uri)
-    ds.write_parquet(out_path, filesystem=out_fs)
+    from pacl_ray.stages.runtime import Watch
+
+    # Progress from the rows of the Parquet files the write has finished so far.
+    with Watch(progress(udfs, rows), functools.partial(_written_rows, out_uri, {})):
+        ds.write_parquet(out_path, filesystem=out_fs)
     return RAY_DATA
+
+
+def _written_rows(uri: str, seen: dict[str, int]) -> int:
+    """Rows in the finished Parquet files under ``uri`` (``seen`` caches each file's count; a
+    file still being written is not readable yet and is counted at a later call)."""
+    for file in storage.list_files(uri, ".parquet"):
+        if file not in seen:
+            try:
+                seen[file] = storage.parquet_file_rows(file)
+            except storage.FileCheckError:
+                continue
+    return sum(seen.values())
 
 
 def run_udfs_on_table(table: pa.Table, udfs: list[Udf], *, pool: ActorPool, batch_size: int,

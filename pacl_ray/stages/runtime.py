@@ -205,6 +205,42 @@ class Progress:
         self.close()
 
 
+class Watch:
+    """Progress of work that runs elsewhere (a Ray Data write): while the ``with`` block runs, a
+    daemon thread sets ``progress``'s count to ``count()`` every ``interval`` seconds (a count that
+    fails, e.g. on a file still being written, is retried at the next poll), so ``progress`` prints
+    its lines as if updated in place; on exit a last poll, then ``progress.close()``."""
+
+    def __init__(self, progress: Progress, count, interval: float = 10.0):
+        import threading
+
+        self.progress, self.count, self.interval = progress, count, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pacl-progress", daemon=True)
+
+    def poll(self) -> None:
+        try:
+            done = int(self.count())
+        except Exception:  # noqa: BLE001 -- progress must never fail the step it watches
+            return
+        if done > self.progress.done:
+            self.progress.update(done - self.progress.done)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.progress.close()
+
+
 # A pipeline holds several Ray Data actor pools, their read/decode tasks and Train workers at
 # once; with logical CPUs = physical cores, a 2-core laptop deadlocks waiting for a free CPU.
 # Ray's CPU resource is a scheduling token, so a local instance gets at least this many.
