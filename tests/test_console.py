@@ -101,7 +101,7 @@ def test_console_env_skips_rays_notices_and_allows_every_other_line(monkeypatch)
     for line in ("(pacl_trial pid=2) train: 3 steps", "cluster: 200 points", "(raylet) Out of memory: killed"):
         assert allow.search(line) and not runtime.skipped_line(line)
     monkeypatch.setattr(runtime, "interactive", lambda: True)  # a terminal: Ray's dedup, minus the notices
-    assert set(runtime.console_env()) == {"RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_AIR_NEW_OUTPUT"}
+    assert set(runtime.console_env()) == {"RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_AIR_NEW_OUTPUT", "TUNE_WARN_THRESHOLD_S"}
 
 
 def test_once_filter_passes_each_summary_once():

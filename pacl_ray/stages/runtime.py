@@ -12,7 +12,8 @@ environment variables, ``ray.train.LoggingConfig``):
   printed. ``RAY_COLOR_PREFIX=0``: no colour codes around worker prefixes in logs.
 * Tune: ``RAY_AIR_NEW_OUTPUT=0`` with ``RunConfig(verbose=0)`` (the sweep driver): the new output
   engine prints its experiment box and a TensorBoard hint into Ray's session folder even at
-  verbosity 0; the sweep prints its own TensorBoard folder.
+  verbosity 0; the sweep prints its own TensorBoard folder. ``TUNE_WARN_THRESHOLD_S=30`` (read
+  when Tune is imported): no "may be a performance bottleneck" warning for a loop step under 30 s.
 * Ray Train: ``RunConfig(logging_config=ray.train.LoggingConfig(log_level="WARNING"))`` in the
   training stage (report echoes, resource requests, in Train's controller and worker processes).
 * Ray Data (public logger ``ray.data``, ``DataContext``): its progress is logged as multi-line
@@ -68,7 +69,10 @@ def console_env() -> dict[str, str]:
     """Environment variables (Ray's public switches) of the driver's console: log deduplication
     (read when Ray is imported) and Tune's output engine. See the module docstring."""
     skip = "|".join(SKIPPED_LINES)
-    env = {"RAY_DEDUP_LOGS_SKIP_REGEX": skip, "RAY_AIR_NEW_OUTPUT": "0"}
+    env = {"RAY_DEDUP_LOGS_SKIP_REGEX": skip, "RAY_AIR_NEW_OUTPUT": "0",
+           # Tune warns of any event-loop step over 0.5 s ("... may be a performance bottleneck"),
+           # routine when trials share a few cores; a stall longer than its heartbeat still warns.
+           "TUNE_WARN_THRESHOLD_S": "30"}
     if not interactive():
         # Every line not skipped is "allowed": printed as it comes, never batched with a suffix.
         env["RAY_DEDUP_LOGS_ALLOW_REGEX"] = f"^(?!.*(?:{skip}))"
