@@ -39,6 +39,8 @@ def test_trial_progress_lines(monkeypatch):
 def test_no_tracker_by_default_and_a_missing_one_is_named(monkeypatch):
     assert tracking_callbacks({}, "sweep") == []
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    # (and Ray's integration module not imported now: it would keep `wandb = None` for later tests)
+    monkeypatch.setitem(sys.modules, "ray.air.integrations.wandb", None)
     with pytest.raises(ImportError, match="tracking.wandb_project is set but wandb is not installed"):
         tracking_callbacks({"wandb_project": "p"}, "sweep")
 
