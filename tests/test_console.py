@@ -30,8 +30,8 @@ NOISE = {
 
 def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
     """Every problem of a captured console: tracebacks, Python dict reprs, lines over MAX_LINE
-    characters, ANSI colour codes, Ray's noise (NOISE), and each of ``summaries`` (a line prefix)
-    printed other than exactly once."""
+    characters, ANSI colour codes, Ray's noise (NOISE), a worker's line twice in a row, and each
+    of ``summaries`` (a line prefix) printed other than exactly once."""
     problems = []
     lines = text.splitlines()
     for number, line in enumerate(lines, 1):
@@ -46,6 +46,9 @@ def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
         for kind, pattern in NOISE.items():
             if pattern.search(line):
                 problems.append(f"line {number}: {kind}: {line[:120]}")
+        if line.startswith("(") and number > 1 and line == lines[number - 2]:
+            # a worker's line twice (Ray Train's print patch also prints what it logs)
+            problems.append(f"line {number}: worker line repeated: {line[:120]}")
     for summary in summaries:
         count = sum(line.startswith(summary) for line in text.splitlines())
         if count != 1:
@@ -74,11 +77,12 @@ def test_console_problems_finds_each_kind():
         "\u256d\u2500\u2500 Configuration for experiment \u2500\u2500\u256e",
         "To visualize your results with TensorBoard, run: `tensorboard --logdir /tmp/ray/session_2026/artifacts`",
         "partition: 200 pairs", "partition: 200 pairs",
+        "(RayTrainWorker pid=3) train: step 3 epoch 1", "(RayTrainWorker pid=3) train: step 3 epoch 1",
     ])
     problems = console_problems(bad, summaries=("partition:", "cluster:"))
     assert [p.split(": ")[0] for p in problems] == [
         "line 1", "line 2", "line 3", "line 4", "line 5", "line 5", "line 6", "line 7", "line 8", "line 9",
-        "summary 'partition:' printed 2 times", "summary 'cluster:' printed 0 times"]
+        "line 13", "summary 'partition:' printed 2 times", "summary 'cluster:' printed 0 times"]
     assert [p.split(": ")[1] for p in problems[4:10]] == [
         "ANSI colour codes", "Ray log-dedup suffix", "raylet worker-pool warning", "PreemptionWatcher notice",
         "box drawing (Tune's experiment box)", "path into Ray's session folder"]

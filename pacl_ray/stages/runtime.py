@@ -155,6 +155,14 @@ def setup_worker() -> None:
     configure_driver_console()
 
 
+def echo(line: str) -> None:
+    """Print ``line`` once from a Ray Train worker. Train V2 replaces ``print`` in its workers by
+    one that logs through its console handler (stderr) and, because Ray's workers replace
+    ``sys.stdout``, also prints: every line would reach the driver's console twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 quiet_worker_logs = setup_worker  # the hook's earlier name (conftest and old runtime_envs use it)
 
 
