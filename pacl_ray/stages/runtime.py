@@ -144,8 +144,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
 def setup_worker() -> None:
     """Ray worker-process setup hook: the process's own cluster address in ``RAY_ADDRESS`` (so
-    State API calls without an address find this cluster, not "multiple active Ray instances")
-    and Ray Data's console (:func:`configure_driver_console`)."""
+    State API calls without an address find this cluster, not "multiple active Ray instances"),
+    Ray Data's console (:func:`configure_driver_console`) and timm's INFO lines off."""
     import ray
 
     try:
@@ -153,6 +153,9 @@ def setup_worker() -> None:
     except Exception:  # noqa: BLE001 -- the hook must never kill a worker; the address is a nicety
         pass
     configure_driver_console()
+    # Ray Train's workers log the root logger's INFO records to the console: timm's "Loaded ...
+    # from checkpoint '<path>'" for every backbone build (the stages say what they load).
+    logging.getLogger("timm").setLevel(logging.WARNING)
 
 
 def echo(line: str) -> None:
