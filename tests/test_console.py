@@ -100,7 +100,9 @@ def test_console_env_skips_rays_notices_and_allows_every_other_line(monkeypatch)
     allow, skip = re.compile(env["RAY_DEDUP_LOGS_ALLOW_REGEX"]), re.compile(env["RAY_DEDUP_LOGS_SKIP_REGEX"])
     cleaner = ("(PlacementGroupCleaner pid=7) Failed to query Ray Train Controller actor state. "
                "State API may be temporarily unavailable. Continuing to monitor.")
-    for line in (RAYLET_WARNING, PREEMPTION_NOTICE, cleaner):
+    report = ("(RayTrainWorker pid=9) Reporting training result 3: TrainingReport(checkpoint=Checkpoint("
+              "filesystem=local, path=/tmp/x), metrics={'global_step': 6})")
+    for line in (RAYLET_WARNING, PREEMPTION_NOTICE, cleaner, report):
         assert not allow.search(line) and skip.search(line) and runtime.skipped_line(line)
     for line in ("(pacl_trial pid=2) train: 3 steps", "cluster: 200 points", "(raylet) Out of memory: killed"):
         assert allow.search(line) and not runtime.skipped_line(line)

@@ -52,11 +52,16 @@ AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 #   constructor arguments in the object store (ray-project/ray#53727);
 # * Ray Train's placement-group cleaner, which asks the State API every second whether its
 #   controller lives and warns each time it cannot: the State API is served by the dashboard,
-#   which a local instance here runs without (it needs packages the project does not install).
+#   which a local instance here runs without (it needs packages the project does not install);
+# * Ray Train's echo of every report, a TrainingReport repr of 600-900 characters: its logger is
+#   named by its file path, so ray.train.LoggingConfig (by logger name) does not reach it, and
+#   Train's workers log the root logger's INFO records to the console (the training stage prints
+#   a line per logged step instead).
 SKIPPED_LINES = (
     r"PYTHON worker processes have been started",
     r"class name: 'PreemptionWatcher'.*constructor arguments in the object store",
     r"Failed to query Ray Train Controller actor state",
+    r"Reporting training result \d+: TrainingReport\(",
 )
 
 
