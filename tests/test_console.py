@@ -163,13 +163,14 @@ def test_progress_lines_have_counts_rate_and_eta(monkeypatch):
 
 def test_watch_counts_work_that_runs_elsewhere(monkeypatch):
     """runtime.Watch: each poll sets the progress to the count (e.g. rows of the Parquet files a
-    Ray Data write has finished); a failing count is skipped; on exit a last poll and the close."""
+    Ray Data write has finished) and prints once the interval has passed, even with the count
+    unchanged; a failing count is skipped; on exit a last poll and the close."""
     from pacl_ray.stages import runtime
 
     monkeypatch.setattr(runtime, "interactive", lambda: False)
     now = [0.0]
     monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
-    counts = iter([RuntimeError("file still being written"), 40, 100])
+    counts = iter([RuntimeError("file still being written"), 40, 40, 100])
 
     def count():
         value = next(counts)
@@ -186,10 +187,13 @@ def test_watch_counts_work_that_runs_elsewhere(monkeypatch):
         now[0] = 12.0
         watch.poll()
         assert progress.done == 40
-        now[0] = 20.0
+        now[0] = 23.0
+        watch.poll()  # the count stands still (one long batch): a line all the same
+        now[0] = 25.0
     assert stream.getvalue().splitlines() == [
         "[inference] ImageFeatureExtractor: 40/100 rows [12 s, 3.33 rows/s, ETA 18 s]",
-        "[inference] ImageFeatureExtractor: 100/100 rows [20 s, 5.00 rows/s]"]
+        "[inference] ImageFeatureExtractor: 40/100 rows [23 s, 1.74 rows/s, ETA 34 s]",
+        "[inference] ImageFeatureExtractor: 100/100 rows [25 s, 4.00 rows/s]"]
 
 
 def test_quiet_env_in_logs(monkeypatch):

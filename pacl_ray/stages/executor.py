@@ -144,15 +144,18 @@ def apply_in_process(table: pa.Table, udfs: list[Udf], batch_size: int,
                      empty: Optional[pa.Schema] = None) -> pa.Table:
     """The UDFs in a plain loop in this process over ``table``'s rows -> the concatenated output
     (``empty``'s empty table when there are no rows)."""
+    from pacl_ray.stages.runtime import Watch
+
     steps = _callables(udfs)
-    parts = []
-    with progress(udfs, table.num_rows) as shown:
+    parts: list[pa.Table] = []
+    done = [0]
+    with Watch(progress(udfs, table.num_rows), lambda: done[0]):  # a line every 10 s, even mid-batch
         for batch in numpy_batches(table, batch_size):
             rows = len(next(iter(batch.values())))
             for step in steps:
                 batch = step(batch)
             parts.append(_as_table(batch))
-            shown.update(rows)
+            done[0] += rows
     if not parts:
         if empty is None:
             raise ValueError("apply_in_process: no input rows and no output schema given")
@@ -235,9 +238,10 @@ def run_udfs_on_table(table: pa.Table, udfs: list[Udf], *, pool: ActorPool, batc
     # table would go to one actor).
     blocks = max(1, math.ceil(table.num_rows / (4 * max(1, batch_size))))
     ds = apply_ray_data(ray.data.from_arrow(table).repartition(blocks), udfs, batch_size, pool)
-    parts = []
-    with progress(udfs, table.num_rows) as shown:
+    from pacl_ray.stages.runtime import Watch
+
+    parts: list[pa.Table] = []
+    with Watch(progress(udfs, table.num_rows), lambda: sum(part.num_rows for part in parts)):
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             parts.append(_as_table(batch))
-            shown.update(parts[-1].num_rows)
     return pa.concat_tables(parts) if parts else (empty.empty_table() if empty is not None else pa.table({}))

@@ -226,10 +226,11 @@ class Progress:
 
 
 class Watch:
-    """Progress of work that runs elsewhere (a Ray Data write): while the ``with`` block runs, a
-    daemon thread sets ``progress``'s count to ``count()`` every ``interval`` seconds (a count that
-    fails, e.g. on a file still being written, is retried at the next poll), so ``progress`` prints
-    its lines as if updated in place; on exit a last poll, then ``progress.close()``."""
+    """Progress of work whose count is read rather than pushed (a Ray Data write; a loop whose
+    batches can each take longer than the interval): while the ``with`` block runs, a daemon thread
+    sets ``progress``'s count to ``count()`` every ``interval`` seconds (a count that fails, e.g. on
+    a file still being written, is retried at the next poll), so ``progress`` prints a line at least
+    that often even while the count stands still; on exit a last poll, then ``progress.close()``."""
 
     def __init__(self, progress: Progress, count, interval: float = 10.0):
         import threading
@@ -243,8 +244,7 @@ class Watch:
             done = int(self.count())
         except Exception:  # noqa: BLE001 -- progress must never fail the step it watches
             return
-        if done > self.progress.done:
-            self.progress.update(done - self.progress.done)
+        self.progress.update(max(0, done - self.progress.done))  # prints if the interval has passed
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
