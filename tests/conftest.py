@@ -7,7 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray's console switches as `pacl-ray` sets them (before anything imports Ray, which reads its log
+# deduplication switches at import): tests see the console a user sees.
+from pacl_ray.stages.runtime import set_console_env  # noqa: E402
+
+set_console_env()
 
 import pytest
 

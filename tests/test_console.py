@@ -14,22 +14,27 @@ MAX_LINE = 200
 # A Python dict repr: "{'key': " (json.dumps output uses double quotes and is not printed).
 DICT_REPR = re.compile(r"\{'[^']*': ")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# Ray's C++ runtime logs these itself: the raylet's warnings about a loaded machine ("N PYTHON
-# worker processes have been started ...") and core_worker.cc lines such as Ray Train's own
-# PreemptionWatcher actor notice (ray-project/ray#53727). Only RAY_BACKEND_LOG_LEVEL silences
-# them, and that would hide real errors too.
-RAY_RUNTIME = re.compile(r"\(raylet\)|\] \w+\.cc:\d+: ")
+# Ray's own noise, each silenced by a public switch (pacl_ray.stages.runtime): the log-dedup suffix,
+# the raylet's worker-pool warning, core_worker's PreemptionWatcher notice and Train's cleaner
+# warning (dropped by RAY_DEDUP_LOGS_SKIP_REGEX), Tune's experiment box (box-drawing characters) and TensorBoard hint
+# into Ray's session folder (RAY_AIR_NEW_OUTPUT=0).
+NOISE = {
+    "Ray log-dedup suffix": re.compile(r"\[repeated \d+x across cluster\]"),
+    "raylet worker-pool warning": re.compile(r"PYTHON worker processes have been started"),
+    "PreemptionWatcher notice": re.compile(r"'PreemptionWatcher'.*constructor arguments"),
+    "Train placement-group cleaner warning": re.compile(r"Failed to query Ray Train Controller actor state"),
+    "box drawing (Tune's experiment box)": re.compile("[\u2500-\u257f]"),
+    "path into Ray's session folder": re.compile(r"/ray/session_"),
+}
 
 
 def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
     """Every problem of a captured console: tracebacks, Python dict reprs, lines over MAX_LINE
-    characters, ANSI colour codes, and each of ``summaries`` (a line prefix) printed other than
-    exactly once."""
+    characters, ANSI colour codes, Ray's noise (NOISE), a worker's line twice in a row, and each
+    of ``summaries`` (a line prefix) printed other than exactly once."""
     problems = []
     lines = text.splitlines()
     for number, line in enumerate(lines, 1):
-        if RAY_RUNTIME.search(line):
-            continue
         if "Traceback (most recent call last)" in line:
             problems.append(f"line {number}: traceback: " + " | ".join(lines[number - 2: number + 14])[:2000])
         if DICT_REPR.search(line):
@@ -37,12 +42,27 @@ def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
         if len(line) > MAX_LINE:
             problems.append(f"line {number}: {len(line)} characters: {line[:120]}")
         if ANSI.search(line):
-            problems.append(f"line {number}: ANSI colour codes")
+            problems.append(f"line {number}: ANSI colour codes: {line[:120]!r}")
+        for kind, pattern in NOISE.items():
+            if pattern.search(line):
+                problems.append(f"line {number}: {kind}: {line[:120]}")
+        if line.startswith("(") and number > 1 and line == lines[number - 2]:
+            # a worker's line twice (Ray Train's print patch also prints what it logs)
+            problems.append(f"line {number}: worker line repeated: {line[:120]}")
     for summary in summaries:
         count = sum(line.startswith(summary) for line in text.splitlines())
         if count != 1:
             problems.append(f"summary {summary!r} printed {count} times")
     return problems
+
+
+# Lines as Ray 2.60 prints them (shortened ids).
+RAYLET_WARNING = ("(raylet) WARNING: 10 PYTHON worker processes have been started on node: d072e3 with "
+                  "address: 192.0.2.2, which is 5x the maximum expected startup concurrency (2). This could be "
+                  "a result of using a large number of actors, or due to tasks blocked in ray.get() calls")
+PREEMPTION_NOTICE = ("(TrainController pid=31831) [2026-12-01 04:39:55,809 E 31831 31857] core_worker.cc:2465: "
+                     "Actor with class name: 'PreemptionWatcher' and ID: '49742a' has constructor arguments in "
+                     "the object store and max_restarts > 0.")
 
 
 def test_console_problems_finds_each_kind():
@@ -51,13 +71,43 @@ def test_console_problems_finds_each_kind():
         "[evaluate] emotion: {'name': 'emotion', 'kind': 'single'}",
         "x" * 201,
         "\x1b[36m(pacl_trial pid=1)\x1b[0m train: 3 steps",
+        "(pacl_trial pid=2) train: 3 steps \x1b[32m [repeated 7x across cluster]\x1b[0m",
+        RAYLET_WARNING[:150],
+        PREEMPTION_NOTICE[:180],
+        "\u256d\u2500\u2500 Configuration for experiment \u2500\u2500\u256e",
+        "To visualize your results with TensorBoard, run: `tensorboard --logdir /tmp/ray/session_2026/artifacts`",
         "partition: 200 pairs", "partition: 200 pairs",
-        "(raylet) WARNING: " + "y" * 300,
+        "(RayTrainWorker pid=3) train: step 3 epoch 1", "(RayTrainWorker pid=3) train: step 3 epoch 1",
     ])
     problems = console_problems(bad, summaries=("partition:", "cluster:"))
-    assert [p.split(":")[0] for p in problems] == ["line 1", "line 2", "line 3", "line 4",
-                                                   "summary 'partition", "summary 'cluster"]
+    assert [p.split(": ")[0] for p in problems] == [
+        "line 1", "line 2", "line 3", "line 4", "line 5", "line 5", "line 6", "line 7", "line 8", "line 9",
+        "line 13", "summary 'partition:' printed 2 times", "summary 'cluster:' printed 0 times"]
+    assert [p.split(": ")[1] for p in problems[4:10]] == [
+        "ANSI colour codes", "Ray log-dedup suffix", "raylet worker-pool warning", "PreemptionWatcher notice",
+        "box drawing (Tune's experiment box)", "path into Ray's session folder"]
     assert console_problems('ok {"json": 1}\n' + "z" * 200, summaries=("ok",)) == []
+
+
+def test_console_env_skips_rays_notices_and_allows_every_other_line(monkeypatch):
+    """The deduplication switches (runtime.console_env) as Ray applies them: a line matching the
+    allow regex is printed as it comes, else one matching the skip regex is dropped."""
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "interactive", lambda: False)
+    env = runtime.console_env()
+    assert env["RAY_COLOR_PREFIX"] == "0" and env["RAY_AIR_NEW_OUTPUT"] == "0"
+    allow, skip = re.compile(env["RAY_DEDUP_LOGS_ALLOW_REGEX"]), re.compile(env["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    cleaner = ("(PlacementGroupCleaner pid=7) Failed to query Ray Train Controller actor state. "
+               "State API may be temporarily unavailable. Continuing to monitor.")
+    report = ("(RayTrainWorker pid=9) Reporting training result 3: TrainingReport(checkpoint=Checkpoint("
+              "filesystem=local, path=/tmp/x), metrics={'global_step': 6})")
+    for line in (RAYLET_WARNING, PREEMPTION_NOTICE, cleaner, report):
+        assert not allow.search(line) and skip.search(line) and runtime.skipped_line(line)
+    for line in ("(pacl_trial pid=2) train: 3 steps", "cluster: 200 points", "(raylet) Out of memory: killed"):
+        assert allow.search(line) and not runtime.skipped_line(line)
+    monkeypatch.setattr(runtime, "interactive", lambda: True)  # a terminal: Ray's dedup, minus the notices
+    assert set(runtime.console_env()) == {"RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_AIR_NEW_OUTPUT", "TUNE_WARN_THRESHOLD_S"}
 
 
 def test_once_filter_passes_each_summary_once():
@@ -99,6 +149,51 @@ def test_progress_lines_have_counts_rate_and_eta(monkeypatch):
     with runtime.Progress("[world] fit", 3, "steps", interval=10.0, stream=stream) as progress:
         progress.update(3)  # under the interval: close() prints the final count
     assert stream.getvalue().splitlines()[-1].startswith("[world] fit: 3/3 steps [0 s")
+    quiet = io.StringIO()
+    with runtime.Progress("[inference] ClipScorer", 64, "rows", interval=10.0, stream=quiet, final=False) as progress:
+        progress.update(64)  # a step shorter than the interval prints nothing with final=False
+    assert quiet.getvalue() == ""
+    with runtime.Progress("[inference] ClipScorer", 64, "rows", interval=10.0, stream=quiet, final=False) as progress:
+        now[0] = 50.0
+        progress.update(32)
+        progress.update(32)  # ... a longer one its last count too
+    assert quiet.getvalue().splitlines() == ["[inference] ClipScorer: 32/64 rows [18 s, 1.78 rows/s, ETA 18 s]",
+                                             "[inference] ClipScorer: 64/64 rows [18 s, 3.56 rows/s]"]
+
+
+def test_watch_counts_work_that_runs_elsewhere(monkeypatch):
+    """runtime.Watch: each poll sets the progress to the count (e.g. rows of the Parquet files a
+    Ray Data write has finished) and prints once the interval has passed, even with the count
+    unchanged; a failing count is skipped; on exit a last poll and the close."""
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "interactive", lambda: False)
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    counts = iter([RuntimeError("file still being written"), 40, 40, 100])
+
+    def count():
+        value = next(counts)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    stream = io.StringIO()
+    progress = runtime.Progress("[inference] ImageFeatureExtractor", 100, "rows", stream=stream, final=False)
+    with runtime.Watch(progress, count, interval=3600) as watch:  # the thread never polls here
+        now[0] = 5.0
+        watch.poll()  # the count fails: nothing changes
+        assert progress.done == 0
+        now[0] = 12.0
+        watch.poll()
+        assert progress.done == 40
+        now[0] = 23.0
+        watch.poll()  # the count stands still (one long batch): a line all the same
+        now[0] = 25.0
+    assert stream.getvalue().splitlines() == [
+        "[inference] ImageFeatureExtractor: 40/100 rows [12 s, 3.33 rows/s, ETA 18 s]",
+        "[inference] ImageFeatureExtractor: 40/100 rows [23 s, 1.74 rows/s, ETA 34 s]",
+        "[inference] ImageFeatureExtractor: 100/100 rows [25 s, 4.00 rows/s]"]
 
 
 def test_quiet_env_in_logs(monkeypatch):
@@ -106,9 +201,9 @@ def test_quiet_env_in_logs(monkeypatch):
 
     monkeypatch.setattr(runtime, "interactive", lambda: False)
     env = runtime.quiet_env()
-    assert env["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and env["RAY_COLOR_PREFIX"] == "0"
+    assert env["RAY_COLOR_PREFIX"] == "0" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     monkeypatch.setattr(runtime, "interactive", lambda: True)
-    assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in runtime.quiet_env()
+    assert "RAY_COLOR_PREFIX" not in runtime.quiet_env()
 
 
 @pytest.mark.parametrize("metric", ["total", "L_s", "loss", "emotion/Acc"])

@@ -150,16 +150,31 @@ def _callables(udfs: list[Udf]) -> list[Callable]:
     return steps
 
 
+def progress(udfs: list[Udf], rows: int):
+    """A progress line (counts, rate, ETA) at least every 10 s while the UDFs run over ``rows``
+    inputs, none for a run shorter than that (:class:`pacl_ray.stages.runtime.Progress`)."""
+    from pacl_ray.stages.runtime import Progress
+
+    names = "+".join(getattr(u.fn, "__name__", "udf") for u in udfs if u.actor) or "udfs"
+    return Progress(f"[inference] {names}", rows, "rows", final=False)
+
+
 def apply_in_process(table: pa.Table, udfs: list[Udf], batch_size: int,
                      empty: Optional[pa.Schema] = None) -> pa.Table:
     """The UDFs in a plain loop in this process over ``table``'s rows -> the concatenated output
     (``empty``'s empty table when there are no rows)."""
+    from pacl_ray.stages.runtime import Watch
+
     steps = _callables(udfs)
-    parts = []
-    for batch in numpy_batches(table, batch_size):
-        for step in steps:
-            batch = step(batch)
-        parts.append(_as_table(batch))
+    parts: list[pa.Table] = []
+    done = [0]
+    with Watch(progress(udfs, table.num_rows), lambda: done[0]):  # a line every 10 s, even mid-batch
+        for batch in numpy_batches(table, batch_size):
+            rows = len(next(iter(batch.values())))
+            for step in steps:
+                batch = step(batch)
+            parts.append(_as_table(batch))
+            done[0] += rows
     if not parts:
         if empty is None:
             raise ValueError("apply_in_process: no input rows and no output schema given")
@@ -204,8 +219,24 @@ def run_udfs(
     read = ray.data.read_parquet(paths, filesystem=fs, columns=columns, file_extensions=["parquet"])
     ds = apply_ray_data(read, udfs, batch_size, pool)
     out_fs, out_path = storage.resolve(out_uri)
-    ds.write_parquet(out_path, filesystem=out_fs)
+    from pacl_ray.stages.runtime import Watch
+
+    # Progress from the rows of the Parquet files the write has finished so far.
+    with Watch(progress(udfs, rows), functools.partial(_written_rows, out_uri, {})):
+        ds.write_parquet(out_path, filesystem=out_fs)
     return RAY_DATA
+
+
+def _written_rows(uri: str, seen: dict[str, int]) -> int:
+    """Rows in the finished Parquet files under ``uri`` (``seen`` caches each file's count; a
+    file still being written is not readable yet and is counted at a later call)."""
+    for file in storage.list_files(uri, ".parquet"):
+        if file not in seen:
+            try:
+                seen[file] = storage.parquet_file_rows(file)
+            except storage.FileCheckError:
+                continue
+    return sum(seen.values())
 
 
 def run_udfs_on_table(table: pa.Table, udfs: list[Udf], *, pool: ActorPool, batch_size: int,
@@ -226,5 +257,10 @@ def run_udfs_on_table(table: pa.Table, udfs: list[Udf], *, pool: ActorPool, batc
     # table would go to one actor).
     blocks = max(1, math.ceil(table.num_rows / (4 * max(1, batch_size))))
     ds = apply_ray_data(ray.data.from_arrow(table).repartition(blocks), udfs, batch_size, pool)
-    parts = [_as_table(b) for b in ds.iter_batches(batch_format="numpy", batch_size=None)]
+    from pacl_ray.stages.runtime import Watch
+
+    parts: list[pa.Table] = []
+    with Watch(progress(udfs, table.num_rows), lambda: sum(part.num_rows for part in parts)):
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            parts.append(_as_table(batch))
     return pa.concat_tables(parts) if parts else (empty.empty_table() if empty is not None else pa.table({}))

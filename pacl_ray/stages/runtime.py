@@ -1,18 +1,33 @@
 """Starting or joining Ray, what the console shows, and asking what the cluster offers.
 
 Console policy (issue 20): progress on every long step, each summary once, no Ray noise. Ray's own
-output is set through its public switches only:
+output is set through its public switches only (Ray's "Configuring Logging" guide, the Ray AIR
+environment variables, ``ray.train.LoggingConfig``):
 
+* Log deduplication (read when Ray is imported, so :func:`init_ray` sets them first; see
+  :func:`console_env`): ``RAY_DEDUP_LOGS_SKIP_REGEX`` drops the lines in :data:`SKIPPED_LINES`,
+  Ray's own notices that are expected on a machine that runs many actors on few cores. In logs
+  (stdout not a terminal) ``RAY_DEDUP_LOGS_ALLOW_REGEX`` lets every other line through as it comes:
+  the "[repeated 7x across cluster]" suffix is ANSI-coloured and its batch repeats lines already
+  printed. ``RAY_COLOR_PREFIX=0``: no colour codes around worker prefixes in logs.
+* Tune: ``RAY_AIR_NEW_OUTPUT=0`` with ``RunConfig(verbose=0)`` (the sweep driver): the new output
+  engine prints its experiment box and a TensorBoard hint into Ray's session folder even at
+  verbosity 0; the sweep prints its own TensorBoard folder. ``TUNE_WARN_THRESHOLD_S=30`` (read
+  when Tune is imported): no "may be a performance bottleneck" warning for a loop step under 30 s.
+* Ray Train: ``RunConfig(logging_config=ray.train.LoggingConfig(log_level="WARNING"))`` in the
+  training stage (report echoes, resource requests, in Train's controller and worker processes).
+* Ray Data (public logger ``ray.data``, ``DataContext``): its progress is logged as multi-line
+  blocks when stdout is not a terminal, so there the ``ray.data`` logger is at WARNING (the stages
+  print one summary per step, and :class:`Progress` lines); on a terminal, its bars.
 * Ray >= 2.52 enables token authentication by default for a local ``ray.init()`` and logs a notice
   saying so on every start: the default is kept, the notice's logger is set to ERROR.
-* Ray Data progress bars: ``RAY_DATA_DISABLE_PROGRESS_BARS=1`` when stdout is not a terminal (Ray
-  Data then dumps multi-line progress blocks into logs); on a terminal only the global bar
-  (``DataContext.enable_operator_progress_bars = False``). Workers get both through the job's
-  ``runtime_env`` and the worker setup hook.
 * ``HF_HUB_DISABLE_PROGRESS_BARS=1``: Hugging Face's bars for loading local weights.
 * Each worker process learns its own cluster's address (``RAY_ADDRESS``): Ray Train V2's controller
   and state actor ask the State API for actor liveness with no address, which raises "Found
   multiple active Ray instances" whenever a second local Ray runs on the machine.
+
+Workers get the environment through the job's ``runtime_env`` and the rest through the worker
+process setup hook (:func:`setup_worker`).
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -27,6 +43,26 @@ from pacl_ray.config import RayConfig
 
 SETUP_HOOK = "pacl_ray.stages.runtime.setup_worker"
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Ray's own notices that say nothing actionable here, dropped from the console (they stay in the
+# session's log files):
+# * the raylet's "N PYTHON worker processes have been started on node ... This could be a result
+#   of using a large number of actors" (a pipeline's actor pools, Train workers and Tune trials on
+#   a few cores);
+# * core_worker's note that the actor Ray Train itself creates (its PreemptionWatcher) has
+#   constructor arguments in the object store (ray-project/ray#53727);
+# * Ray Train's placement-group cleaner, which asks the State API every second whether its
+#   controller lives and warns each time it cannot: the State API is served by the dashboard,
+#   which a local instance here runs without (it needs packages the project does not install);
+# * Ray Train's echo of every report, a TrainingReport repr of 600-900 characters: its logger is
+#   named by its file path, so ray.train.LoggingConfig (by logger name) does not reach it, and
+#   Train's workers log the root logger's INFO records to the console (the training stage prints
+#   a line per logged step instead).
+SKIPPED_LINES = (
+    r"PYTHON worker processes have been started",
+    r"class name: 'PreemptionWatcher'.*constructor arguments in the object store",
+    r"Failed to query Ray Train Controller actor state",
+    r"Reporting training result \d+: TrainingReport\(",
+)
 
 
 def interactive() -> bool:
@@ -34,47 +70,69 @@ def interactive() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
+def console_env() -> dict[str, str]:
+    """Environment variables (Ray's public switches) of the driver's console: log deduplication
+    (read when Ray is imported) and Tune's output engine. See the module docstring."""
+    skip = "|".join(SKIPPED_LINES)
+    env = {"RAY_DEDUP_LOGS_SKIP_REGEX": skip, "RAY_AIR_NEW_OUTPUT": "0",
+           # Tune warns of any event-loop step over 0.5 s ("... may be a performance bottleneck"),
+           # routine when trials share a few cores; a stall longer than its heartbeat still warns.
+           "TUNE_WARN_THRESHOLD_S": "30"}
+    if not interactive():
+        # Every line not skipped is "allowed": printed as it comes, never batched with a suffix.
+        env["RAY_DEDUP_LOGS_ALLOW_REGEX"] = f"^(?!.*(?:{skip}))"
+        env["RAY_COLOR_PREFIX"] = "0"
+    return env
+
+
+def set_console_env() -> None:
+    """Put :func:`console_env` into this process's environment (values already set win). Call
+    before anything imports Ray: Ray reads the deduplication switches at import."""
+    for key, value in console_env().items():
+        os.environ.setdefault(key, value)
+
+
+def skipped_line(line: str) -> bool:
+    """Whether Ray drops ``line`` from the console under :func:`console_env` (tests)."""
+    return re.search("|".join(SKIPPED_LINES), line) is not None
+
+
 def quiet_env() -> dict[str, str]:
-    """Environment variables (Ray's public switches) that keep workers' console output readable."""
+    """Environment variables (public switches) that keep workers' console output readable."""
     # Hugging Face's per-load bars ("Loading weights 103/103") are instant for local models.
     env = {"RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED", "1"),
            "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
     if not interactive():
-        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
         env["RAY_COLOR_PREFIX"] = "0"  # no ANSI colour codes around worker log prefixes in files
     return env
 
 
 def configure_driver_console() -> None:
-    """Ray Data's progress in this process: off in logs (with its INFO lines), the global bar only
-    on a terminal."""
-    from ray.data import DataContext
+    """Ray Data's progress in this process: bars on a terminal; in logs, where Ray Data would log
+    multi-line progress blocks every 10 s (and its start/plan/finish lines, with a path into Ray's
+    session folder), its logger at WARNING: the stages print one summary per step instead."""
+    import importlib
 
-    ctx = DataContext.get_current()
-    ctx.enable_operator_progress_bars = False
+    importlib.import_module("ray.data")  # configures its logger, which the level below adjusts
     if not interactive():
-        ctx.enable_progress_bars = False
-        # Each execution's start/plan/finish lines (with a path into Ray's session folder): the
-        # stages print one summary per step instead.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        # ... and its notice that the bars are off (they are off on purpose here).
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join ``cfg.address`` (or ``RAY_ADDRESS``), or start a fresh local instance; a no-op if
     connected. Sets Ray's console switches (module docstring) first."""
-    import ray
-
+    set_console_env()
     for key, value in quiet_env().items():
         os.environ.setdefault(key, value)
+    import ray
+
     if ray.is_initialized():
         configure_driver_console()
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     # Keep the driver's log quiet; progress lines and stage summaries are what users read.
-    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
+    kwargs = dict(log_to_driver=True, configure_logging=False,
                   runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": quiet_env()})
     if address:
         ray.init(address=address, **kwargs)
@@ -84,32 +142,15 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         # too late: Ray caches the mode when it is imported.)
         logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
         # address="local": always a fresh instance, never one that happens to run on this machine.
-        ray.init(address="local", num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus, **kwargs)
+        ray.init(address="local", num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus,
+                 include_dashboard=False, **kwargs)
     configure_driver_console()
-
-
-# Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) every second
-# whether the controller lives; a local instance here runs without the dashboard, so it would
-# print a warning every second of every training run.
-# Ray Train V2's controller also logs each resource request and worker-group start at INFO; the
-# training stage prints its own plan and per-epoch lines.
-QUIETED_LOGGERS = {
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": "ERROR",
-    "ray.train.v2._internal.execution.scaling_policy.scaling_policy": "WARNING",
-    "ray.train.v2._internal.execution.worker_group.worker_group": "WARNING",
-    # Train's per-report echoes: the TrainingReport repr (600-900 characters) of every report,
-    # each checkpoint's path and the device move; the stage's run.log lines say the same briefly.
-    # (this module's logger is named by its file path: see _logger_name)
-    "ray.train.v2._internal.execution.context": "WARNING",
-    "ray.train.v2._internal.execution.storage": "WARNING",
-    "ray.train.v2.torch.train_loop_utils": "WARNING",
-}
 
 
 def setup_worker() -> None:
     """Ray worker-process setup hook: the process's own cluster address in ``RAY_ADDRESS`` (so
     State API calls without an address find this cluster, not "multiple active Ray instances"),
-    Ray Data's compact progress, and the loggers in QUIETED_LOGGERS silenced."""
+    Ray Data's console (:func:`configure_driver_console`) and timm's INFO lines off."""
     import ray
 
     try:
@@ -117,38 +158,17 @@ def setup_worker() -> None:
     except Exception:  # noqa: BLE001 -- the hook must never kill a worker; the address is a nicety
         pass
     configure_driver_console()
-    for name, level in QUIETED_LOGGERS.items():
-        logger = logging.getLogger(_logger_name(name))
-        logger.setLevel(level)
-        # Ray Train re-applies its logging config (dictConfig) in its worker and controller
-        # processes, which resets the levels of loggers below `ray.train` but keeps their filters.
-        logger.addFilter(_AtLeast(logging.getLevelName(level)))
+    # Ray Train's workers log the root logger's INFO records to the console: timm's "Loaded ...
+    # from checkpoint '<path>'" for every backbone build (the stages say what they load).
+    logging.getLogger("timm").setLevel(logging.WARNING)
 
 
-# Modules whose logger is getLogger(__file__) rather than getLogger(__name__).
-FILE_NAMED_LOGGERS = ("ray.train.v2._internal.execution.context",)
-
-
-def _logger_name(module: str) -> str:
-    """The name ``module`` logs under: its dotted name, or its file path for FILE_NAMED_LOGGERS."""
-    if module in FILE_NAMED_LOGGERS:
-        import importlib.util
-
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin:
-            return spec.origin
-    return module
-
-
-class _AtLeast(logging.Filter):
-    """Drops a logger's records below ``level`` (survives logging.config.dictConfig)."""
-
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.level
+def echo(line: str) -> None:
+    """Print ``line`` once from a Ray Train worker. Train V2 replaces ``print`` in its workers by
+    one that logs through its console handler (stderr) and, because Ray's workers replace
+    ``sys.stdout``, also prints: every line would reach the driver's console twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 quiet_worker_logs = setup_worker  # the hook's earlier name (conftest and old runtime_envs use it)
@@ -157,13 +177,14 @@ quiet_worker_logs = setup_worker  # the hook's earlier name (conftest and old ru
 class Progress:
     """Progress of one long step: a tqdm bar on a terminal, else a line with counts, rate and ETA
     at most every ``interval`` seconds (and at the end), so a log shows progress at least that
-    often while the step advances. ``update(n)`` adds done units; ``close()`` prints the last count if not yet shown.
-    Lines go to stderr, prefixed with ``label``."""
+    often while the step advances. ``update(n)`` adds done units; ``close()`` prints the last count
+    if not yet shown (with ``final=False`` only when a line was shown before: a step that ends
+    within ``interval`` prints nothing). Lines go to stderr, prefixed with ``label``."""
 
     def __init__(self, label: str, total: int, unit: str = "it", interval: float = 10.0,
-                 enabled: bool = True, stream=None):
+                 enabled: bool = True, stream=None, final: bool = True):
         self.label, self.total, self.unit, self.interval = label, max(0, int(total)), unit, interval
-        self.enabled, self.stream = enabled, stream
+        self.enabled, self.stream, self.final = enabled, stream, final
         self.done, self.start = 0, time.monotonic()
         self._last, self._shown = self.start, -1
         self._bar = None
@@ -194,7 +215,7 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self.enabled and self._shown != self.done:
+        if self.enabled and self._shown != self.done and (self.final or self._shown >= 0):
             self._line()
 
     def __enter__(self) -> "Progress":
@@ -202,6 +223,42 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Watch:
+    """Progress of work whose count is read rather than pushed (a Ray Data write; a loop whose
+    batches can each take longer than the interval): while the ``with`` block runs, a daemon thread
+    sets ``progress``'s count to ``count()`` every ``interval`` seconds (a count that fails, e.g. on
+    a file still being written, is retried at the next poll), so ``progress`` prints a line at least
+    that often even while the count stands still; on exit a last poll, then ``progress.close()``."""
+
+    def __init__(self, progress: Progress, count, interval: float = 10.0):
+        import threading
+
+        self.progress, self.count, self.interval = progress, count, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pacl-progress", daemon=True)
+
+    def poll(self) -> None:
+        try:
+            done = int(self.count())
+        except Exception:  # noqa: BLE001 -- progress must never fail the step it watches
+            return
+        self.progress.update(max(0, done - self.progress.done))  # prints if the interval has passed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.progress.close()
 
 
 # A pipeline holds several Ray Data actor pools, their read/decode tasks and Train workers at

@@ -220,8 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                                        "lr_heads", "amp_skipped")}, row["global_step"] + 1)
             if rank == 0 and rows:
                 row = rows[-1]
-                print(f"train: step {global_step} epoch {epoch} " + " ".join(f"{k}={row[k]:.4g}" for k in LOSS_TERMS),
-                      flush=True)
+                runtime.echo(f"train: step {global_step} epoch {epoch} " + " ".join(f"{k}={row[k]:.4g}" for k in LOSS_TERMS))
             if diverged:
                 if rank == 0:
                     record = {"global_step": diverged.global_step, "epoch": diverged.epoch, "phase": diverged.phase,

@@ -522,7 +522,8 @@ def run_sweep(
 
     from pacl_ray.sweeps.tracking import TrialProgress, tracking_callbacks
 
-    callbacks = [TrialProgress(len(trials), log), *tracking_callbacks(base.get("tracking") or {}, name)]
+    callbacks = [TrialProgress(len(trials), log),
+                 *tracking_callbacks(base.get("tracking") or {}, name, sweep_dir, log)]
     if not resume and storage.exists(experiment_path):
         storage.delete_dir(experiment_path)
     tune_fs, tune_root = storage.resolve(experiment_root)  # as tune_run_config: credentials stay in tune_fs

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import time
 from typing import Any, Callable
 
@@ -64,19 +66,23 @@ class TrialProgress(Callback):
             self.log(f"[tune] {self._counts(trials)}")
 
 
-def tracking_callbacks(tracking: dict, experiment: str) -> list:
+def tracking_callbacks(tracking: dict, experiment: str, sweep_dir: str | None = None,
+                       log: Callable[[str], None] | None = None) -> list:
     """Ray Tune logger callbacks for the trackers the ``tracking`` section turns on (none by
     default). ``tracking.mlflow_uri`` (e.g. ``file:///path/mlruns``, ``http://host:5000``) logs each
     trial's hyperparameters and reported metrics to MLflow experiment ``tracking.mlflow_experiment``
     (default: the sweep's name); ``tracking.wandb_project`` does the same for W&B in
-    ``tracking.wandb_mode`` (offline writes local files, synced later with ``wandb sync``).
+    ``tracking.wandb_mode``: ``offline`` (the default) needs no account or network and writes one
+    run folder per trial under ``{sweep_dir}/wandb/`` for a local ``sweep_dir`` (else under each
+    trial's folder), which ``wandb sync`` uploads later. ``log`` is told where offline runs go.
 
     Raises ImportError naming the package to install when a tracker is on but missing."""
     callbacks: list = []
     if tracking.get("mlflow_uri"):
         try:
             from ray.air.integrations.mlflow import MLflowLoggerCallback
-            import mlflow  # noqa: F401 -- Ray's callback imports it lazily; fail here, clearly
+
+            importlib.import_module("mlflow")  # Ray's callback imports it lazily; fail here, clearly
         except ImportError as err:
             raise ImportError(f"tracking.mlflow_uri is set but MLflow is not installed ({err}); "
                               "pip install mlflow") from err
@@ -85,12 +91,39 @@ def tracking_callbacks(tracking: dict, experiment: str) -> list:
             experiment_name=tracking.get("mlflow_experiment") or experiment,
             tags={"sweep": experiment}, save_artifact=False))
     if tracking.get("wandb_project"):
-        try:
-            from ray.air.integrations.wandb import WandbLoggerCallback
-            import wandb  # noqa: F401
-        except ImportError as err:
-            raise ImportError(f"tracking.wandb_project is set but wandb is not installed ({err}); "
-                              "pip install wandb") from err
-        callbacks.append(WandbLoggerCallback(
-            project=tracking["wandb_project"], group=experiment, mode=tracking.get("wandb_mode") or "offline"))
+        callbacks.append(_wandb_callback(tracking, experiment, sweep_dir, log))
     return callbacks
+
+
+def _wandb_callback(tracking: dict, experiment: str, sweep_dir: str | None,
+                    log: Callable[[str], None] | None) -> Any:
+    """Ray's WandbLoggerCallback for ``tracking`` (see :func:`tracking_callbacks`)."""
+    try:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        importlib.import_module("wandb")
+    except ImportError as err:
+        raise ImportError(f"tracking.wandb_project is set but wandb is not installed ({err}); "
+                          "pip install wandb") from err
+    from pacl_ray.formats import storage
+
+    mode = tracking.get("wandb_mode") or "offline"
+    if mode in ("offline", "disabled"):
+        # Ray's callback asks for an API key at setup unless W&B's own WANDB_MODE says that no
+        # server is used; the mode argument alone reaches only wandb.init.
+        os.environ["WANDB_MODE"] = mode
+    # W&B's banner, per-run summary table and sync hint would reach the console through each
+    # logging actor's output (the console policy of pacl_ray.stages.runtime); the line below
+    # says where the runs are instead. Its system-metrics sampler and code/requirements capture
+    # are off: a trial's hyperparameters and metrics are what is tracked.
+    kwargs: dict = {"settings": {"silent": True, "console": "off", "x_disable_stats": True,
+                                 "disable_code": True, "disable_git": True, "x_save_requirements": False}}
+    where = "each trial's folder under wandb/"
+    if sweep_dir and not storage.is_remote(sweep_dir):
+        local = storage.resolve(sweep_dir)[1]
+        os.makedirs(local, exist_ok=True)
+        kwargs["dir"] = local  # W&B adds wandb/<mode>-run-<time>-<trial id> below it
+        where = os.path.join(local, "wandb")
+    if log is not None and mode == "offline":
+        log(f"[tune] W&B offline runs: {where} (upload with `wandb sync <run folder>`)")
+    return WandbLoggerCallback(project=tracking["wandb_project"], group=experiment, mode=mode, **kwargs)

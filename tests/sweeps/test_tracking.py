@@ -1,8 +1,10 @@
-"""Sweep tracking: the trial progress callback's lines, and MLflow through Ray Tune's own
-MLflowLoggerCallback on MLflow's local file store (offline; skipped where MLflow is not installed)."""
+"""Sweep tracking: the trial progress callback's lines, and MLflow and W&B through Ray Tune's own
+logger callbacks, offline (MLflow's local file store, W&B's offline mode; each skipped where its
+package is not installed)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -37,6 +39,8 @@ def test_trial_progress_lines(monkeypatch):
 def test_no_tracker_by_default_and_a_missing_one_is_named(monkeypatch):
     assert tracking_callbacks({}, "sweep") == []
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    # (and Ray's integration module not imported now: it would keep `wandb = None` for later tests)
+    monkeypatch.setitem(sys.modules, "ray.air.integrations.wandb", None)
     with pytest.raises(ImportError, match="tracking.wandb_project is set but wandb is not installed"):
         tracking_callbacks({"wandb_project": "p"}, "sweep")
 
@@ -71,3 +75,48 @@ def test_mlflow_runs_are_named_and_hold_hyperparameters_and_metrics(ray_local, t
     run = runs["partition.sigma=0.5,objective=pacl,sigma=0.5,K=2,tau=0.07"]
     assert run.data.params["partition.sigma"] == "0.5" and run.data.params["train.temperature"] == "0.07"
     assert run.data.metrics["emotion/Acc-4"] == pytest.approx(50.5)
+
+
+def test_wandb_offline_runs_hold_hyperparameters_and_metrics(ray_local, tmp_path, monkeypatch):
+    """W&B through Ray Tune's WandbLoggerCallback in offline mode (no account, no network): one
+    run folder per trial under the sweep's wandb/, named like the trial, whose transaction log
+    holds the trial's hyperparameters and reported metrics (read back with W&B's own
+    ``wandb leet inspect --summary --json``). Skipped where wandb is not installed."""
+    pytest.importorskip("wandb")
+    import subprocess
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    space = parse_space({"search": {"partition.sigma": {"grid": [0.5]}}, "metric": "emotion/Acc-4",
+                         "resources": {"max_concurrent": 2, "trial_cpus": 0.5}}, "wandb.yaml")
+    base = driver.base_config_dict(space, output_dir=str(tmp_path / "runs"), downstream=["imagefolder:e=/x"],
+                                   overrides=["tracking.wandb_project=pacl-test"])
+
+    def factory(trial_configs, sweep_dir, driver_cwd, report_epochs):
+        def trainable(config):
+            import ray.tune
+
+            ray.tune.report({"emotion/Acc-4": 50 + config["partition.sigma"], "evaluated": 1})
+
+        return trainable
+
+    lines: list[str] = []
+    driver.run_sweep(space, base, "wandb", trainable_factory=factory, prepare=False, log=lines.append)
+    wandb_dir = tmp_path / "runs" / "sweeps" / "wandb" / "wandb"
+    assert f"[tune] W&B offline runs: {wandb_dir} (upload with `wandb sync <run folder>`)" in lines
+    runs = {}
+    for run in sorted(wandb_dir.glob("offline-run-*")):
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run)],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        record = json.loads(out)
+        runs[record["name"]] = record
+    assert set(runs) == {"adopted,objective=pacl,sigma=0.7,K=2,tau=0.07",
+                         "partition.sigma=0.5,objective=pacl,sigma=0.5,K=2,tau=0.07"}
+    run = runs["partition.sigma=0.5,objective=pacl,sigma=0.5,K=2,tau=0.07"]
+    assert run["project"] == "pacl-test" and run["state"] == "finished"
+    assert run["config"]["partition.sigma"] == 0.5 and run["config"]["train.temperature"] == 0.07
+    assert run["config"]["trial"] == "partition.sigma=0.5"
+    assert run["summary"]["emotion/Acc-4"] == pytest.approx(50.5)
