@@ -201,6 +201,13 @@ class IngestConfig:
     clean_text: bool = _f(True, "strip URLs, mentions and markup from texts")
     max_image_pixels: int = _f(89_478_485, "largest decodable image in pixels (Pillow's decompression-"
                                "bomb limit)", at_least(1))
+    # Off by default: resizing is lossy and changes the stored bytes (so every downstream stage's
+    # key); the decoders' draft mode already reads large JPEGs at reduced scale. Turn it on
+    # (img2dataset-style, e.g. 512) when decoding limits the step rate: decode + transform then
+    # costs about the same whatever the source size (benchmarks/decode_bench.py).
+    max_image_side: int = _f(0, "store images resized so the longer side is at most this many px (aspect "
+                             "ratio kept, JPEG at quality 95, original size recorded); 0 = keep the size",
+                             at_least(0))
     fail_if_all_bad: bool = _f(True, "stop with an error when no pair survives validation")
 
 

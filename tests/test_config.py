@@ -162,7 +162,8 @@ def test_fields_that_must_have_a_domain_have_one():
                 "evaluate.protocol", "ingest.format", "embed.feature_dtype", "train.temperature",
                 "partition.sigma", "partition.sigma_factual", "partition.sigma_emotional", "train.k",
                 "cluster.ks", "train.global_batch_size", "train.epochs", "train.lr_heads", "train.lr_backbone",
-                "train.crop_scale", "train.hflip", "evaluate.linear_lr", "evaluate.batch_size"):
+                "train.crop_scale", "train.hflip", "evaluate.linear_lr", "evaluate.batch_size",
+                "ingest.max_image_side"):
         assert infos[key].domain is not None, key
     for info in C.describe_fields():  # every str field either names its choices or is a free name/path
         if info.type == "str" and info.domain is None:
@@ -193,6 +194,7 @@ def test_fields_that_must_have_a_domain_have_one():
         ("model.text_pooling=max", "model.text_pooling='max'", "one of cls, mean"),
         ("evaluate.protocol=probe", "evaluate.protocol='probe'", "one or more of linear, finetune, zeroshot (joined by ',')"),
         ("ingest.format=xml", "ingest.format='xml'", "one of auto, jsonl, csv, parquet, webdataset, tumemo"),
+        ("ingest.max_image_side=-512", "ingest.max_image_side=-512", "a number >= 0"),
         ("train.crop_scale=[0.5]", "train.crop_scale=[0.5]", "2 items, each a number in (0, 1]"),
         ("train.crop_scale=[0, 1]", "train.crop_scale[0]=0.0", "a number in (0, 1]"),
         ("train.hflip=1.5", "train.hflip=1.5", "a number in [0, 1]"),

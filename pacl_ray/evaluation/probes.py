@@ -35,7 +35,7 @@ from pacl_ray.evaluation.datasets import Split, TaskData
 from pacl_ray.evaluation.features import extract_features
 from pacl_ray.evaluation.resolve import BackboneRef
 from pacl_ray.formats.export import local_file
-from pacl_ray.formats.images import load_rgb
+from pacl_ray.formats.images import load_rgb, min_side_for
 
 
 def task_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, out_dims: Sequence[int]) -> torch.Tensor:
@@ -168,12 +168,13 @@ class _ImageDataset(torch.utils.data.Dataset):
         self.paths = split.paths
         self.targets = _target_tensor(kind, split.targets)
         self.transform = transform
+        self.min_side = min_side_for(transform)  # large JPEGs decode at reduced scale, never below the transform's need
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.transform(load_rgb(self.paths[index])), self.targets[index]
+        return self.transform(load_rgb(self.paths[index], min_side=self.min_side)), self.targets[index]
 
 
 class _FinetuneModel(nn.Module):

@@ -20,8 +20,10 @@ PAIRS = pa.schema(
         pa.field(ID, pa.string(), nullable=False),
         pa.field("image", pa.binary(), nullable=False),  # encoded image bytes (JPEG/PNG/...)
         pa.field("image_source", pa.string()),  # where the image came from (path, URI, shard/key)
-        pa.field("width", pa.int32()),
+        pa.field("width", pa.int32()),  # displayed (upright) size of the stored image
         pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),  # displayed size as given; > width/height when ingest
+        pa.field("original_height", pa.int32()),  # resized it (ingest.max_image_side), else equal
         pa.field("converted_from", pa.string()),  # original PIL mode when converted to RGB, else null
         pa.field("text_raw", pa.string(), nullable=False),  # the post text exactly as given
         pa.field("text", pa.string(), nullable=False),  # cleaned text (see pacl_ray.core.text)
@@ -34,6 +36,27 @@ PAIRS = pa.schema(
         pa.field("partition", pa.int8()),  # optional known partition code 1-4, used as given
     ]
 )
+
+ORIGINAL_SIZE = ("original_width", "original_height")
+
+
+def upgrade_pairs(table: pa.Table) -> pa.Table:
+    """A PAIRS table written before ``original_width``/``original_height`` existed (ingest version
+    2 and older, which never resized) with them added, equal to ``width``/``height``; a current
+    table is returned as it is. Raises ValueError naming the missing column when the table has
+    neither the original size nor ``width``/``height`` to derive it from."""
+    for original, stored in zip(ORIGINAL_SIZE, ("width", "height")):
+        if original in table.column_names:
+            continue
+        if stored not in table.column_names:
+            raise ValueError(f"PAIRS table: no column {original!r}, nor {stored!r} to derive it from "
+                             f"(columns: {table.column_names})")
+        # after width, height (and original_width): where PAIRS has it
+        position = 1 + max(table.schema.get_field_index(n) for n in ("width", "height", "original_width")
+                           if n in table.column_names)
+        table = table.add_column(position, PAIRS.field(original), table.column(stored).cast(pa.int32()))
+    return table
+
 
 QUARANTINE = pa.schema(
     [

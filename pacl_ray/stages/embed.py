@@ -80,12 +80,13 @@ def features_table(
 
 def decode_and_transform(batch: dict[str, np.ndarray], transform: Callable) -> dict[str, np.ndarray]:
     """CPU step: encoded image bytes -> the backbone's eval tensors, float32 [B, 3, H, W]."""
-    from pacl_ray.formats.images import decode_rgb
+    from pacl_ray.formats.images import decode_rgb, min_side_for
 
+    min_side = min_side_for(transform)  # large JPEGs decode at reduced scale, never below the resize
     pixels = []
     for pair_id, data in zip(batch[tables.ID], batch["image"]):
         try:
-            pixels.append(np.asarray(transform(decode_rgb(data)), dtype=np.float32))
+            pixels.append(np.asarray(transform(decode_rgb(data, min_side=min_side)), dtype=np.float32))
         except Exception as err:  # ingest validated the bytes; say which row if one still fails
             raise ValueError(f"embed: pairs row id={pair_id!r} field 'image': cannot decode ({err})") from err
     return {tables.ID: batch[tables.ID], "text": batch["text"], "pixels": np.stack(pixels)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from pacl_ray.core import backbones
-from pacl_ray.formats.images import load_rgb
+from pacl_ray.formats.images import load_rgb, min_side_for
 from pacl_ray.formats.export import local_file
 
 
@@ -58,7 +58,8 @@ class ImageFeatureExtractor:
         if "pixels" in batch:
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"], dtype=np.float32))
         elif "path" in batch:
-            pixels = torch.stack([self.eval_transform(load_rgb(str(p))) for p in batch["path"]])
+            side = min_side_for(self.eval_transform)  # large JPEGs decode at reduced scale, never below the resize
+            pixels = torch.stack([self.eval_transform(load_rgb(str(p), min_side=side)) for p in batch["path"]])
         else:
             raise KeyError(f"ImageFeatureExtractor: a batch needs 'pixels' or 'path', got {sorted(batch)}")
         with torch.inference_mode(), backbones.autocast(self.device, self.precision):

@@ -12,8 +12,11 @@ Work is per file and per record, in Ray tasks; the driver holds nothing per row:
    and turns each fault (bad UTF-8, a cut-off line, a malformed CSV row, ...) into a verdict for
    that record only;
 2. ``map_batches`` validation reads and decodes each image with the shared decoder
-   (:mod:`pacl_ray.formats.images`: EXIF orientation applied, every mode scaled to 8-bit RGB) and
-   decodes and cleans the text;
+   (:mod:`pacl_ray.formats.images`: EXIF orientation applied, every mode scaled to 8-bit RGB),
+   with ``ingest.max_image_side`` set resizes it there (:func:`pacl_ray.formats.images.store`:
+   longer side at most that, aspect ratio kept, draft-mode JPEG decode + Lanczos, stored as JPEG;
+   the original size goes to ``original_width``/``original_height``), and decodes and cleans the
+   text;
 3. duplicate ids: one task reads the validated blocks (by reference, one at a time) and finds,
    per id, its first occurrence by (file, row) and how often it occurs (about 30 bytes per row,
    in that task); only ids seen twice or more are passed on, as an object reference, to the
@@ -46,7 +49,7 @@ from pacl_ray.config import RunConfig
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
-INGEST_VERSION = 2  # bump when validation changes what a given input produces
+INGEST_VERSION = 3  # bump when validation changes what a given input produces (3: original size columns)
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "tumemo")
 IMAGE_SUFFIXES = manifests.IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {
@@ -84,18 +87,27 @@ def read_image_file(uri: str) -> bytes:
         raise Rejected(err.reason, "image", err.detail) from err
 
 
-def check_image(data: bytes, max_image_pixels: int) -> tuple[bytes, int, int, Optional[str]]:
-    """Validate encoded image bytes -> (bytes to store, displayed width, height, original mode or None).
+def store_image(data: bytes, max_image_pixels: int, max_image_side: int = 0) -> images.StoredImage:
+    """Validate encoded image bytes -> what to store (:class:`pacl_ray.formats.images.StoredImage`).
 
-    See :func:`pacl_ray.formats.images.normalize`: upright single-frame RGB keeps its bytes;
-    other modes, EXIF-rotated and animated images are decoded (scaled to 8-bit RGB, turned upright,
-    first frame) and re-encoded. Raises :class:`Rejected` with zero_size_image,
-    decompression_bomb (limit ``max_image_pixels``; 0 disables), corrupt_image or truncated_image.
+    See :func:`pacl_ray.formats.images.store`: an image whose longer side exceeds
+    ``max_image_side`` (0 = no limit) is resized to it and stored as JPEG; otherwise upright
+    single-frame RGB keeps its bytes, and other modes, EXIF-rotated and animated images are
+    decoded (scaled to 8-bit RGB, turned upright, first frame) and re-encoded. Raises
+    :class:`Rejected` with zero_size_image, decompression_bomb (limit ``max_image_pixels``;
+    0 disables), corrupt_image or truncated_image.
     """
     try:
-        return images.normalize(data, max_image_pixels)
+        return images.store(data, max_image_pixels, max_image_side)
     except images.ImageRejected as err:
         raise Rejected(err.reason, "image", err.detail) from err
+
+
+def check_image(data: bytes, max_image_pixels: int) -> tuple[bytes, int, int, Optional[str]]:
+    """:func:`store_image` at the image's own size -> (bytes to store, displayed width, height,
+    original mode or None)."""
+    kept = store_image(data, max_image_pixels)
+    return kept.data, kept.width, kept.height, kept.converted_from
 
 
 def decode_text(text: Optional[str], text_bytes: Optional[bytes]) -> str:
@@ -112,8 +124,9 @@ def decode_text(text: Optional[str], text_bytes: Optional[bytes]) -> str:
     return text
 
 
-def validate_record(record: dict, max_image_pixels: int, clean: bool) -> dict:
-    """One normalised record (:data:`manifests.RECORD`) -> one validated row (:data:`VALIDATED`)."""
+def validate_record(record: dict, max_image_pixels: int, clean: bool, max_image_side: int = 0) -> dict:
+    """One normalised record (:data:`manifests.RECORD`) -> one validated row (:data:`VALIDATED`);
+    ``max_image_side``: see :func:`store_image`."""
     out = {
         "id": record["id"], "source": record["source"], "position": record["position"],
         "image_source": record["image_name"], "anps": record["anps"],
@@ -135,13 +148,14 @@ def validate_record(record: dict, max_image_pixels: int, clean: bool) -> dict:
             if not record["image_ref"]:
                 raise Rejected("missing_field", "image", "no image")
             data = read_image_file(record["image_ref"])
-        image, width, height, converted_from = check_image(data, max_image_pixels)
+        kept = store_image(data, max_image_pixels, max_image_side)
     except Rejected as bad:
         out.update(reason=bad.reason, field=bad.field, detail=bad.detail)
         return out
     out.update(
-        image=image, width=width, height=height, converted_from=converted_from,
-        text_raw=text_raw, text=cleaned, content_digest=content_digest(record["id"], image, cleaned),
+        image=kept.data, width=kept.width, height=kept.height, original_width=kept.original_width,
+        original_height=kept.original_height, converted_from=kept.converted_from,
+        text_raw=text_raw, text=cleaned, content_digest=content_digest(record["id"], kept.data, cleaned),
     )
     return out
 
@@ -176,9 +190,10 @@ def pairs_fingerprint(tallies: Iterable[dict]) -> str:
     return cache.content_key("pairs-content", n, f"{total:032x}")
 
 
-def validate_batch(batch: pa.Table, max_image_pixels: int, clean: bool) -> pa.Table:
-    """Ray Data UDF: normalised records -> validated rows (bad rows carry reason/field/detail)."""
-    rows = [validate_record(r, max_image_pixels, clean) for r in batch.to_pylist()]
+def validate_batch(batch: pa.Table, max_image_pixels: int, clean: bool, max_image_side: int = 0) -> pa.Table:
+    """Ray Data UDF: normalised records -> validated rows (bad rows carry reason/field/detail);
+    images are resized here, in the ingest workers, when ``max_image_side`` is set."""
+    rows = [validate_record(r, max_image_pixels, clean, max_image_side) for r in batch.to_pylist()]
     return pa.Table.from_pylist(rows, schema=VALIDATED)
 
 
@@ -486,7 +501,8 @@ def _write(ds, directory: str) -> None:
 def ingest_key(cfg: RunConfig, files: list[str], fmt: str) -> str:
     icfg = cfg.ingest
     fingerprints = [cache.file_fingerprint(f) for f in files]
-    return cache.content_key(STAGE, INGEST_VERSION, fingerprints, fmt, icfg.clean_text, icfg.max_image_pixels)
+    return cache.content_key(STAGE, INGEST_VERSION, fingerprints, fmt, icfg.clean_text, icfg.max_image_pixels,
+                             icfg.max_image_side)
 
 
 def run_ingest(cfg: RunConfig) -> cache.StageOutput:
@@ -515,7 +531,8 @@ def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str) -> dict:
     records = read_records(icfg.manifest, fmt, files)
     validated = records.map_batches(
         validate_batch, batch_format="pyarrow", batch_size=VALIDATE_BATCH_SIZE,
-        fn_kwargs={"max_image_pixels": icfg.max_image_pixels, "clean": icfg.clean_text},
+        fn_kwargs={"max_image_pixels": icfg.max_image_pixels, "clean": icfg.clean_text,
+                   "max_image_side": icfg.max_image_side},
     ).materialize()
     index, duplicates = find_duplicates(validated)
     counts, converted, n_pairs = count_outcomes(validated, duplicates)
@@ -551,5 +568,9 @@ def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str) -> dict:
 
 
 def read_pairs_table(ingest: cache.StageOutput, columns: Optional[list[str]] = None) -> pa.Table:
-    """The whole PAIRS table of a finished ingest (driver-side; use Ray Data for big reads)."""
-    return cache.read_table(ingest, "pairs", columns=columns)
+    """The whole PAIRS table of a finished ingest (driver-side; use Ray Data for big reads). A
+    whole table from an older ingest gains ``original_width``/``original_height``
+    (:func:`pacl_ray.formats.tables.upgrade_pairs`); asking for those columns by name from one
+    raises the cache's StageDataError naming the missing column."""
+    table = cache.read_table(ingest, "pairs", columns=columns)
+    return tables.upgrade_pairs(table) if columns is None else table

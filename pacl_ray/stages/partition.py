@@ -187,7 +187,7 @@ def _thumbnail_base64(data: bytes, size: int = 160) -> str:
 
     from pacl_ray.formats.images import decode_rgb
 
-    image = decode_rgb(data)
+    image = decode_rgb(data, min_side=size)  # shorter side >= size: the longer one is too
     scale = size / max(image.size)
     if scale > 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)

@@ -85,9 +85,10 @@ def clip_eval_transform(model_name: str, pretrained: str = ""):
 
 def preprocess_images(batch: dict, transform) -> dict:
     """CPU stage: encoded image bytes -> ``pixels`` float32 [B, 3, S, S]; drops the bytes."""
-    from pacl_ray.formats.images import decode_rgb
+    from pacl_ray.formats.images import decode_rgb, min_side_for
 
-    pixels = [transform(decode_rgb(data)).numpy() for data in batch["image"]]
+    min_side = min_side_for(transform)  # large JPEGs decode at reduced scale, never below the resize
+    pixels = [transform(decode_rgb(data, min_side=min_side)).numpy() for data in batch["image"]]
     out = {k: v for k, v in batch.items() if k != "image"}
     out["pixels"] = np.stack(pixels).astype(np.float32)
     return out

@@ -293,11 +293,16 @@ def _select_rank_rows(batch: pa.Table, positions: np.ndarray, lo: int, hi: int, 
 def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str, np.ndarray]:
     """Decode images and apply the train transform with randomness seeded per (seed, epoch, row).
 
+    JPEGs are decoded at reduced scale (draft mode) down to the shorter side the transform's
+    random-resized crop needs so that no crop is enlarged
+    (:func:`pacl_ray.formats.images.min_side_for`; 366 px for 224 px at crop scale >= 0.5).
+
     Returns numpy columns: image float32 [b, 3, H, W], text_feature float32 [b, D], partition,
     factual_pseudo_label, emotional_pseudo_label, position int64 [b].
     """
-    from pacl_ray.formats.images import decode_rgb
+    from pacl_ray.formats.images import decode_rgb, min_side_for
 
+    min_side = min_side_for(transform)
     rows = batch.column("row").to_numpy()
     images = []
     py_state = random.getstate()
@@ -307,7 +312,7 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
             random.seed(s)  # timm/torchvision transforms draw from both generators
             # the CPU generator only: torch.manual_seed also seeds every accelerator (~0.25 ms)
             torch.default_generator.manual_seed(s)
-            images.append(transform(decode_rgb(data)).numpy())
+            images.append(transform(decode_rgb(data, min_side=min_side)).numpy())
     random.setstate(py_state)
     text = batch.column("text_feature").combine_chunks()
     width = text.type.list_size

@@ -208,3 +208,135 @@ def test_load_rgb_names_the_file(tmp_path):
     (tmp_path / "dir.jpg").mkdir()
     with pytest.raises(ImageRejected, match="unreadable_file"):
         images.read_image_bytes(str(tmp_path / "dir.jpg"))
+
+
+# --------------------------------------------------------------------------- reduced-scale decoding
+
+
+def photo(size, seed=0) -> Image.Image:
+    """Smooth colour fields plus grain: JPEG decodes of it differ visibly when the scale differs."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    grain = rng.normal(0, 10, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(low, np.float64) + grain, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("min_side, expected", [(100, (200, 150)), (150, (200, 150)), (74, (100, 75)),
+                                                (37, (50, 38)), (38, (100, 75)), (10, (50, 38)),
+                                                (151, (400, 300))])
+def test_draft_decode_is_the_smallest_dct_scale_at_least_min_side(min_side, expected):
+    data = save(photo((400, 300)), "JPEG", quality=90)
+    decoded = images.decode(data, min_side=min_side)
+    assert decoded.image.size == (decoded.width, decoded.height) == expected
+    assert min(decoded.image.size) >= min(min_side, 300)
+    assert (decoded.original_width, decoded.original_height) == (400, 300)
+
+
+def test_draft_decode_of_a_small_image_is_the_full_decode():
+    data = save(photo((120, 90)), "JPEG", quality=90)
+    full = images.decode_rgb(data)
+    for min_side in (46, 64, 90, 200):  # no reduction of at least 1/2 keeps the shorter side >= min_side
+        assert np.array_equal(pixels(images.decode_rgb(data, min_side=min_side)), pixels(full))
+    assert images.decode_rgb(data, min_side=45).size == (60, 45)  # 1/2 fits exactly
+
+
+def test_draft_decode_is_close_to_a_full_decode_resized():
+    data = save(photo((800, 600)), "JPEG", quality=95)
+    drafted = images.decode_rgb(data, min_side=150)
+    assert drafted.size == (200, 150)
+    reference = images.decode_rgb(data).resize(drafted.size, Image.Resampling.BOX)
+    assert np.abs(pixels(drafted) - pixels(reference)).mean() < 4
+
+
+def test_draft_decode_keeps_the_orientation_and_non_jpeg_decodes_in_full():
+    rotated = images.decode(with_orientation(photo((400, 200)), 6), min_side=50)
+    assert rotated.image.size == (50, 100) and (rotated.original_width, rotated.original_height) == (200, 400)
+    assert rotated.orientation == 6
+    png = save(photo((400, 200)), "PNG")
+    assert images.decode_rgb(png, min_side=50).size == (400, 200)
+    assert np.array_equal(pixels(images.decode_rgb(png, min_side=50)), pixels(images.decode_rgb(png)))
+
+
+def test_crop_min_side_never_lets_a_random_resized_crop_enlarge():
+    from timm.data import create_transform
+
+    assert images.crop_min_side(224, (0.5, 1.0)) == 366  # 224 / (sqrt(3/4) sqrt(0.5)) = 365.8
+    assert images.crop_min_side((224, 224), (0.08, 1.0)) == 915
+    rrc = create_transform(224, is_training=True, scale=(0.5, 1.0)).transforms[0]
+    side = images.min_side_for(create_transform(224, is_training=True, scale=(0.5, 1.0)))
+    assert side == 366
+    # brute force: the crops timm draws on an image of that shorter side are all >= 224 px
+    import random
+
+    random.seed(0)
+    for shape in ((side, side), (side * 3 // 2, side), (side, side * 2)):
+        image = Image.new("RGB", shape)
+        sizes = [rrc.get_params(image, rrc.scale, rrc.ratio)[2:] for _ in range(3000)]
+        assert min(min(s) for s in sizes) >= 224, shape
+        if shape[0] == shape[1]:  # a square image nearly reaches the bound (it is not loose)
+            assert min(min(s) for s in sizes) < 235
+
+
+def test_min_side_for_eval_transforms_and_unknown_ones():
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    assert images.min_side_for(create_transform(224, is_training=False, crop_pct=0.875)) == 256
+    assert images.min_side_for(create_transform(224, is_training=False, crop_pct=1.0, crop_mode="squash")) == 224
+    assert images.min_side_for(create_transform(224, is_training=False, crop_pct=1.0, crop_mode="border")) == 224
+    assert images.min_side_for(T.Compose([T.Compose([T.Resize(200), T.CenterCrop(180)]), T.ToTensor()])) == 200
+    assert images.min_side_for(T.Compose([T.CenterCrop(100), T.ToTensor()])) is None  # native resolution
+    assert images.min_side_for(lambda image: image) is None
+
+
+# --------------------------------------------------------------------------- stored size (ingest.max_image_side)
+
+
+@pytest.mark.parametrize("size, max_side, expected", [((3000, 2000), 512, (512, 341)), ((2000, 3000), 512, (341, 512)),
+                                                      ((900, 900), 512, (512, 512)), ((1000, 10), 100, (100, 1)),
+                                                      ((500, 300), 512, (500, 300)), ((512, 100), 512, (512, 100))])
+def test_fitted_size_keeps_the_aspect_ratio_and_max_side(size, max_side, expected):
+    assert images.fitted_size(*size, max_side) == expected
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_store_resizes_to_the_max_side_keeping_the_aspect_ratio(fmt):
+    source = photo((1200, 800))
+    kept = images.store(save(source, fmt), max_side=300)
+    assert kept.resized and (kept.width, kept.height) == (300, 200)
+    assert (kept.original_width, kept.original_height) == (1200, 800) and kept.converted_from is None
+    again = Image.open(io.BytesIO(kept.data))
+    assert again.format == "JPEG" and again.size == (300, 200)
+    reference = source.resize((300, 200), Image.Resampling.LANCZOS)
+    assert np.abs(pixels(again) - pixels(reference)).mean() < 4  # the same picture, smaller
+
+
+def test_store_leaves_small_images_untouched():
+    data = save(photo((300, 200)), "JPEG")
+    kept = images.store(data, max_side=300)
+    assert kept.data == data and not kept.resized
+    assert (kept.width, kept.height, kept.original_width, kept.original_height) == (300, 200, 300, 200)
+    assert images.store(data, max_side=0) == kept
+    assert images.normalize(data) == (data, 300, 200, None)
+
+
+def test_store_resizes_rotated_jpegs_by_their_displayed_size():
+    kept = images.store(with_orientation(halves((400, 200)), 6), max_side=100)
+    assert (kept.width, kept.height, kept.original_width, kept.original_height) == (50, 100, 200, 400)
+    again = Image.open(io.BytesIO(kept.data))
+    assert again.size == (50, 100) and again.getexif().get(images.ORIENTATION_TAG, 1) == 1
+    upright = pixels(again.convert("RGB"))
+    assert np.abs(upright[10, 25] - (255, 0, 0)).max() < 16 and np.abs(upright[90, 25] - (0, 0, 255)).max() < 16
+    # the same upright picture as the unresized path stores
+    small = images.store(with_orientation(halves((400, 200)), 6))
+    assert (small.width, small.height, small.data[:2]) == (200, 400, b"\xff\xd8")
+
+
+def test_store_composites_a_transparent_png_over_white_when_resizing():
+    rgba = Image.new("RGBA", (400, 200), (0, 0, 255, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 200, 200))  # left half fully transparent
+    kept = images.store(save(rgba, "PNG"), max_side=100)
+    assert (kept.width, kept.height, kept.converted_from) == (100, 50, "RGBA")
+    values = pixels(Image.open(io.BytesIO(kept.data)).convert("RGB"))
+    assert np.abs(values[25, 10] - (255, 255, 255)).max() < 8 and np.abs(values[25, 90] - (0, 0, 255)).max() < 8
+    assert images.store(save(rgba, "PNG"), max_side=400).data[:4] == b"\x89PNG"  # not resized: PNG as before

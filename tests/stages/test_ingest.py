@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pacl_ray.stages import cache
-from pacl_ray.formats import tables
+from pacl_ray.formats import manifests, tables
 from pacl_ray.config import RunConfig
 from pacl_ray.stages import ingest
 from pacl_ray.stages.ingest import (
@@ -120,6 +120,51 @@ def test_bad_texts(text, raw, reason):
 
 def test_text_bytes_are_decoded():
     assert decode_text(None, "café".encode("utf-8")) == "café"
+
+
+def test_store_image_resizes_and_records_the_original_size():
+    big = encode("RGB", (1200, 300), "PNG")
+    kept = ingest.store_image(big, 10**7, max_image_side=400)
+    assert (kept.width, kept.height, kept.original_width, kept.original_height) == (400, 100, 1200, 300)
+    assert Image.open(io.BytesIO(kept.data)).format == "JPEG"
+    small = encode("RGB", (30, 20), "JPEG")
+    assert ingest.store_image(small, 10**6, max_image_side=400).data == small
+    with pytest.raises(Rejected) as info:  # the bomb limit still applies to the full-size image
+        ingest.store_image(encode("RGB", (200, 200)), 5_000, max_image_side=50)
+    assert info.value.reason == "decompression_bomb"
+
+
+def test_validated_rows_carry_the_original_size():
+    record = manifests.blank_record("m.jsonl", 7)
+    record.update(id="a", text="a post", image_bytes=encode("RGB", (900, 600), "JPEG"))
+    resized = ingest.validate_batch(pa.Table.from_pylist([record], schema=manifests.RECORD), 10**7, True,
+                                    max_image_side=300).to_pylist()[0]
+    assert resized["reason"] is None
+    assert (resized["width"], resized["height"], resized["original_width"], resized["original_height"]) == (300, 200, 900, 600)
+    kept = ingest.validate_record(record, 10**7, True)
+    assert (kept["width"], kept["height"], kept["original_width"], kept["original_height"]) == (900, 600, 900, 600)
+    assert kept["content_digest"] != resized["content_digest"]  # what later stages read changed
+
+
+def test_max_image_side_is_part_of_the_cache_key(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("{}\n")
+    keys = {ingest.ingest_key(make_cfg(str(tmp_path), manifest, max_image_side=side), [str(manifest)], "jsonl")
+            for side in (0, 256, 512)}
+    assert len(keys) == 3
+
+
+def test_older_pairs_tables_gain_the_original_size():
+    old_schema = pa.schema([f for f in tables.PAIRS if f.name not in tables.ORIGINAL_SIZE])
+    old = pa.Table.from_pylist([{"id": "a", "image": b"x", "width": 30, "height": 20, "text_raw": "t", "text": "t",
+                                 "source": "m:1"}], schema=old_schema)
+    upgraded = tables.upgrade_pairs(old)
+    assert upgraded.schema.equals(tables.PAIRS)
+    assert upgraded.select(["original_width", "original_height"]).to_pylist() == [
+        {"original_width": 30, "original_height": 20}]
+    assert tables.upgrade_pairs(upgraded) is upgraded
+    with pytest.raises(ValueError, match="original_width"):
+        tables.upgrade_pairs(old.drop_columns(["width"]))
 
 
 def _validated(rows: list[tuple]) -> pa.Table:
@@ -283,6 +328,23 @@ def test_csv_and_parquet_manifests(ray_local, tmp_path, output_dir):
     out = run_ingest(make_cfg(output_dir, parquet))
     assert sorted(read_pairs_table(out).column("id").to_pylist()) == ["1", "2"]
     assert read_quarantine(out).num_rows == 0
+
+
+def test_ingest_stores_images_resized_with_their_original_size(ray_local, tmp_path, output_dir):
+    (tmp_path / "big.jpg").write_bytes(encode("RGB", (1000, 400), "JPEG"))
+    (tmp_path / "small.png").write_bytes(encode("RGBA", (40, 30)))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "image": f"{i}.{ext}", "text": f"post {i}"}) + "\n"
+                                for i, ext in (("big", "jpg"), ("small", "png"))))
+    out = run_ingest(make_cfg(output_dir, manifest, max_image_side=250))
+    table = read_pairs_table(out)
+    assert table.schema.equals(tables.PAIRS)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    big, small = rows["big"], rows["small"]
+    assert (big["width"], big["height"], big["original_width"], big["original_height"]) == (250, 100, 1000, 400)
+    assert Image.open(io.BytesIO(big["image"])).size == (250, 100)
+    assert (small["width"], small["height"], small["original_width"], small["original_height"]) == (40, 30, 40, 30)
+    assert Image.open(io.BytesIO(small["image"])).format == "PNG" and small["converted_from"] == "RGBA"
 
 
 def _add(tar, name, data):

@@ -172,3 +172,35 @@ def test_table4_rows_train_on_the_papers_samples():
     assert seen["Both: Strong-coupled"] == strong
     assert seen["Both: Strong-coupled + Partial-coupled"] == everything - weak
     assert seen["Both: Strong-coupled + Partial-coupled + Weak-coupled"] == everything
+
+
+def test_training_decodes_large_jpegs_at_reduced_scale_never_below_the_crop(monkeypatch):
+    """_decode_batch asks the decoder for the shorter side the random-resized crop needs (366 px
+    for 224 px at crop scale >= 0.5): a 1600x1200 JPEG decodes at 1/2, every crop still >= 224 px."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from pacl_ray.core.pacl_model import train_transform
+    from pacl_ray.formats import images
+    from pacl_ray.stages.train_data import _decode_batch
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (90, 120, 150)).save(buffer, "JPEG")
+    seen = []
+    real = images.decode_rgb
+
+    def spy(data, max_pixels=None, min_side=None):
+        image = real(data, max_pixels, min_side)
+        seen.append((min_side, image.size))
+        return image
+
+    monkeypatch.setattr(images, "decode_rgb", spy)
+    transform = train_transform(224, (0.5,) * 3, (0.5,) * 3, crop_scale=(0.5, 1.0))
+    batch = pa.table({"row": [0, 1], "image": [buffer.getvalue()] * 2, "text_feature": pa.array(
+        [[0.0, 1.0]] * 2, pa.list_(pa.float32(), 2)), "partition": [1, 1], "factual_pseudo_label": [0, 0],
+        "emotional_pseudo_label": [0, 0], "position": [0, 1]})
+    out = _decode_batch(batch, transform, seed=0, epoch=0)
+    assert out["image"].shape == (2, 3, 224, 224)
+    assert seen == [(366, (800, 600))] * 2
