@@ -33,7 +33,7 @@ def resolutions(monkeypatch) -> Counter:
     monkeypatch.setattr(embed, "run_embed", fake("embed", "ingest"))
     monkeypatch.setattr(pseudo_labels, "run_cluster", fake("cluster", "embed"))
 
-    def run_train(cfg, *, ingest, partition, embed, cluster, callbacks=None):
+    def run_train(cfg, *, ingest, partition, embed, cluster, callbacks=None, validation=None):
         calls["train"] += 1
         assert (ingest.stage, partition.stage, embed.stage, cluster.stage) == ("ingest", "partition", "embed", "cluster")
         return "trained"
