@@ -25,6 +25,9 @@ more than one worker and the model has BatchNorm) converts BatchNorm to global-b
 Reporting (Ray Train V2). ``ray.train.report`` is a barrier and goes with every checkpoint
 (``train.checkpoint_every_steps`` and each epoch end) only; step metrics go to TensorBoard every
 step (event files copied to the run directory at each checkpoint) and to ``metrics_steps.csv``.
+With a validation set (``validation.every_epochs``), rank 0 runs the held-out kNN probe at epoch
+ends and every report carries its latest ``val_acc``, what a sweep's ASHA ranks on
+(:mod:`pacl_ray.stages.validation`).
 
 Non-finite loss (SPEC "Training recipe"). A step whose loss terms are not all finite stops the
 run at the next readback (at most ``train.log_every_steps`` steps later, and always before a
