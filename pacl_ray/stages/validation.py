@@ -39,7 +39,7 @@ VAL_METRIC = "val_acc"  # the reported name; what sweeps' ASHA ranks on (pacl_ra
 VAL_MODE = "max"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
 class ValidationSet:
     """A labelled probe set: encoded images, labels, which rows are queries, and the probe settings.
 
