@@ -513,7 +513,7 @@ def test_tiny_asha_sweep_ranks_on_the_validation_probe(ray_local, tmp_path):
                   "validation": {"every_epochs": 1, "max_images": 24, "k": 5}},
         "search": {"partition.sigma": {"grid": [0.3, 0.5]}},
         "metric": {"name": "emotion/Acc", "mode": "max"},
-        "resources": {"max_concurrent": 2, "trial_cpus": 0.5},
+        "resources": {"max_concurrent": 1, "trial_cpus": 0.5},  # one at a time: memory of a shared CI box
         "asha": {"grace_period": 1, "reduction_factor": 2},
     }))
     output = tmp_path / "runs"
