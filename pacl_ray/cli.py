@@ -344,7 +344,7 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
 
         return evaluate_main(cfg, backbone=args.backbone)
     if args.command in ("train", "run"):
-        from pacl_ray.evaluation.validation import load_validation_set
+        from pacl_ray.evaluation.validation_set import load_validation_set
 
         validation = load_validation_set(cfg)  # None unless validation.every_epochs > 0
     init_ray(cfg.ray)

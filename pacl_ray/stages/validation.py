@@ -10,7 +10,7 @@ sees identically:
   ``validation.max_images`` each, a seeded choice); the task's ``test`` split, on which trials are
   finally compared, is never read. The task is ``validation.task``, else the first of
   ``evaluate.tasks`` (the embedded world's emotion set). It is read and checked above this layer
-  (:func:`pacl_ray.evaluation.validation.load_validation_set`) and reaches the workers as a
+  (:func:`pacl_ray.evaluation.validation_set.load_validation_set`) and reaches the workers as a
   :class:`ValidationSet` of encoded images and labels;
 * rank 0 runs it at the end of every ``validation.every_epochs``-th epoch and of the last epoch
   that takes a step,

@@ -308,7 +308,7 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
             from ray.tune.integration.ray_train import TuneReportCallback
 
             callbacks.append(TuneReportCallback())
-        from pacl_ray.evaluation.validation import load_validation_set
+        from pacl_ray.evaluation.validation_set import load_validation_set
         from pacl_ray.stages import pipeline
         from pacl_ray.stages.validation import VAL_METRIC, latest_val
 

@@ -1,7 +1,7 @@
 """The training stage's held-out validation probe (issue 20), without Ray: the probe set, when it
 runs, the features it reads (eval mode) and the accuracy it reports. The probe inside a training
 run is tested in tests/stages/test_train.py; reading it from a task in
-tests/evaluation/test_validation.py."""
+tests/evaluation/test_validation_set.py."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pacl_ray import config as config_mod
-from pacl_ray.evaluation.validation import load_validation_set, validation_task
+from pacl_ray.evaluation.validation_set import load_validation_set, validation_task
 from toy_world import toy_images
 
 
