@@ -343,6 +343,10 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
         from pacl_ray.evaluation.evaluate import main as evaluate_main
 
         return evaluate_main(cfg, backbone=args.backbone)
+    if args.command in ("train", "run"):
+        from pacl_ray.evaluation.validation_set import load_validation_set
+
+        validation = load_validation_set(cfg)  # None unless validation.every_epochs > 0
     init_ray(cfg.ray)
     if args.command == "ingest":
         out = pipeline.stage_ingest(cfg)
@@ -353,11 +357,11 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
     elif args.command == "cluster":
         out = pipeline.stage_cluster(cfg)
     elif args.command == "train":
-        out = pipeline.stage_train(cfg)
+        out = pipeline.stage_train(cfg, validation=validation)
         print(format_train_result(out))
         return 0
     else:  # run: the whole pipeline, then the export against its initial weights
-        out = pipeline.stage_train(cfg)
+        out = pipeline.stage_train(cfg, validation=validation)
         print(f"train: {out.uri} (exported {out.backbone_checkpoint})")
         if not cfg.evaluate.tasks:
             print("run: no evaluate.tasks set; skipping evaluation")

@@ -347,6 +347,24 @@ class TrainConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """The training stage's held-out validation probe (issue 20; pacl_ray.stages.validation): a
+    cosine kNN vote on the current backbone's pooled features, reported as val_acc (percent) with
+    the epoch's checkpoint. It is what a sweep's ASHA ranks trials on; the training loss is not
+    comparable across trials. Off by default (it adds a feature pass per validated epoch)."""
+
+    every_epochs: int = _f(0, "run the probe at the end of every this many epochs and at the last one; "
+                           "0 = off", at_least(0))
+    task: str = _f("", "labelled task spec (pacl_ray.evaluation.tasks grammar; kinds single, imagefolder or "
+                   "hierarchical); empty = the first of evaluate.tasks. Its train split is the kNN bank, its "
+                   "val split the queries; its test split is never read")
+    max_images: int = _f(256, "images per split (bank, queries) at most: a seeded choice fixed by the task's "
+                         "split seed, the same for every trial", at_least(1))
+    k: int = _f(10, "neighbours of the cosine kNN vote", at_least(1))
+    batch_size: int = _f(128, "images per feature batch of the probe", at_least(1))
+
+
+@dataclass
 class EvaluateConfig:
     """Downstream evaluation (paper 4.4, 4.5)."""
 
@@ -407,6 +425,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -193,7 +193,7 @@ def test_ctrl_c_exits_130_with_what_was_kept_and_the_resume_command(tmp_path, mo
     import pacl_ray.stages.pipeline
     import pacl_ray.stages.runtime
 
-    def interrupted(cfg):
+    def interrupted(cfg, validation=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: None)
@@ -237,3 +237,15 @@ def test_all_bad_input_exits_2_with_summary(tmp_path, ray_local, capsys):
     assert code == 2
     last = err.strip().splitlines()[-1]  # Ray Data logs to stderr before it
     assert last.startswith("pacl-ray ingest: IngestError: ") and "missing_file" in last and "Traceback" not in err
+
+
+def test_train_with_the_validation_probe_on_and_no_task_stops_before_ray(tmp_path, monkeypatch, capsys):
+    import pacl_ray.stages.runtime
+
+    monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: pytest.fail("Ray started"))
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("")
+    argv = ["train", "--manifest", str(manifest), "--output-dir", str(tmp_path / "out"),
+            "--set", "validation.every_epochs=1"]
+    assert cli.main(argv) == 2
+    assert "validation.every_epochs=1 needs a labelled task: set validation.task=" in capsys.readouterr().err

@@ -170,7 +170,7 @@ def test_fields_that_must_have_a_domain_have_one():
             assert info.key.split(".")[-1] in {
                 "address", "backbone", "backbone_pretrained", "backbone_checkpoint", "text_encoder",
                 "manifest", "clip_model", "clip_pretrained", "anp_vocab", "sentiment_model", "name",
-                "output_dir", "mlflow_uri", "mlflow_experiment", "wandb_project"}, info.key
+                "output_dir", "mlflow_uri", "mlflow_experiment", "wandb_project", "task"}, info.key
 
 
 @pytest.mark.parametrize(

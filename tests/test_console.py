@@ -8,8 +8,6 @@ from __future__ import annotations
 import io
 import re
 
-import pytest
-
 MAX_LINE = 200
 # A Python dict repr: "{'key': " (json.dumps output uses double quotes and is not printed).
 DICT_REPR = re.compile(r"\{'[^']*': ")
@@ -204,15 +202,3 @@ def test_quiet_env_in_logs(monkeypatch):
     assert env["RAY_COLOR_PREFIX"] == "0" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     monkeypatch.setattr(runtime, "interactive", lambda: True)
     assert "RAY_COLOR_PREFIX" not in runtime.quiet_env()
-
-
-@pytest.mark.parametrize("metric", ["total", "L_s", "loss", "emotion/Acc"])
-def test_asha_on_a_training_loss_is_refused(metric):
-    from pacl_ray.sweeps.driver import check_asha
-    from pacl_ray.sweeps.spaces import SpaceError, parse_space
-
-    space = parse_space({"asha": {"metric": metric}}, "asha.yaml")
-    with pytest.raises(SpaceError, match=r"asha.yaml: asha.metric: .*remove `asha:`"):
-        check_asha(space)
-    check_asha(parse_space({"asha": {"metric": "val/knn_acc", "mode": "max"}}, "asha.yaml"))
-    check_asha(parse_space({}, "none.yaml"))

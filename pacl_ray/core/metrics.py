@@ -18,6 +18,7 @@ from sklearn.metrics import (
     r2_score,
     roc_auc_score,
 )
+from sklearn.neighbors import KNeighborsClassifier
 
 # Which way is better, for model selection and for bolding: +1 higher, -1 lower.
 DIRECTION = {"Acc": 1, "F1": 1, "mAP": 1, "AUC": 1, "MSE": -1, "R2": 1}
@@ -144,3 +145,37 @@ def selection_score(kind: str, metrics: dict[str, float]) -> float:
 def metric_direction(column: str) -> int:
     """+1 when higher is better for a Table 1 column (``"Acc-8"``, ``"MSE"``, ...), -1 when lower."""
     return DIRECTION.get(column.split("-", 1)[0], 1)
+
+
+# --------------------------------------------------------------------------- kNN probe
+
+
+def knn_accuracy(bank_x: np.ndarray, bank_y: np.ndarray, query_x: np.ndarray, query_y: np.ndarray, k: int) -> float:
+    """Accuracy (a fraction) of a cosine k-nearest-neighbour vote: each query takes the label most
+    frequent among the ``k`` bank rows of highest cosine similarity (ties between labels go to the
+    smallest label; ``k`` is capped at the bank size). sklearn's brute-force
+    ``KNeighborsClassifier(metric="cosine")``; the training stage's validation probe
+    (:mod:`pacl_ray.stages.validation`; issue 20: a signal comparable across trials).
+
+    Args:
+        bank_x: float [M, D] labelled features; bank_y: int [M] or [M, L] (one label per level).
+        query_x: float [N, D]; query_y: int [N] or [N, L].
+        k: neighbours (>= 1).
+    Returns:
+        Mean over queries (and over levels for [.., L] labels) of a correct vote.
+    Raises:
+        ValueError: an empty bank or query set, k < 1, or mismatched shapes.
+    """
+    bank_x, query_x = np.asarray(bank_x, dtype=np.float64), np.asarray(query_x, dtype=np.float64)
+    bank_y, query_y = np.asarray(bank_y), np.asarray(query_y)
+    if k < 1:
+        raise ValueError(f"knn_accuracy: k must be >= 1, got {k}")
+    if len(bank_x) == 0 or len(query_x) == 0:
+        raise ValueError(f"knn_accuracy: needs a non-empty bank and query set, got {len(bank_x)} and {len(query_x)}")
+    if bank_x.ndim != 2 or query_x.shape[1:] != bank_x.shape[1:] or len(bank_y) != len(bank_x) \
+            or len(query_y) != len(query_x) or bank_y.shape[1:] != query_y.shape[1:]:
+        raise ValueError(f"knn_accuracy: shapes do not match: bank {bank_x.shape} / {bank_y.shape}, "
+                         f"query {query_x.shape} / {query_y.shape}")
+    probe = KNeighborsClassifier(n_neighbors=min(int(k), len(bank_x)), metric="cosine", algorithm="brute")
+    predicted = probe.fit(bank_x, bank_y).predict(query_x)
+    return float(np.mean(predicted.reshape(query_y.shape) == query_y))

@@ -25,6 +25,9 @@ more than one worker and the model has BatchNorm) converts BatchNorm to global-b
 Reporting (Ray Train V2). ``ray.train.report`` is a barrier and goes with every checkpoint
 (``train.checkpoint_every_steps`` and each epoch end) only; step metrics go to TensorBoard every
 step (event files copied to the run directory at each checkpoint) and to ``metrics_steps.csv``.
+With a validation set (``validation.every_epochs``), rank 0 runs the held-out kNN probe at epoch
+ends and every report carries its latest ``val_acc``, what a sweep's ASHA ranks on
+(:mod:`pacl_ray.stages.validation`).
 
 Non-finite loss (SPEC "Training recipe"). A step whose loss terms are not all finite stops the
 run at the next readback (at most ``train.log_every_steps`` steps later, and always before a
@@ -77,6 +80,7 @@ from pacl_ray.stages.train_loop import (
 from pacl_ray.stages.train_metrics import (
     LOSS_TERMS, RunLog, TensorBoardLog, epoch_table, plan_lines, write_metric_logs,
 )
+from pacl_ray.stages.validation import VAL_METRIC, ValidationSet, latest_val, make_validator
 
 NONFINITE_FILE = "nonfinite_loss.json"
 
@@ -165,6 +169,9 @@ def train_loop_per_worker(config: dict) -> None:
     if isinstance(data, ray.ObjectRef):  # small data: the joined table, batched here
         data = ray.get(data)
     writer = TensorBoardLog(config["run_uri"]) if rank == 0 else None
+    validation = config.get("validation")  # the held-out probe (stages.validation): rank 0 runs it
+    validator = make_validator(ray.get(validation), backbone.eval_transform, device, cfg.train.precision) \
+        if rank == 0 and validation is not None else None
     node_id = ray.get_runtime_context().get_node_id()
 
     log_every = max(cfg.train.log_every_steps, 1)
@@ -233,7 +240,11 @@ def train_loop_per_worker(config: dict) -> None:
             # Ray Train V2: every report is a barrier and carries a checkpoint; step metrics go to
             # TensorBoard and metrics_steps.csv instead of metric-only reports.
             if wants_ckpt:
-                _report({**step_rows[-1], **timing, "world_rank": rank, "world_size": world, "node_id": node_id},
+                if validator and epoch_done and validator.due(epoch, steps):
+                    step_rows[-1][VAL_METRIC] = validator.accuracy(unwrap(model).backbone)
+                    writer.add_scalars({"val/acc": step_rows[-1][VAL_METRIC]}, global_step)
+                val = {VAL_METRIC: latest_val(step_rows)} if validation is not None else {}  # Tune: in every result
+                _report({**step_rows[-1], **val, **timing, "world_rank": rank, "world_size": world, "node_id": node_id},
                         counters, model, optimizer, scheduler, scaler, step_rows, rank, config["run_uri"], plan, writer)
         if diverged:
             break
@@ -344,7 +355,7 @@ def _nonfinite_error(uri: str, cfg: RunConfig, last_step: Optional[int]) -> Opti
 
 def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed: StageOutput, cluster: StageOutput,
               *, fault: Optional[FaultInjection] = None, callbacks: Optional[list] = None,
-              started_at: Optional[float] = None) -> TrainResult:
+              started_at: Optional[float] = None, validation: Optional[ValidationSet] = None) -> TrainResult:
     """Train (or resume, or take from the cache) and export; see the module docstring.
 
     ``callbacks`` go to Ray Train's ``RunConfig`` (e.g. Tune's ``TuneReportCallback`` so that a
@@ -352,6 +363,8 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     time (``time.time()``) the caller counts from, e.g. a sweep trial's start; default: this
     call. The final metrics then hold ``start_to_first_step_s`` (seconds from it to the end of
     this launch's first training step) and ``run.log`` its parts (:func:`startup_line`).
+    ``validation``: the held-out probe reported as ``val_acc`` with checkpoints
+    (:mod:`pacl_ray.stages.validation`); None = none.
 
     Raises:
         NonFiniteLossError: a step's loss was not finite (nothing exported, no ``_SUCCESS``).
@@ -407,6 +420,7 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
         train_loop_config={
             "cfg": cfg, "dataset": dataset, "order": order, "plan": plan,
             "text_dim": text_dim, "run_uri": uri, "fault": fault,
+            "validation": ray.put(validation) if validation is not None else None,
         },
         scaling_config=scaling,
         run_config=RayRunConfig(

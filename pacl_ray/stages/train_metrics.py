@@ -2,7 +2,7 @@
 
 Files in the run directory: ``metrics_steps.csv`` (one row per global step), ``metrics_epochs.csv``
 (one row per epoch, including epochs that took no step, with the reason and the partition counts;
-SPEC "Choice (empty phases)"), ``run.log`` (the plan, skipped epochs, a non-finite loss) and ``tensorboard/`` (event files, on
+SPEC "Choice (empty phases)"; ``val_acc`` for epochs that ran the validation probe), ``run.log`` (the plan, skipped epochs, a non-finite loss) and ``tensorboard/`` (event files, on
 any storage: written locally and copied at each checkpoint).
 """
 
@@ -20,6 +20,7 @@ import torch
 from pacl_ray.core.partitions import PARTITION_CODES
 from pacl_ray.formats import storage
 from pacl_ray.stages.train_data import TrainingPlan, format_counts
+from pacl_ray.stages.validation import VAL_METRIC
 
 LOSS_TERMS = (*(f"L{k}" for k in PARTITION_CODES), "total")
 RUN_LOG = "run.log"
@@ -55,6 +56,9 @@ def epoch_summary(step_rows: list[dict], epoch: int, plan: Optional[TrainingPlan
     if rows:
         out["global_step"] = rows[-1]["global_step"]
         out.update({k: v for k, v in rows[-1].items() if k.startswith("lr_")})
+    validated = [r[VAL_METRIC] for r in rows if VAL_METRIC in r]
+    if validated:  # the held-out probe of the epoch's end (pacl_ray.stages.validation)
+        out[VAL_METRIC] = float(validated[-1])
     if plan is not None:
         out["pairs_in_phase"] = plan.pairs[epoch]
         out.update({f"count_{k}": plan.counts.get(k, 0) for k in PARTITION_CODES})

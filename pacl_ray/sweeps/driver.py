@@ -39,7 +39,7 @@ from pacl_ray.formats import storage
 from pacl_ray import config as config_mod
 from pacl_ray.sweeps.report import SweepReport, TrialOutcome, write_report
 from pacl_ray.sweeps.spaces import (
-    SpaceError, SweepSpace, Trial, expand_trials, format_value, get_dotted, load_space,
+    SpaceError, SweepSpace, Trial, check_asha, expand_trials, format_value, get_dotted, load_space,
 )
 
 DEFAULT_SPACE = "default"
@@ -188,28 +188,6 @@ class _TrialNamer:
         return run_label(name, self.hyperparameters.get(name, {}))
 
 
-# Metrics the training stage reports each epoch: losses on the training batches. Their scale moves
-# with tau, and which L_k enter `total` moves with sigma and K, so trials cannot be ranked on them.
-TRAINING_LOSS_PREFIXES = ("total", "loss", "l_", "lr")
-
-
-def check_asha(space: SweepSpace) -> None:
-    """Refuse ASHA on a training loss (raises SpaceError naming the key, value and what is allowed).
-
-    The training stage reports no held-out validation signal while training, and the downstream
-    metrics only exist once a trial has finished, so early stopping has nothing comparable across
-    trials to rank on."""
-    if space.asha is None:
-        return
-    metric = space.asha.metric
-    if metric.lower().startswith(TRAINING_LOSS_PREFIXES) or not metric.lower().startswith("val"):
-        raise SpaceError(
-            f"{space.path}: asha.metric: {metric!r} is a training-loss signal, which is not comparable "
-            "across trials (tau changes its scale; sigma and K change which L_k enter it), so ASHA would "
-            "stop trials on a meaningless number; the training stage reports no held-out validation "
-            "metric (val/...) to rank on: remove `asha:` from the space")
-
-
 def tune_run_config(experiment_root: str, experiment_name: str, max_failures: int, callbacks: list) -> Any:
     """The sweep's ``ray.tune.RunConfig`` for experiments under ``experiment_root`` (a local path
     or pyarrow URI): ``storage_filesystem`` and ``storage_path`` from
@@ -351,9 +329,12 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
             from ray.tune.integration.ray_train import TuneReportCallback
 
             callbacks.append(TuneReportCallback())
+        from pacl_ray.evaluation.validation_set import load_validation_set
         from pacl_ray.stages import pipeline
+        from pacl_ray.stages.validation import VAL_METRIC, latest_val
 
-        result = pipeline.stage_train(cfg, callbacks=callbacks, upstream=(upstream or {}).get(name))
+        result = pipeline.stage_train(cfg, callbacks=callbacks, upstream=(upstream or {}).get(name),
+                                      validation=load_validation_set(cfg))
         out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
         rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
@@ -362,6 +343,8 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
         ray.tune.report({
             **metrics, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
             "train_uri": result.uri, "evaluated": 1,
+            # Tune wants ASHA's metric in every result, this last one included (NaN: not probed)
+            **({VAL_METRIC: latest_val(result.history)} if report_epochs else {}),
         })
 
     return pacl_trial
@@ -481,7 +464,7 @@ def run_sweep(
 
     from pacl_ray.stages.runtime import cluster_cpus, cluster_gpus
 
-    check_asha(space)
+    check_asha(space, base)
     trials = expand_trials(space, base)
     ks = sweep_ks(base, trials)
     trial_configs = {t.name: trial_config_dict(base, t, ks) for t in trials}
@@ -620,9 +603,10 @@ def run_tune(
         world=world, world_dir=world_dir, world_seed=world_seed)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     space = load_space(resolve_space_path(args.space))
-    check_asha(space)  # before Ray starts or the world is built
     probe = base_config_dict(space, config_file=args.config, overrides=args.overrides,
                              data=args.data, downstream=args.downstream, output_dir=args.output_dir)
+    # before Ray starts or the world is built (the world supplies evaluate.tasks)
+    check_asha(space, probe, tasks_known=bool(probe["ingest"]["manifest"]))
     ray_cfg = config_mod.from_dict(probe).ray
     config_mod.check_output_dir(probe["output_dir"])
     if args.world_dir and not probe["ingest"]["manifest"]:

@@ -17,7 +17,7 @@ Pure: no Ray. A space file looks like::
     downstream: ["fi=imagefolder:/data/FI"]   # evaluate task specs
     metric: {name: fi/Acc-8, mode: max}
     resources: {workers_per_trial: 1, use_gpu: true}
-    asha: {grace_period: 1, reduction_factor: 2}
+    asha: {grace_period: 1, reduction_factor: 2}   # ranks on val_acc: needs validation.every_epochs
     max_failures: 1              # retries of a trial whose process died (lost node)
     seeds: [0, 1, 2]             # repeat every trial per training seed (or repeats: 3, or
                                  # search: {seed: {grid: [0, 1, 2]}}); results give mean and std
@@ -54,6 +54,12 @@ TOP_LEVEL_KEYS = (
     "metric", "resources", "asha", "max_failures", "seeds", "repeats",
 )
 ROW_KEYS = ("name", "set", "labels")
+# What ASHA may rank on: the training stage's held-out probe (pacl_ray.stages.validation.VAL_METRIC),
+# higher is better. Named here, not imported, so that reading a space does not import torch.
+ASHA_METRICS = {"val_acc": "max"}
+# Metrics the training stage reports on its own batches: their scale moves with tau, and which L_k
+# enter `total` moves with sigma and K, so trials cannot be ranked on them.
+TRAINING_LOSS_PREFIXES = ("total", "loss", "l_", "l1", "l2", "l3", "l4", "lr", "share_", "samples_per_s")
 SEED_KEY = "seed"  # the config's top-level training seed: a seed axis, not a searched key
 
 
@@ -127,10 +133,12 @@ class Asha:
     """Asynchronous successive halving over training epochs (Ray Tune's ``ASHAScheduler``).
 
     It acts on what the training stage reports while training (the downstream metric only exists
-    once a trial has finished), so its default is the training loss at equal epochs."""
+    once a trial has finished), and that has to be comparable across trials: the held-out
+    validation probe's ``val_acc`` (:mod:`pacl_ray.stages.validation`, on with
+    ``validation.every_epochs``), never the training loss (:func:`check_asha`)."""
 
-    metric: str = "total"  # a metric the train stage reports per step/epoch
-    mode: str = "min"
+    metric: str = "val_acc"  # ASHA_METRICS: what the train stage reports with each checkpoint
+    mode: str = "max"
     time_attr: str = "epoch"
     grace_period: int = 1
     reduction_factor: float = 2.0
@@ -440,6 +448,7 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
             raise SpaceError(f"{path}: asha.reduction_factor: expected a number > 1")
         if asha.mode not in ("max", "min"):
             raise SpaceError(f"{path}: asha.mode: expected max or min, got {asha.mode!r}")
+        _check_asha_metric(path, asha)
 
     max_failures = data.get("max_failures", 1)
     _check_number(f"{path}: max_failures", max_failures, integer=True)
@@ -451,6 +460,61 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
         metric=metric, resources=resources, asha=asha, max_failures=max_failures, rows=rows,
         seeds=seeds, repeats=repeats,
     )
+
+
+def _check_asha_metric(path: str, asha: Asha) -> None:
+    """Refuse an ASHA metric that is not comparable across trials (SpaceError naming the key)."""
+    metric = asha.metric
+    allowed = ", ".join(f"{m} (mode {d})" for m, d in ASHA_METRICS.items())
+    if metric in ASHA_METRICS:
+        if asha.mode != ASHA_METRICS[metric]:
+            raise SpaceError(f"{path}: asha.mode: {metric} is an accuracy, higher is better: "
+                             f"mode {ASHA_METRICS[metric]}, got {asha.mode!r}")
+        return
+    if not isinstance(metric, str) or metric.lower().startswith(TRAINING_LOSS_PREFIXES):
+        why = (f"{metric!r} is a training-loss signal, which is not comparable across trials (tau changes "
+               "its scale; sigma and K change which L_k enter it), so ASHA would stop trials on a "
+               "meaningless number")
+    elif "/" in metric:
+        why = (f"{metric!r} is a downstream metric, which exists only once a trial has finished "
+               "training, so ASHA cannot stop a trial on it")
+    else:
+        why = f"{metric!r} is not a metric the training stage reports while training"
+    raise SpaceError(f"{path}: asha.metric: {why}; allowed: {allowed}, the held-out validation probe "
+                     "(set validation.every_epochs and validation.task), or remove `asha:` from the space")
+
+
+def check_asha(space: SweepSpace, base: Optional[dict] = None, *, tasks_known: bool = True) -> None:
+    """Refuse ASHA that has nothing comparable across trials to rank on (SpaceError naming the keys).
+
+    The metric must be one of :data:`ASHA_METRICS` (checked when the space is parsed, again here).
+    With the sweep's resolved ``base`` config, the validation probe must be on
+    (``validation.every_epochs`` > 0, at most ``asha.grace_period`` so that ASHA's first milestone
+    sees a measured value) and have a labelled task (``validation.task``, else ``evaluate.tasks``;
+    ``tasks_known=False`` skips this while the embedded world that supplies the task is not built
+    yet)."""
+    if space.asha is None:
+        return
+    _check_asha_metric(space.path, space.asha)
+    if base is None:
+        return
+    validation = base.get("validation") or {}
+    every = int(validation.get("every_epochs") or 0)
+    if every <= 0:
+        raise SpaceError(
+            f"{space.path}: asha: ASHA ranks trials on {space.asha.metric}, the training stage's held-out "
+            "validation probe, which is off (validation.every_epochs=0): set validation.every_epochs (e.g. 1) "
+            "and validation.task (a labelled task spec; empty = the first of evaluate.tasks), in the space "
+            "(fixed: {validation: {every_epochs: 1}}) or with --set validation.every_epochs=1")
+    if every > space.asha.grace_period:
+        raise SpaceError(
+            f"{space.path}: asha.grace_period: {space.asha.grace_period} epoch(s) is before the first "
+            f"validation probe (validation.every_epochs={every}); set validation.every_epochs <= "
+            "asha.grace_period (1 probes every epoch)")
+    if tasks_known and not (validation.get("task") or (base.get("evaluate") or {}).get("tasks")):
+        raise SpaceError(
+            f"{space.path}: asha: the validation probe needs a labelled task: set validation.task="
+            "KIND:DATASET=ROOT (grammar: pacl_ray.evaluation.tasks) or evaluate.tasks (--downstream)")
 
 
 def _parse_rows(path: str, mode: str, data: Any, search: dict) -> tuple:

@@ -84,3 +84,53 @@ def test_metric_direction():
     assert metrics.metric_direction("Acc-8") == 1
     assert metrics.metric_direction("MSE") == -1
     assert metrics.metric_direction("R2") == 1
+
+
+# --------------------------------------------------------------------------- kNN probe
+
+
+def _knn_by_loops(bank_x, bank_y, query_x, query_y, k) -> float:
+    """Brute force: cosine similarity to every bank row, the k most similar, majority vote with
+    ties to the smallest label; accuracy per query and level."""
+    bank_y, query_y = np.asarray(bank_y).reshape(len(bank_x), -1), np.asarray(query_y).reshape(len(query_x), -1)
+    correct, total = 0, 0
+    for q, labels in zip(query_x, query_y):
+        sims = []
+        for i, b in enumerate(bank_x):
+            sims.append((sum(x * y for x, y in zip(q, b)) / (math.sqrt(sum(x * x for x in q)) * math.sqrt(sum(y * y for y in b))), i))
+        sims.sort(key=lambda s: -s[0])
+        nearest = [i for _, i in sims[:min(k, len(bank_x))]]
+        for level, label in enumerate(labels):
+            votes: dict[int, int] = {}
+            for i in nearest:
+                votes[int(bank_y[i, level])] = votes.get(int(bank_y[i, level]), 0) + 1
+            best = max(votes.values())
+            correct += min(c for c, n in votes.items() if n == best) == label
+            total += 1
+    return correct / total
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 50])  # even k has vote ties; 50 > the bank: every row votes
+@pytest.mark.parametrize("levels", [0, 2])
+def test_knn_accuracy_matches_a_brute_force_vote(k, levels):
+    rng = np.random.default_rng(k + levels)
+    bank_x, query_x = rng.normal(size=(23, 5)), rng.normal(size=(17, 5))
+    shape = lambda n: (n, levels) if levels else (n,)  # noqa: E731
+    bank_y, query_y = rng.integers(0, 3, shape(23)), rng.integers(0, 3, shape(17))
+    got = metrics.knn_accuracy(bank_x, bank_y, query_x, query_y, k)
+    assert got == pytest.approx(_knn_by_loops(bank_x, bank_y, query_x, query_y, k), abs=1e-12)
+    # cosine: scaling a row changes nothing
+    assert metrics.knn_accuracy(bank_x * rng.uniform(0.1, 9, (23, 1)), bank_y, query_x * 7, query_y, k) == got
+
+
+def test_knn_accuracy_separable_and_errors():
+    bank_x = np.array([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
+    bank_y = np.array([0, 0, 1, 1])
+    assert metrics.knn_accuracy(bank_x, bank_y, np.array([[2.0, 0.0], [0.0, 3.0]]), np.array([0, 1]), 2) == 1.0
+    assert metrics.knn_accuracy(bank_x, bank_y, np.array([[2.0, 0.0], [0.0, 3.0]]), np.array([1, 0]), 2) == 0.0
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        metrics.knn_accuracy(bank_x, bank_y, bank_x, bank_y, 0)
+    with pytest.raises(ValueError, match="non-empty bank"):
+        metrics.knn_accuracy(bank_x[:0], bank_y[:0], bank_x, bank_y, 1)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        metrics.knn_accuracy(bank_x, bank_y[:3], bank_x, bank_y, 1)

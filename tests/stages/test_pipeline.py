@@ -33,7 +33,7 @@ def resolutions(monkeypatch) -> Counter:
     monkeypatch.setattr(embed, "run_embed", fake("embed", "ingest"))
     monkeypatch.setattr(pseudo_labels, "run_cluster", fake("cluster", "embed"))
 
-    def run_train(cfg, *, ingest, partition, embed, cluster, callbacks=None):
+    def run_train(cfg, *, ingest, partition, embed, cluster, callbacks=None, validation=None):
         calls["train"] += 1
         assert (ingest.stage, partition.stage, embed.stage, cluster.stage) == ("ingest", "partition", "embed", "cluster")
         return "trained"
@@ -80,8 +80,9 @@ def test_sweep_driver_resolves_ingest_once_and_trials_reuse_its_outputs(resoluti
 
     real_stage_train = pipeline.stage_train
 
-    def stage_train(cfg, callbacks=None, upstream=None):
-        real_stage_train(cfg, callbacks=callbacks, upstream=upstream)
+    def stage_train(cfg, callbacks=None, upstream=None, validation=None):
+        assert validation is None  # validation.every_epochs is 0 by default
+        real_stage_train(cfg, callbacks=callbacks, upstream=upstream, validation=validation)
         return Result()
 
     monkeypatch.setattr(pipeline, "stage_train", stage_train)

@@ -11,10 +11,14 @@ import glob
 import json
 import os
 
+import sys
+
 import numpy as np
 import pytest
+import ray.cloudpickle
 import timm
 import torch
+from ray.train import UserCallback
 
 from pacl_ray import config
 from pacl_ray.world import stage_tables
@@ -26,6 +30,8 @@ from pacl_ray.stages.train import (
     FaultInjection, NonFiniteLossError, chunk_layout, feed_order, fits_in_memory, joined_table, load_state,
     load_training_table, rank_batches, run_train, write_feed,
 )
+from pacl_ray.stages.validation import Validator
+from test_validation import probe_set
 
 pytestmark = pytest.mark.timeout(900)  # Ray Train starts are slow on a shared, loaded 2-core machine
 
@@ -49,8 +55,20 @@ def make_cfg(output_dir, partition=None, **train) -> config.RunConfig:
     })
 
 
-def _run(tables, cfg, fault=None):
-    return run_train(cfg, tables["ingest"], tables["partition"], tables["embed"], tables["cluster"], fault=fault)
+def _run(tables, cfg, fault=None, **kwargs):
+    return run_train(cfg, tables["ingest"], tables["partition"], tables["embed"], tables["cluster"], fault=fault,
+                     **kwargs)
+
+
+class ReportLog(UserCallback):
+    """Ray Train callback (on the controller): appends rank 0's metrics of every report to a JSONL file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
 
 
 def _final_state(result):
@@ -82,10 +100,15 @@ def runs(ray_local, tables, tmp_path_factory):
     so the comparison also checks that both data paths train the same."""
     base = tmp_path_factory.mktemp("runs")
     marker = str(base / "fault-marker")
+    reports = str(base / "reports.jsonl")
+    # Both runs probe a held-out labelled set at each epoch's end (stages.validation, issue 20).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ReportLog, on Ray Train's controller
     return {
-        "one": _run(tables, make_cfg(base / "one", in_memory_max_mb=0)),
-        "two": _run(tables, make_cfg(base / "two", num_workers=2, max_failures=2), FaultInjection(step=7, marker=marker)),
-        "marker": marker,
+        "one": _run(tables, make_cfg(base / "one", in_memory_max_mb=0), validation=probe_set(),
+                    callbacks=[ReportLog(reports)]),
+        "two": _run(tables, make_cfg(base / "two", num_workers=2, max_failures=2), FaultInjection(step=7, marker=marker),
+                    validation=probe_set()),
+        "marker": marker, "reports": reports,
     }
 
 
@@ -168,6 +191,36 @@ def test_metric_logs_written(runs):
     assert len(open(os.path.join(uri, "metrics_epochs.csv")).read().strip().splitlines()) == 1 + 3
     rows = _steps(runs["one"])
     assert rows[0]["lr_backbone"] == pytest.approx(1e-3) and rows[-1]["lr_backbone"] < rows[0]["lr_backbone"]
+
+
+def test_validation_probe_is_reported_with_every_checkpoint(runs):
+    reports = [json.loads(line) for line in open(runs["reports"])]
+    # checkpoints every 2 steps and at each epoch's end (global steps 1 | 4 | 8)
+    assert [r["global_step"] for r in reports] == [1, 2, 4, 6, 8]  # steps done when reported
+    epoch_ends = [r for r in reports if r["step_in_epoch"] == 0]
+    assert [r["epoch"] for r in epoch_ends] == [1, 2, 3]
+    assert all(0 <= r["val_acc"] <= 100 for r in epoch_ends)
+    # a report between two probes carries the latest one
+    by_step = {r["global_step"]: r["val_acc"] for r in reports}
+    assert by_step[2] == by_step[1] and by_step[6] == by_step[4]
+    # kept in the step rows, the epoch table, the metric CSVs and TensorBoard
+    history = runs["one"].history
+    assert [h["val_acc"] for h in history] == [by_step[1], by_step[4], by_step[8]]
+    header = open(os.path.join(runs["one"].uri, "metrics_epochs.csv")).readline().strip().split(",")
+    assert "val_acc" in header
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(runs["one"].uri, "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/acc")] == [
+        (s, pytest.approx(by_step[s])) for s in (1, 4, 8)]
+    # the reported value is the probe of the final model, recomputed here
+    cfg = make_cfg("unused")
+    model, backbone = build_model(TEXT_DIM, **model_args(cfg))
+    model.load_state_dict(_final_state(runs["one"])["model"])
+    assert Validator(probe_set(), backbone.eval_transform, torch.device("cpu")).accuracy(model.backbone) == \
+        pytest.approx(by_step[8])
+    # 2 workers (and a resume from a checkpoint) probe the same model: the same values
+    np.testing.assert_allclose([h["val_acc"] for h in runs["two"].history], [h["val_acc"] for h in history])
 
 
 def test_exported_backbone_matches_trained_model(runs):

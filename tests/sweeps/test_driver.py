@@ -478,3 +478,54 @@ def test_one_value_axes_get_no_plot(tmp_path):
     configs = {t.name: driver.trial_config_dict(base, t, [2]) for t in trials}
     report = sweep_report.write_report(space, base, configs, outcomes, str(tmp_path / "one"))
     assert report.plots == [] and not (tmp_path / "one" / "plot_partition_sigma.png").exists()
+
+
+# --------------------------------------------------------------------------- ASHA
+
+
+def test_asha_without_the_validation_probe_stops_before_ray_starts(tmp_path, monkeypatch):
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *_: pytest.fail("Ray started"))
+    space = tmp_path / "asha.yaml"
+    space.write_text(yaml.safe_dump({"asha": {"grace_period": 1}, "search": {"partition.sigma": {"grid": [0.3]}}}))
+    with pytest.raises(SpaceError, match=r"asha.yaml: asha: ASHA ranks trials on val_acc.*validation.every_epochs=0"):
+        driver.run_tune(str(space), output_dir=str(tmp_path / "runs"))
+    # with data of one's own, the probe's task is checked up front too
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("")
+    with pytest.raises(SpaceError, match=r"the validation probe needs a labelled task: set validation.task="):
+        driver.run_tune(str(space), data=str(manifest), output_dir=str(tmp_path / "runs"),
+                        overrides=["validation.every_epochs=1"])
+
+
+@pytest.mark.slow  # a 2-trial, 2-epoch sweep on the tiny world: several minutes on a loaded 2-core machine
+@pytest.mark.timeout(1200)
+def test_tiny_asha_sweep_ranks_on_the_validation_probe(ray_local, tmp_path):
+    """ASHA on the tiny embedded world: every result Tune sees while training carries val_acc (the
+    held-out kNN probe), and the sweep finishes with its evaluated (or early-stopped) trials."""
+    import ray.tune
+
+    space = tmp_path / "asha.yaml"
+    space.write_text(yaml.safe_dump({
+        "fixed": {"train": {"epochs": 2, "global_batch_size": 16},
+                  "evaluate": {"linear_epochs": 3, "batch_size": 32},
+                  "validation": {"every_epochs": 1, "max_images": 24, "k": 5}},
+        "search": {"partition.sigma": {"grid": [0.3, 0.5]}},
+        "metric": {"name": "emotion/Acc", "mode": "max"},
+        "resources": {"max_concurrent": 1, "trial_cpus": 0.5},  # one at a time: memory of a shared CI box
+        "asha": {"grace_period": 1, "reduction_factor": 2},
+    }))
+    output = tmp_path / "runs"
+    assert cli.main(["tune", "--space", str(space), "--world", "tiny", "--output-dir", str(output),
+                     "--name", "asha"]) == 0
+    sweep = output / "sweeps" / "asha"
+    grid = ray.tune.ResultGrid(ray.tune.ExperimentAnalysis(json.loads((sweep / "sweep.json").read_text())["experiment"]))
+    assert {r.config["trial"] for r in grid} == {"adopted", "partition.sigma=0.3"}
+    for result in grid:
+        frame = result.metrics_dataframe
+        training = frame[frame["epoch"].notna()]  # reports made while training (with checkpoints)
+        assert len(training) >= 1 and training["val_acc"].between(0, 100).all()
+        assert set(training["epoch"]) <= {1, 2}
+    outcomes = json.loads((sweep / "trials.json").read_text())["trials"]
+    assert any(Path(t["backbone_checkpoint"]).is_file() for t in outcomes)

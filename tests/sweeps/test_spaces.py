@@ -9,7 +9,7 @@ import yaml
 
 from pacl_ray import config
 from pacl_ray.sweeps.spaces import (
-    Domain, SpaceError, Trial, apply_dotted, expand_trials, load_space, parse_space,
+    ASHA_METRICS, Domain, SpaceError, Trial, apply_dotted, check_asha, expand_trials, load_space, parse_space,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_full_space_parses_every_section():
     assert space.baselines == {"vanilla": {"train.objective": "clip"}}
     assert space.metric.name == "emotion/Acc-4" and space.metric.mode == "max"
     assert space.resources.workers_per_trial == 2 and space.resources.use_gpu is True
-    assert space.asha.reduction_factor == 3 and space.asha.metric == "total"
+    assert space.asha.reduction_factor == 3 and (space.asha.metric, space.asha.mode) == ("val_acc", "max")
 
 
 def test_metric_as_a_string_defaults_to_max():
@@ -300,3 +300,48 @@ def test_bad_rows_are_clear_errors(data, fragment):
     with pytest.raises(SpaceError) as info:
         parse_space(data, "spaces/bad.yaml")
     assert str(info.value).startswith("spaces/bad.yaml: ") and fragment in str(info.value)
+
+
+# --------------------------------------------------------------------------- ASHA
+
+
+@pytest.mark.parametrize("metric, why", [
+    ("total", "is a training-loss signal"), ("L_s", "is a training-loss signal"), ("loss", "is a training-loss signal"),
+    ("L3", "is a training-loss signal"), ("lr_backbone", "is a training-loss signal"),
+    ("emotion/Acc", "is a downstream metric, which exists only once a trial has finished"),
+    ("val/knn_acc", "is a downstream metric"), ("accuracy", "is not a metric the training stage reports"),
+])
+def test_asha_on_anything_but_the_validation_probe_is_refused(metric, why):
+    with pytest.raises(SpaceError, match=r"asha.yaml: asha.metric: .*" + why + r".*allowed: val_acc \(mode max\).*"
+                                         r"validation.every_epochs.*or remove `asha:`"):
+        parse_space({"asha": {"metric": metric}}, "asha.yaml")
+    with pytest.raises(SpaceError, match="asha.mode: val_acc is an accuracy, higher is better: mode max"):
+        parse_space({"asha": {"metric": "val_acc", "mode": "min"}}, "asha.yaml")
+
+
+def test_asha_metric_is_what_training_reports():
+    from pacl_ray.stages.validation import VAL_METRIC, VAL_MODE
+
+    assert ASHA_METRICS == {VAL_METRIC: VAL_MODE}
+
+
+def _base(**sections) -> dict:
+    return config.to_dict(config.from_dict(sections))
+
+
+def test_asha_needs_the_validation_probe_on_with_a_task():
+    space = parse_space({"asha": {"grace_period": 2}}, "asha.yaml")
+    assert (space.asha.metric, space.asha.mode) == ("val_acc", "max")  # the default
+    check_asha(space)  # the metric alone
+    check_asha(parse_space({}, "none.yaml"), _base())  # no ASHA: nothing to check
+    with pytest.raises(SpaceError, match=r"asha.yaml: asha: ASHA ranks trials on val_acc.*which is off "
+                                         r"\(validation.every_epochs=0\): set validation.every_epochs .*validation.task"):
+        check_asha(space, _base())
+    with pytest.raises(SpaceError, match=r"asha.grace_period: 2 epoch\(s\) is before the first validation probe "
+                                         r"\(validation.every_epochs=3\)"):
+        check_asha(space, _base(validation={"every_epochs": 3}, evaluate={"tasks": ["imagefolder:e=/x"]}))
+    with pytest.raises(SpaceError, match=r"the validation probe needs a labelled task: set validation.task=.*evaluate.tasks"):
+        check_asha(space, _base(validation={"every_epochs": 1}))
+    check_asha(space, _base(validation={"every_epochs": 1}), tasks_known=False)  # the world will supply it
+    check_asha(space, _base(validation={"every_epochs": 2}, evaluate={"tasks": ["imagefolder:e=/x"]}))
+    check_asha(space, _base(validation={"every_epochs": 1, "task": "single:fi=/data/FI"}))
