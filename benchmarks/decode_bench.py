@@ -2,27 +2,28 @@
 
 For generated photo-like JPEGs of several sizes it times, on one core, the work a training
 worker does per image: decode the stored bytes with the package's decoder
-(:func:`pacl_ray.formats.images.decode_rgb`) and apply the package's train transform
-(:func:`pacl_ray.core.pacl_model.train_transform` at 224 px with ``train.*``'s defaults:
-random-resized crop of 50-100% of the area, flip, no colour jitter; ``--crop-scale-low`` and
-``--color-jitter`` change them). Variants, side by side:
+(:func:`pacl_ray.formats.images.decode_rgb`) and apply a train transform at 224 px with
+``train.*``'s defaults (random-resized crop of 50-100% of the area, flip, no colour jitter;
+``--crop-scale-low`` and ``--color-jitter`` change them). Variants, side by side:
 
-* ``original``  -- the image as ingested by default, full decode (the baseline: what the package
-  did before issue #21);
-* ``draft``     -- the same bytes, decoded as training now decodes them: Pillow's JPEG draft mode
-  (DCT scaling by 1/2, 1/4, 1/8) down to the shorter side the crop needs
-  (:func:`pacl_ray.formats.images.min_side_for`: 366 px for 224 px at crop scale >= 0.5);
-* ``resized``   -- stored by ingest with ``ingest.max_image_side`` = ``--max-side``
-  (:func:`pacl_ray.formats.images.store`: draft + Lanczos, JPEG at quality 95), full decode;
-* ``resized+draft`` -- both, as shipped with ``ingest.max_image_side`` set;
-* ``rs+draft+1pass+u8`` -- a prototype, NOT in the package: as the previous one with the
-  random-resized crop done by one Pillow resize call (:class:`OnePassResizedCrop`) and the
-  transform stopping at a uint8 tensor (timm's ``use_prefetcher`` form: normalisation on the GPU).
+* ``before #21`` -- the old path, for comparison (NOT what the package does now): the image as
+  ingested by default, full decode, timm's train transform as the package built it before
+  issue #21 (crop copy + resize, ``ToTensor`` to float, ``Normalize`` on the CPU);
+* ``draft``      -- shipped: the same bytes decoded with Pillow's JPEG draft mode (DCT scaling by
+  1/2, 1/4, 1/8) down to the shorter side the crop needs
+  (:func:`pacl_ray.formats.images.min_side_for`: 366 px for 224 px at crop scale >= 0.5), and the
+  package's train transform (:func:`pacl_ray.core.pacl_model.train_transform`: one-pass
+  crop + resize, uint8 tensor out; the float conversion and normalisation run on the training
+  device, :class:`pacl_ray.stages.train_step.ImageNormalizer`, and are not counted here);
+* ``stored N``   -- shipped with ``ingest.max_image_side`` = N (``--max-sides``; stored by
+  :func:`pacl_ray.formats.images.store`: draft + Lanczos, JPEG at quality 95), then as ``draft``.
 
 Times are process CPU seconds (``time.process_time``), not wall time, so a busy shared machine
-does not inflate them much; images/s per core is their inverse. The last table gives the cores
-one GPU needs at the step rates measured on an H100 (issue #21: ResNet-50 3,486 images/s,
-ViT-B/16 2,351 images/s).
+does not inflate them much (it still does some: caches and cores are shared); images/s per core
+is their inverse. Speed-ups are given against ``before #21`` measured in the same run and against
+issue #21's figure for today's path, 129 images/s per core (600x600, 170 KB, a quieter machine).
+The last table gives the cores one GPU needs at the step rates measured on an H100 (issue #21:
+ResNet-50 3,486 images/s, ViT-B/16 2,351 images/s).
 
     python benchmarks/decode_bench.py                       # the default sizes, ~1 min
     python benchmarks/decode_bench.py --sizes 600x600 --images 8 --repeats 2   # smoke
@@ -50,6 +51,7 @@ from pacl_ray.core.pacl_model import train_transform  # noqa: E402
 from pacl_ray.formats import images  # noqa: E402
 
 GPU_STEP_RATES = {"ResNet-50": 3486.0, "ViT-B/16": 2351.0}  # images/s per H100 (issue #21)
+TODAY_PER_CORE = 129.0  # issue #21: 600x600 170 KB JPEG, full decode + timm's train transform at 224 px
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -84,51 +86,29 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
 # --------------------------------------------------------------------------- decoding
 
 
-def bench_transform(size: int, crop_scale_low: float, color_jitter: float, prototype: bool = False):
-    """The package's train transform (``pacl_model.train_transform``, ImageNet normalisation,
-    bicubic); ``prototype``: with :class:`OnePassResizedCrop` and a uint8 tensor output instead of
-    the normalised float one (not in the package)."""
+def before_transform(size: int, crop_scale_low: float, color_jitter: float):
+    """The train transform as the package built it before issue #21: timm's
+    ``create_transform(is_training=True)`` with ImageNet normalisation, i.e. timm's own
+    ``RandomResizedCropAndInterpolation`` (crop copy, then resize), flip, ``ToTensor`` to float32,
+    ``Normalize`` on the CPU."""
     defaults = TrainConfig()
-    transform = train_transform(size, IMAGENET_MEAN, IMAGENET_STD, "bicubic", (crop_scale_low, 1.0),
-                                defaults.hflip, color_jitter)
-    if prototype:
-        from torchvision.transforms import PILToTensor
-
-        steps = [OnePassResizedCrop(transform.transforms[0])] + transform.transforms[1:]
-        tail = [i for i, t in enumerate(steps) if type(t).__name__ in ("MaybeToTensor", "ToTensor")][0]
-        transform.transforms = steps[:tail] + [PILToTensor()]  # normalisation moves to the device
+    transform = train_transform(size, "bicubic", (crop_scale_low, 1.0), defaults.hflip, color_jitter,
+                                normalize=(IMAGENET_MEAN, IMAGENET_STD))
+    transform.transforms[0] = transform.transforms[0].crop  # timm's crop in place of the one-pass one
     return transform
 
 
-class OnePassResizedCrop:
-    """timm's ``RandomResizedCropAndInterpolation`` (same parameters and random draws) with the
-    crop and the resample done by one ``PIL.Image.resize(box=..., reducing_gap=2.0)``."""
-
-    def __init__(self, rrc):
-        self.rrc = rrc
-        self.size = tuple(rrc.size)[::-1]  # PIL takes (width, height)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        top, left, height, width = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
-        resample = Image.BICUBIC
-        return img.resize(self.size, resample, box=(left, top, left + width, top + height), reducing_gap=2.0)
+def shipped_transform(size: int, crop_scale_low: float, color_jitter: float):
+    """The package's train transform (:func:`pacl_ray.core.pacl_model.train_transform`): uint8 out."""
+    defaults = TrainConfig()
+    return train_transform(size, "bicubic", (crop_scale_low, 1.0), defaults.hflip, color_jitter)
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    stored: str  # "original" | "resized"
-    draft: bool  # decode at reduced scale down to the transform's min_side_for
-    prototype: bool = False
-
-
-VARIANTS = [
-    Variant("original", "original", False),
-    Variant("draft", "original", True),
-    Variant("resized", "resized", False),
-    Variant("resized+draft", "resized", True),
-    Variant("rs+draft+1pass+u8", "resized", True, True),
-]
+    max_side: int  # ingest.max_image_side the bytes were stored with; 0: as given
+    shipped: bool  # draft decoding + the package's transform; False: the path before issue #21
 
 
 def cpu_seconds_per_image(stored: list[bytes], min_side: Optional[int], transform, repeats: int) -> float:
@@ -150,47 +130,54 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=16, help="distinct generated images per size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224, help="train transform output size (px)")
-    parser.add_argument("--max-side", type=int, default=512, help="ingest.max_image_side of the resized variants")
+    parser.add_argument("--max-sides", type=int, nargs="+", default=[512, 384],
+                        help="ingest.max_image_side of the stored variants")
     parser.add_argument("--crop-scale-low", type=float, default=TrainConfig().crop_scale[0],
                         help="train.crop_scale[0] (timm's default is 0.08)")
     parser.add_argument("--color-jitter", type=float, default=TrainConfig().color_jitter, help="train.color_jitter")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core: the transform's tensor ops stay on this thread
 
-    transforms = {p: bench_transform(args.image_size, args.crop_scale_low, args.color_jitter, p) for p in (False, True)}
-    min_side = images.min_side_for(transforms[False])
-    print(f"decode (pacl_ray.formats.images) + the package's train transform at {args.image_size} px (crop scale "
-          f">= {args.crop_scale_low}, colour jitter {args.color_jitter}), one core (process CPU time, median of "
-          f"{args.repeats} passes over {args.images} generated JPEGs per size); resized = ingest.max_image_side "
-          f"{args.max_side}, draft = shorter side >= {min_side} (min_side_for); load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    head = f"{'image':>10} {'KB':>6} {'KB rs':>6} | " + " | ".join(f"{v.name:>22}" for v in VARIANTS)
+    variants = ([Variant("before #21", 0, False), Variant("draft", 0, True)]
+                + [Variant(f"stored {side}", side, True) for side in args.max_sides])
+    transforms = {False: before_transform(args.image_size, args.crop_scale_low, args.color_jitter),
+                  True: shipped_transform(args.image_size, args.crop_scale_low, args.color_jitter)}
+    min_side = images.min_side_for(transforms[True])
+    print(f"decode (pacl_ray.formats.images) + train transform at {args.image_size} px (crop scale >= "
+          f"{args.crop_scale_low}, colour jitter {args.color_jitter}), one core (process CPU time, median of "
+          f"{args.repeats} passes over {args.images} generated JPEGs per size); 'before #21' = full decode + timm's "
+          f"float transform (the old path); the others as shipped: draft decode to shorter side >= {min_side} "
+          f"(min_side_for) + the package's uint8 transform (normalised on the device); 'stored N' = "
+          f"ingest.max_image_side N; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    head = f"{'image':>10} {'KB':>5} | " + " | ".join(f"{v.name + ' (KB)':>30}" for v in variants)
     print(head + "\n" + "-" * len(head))
     results: dict[tuple[str, str], float] = {}
     for size in args.sizes:
         width, height = (int(v) for v in size.lower().split("x"))
         originals = [jpeg_bytes(photo_like(width, height, seed)) for seed in range(args.images)]
-        stored = {"original": originals,
-                  "resized": [images.store(d, max_side=args.max_side).data for d in originals]}
+        stored = {0: originals, **{side: [images.store(d, max_side=side).data for d in originals]
+                                   for side in args.max_sides}}
         cells = []
-        for v in VARIANTS:
-            seconds = cpu_seconds_per_image(stored[v.stored], min_side if v.draft else None,
-                                            transforms[v.prototype], args.repeats)
+        for v in variants:
+            seconds = cpu_seconds_per_image(stored[v.max_side], min_side if v.shipped else None,
+                                            transforms[v.shipped], args.repeats)
             results[size, v.name] = seconds
-            speedup = results[size, VARIANTS[0].name] / seconds
-            cells.append(f"{seconds * 1e3:6.2f} ms {1 / seconds:6.0f}/s {speedup:4.1f}x")
-        kb = statistics.mean(map(len, originals)) / 1024
-        kb_rs = statistics.mean(map(len, stored["resized"])) / 1024
-        print(f"{size:>10} {kb:6.0f} {kb_rs:6.0f} | " + " | ".join(f"{c:>22}" for c in cells))
+            kb = statistics.mean(map(len, stored[v.max_side])) / 1024
+            cells.append(f"{seconds * 1e3:6.2f} ms {1 / seconds:5.0f}/s ({kb:4.0f})")
+        print(f"{size:>10} {statistics.mean(map(len, originals)) / 1024:5.0f} | "
+              + " | ".join(f"{c:>30}" for c in cells))
 
-    print("\ncores per GPU for decode + transform alone (images/s per core -> cores at the H100 step rate)")
-    head = f"{'image':>10} {'variant':>18} {'img/s/core':>11} " + " ".join(f"{k:>10}" for k in GPU_STEP_RATES)
+    print(f"\nimages/s per core, speed-up vs 'before #21' in this run and vs issue #21's {TODAY_PER_CORE:.0f}/s "
+          f"(target: 3x, {3 * TODAY_PER_CORE:.0f}/s), cores per GPU at the H100 step rate")
+    head = (f"{'image':>10} {'variant':>12} {'img/s/core':>11} {'vs before':>10} {'vs 129/s':>9} "
+            + " ".join(f"{k:>10}" for k in GPU_STEP_RATES))
     print(head + "\n" + "-" * len(head))
     for size in args.sizes:
-        for v in VARIANTS:
+        before = 1 / results[size, variants[0].name]
+        for v in variants:
             rate = 1 / results[size, v.name]
             cores = " ".join(f"{r / rate:10.1f}" for r in GPU_STEP_RATES.values())
-            print(f"{size:>10} {v.name:>18} {rate:11.0f} {cores}")
+            print(f"{size:>10} {v.name:>12} {rate:11.0f} {rate / before:9.2f}x {rate / TODAY_PER_CORE:8.2f}x {cores}")
 
 
 if __name__ == "__main__":

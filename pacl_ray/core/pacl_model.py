@@ -10,6 +10,9 @@ of the model is only its projection head: it takes the stored text feature vecto
 
 from __future__ import annotations
 
+import random
+from typing import Optional, Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -57,35 +60,93 @@ def head_parameters(model: PACLModel) -> list[nn.Parameter]:
     return [*model.image_proj.parameters(), *model.text_proj.parameters()]
 
 
+class OnePassRandomResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` ``crop`` (its parameters and its random draws
+    from Python's ``random``) with the crop and the resample done by one
+    ``PIL.Image.resize(box=...)`` call instead of a crop copy followed by a resize (torchvision's
+    ``resized_crop``).
+
+    Inside the crop the output is identical to timm's. Within the filter's reach of the crop's
+    edges (2 output px for bicubic when downscaling) it can differ: PIL's resample reads the real
+    pixels just outside the box, where ``crop`` + ``resize`` repeats the crop's edge pixels. Saves
+    the crop's copy (1-5% of decode + transform at 224 px, ``benchmarks/decode_bench.py``).
+    PIL image -> PIL image of ``size`` (height, width).
+    """
+
+    def __init__(self, crop):
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        self.crop = crop
+        self.size, self.scale, self.ratio = tuple(crop.size), tuple(crop.scale), tuple(crop.ratio)
+        modes = crop.interpolation  # one mode, or a tuple for timm's 'random'
+        self.resample = (tuple(pil_modes_mapping[m] for m in modes) if isinstance(modes, (tuple, list))
+                         else pil_modes_mapping[modes])
+
+    def __call__(self, img):
+        top, left, height, width = self.crop.get_params(img, self.scale, self.ratio)
+        resample = random.choice(self.resample) if isinstance(self.resample, tuple) else self.resample
+        return img.resize((self.size[1], self.size[0]), resample, box=(left, top, left + width, top + height))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.crop!r})"
+
+
 def train_transform(
     image_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
     interpolation: str = "bicubic",
     crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: float = 0.5,
     color_jitter: float = 0.0,
+    normalize: Optional[tuple[Sequence[float], Sequence[float]]] = None,
 ):
     """The training augmentation of every backbone (SPEC "Training recipe" Choice): a random-resized
-    crop of ``crop_scale`` of the image area (aspect 3/4-4/3) to ``image_size`` px, a horizontal flip
-    with probability ``hflip``, then the backbone's own normalisation (``mean``/``std``). Colour is
+    crop of ``crop_scale`` of the image area (aspect 3/4-4/3) to ``image_size`` px
+    (:class:`OnePassRandomResizedCrop`), a horizontal flip with probability ``hflip``. Colour is
     an emotional cue, so there is no colour jitter (unless ``color_jitter`` > 0) and no grayscale.
 
     Built with timm's ``create_transform`` for timm backbones and open_clip towers alike, so both
-    see the same augmentation. PIL RGB image -> float32 tensor [3, image_size, image_size].
+    see the same augmentation. PIL RGB image -> uint8 tensor [3, image_size, image_size] (timm's
+    ``use_prefetcher`` form): the float conversion and the backbone's normalisation run on the
+    training device (:class:`pacl_ray.stages.train_step.ImageNormalizer` with
+    :func:`train_normalization`), so the CPU decode workers do less and ship a quarter of the bytes.
+    ``normalize=(mean, std)`` instead ends in timm's ``ToTensor`` + ``Normalize``: float32
+    ``(x / 255 - mean) / std``, the same model input as the device path up to float rounding.
     Raises ValueError for a crop range outside 0 < low <= high <= 1.
     """
-    from timm.data import create_transform
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
     scale = tuple(float(v) for v in crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(crop_scale)}")
-    return create_transform(
+    mean, std = normalize if normalize is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    transform = create_transform(
         input_size=(3, image_size, image_size), is_training=True, scale=scale, hflip=hflip,
         # None leaves timm's ColorJitter out altogether (0 would add a no-op one).
         color_jitter=float(color_jitter) if color_jitter > 0 else None, grayscale_prob=0.0,
-        interpolation=interpolation, mean=tuple(mean), std=tuple(std),
+        interpolation=interpolation, mean=tuple(mean), std=tuple(std), use_prefetcher=normalize is None,
     )
+    transform.transforms[0] = OnePassRandomResizedCrop(transform.transforms[0])
+    return transform
+
+
+def train_normalization(backbone: backbones.Backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel, in [0, 1] units, that the backbone's inputs are normalised with
+    after :func:`train_transform`: a timm backbone's resolved data config
+    (:func:`pacl_ray.core.backbones.data_config`), an open_clip tower's preprocess config."""
+    if backbone.data_config:
+        return tuple(map(float, backbone.data_config["mean"])), tuple(map(float, backbone.data_config["std"]))
+    return _open_clip_normalization(backbone.model.visual)
+
+
+def _open_clip_normalization(visual) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    pre = dict(getattr(visual, "preprocess_cfg", None) or {})
+    mean = pre.get("mean") or getattr(visual, "image_mean", None)
+    std = pre.get("std") or getattr(visual, "image_std", None)
+    if mean is None or std is None:
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        mean, std = mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD
+    return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def _timm_transforms(
@@ -107,26 +168,17 @@ def _timm_transforms(
     else:
         data_cfg = backbone.data_config
     backbone.train_transform = train_transform(
-        int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"], data_cfg.get("interpolation") or "bicubic",
-        **augmentation,
+        int(data_cfg["input_size"][-1]), data_cfg.get("interpolation") or "bicubic", **augmentation,
     )
     return backbone
 
 
 def _open_clip_transforms(backbone: backbones.Backbone, **augmentation) -> backbones.Backbone:
     """Replace an open_clip tower's own train transform (crops of 90-100%, no flip) by
-    :func:`train_transform` at its size, with its normalisation and interpolation."""
-    visual = backbone.model.visual
-    pre = dict(getattr(visual, "preprocess_cfg", None) or {})
-    mean = pre.get("mean") or getattr(visual, "image_mean", None)
-    std = pre.get("std") or getattr(visual, "image_std", None)
-    if mean is None or std is None:
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        mean, std = mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD
-    backbone.train_transform = train_transform(
-        backbone.image_size, mean, std, pre.get("interpolation") or "bicubic", **augmentation,
-    )
+    :func:`train_transform` at its size and interpolation (its normalisation:
+    :func:`train_normalization`)."""
+    pre = dict(getattr(backbone.model.visual, "preprocess_cfg", None) or {})
+    backbone.train_transform = train_transform(backbone.image_size, pre.get("interpolation") or "bicubic", **augmentation)
     return backbone
 
 

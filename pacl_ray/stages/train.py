@@ -72,7 +72,7 @@ from pacl_ray.stages.train_data import (  # noqa: F401 (NoTrainableEpochError: t
     load_training_table, make_plan, rank_batches, seed_of, with_codes,
 )
 from pacl_ray.stages.train_feed import FeedOrder, chunk_layout, feed_chunk_rows, feed_shards, feed_uri, write_feed
-from pacl_ray.stages.train_step import NonFiniteLossError, build_optimizer, grad_scaler, optimizer_step
+from pacl_ray.stages.train_step import ImageNormalizer, NonFiniteLossError, build_optimizer, grad_scaler, optimizer_step
 from pacl_ray.stages.train_loop import (
     NonFinite, StepLog, gather_features, gather_labels, resolve_channels_last, resolve_compile, startup_line,
     startup_times, step_model,
@@ -157,6 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to the device (+ DDP when W > 1)
     forward = step_model(model, resolve_compile(cfg.train.compile, device))
+    normalize = ImageNormalizer.for_backbone(backbone, device, channels_last)  # uint8 batches -> model input
     # The optimiser is built on the moved parameters so its restored state lands on their device.
     optimizer, scheduler = build_optimizer(unwrap(model), cfg, plan.total_steps)
     scaler = grad_scaler(amp_dtype, device)
@@ -193,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
             _maybe_fail(fault, global_step, rank)
             torch.manual_seed(seed_of(cfg.seed, global_step, rank))  # dropout / drop-path
             # No host sync from here to the flush (module docstring, "Step").
-            images = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
+            images = normalize(batch["image"])
             with backbones.autocast(device, cfg.train.precision):
                 z_image, z_text = forward(images, batch["text_feature"])
             partition, factual, emotional = gather_labels(batch[PARTITION], batch[FACTUAL], batch[EMOTIONAL])

@@ -297,7 +297,9 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
     random-resized crop needs so that no crop is enlarged
     (:func:`pacl_ray.formats.images.min_side_for`; 366 px for 224 px at crop scale >= 0.5).
 
-    Returns numpy columns: image float32 [b, 3, H, W], text_feature float32 [b, D], partition,
+    Returns numpy columns: image [b, 3, H, W] in the transform's dtype (uint8 from
+    :func:`pacl_ray.core.pacl_model.train_transform`: the training step normalises on the device,
+    :class:`pacl_ray.stages.train_step.ImageNormalizer`), text_feature float32 [b, D], partition,
     factual_pseudo_label, emotional_pseudo_label, position int64 [b].
     """
     from pacl_ray.formats.images import decode_rgb, min_side_for
@@ -317,7 +319,7 @@ def _decode_batch(batch: pa.Table, transform, seed: int, epoch: int) -> dict[str
     text = batch.column("text_feature").combine_chunks()
     width = text.type.list_size
     out: dict[str, Any] = {
-        "image": np.stack(images).astype(np.float32),
+        "image": np.stack(images),  # uint8 stays uint8: a quarter of float32's bytes through Ray Data
         "text_feature": text.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32),
     }
     for name in (PARTITION, FACTUAL, EMOTIONAL, "position"):

@@ -1,5 +1,5 @@
-"""Stage 3's optimisation step: optimiser and schedule, the fp16 gradient scaler, the finite-loss
-check (SPEC "Training recipe")."""
+"""Stage 3's optimisation step: the device-side image normalisation, optimiser and schedule, the
+fp16 gradient scaler, the finite-loss check (SPEC "Training recipe")."""
 
 from __future__ import annotations
 
@@ -15,6 +15,42 @@ from pacl_ray.stages.train_metrics import LOSS_TERMS
 
 class NonFiniteLossError(RuntimeError):
     """A training step's loss was not finite; the run stopped, nothing was exported."""
+
+
+class ImageNormalizer:
+    """The train batches' images, uint8 [B, 3, H, W] as the decode workers make them
+    (:func:`pacl_ray.core.pacl_model.train_transform`, timm's ``use_prefetcher`` form), to the
+    model's float32 input ``(x / 255 - mean) / std`` on the training device, as timm's
+    ``PrefetchLoader`` does, but in one fused op: ``addcmul(-mean / std, x, 1 / (255 std))`` reads
+    the uint8 batch once and writes the float one (no float copy, no separate subtract and divide).
+    ``channels_last``: the output is NHWC in memory (the uint8 batch is reordered first, a quarter
+    of the bytes of reordering the float one). Raises TypeError for a batch that is not uint8.
+
+    ``mean``/``std``: per channel, in [0, 1] units (the backbone's own:
+    :func:`pacl_ray.core.pacl_model.train_normalization`).
+    """
+
+    def __init__(self, mean, std, device: torch.device, channels_last: bool = False):
+        mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+        # in float64, then rounded once, so the result matches ToTensor + Normalize to float32 rounding
+        self.scale = (1.0 / (255.0 * std)).float().view(1, -1, 1, 1).to(device)
+        self.shift = (-mean / std).float().view(1, -1, 1, 1).to(device)
+        self.channels_last = channels_last
+
+    @classmethod
+    def for_backbone(cls, backbone, device: torch.device, channels_last: bool = False) -> "ImageNormalizer":
+        """With the backbone's own mean and std (:func:`pacl_ray.core.pacl_model.train_normalization`)."""
+        from pacl_ray.core.pacl_model import train_normalization
+
+        return cls(*train_normalization(backbone), device, channels_last)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"train batch images must be uint8 [B, 3, H, W] (the train transform's output), "
+                            f"got {images.dtype}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return torch.addcmul(self.shift, images, self.scale)
 
 
 def cosine_factor(step: int, total: int) -> float:

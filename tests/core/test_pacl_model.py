@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from PIL import Image
 
 from pacl_ray import config
 from pacl_ray.config import model_args
-from pacl_ray.core.pacl_model import PACLModel, build_model, head_parameters
+from timm.data import IMAGENET_DEFAULT_MEAN
+
+from pacl_ray.core.pacl_model import (
+    OnePassRandomResizedCrop, PACLModel, build_model, head_parameters, train_normalization, train_transform,
+)
 
 TINY = "test_convnext"  # LayerNorm only, any input size
 
@@ -66,6 +72,7 @@ def test_image_size_override_sets_transforms():
     image = Image.new("RGB", (50, 70), color=(10, 200, 30))
     assert backbone.image_size == 32
     assert tuple(backbone.train_transform(image).shape) == (3, 32, 32)
+    assert backbone.train_transform(image).dtype == torch.uint8
     assert tuple(backbone.eval_transform(image).shape) == (3, 32, 32)
 
 
@@ -114,27 +121,95 @@ def test_augmentation_is_the_same_for_timm_and_open_clip_and_keeps_colour(backbo
     _, built = build_model(4, **model_args(cfg))
     ops = _ops(built.train_transform)
     names = [type(op).__name__ for op in ops]
-    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "MaybeToTensor", "Normalize"], names
+    # uint8 out (timm's use_prefetcher form): normalisation is the training step's, on the device
+    assert names == ["OnePassRandomResizedCrop", "RandomHorizontalFlip", "MaybePILToTensor"], names
     assert tuple(ops[0].scale) == (0.5, 1.0) and ops[1].p == 0.5
     assert not any(isinstance(op, (T.ColorJitter, T.Grayscale, T.RandomGrayscale)) for op in ops)
     # a uniform colour survives every crop and flip exactly: the augmentation never changes colour
-    normalize = ops[-1]
+    mean, std = train_normalization(built)
     rgb = (200, 40, 90)
-    expected = (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.as_tensor(normalize.mean)) / torch.as_tensor(normalize.std)
+    expected = (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.tensor(mean)) / torch.tensor(std)
     image = Image.new("RGB", (61, 47), color=rgb)
     for seed in range(4):
         torch.manual_seed(seed)
         out = built.train_transform(image)
-        assert out.shape == (3, built.image_size, built.image_size)
-        torch.testing.assert_close(out, expected.view(3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
+        assert out.shape == (3, built.image_size, built.image_size) and out.dtype == torch.uint8
+        assert torch.equal(out, torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand_as(out))
+        normalised = (out.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        torch.testing.assert_close(normalised, expected.view(3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
 
 
 def test_open_clip_tower_keeps_its_own_normalisation():
     cfg = config.from_dict({"model": {"backbone": "open_clip:pacl-tiny-clip", "backbone_pretrained": ""}})
     _, built = build_model(4, **model_args(cfg))
-    train_norm, eval_norm = _ops(built.train_transform)[-1], _ops(built.eval_transform)[-1]
-    torch.testing.assert_close(torch.as_tensor(train_norm.mean).float(), torch.as_tensor(eval_norm.mean).float())
-    torch.testing.assert_close(torch.as_tensor(train_norm.std).float(), torch.as_tensor(eval_norm.std).float())
+    mean, std = train_normalization(built)
+    eval_norm = _ops(built.eval_transform)[-1]
+    torch.testing.assert_close(torch.tensor(mean), torch.as_tensor(eval_norm.mean).float())
+    torch.testing.assert_close(torch.tensor(std), torch.as_tensor(eval_norm.std).float())
+    assert torch.tensor(mean).ne(torch.tensor(IMAGENET_DEFAULT_MEAN)).any()  # CLIP's, not ImageNet's
+
+
+def test_timm_backbone_normalises_with_its_data_config():
+    _, built = build_model(4, **model_args(_cfg()))
+    assert train_normalization(built) == (tuple(built.data_config["mean"]), tuple(built.data_config["std"]))
+    eval_norm = _ops(built.eval_transform)[-1]
+    torch.testing.assert_close(torch.tensor(train_normalization(built)[1]), torch.as_tensor(eval_norm.std).float())
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Texture with edges everywhere, so any resampling difference shows."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    grain = rng.integers(-30, 30, (height, width, 3))
+    big = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int64)
+    return Image.fromarray(np.clip(big + grain, 0, 255).astype(np.uint8))
+
+
+def test_one_pass_crop_is_timms_crop_inside_and_differs_only_within_the_filter_reach_of_its_edges():
+    """Same random draws as timm's RandomResizedCropAndInterpolation (crop and interpolation), and
+    the same pixels except within 2 output px (bicubic's reach when downscaling) of the crop's
+    edges, where PIL's box resample reads the real neighbours instead of repeating the edge."""
+    import numpy as np
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    image = _photo(160, 120)
+    border = 3
+    for interpolation in ("bicubic", "bilinear", "random"):
+        timm_crop = RandomResizedCropAndInterpolation(48, scale=(0.5, 1.0), interpolation=interpolation)
+        one_pass = OnePassRandomResizedCrop(timm_crop)
+        differs_at_edge = False
+        for seed in range(12):
+            random.seed(seed)
+            a = np.asarray(timm_crop(image), dtype=np.int64)
+            after_timm = random.getstate()
+            random.seed(seed)
+            b = np.asarray(one_pass(image), dtype=np.int64)
+            assert random.getstate() == after_timm  # the same draws, so the same crop per seed
+            assert a.shape == b.shape == (48, 48, 3)
+            inner = np.abs(a - b)[border:-border, border:-border]
+            assert inner.max() <= 1, (interpolation, seed, inner.max())
+            differs_at_edge |= bool(np.abs(a - b).max() > 1)
+        assert differs_at_edge  # the documented difference is real, not vacuous
+
+
+def test_float_transform_is_the_uint8_one_normalised():
+    """``normalize=(mean, std)`` ends in ToTensor + Normalize over the same augmentation."""
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    image = _photo(96, 80)
+    as_uint8 = train_transform(32, crop_scale=(0.5, 1.0))
+    as_float = train_transform(32, crop_scale=(0.5, 1.0), normalize=(mean, std))
+    assert [type(op).__name__ for op in _ops(as_float)][-2:] == ["MaybeToTensor", "Normalize"]
+    for seed in range(4):
+        random.seed(seed)
+        torch.manual_seed(seed)  # timm/torchvision transforms draw from both generators
+        u8 = as_uint8(image)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        f32 = as_float(image)
+        expected = (u8.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        torch.testing.assert_close(f32, expected, atol=1e-6, rtol=0)
 
 
 def test_colour_jitter_only_when_asked():

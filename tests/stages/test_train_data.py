@@ -197,10 +197,11 @@ def test_training_decodes_large_jpegs_at_reduced_scale_never_below_the_crop(monk
         return image
 
     monkeypatch.setattr(images, "decode_rgb", spy)
-    transform = train_transform(224, (0.5,) * 3, (0.5,) * 3, crop_scale=(0.5, 1.0))
+    transform = train_transform(224, crop_scale=(0.5, 1.0))
     batch = pa.table({"row": [0, 1], "image": [buffer.getvalue()] * 2, "text_feature": pa.array(
         [[0.0, 1.0]] * 2, pa.list_(pa.float32(), 2)), "partition": [1, 1], "factual_pseudo_label": [0, 0],
         "emotional_pseudo_label": [0, 0], "position": [0, 1]})
     out = _decode_batch(batch, transform, seed=0, epoch=0)
     assert out["image"].shape == (2, 3, 224, 224)
+    assert out["image"].dtype == np.uint8  # normalised on the training device (train_step.ImageNormalizer)
     assert seen == [(366, (800, 600))] * 2

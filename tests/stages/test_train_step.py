@@ -1,4 +1,4 @@
-"""Stage 3's step: the finite-loss check and the fp16 gradient scaler."""
+"""Stage 3's step: the device-side image normalisation, the finite-loss check and the fp16 gradient scaler."""
 
 from __future__ import annotations
 
@@ -8,7 +8,79 @@ import pytest
 import torch
 
 from pacl_ray.core import loss
-from pacl_ray.stages.train_step import grad_scaler, nonfinite_terms, optimizer_step
+from pacl_ray.stages.train_step import ImageNormalizer, grad_scaler, nonfinite_terms, optimizer_step
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _photo(width: int, height: int, seed: int = 0):
+    """Texture with edges everywhere, so any resampling difference shows."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    big = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int64)
+    return Image.fromarray(np.clip(big + rng.integers(-30, 30, (height, width, 3)), 0, 255).astype(np.uint8))
+
+
+def _seeded(transform, image, seed: int):
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)  # timm/torchvision transforms draw from both generators
+    return transform(image)
+
+
+def test_device_normalisation_of_the_uint8_batch_gives_the_former_float_input():
+    """The new path (uint8 transform, ImageNormalizer) against the one before issue #21 (timm's
+    crop + ToTensor + Normalize on the CPU) with the same crop parameters: within uint8 rounding
+    (1/255/std) everywhere with timm's crop, and inside the crop with the one-pass crop (whose
+    edges read the real neighbours: tests/core/test_pacl_model.py)."""
+    from pacl_ray.core.pacl_model import train_transform
+
+    image, cpu = _photo(120, 96), torch.device("cpu")
+    before = train_transform(32, normalize=(CLIP_MEAN, CLIP_STD))
+    before.transforms[0] = before.transforms[0].crop  # timm's RandomResizedCropAndInterpolation, as before
+    now = train_transform(32)
+    now_timm_crop = train_transform(32)
+    now_timm_crop.transforms[0] = now_timm_crop.transforms[0].crop
+    normalize = ImageNormalizer(CLIP_MEAN, CLIP_STD, cpu)
+    tolerance = 1 / 255 / min(CLIP_STD) + 1e-5
+    for seed in range(8):
+        expected = _seeded(before, image, seed)
+        batch = torch.stack([_seeded(now, image, seed), _seeded(now_timm_crop, image, seed)])
+        assert batch.dtype == torch.uint8
+        out = normalize(batch)
+        assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)
+        assert (out[1] - expected).abs().max() <= tolerance
+        torch.testing.assert_close(out[1], expected, atol=1e-5, rtol=0)  # the same pixels: float rounding only
+        assert (out[0] - expected)[:, 3:-3, 3:-3].abs().max() <= tolerance
+
+
+def test_normalizer_is_one_op_and_gives_channels_last_on_request():
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    plain = ImageNormalizer(CLIP_MEAN, CLIP_STD, cpu)(x)
+    nhwc = ImageNormalizer(CLIP_MEAN, CLIP_STD, cpu, channels_last=True)(x)
+    assert plain.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, nhwc)
+    expected = (x.double() / 255 - torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)) \
+        / torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(plain.double(), expected, atol=2e-6, rtol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        ImageNormalizer(CLIP_MEAN, CLIP_STD, cpu)(x.float())
+
+
+def test_normalizer_for_a_backbone_uses_its_own_mean_and_std():
+    from pacl_ray.core.pacl_model import build_model, train_normalization
+
+    _, backbone = build_model(4, backbone="test_convnext", pretrained="false", image_size=32)
+    normalize = ImageNormalizer.for_backbone(backbone, torch.device("cpu"))
+    mean, std = train_normalization(backbone)
+    assert mean == tuple(backbone.data_config["mean"]) and std == tuple(backbone.data_config["std"])
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    torch.testing.assert_close(normalize(x)[0, :, 0, 0], (1 - torch.tensor(mean)) / torch.tensor(std))
 
 
 def _losses(temperature: float) -> dict:
