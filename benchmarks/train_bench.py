@@ -219,10 +219,12 @@ def cpu_benchmarks(args) -> None:
     from pacl_ray.config import model_args
     from pacl_ray.core import backbones
     from pacl_ray.stages.runtime import init_ray
-    from pacl_ray.stages.train import (
-        build_optimizer, joined_table, load_state, load_training_table, rank_batches, run_train, seed_of,
+    from pacl_ray.stages.checkpoint import load_state
+    from pacl_ray.stages.train import run_train
+    from pacl_ray.stages.train_data import (
+        epoch_phases, feed_order, joined_table, load_training_table, rank_batches, seed_of,
     )
-    from pacl_ray.stages.train_data import epoch_phases
+    from pacl_ray.stages.train_step import ImageNormalizer, build_optimizer
     from pacl_ray.world import stage_tables
 
     words = "happy sad calm angry bright dark storm beach dog city night joy fear love gloomy sunny".split()
@@ -247,8 +249,10 @@ def cpu_benchmarks(args) -> None:
     codes = meta.column("partition").to_numpy()
     _, backbone = build_model(args.text_dim, **model_args(cfg))
     B, batches = cfg.train.global_batch_size, []
+    order = feed_order(codes, B, cfg.seed, cfg.train.feed_shards)
+    normalize = ImageNormalizer.for_backbone(backbone, torch.device("cpu"))  # uint8 batches -> model input
     for epoch, phase in enumerate(epoch_phases(cfg)):
-        for batch in rank_batches(table, codes, phase, epoch, 0, 0, 1, B, cfg.seed, backbone.train_transform,
+        for batch in rank_batches(table, order, phase, epoch, 0, 0, 1, backbone.train_transform,
                                   torch.device("cpu")):
             batches.append((epoch, batch))
 
@@ -261,7 +265,7 @@ def cpu_benchmarks(args) -> None:
             tick = time.perf_counter()
             torch.manual_seed(seed_of(cfg.seed, step, 0))  # as the Ray loop does on rank 0
             text = text_step(step) if text_step else batch["text_feature"]
-            z_image, z_text = model(batch["image"], text)
+            z_image, z_text = model(normalize(batch["image"]), text)
             out = loss.pacl_loss(z_image, z_text, batch["partition"], batch["factual_pseudo_label"],
                                  batch["emotional_pseudo_label"], cfg.train.temperature, phases[epoch])
             optimizer.zero_grad(set_to_none=True)
