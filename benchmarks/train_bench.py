@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from pacl_ray.core import loss
-from pacl_ray.core.pacl_model import build_model, head_parameters
+from pacl_ray.core.pacl_model import build_model
 
 # Dense bf16 peak, TFLOP/s (NVIDIA data sheets, SXM parts). The H200 is the H100's chip with more
 # memory; issue #21 measured ~790 TFLOP/s achievable on one (pass --peak-tflops to use that).
@@ -73,23 +73,29 @@ SETTINGS = (
 
 
 def optimizer_for(model, lr_backbone: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the backbone and head groups, as ``pacl_ray.stages.train_step.build_optimizer``
-    builds it (weight decay 0.05); ``fused``: one kernel per step (CUDA)."""
-    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr_backbone},
-              {"params": head_parameters(model), "lr": 1e-3}]
-    return torch.optim.AdamW(groups, weight_decay=0.05, fused=True if fused else None)
+    """AdamW over the shipped parameter groups (``pacl_ray.stages.train_step.param_groups``: backbone
+    and heads at their own rates, weight decay 0.02 with none on norms and biases); ``fused``: one
+    kernel per group (CUDA)."""
+    from pacl_ray.stages.train_step import param_groups
+
+    return torch.optim.AdamW(param_groups(model, lr_backbone, 1e-3, 0.02), weight_decay=0.02,
+                             fused=True if fused else None)
 
 
 def make_step(backbone: str, setting: Setting, batch: int, image_size: int, device: torch.device,
               compile_backend: str):
     """A zero-argument training step of the PACL model and loss on fixed synthetic tensors."""
-    model, _ = build_model(TEXT_DIM, backbone=backbone, pretrained="false", image_size=image_size, embed_dim=768)
+    model, wrapper = build_model(TEXT_DIM, backbone=backbone, pretrained="false", image_size=image_size, embed_dim=768)
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
     optimizer = optimizer_for(model, 1e-4, setting.fused and device.type == "cuda")
     forward = torch.compile(model, backend=compile_backend, dynamic=False) if setting.compile else model
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size, generator=g).to(device, memory_format=memory_format)
+    # uint8 batches normalised on the device, as the training loop feeds the model (ImageNormalizer)
+    from pacl_ray.stages.train_step import ImageNormalizer
+
+    normalize = ImageNormalizer.for_backbone(wrapper, device, setting.channels_last)
+    pixels = torch.randint(0, 256, (batch, 3, image_size, image_size), generator=g, dtype=torch.uint8).to(device)
     text = torch.randn(batch, TEXT_DIM, generator=g).to(device)
     codes, factual, emotional = (torch.randint(lo, hi, (batch,), generator=g).to(device)
                                  for lo, hi in ((1, 5), (0, 2), (0, 2)))
@@ -98,7 +104,7 @@ def make_step(backbone: str, setting: Setting, batch: int, image_size: int, devi
 
     def step() -> None:
         with autocast:
-            z_image, z_text = forward(images, text)
+            z_image, z_text = forward(normalize(pixels), text)
         losses = loss.pacl_loss(z_image.float(), z_text.float(), codes, factual, emotional, 0.07)
         if setting.host_sync:  # what the loop did before issue #21, every step
             if not bool((position // batch == 0).all()):
