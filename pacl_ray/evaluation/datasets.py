@@ -582,7 +582,8 @@ def webemo_levels(data: TaskData) -> dict[str, TaskData]:
                            f"got {data.kind} with {len(data.label_names)}")
     out = {}
     for name, level in WEBEMO_LEVELS.items():
-        splits = {k: Split(v.paths, np.ascontiguousarray(v.targets[:, level]), v.sources) for k, v in data.splits.items()}
+        splits = {k: Split(v.paths, np.ascontiguousarray(v.targets[:, level]), v.sources)
+                  for k, v in data.splits.items()}
         out[name] = TaskData(name=name, kind="single", label_names=[list(data.label_names[level])], splits=splits,
                              quarantine=data.quarantine, fingerprints=dict(data.fingerprints))
     return out

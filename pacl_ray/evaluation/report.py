@@ -128,7 +128,8 @@ class PaperColumn:
 
 
 def _columns(*groups: tuple[str, str, Sequence[str]]) -> tuple[PaperColumn, ...]:
-    return tuple(PaperColumn(group, metric, dataset, metric) for group, dataset, metrics in groups for metric in metrics)
+    return tuple(PaperColumn(group, metric, dataset, metric)
+                 for group, dataset, metrics in groups for metric in metrics)
 
 
 # Table 1 (paper 4.4): single-label FI / Emotion-6 / UnbiasedEmo, hierarchical WebEmo (levels
@@ -222,7 +223,8 @@ def paper_table(layout: str, rows: Sequence[LayoutRow], lead: Sequence[str] = ("
 
 def layout_rows(rows: Sequence[dict]) -> list[LayoutRow]:
     """Evaluation rows (one per task, protocol and prompt) -> one LayoutRow per (protocol, model,
-    prompt), keyed ``"<dataset>/<metric>"`` (a zero-shot prompt joins the model's cell)."""
+    prompt), keyed ``"<dataset>/<metric>"`` (a zero-shot prompt joins the model's cell). Two tasks
+    shown under one dataset name share its cells (the later one wins; ``results.md`` keeps both)."""
     out: dict[tuple, LayoutRow] = {}
     for row in rows:
         prompt = row.get("prompt") or ""

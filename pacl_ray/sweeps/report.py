@@ -255,7 +255,10 @@ def table4_markdown(space: SweepSpace, outcomes: list[TrialOutcome], initial: di
         frame.append(LayoutRow(("Initial weight",) + ("",) * (len(keys) - 1), dict(initial)))
     for outcome in _ordered(aggregate_seeds(outcomes)):
         row_labels = labels.get(outcome.trial.name)
-        cells = tuple(row_labels.get(k, "-") for k in keys) if row_labels else (outcome.trial.name,) + ("",) * (len(keys) - 1)
+        if row_labels:
+            cells = tuple(row_labels.get(k, "-") for k in keys)
+        else:  # a baseline (or a row without labels): its name in the first column
+            cells = (outcome.trial.name,) + ("",) * (len(keys) - 1)
         frame.append(LayoutRow(cells, dict(outcome.metrics), dict(outcome.spread), error=outcome.error))
     columns = [(c.replace("/", " ", 1), c) for c in metric_columns(outcomes, initial)]
     return markdown_table(lead, frame, columns)
