@@ -7,7 +7,8 @@ Task spec
 ============  ===========================  ==========================================
 KIND          DATASET                      metrics (Table 1 columns)
 ============  ===========================  ==========================================
-single        fi, emotion6, unbiasedemo    Acc-C, F1-C (C classes)
+single        fi, fi2, emotion6,           Acc-C, F1-C (C classes)
+              unbiasedemo
 imagefolder   any name (the display name)  Acc-C, F1-C; generic ImageFolder layout
 hierarchical  webemo                       Acc-n, F1-n per level (n classes in it)
 single        webemo2, webemo7, webemo25   Acc-n, F1-n of one WebEmo level trained alone (Table 2)
