@@ -32,7 +32,7 @@ LABELS = [
 ]
 
 
-@pytest.mark.timeout(1200)  # 8 one-step trials, 2 at a time; long only on a crowded machine
+@pytest.mark.timeout(1200)  # 8 one-epoch trials, 2 at a time; long only on a crowded machine
 def test_table4_space_runs_in_the_default_suite(ray_local, tmp_path, capsys):
     """The Done-when of issue 19: the space file itself, every row through Tune, Ray Train and the
     downstream probe, at the smallest sizes: one epoch (the first progressive phase; the slow test
