@@ -51,6 +51,13 @@ Layouts (``ROOT`` is the path given in the task spec; see :mod:`pacl_ray.evaluat
     (:data:`WEBEMO_FINE`), images downloaded to ``ROOT/images/<basename of the url>``. Levels 1 and
     2 come from :data:`WEBEMO_HIERARCHY`, or from ``ROOT/hierarchy.csv`` (columns
     ``level3,level2,level1``) when present.
+* **WebEmo per level** (:func:`webemo_levels`, paper 4.5.1 / Table 2: "tested on each level
+  separately") -- WebEmo read as above, each level a single-label task of its own (:data:`WEBEMO_LEVELS`):
+  ``webemo2`` polarity, ``webemo7`` the second level, ``webemo25`` the fine emotions (the names are
+  the paper's class counts; the metric columns carry the actual ones, e.g. a ``hierarchy.csv`` with
+  6 second-level classes gives ``Acc-6``). Same images and split as WebEmo. Task specs
+  ``single:webemo7=ROOT`` for one level, ``levels:webemo=ROOT`` for all three in one evaluation
+  (:mod:`pacl_ray.evaluation.tasks`).
 * **Emotic** (:func:`read_emotic`, Kosti et al. 2017) -- the CSVs of the widely used conversion of
   ``Annotations.mat`` (one row per annotated person): ``ROOT/{train,val,test}.csv`` (also under
   ``ROOT/annotations/`` or ``ROOT/emotic_pre/``) with columns ``Folder, Filename,
@@ -123,6 +130,9 @@ WEBEMO_HIERARCHY = {
 }
 WEBEMO_FINE = sorted(WEBEMO_HIERARCHY)
 WEBEMO_LEVEL2 = sorted({second for second, _ in WEBEMO_HIERARCHY.values()})  # 7 classes
+# Table 2's per-level WebEmo tasks: single-label dataset name -> level index (0 polarity, 1 second
+# level, 2 fine emotions), in the paper's column order.
+WEBEMO_LEVELS = {"webemo2": 0, "webemo7": 1, "webemo25": 2}
 
 
 class DatasetError(ValueError):
@@ -558,6 +568,32 @@ def read_webemo(root: str, seed: int = 0, limit: int = 0) -> TaskData:
     return _build("webemo", "hierarchical", label_names, records, quarantine, seed, limit)
 
 
+def webemo_levels(data: TaskData) -> dict[str, TaskData]:
+    """Hierarchical WebEmo -> one single-label task per level (:data:`WEBEMO_LEVELS` name -> data;
+    targets int64 [N] into that level's ``label_names``), for Table 2, where each level is trained
+    and tested on its own (paper 4.5.1). Same images, split and quarantine as ``data``.
+
+    The levels keep ``data``'s split fingerprints: each level's targets are a function of the
+    hierarchy's, so the fingerprint still identifies the content, and the three levels (and the
+    hierarchical task on the same root) share one frozen-feature extraction. Cached results still
+    tell them apart, by task kind and label names (:mod:`pacl_ray.evaluation.evaluate`)."""
+    if data.kind != "hierarchical" or len(data.label_names) != len(WEBEMO_LEVELS):
+        raise DatasetError(f"{data.name}: per-level tasks need hierarchical data with {len(WEBEMO_LEVELS)} levels, "
+                           f"got {data.kind} with {len(data.label_names)}")
+    out = {}
+    for name, level in WEBEMO_LEVELS.items():
+        splits = {k: Split(v.paths, np.ascontiguousarray(v.targets[:, level]), v.sources)
+                  for k, v in data.splits.items()}
+        out[name] = TaskData(name=name, kind="single", label_names=[list(data.label_names[level])], splits=splits,
+                             quarantine=data.quarantine, fingerprints=dict(data.fingerprints))
+    return out
+
+
+def read_webemo_level(root: str, level: str, seed: int = 0, limit: int = 0) -> TaskData:
+    """One WebEmo level as a single-label task (``level`` a :data:`WEBEMO_LEVELS` name)."""
+    return webemo_levels(read_webemo(root, seed=seed, limit=limit))[level]
+
+
 def _webemo_csv_records(root: str, quarantine: list[dict]) -> tuple[list[_Record], list[list[str]]]:
     rows_by_split = {}
     for split in SPLITS:
@@ -756,13 +792,15 @@ READERS: dict[tuple[str, str], Callable[..., TaskData]] = {
     ("single", "emotion6"): read_emotion6,
     ("single", "unbiasedemo"): read_unbiasedemo,
     ("hierarchical", "webemo"): read_webemo,
+    **{("single", level): (lambda root, seed=0, limit=0, level=level: read_webemo_level(root, level, seed, limit))
+       for level in WEBEMO_LEVELS},
     ("multilabel", "emotic"): lambda root, seed=0, limit=0: read_emotic(root, "multilabel", seed, limit),
     ("vad", "emotic"): lambda root, seed=0, limit=0: read_emotic(root, "vad", seed, limit),
     ("vad", "iaps"): read_iaps,
 }
 DISPLAY_NAMES = {
     "fi": "FI", "fi2": "FI-2", "emotion6": "Emotion-6", "unbiasedemo": "UnbiasedEmo", "webemo": "WebEmo",
-    "emotic": "Emotic", "iaps": "IAPS",
+    "emotic": "Emotic", "iaps": "IAPS", "webemo2": "WebEmo-2", "webemo7": "WebEmo-7", "webemo25": "WebEmo-25",
 }
 
 

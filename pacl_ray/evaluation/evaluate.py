@@ -19,7 +19,9 @@ Protocols: ``evaluate.protocol`` (comma-separated for several: ``linear``, ``fin
 
 Outputs: ``{output_dir}/evaluate/<content key>/`` holds ``config.yaml``, ``rows.json``,
 ``results.md`` and ``results.csv`` (Table 1 layout: rows = model and protocol, columns = task
-metrics), ``quarantine/<task>.json`` and ``_SUCCESS``. Each (backbone, task, protocol) result is
+metrics), ``table1.md`` / ``table2.md`` (the paper's Tables 1 and 2, its columns in its order, ``-``
+where a task was not evaluated; Table 2 wants ``single:fi2``, ``single:fi`` and ``levels:webemo``),
+``quarantine/<task>.json`` and ``_SUCCESS``. Each (backbone, task, protocol) result is
 also cached under ``{output_dir}/evaluate/rows/`` so adding a task re-runs only that task.
 """
 
@@ -37,7 +39,7 @@ from pacl_ray.evaluation.features import extract_features_many
 from pacl_ray.evaluation.probes import run_finetune, run_linear
 from pacl_ray.evaluation.report import write_results
 from pacl_ray.evaluation.resolve import BackboneRef, initial_ref, resolve_backbone
-from pacl_ray.evaluation.tasks import TaskSpec, TaskSpecError, load_task, parse_protocols, parse_task
+from pacl_ray.evaluation.tasks import TaskSpec, TaskSpecError, load_tasks, parse_protocols, parse_task
 from pacl_ray.evaluation.zeroshot import run_zeroshot
 from pacl_ray.formats import storage
 from pacl_ray.formats.export import EXPORT_HEADS, ExportError
@@ -110,8 +112,7 @@ def evaluate_backbone(
     storage.makedirs(out_dir)
     save_config(cfg, out_dir)
     loaded = []
-    for spec in specs:
-        data = load_task(spec)
+    for spec, data in load_tasks(specs):  # levels:webemo -> one task per level
         info = data.summary()
         sizes = " / ".join(f"{split} {n}" for split, n in info["sizes"].items())
         print(f"[evaluate] {info['name']} ({info['kind']}, {info['out_dims']} outputs): {sizes}"
@@ -185,5 +186,6 @@ def main(cfg: RunConfig, backbone: str | None = None) -> int:
         print(f"pacl-ray evaluate: error: {err}", file=sys.stderr)
         return 2
     print(storage.read_text(storage.join(out_dir, "results.md")))
+    print("The paper's Tables 1 and 2 (its columns, '-' where not evaluated): table1.md, table2.md")
     print(f"evaluate: {out_dir}")
     return 0

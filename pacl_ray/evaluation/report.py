@@ -1,6 +1,13 @@
 """The Table 1 layout of evaluation rows: Markdown (paper precision, best per column in bold) and
 CSV (full precision), merged into ``rows.json`` / ``results.md`` / ``results.csv`` of an output
-directory (local path or URI)."""
+directory (local path or URI); and the paper's own tables (:data:`PAPER_COLUMNS`: Table 1's and
+Table 2's columns in the paper's order) as ``table1.md`` / ``table2.md`` beside them.
+
+The paper layouts are pure functions of a results frame, shared with the sweep report
+(:mod:`pacl_ray.sweeps.report`): rows of leading cells and ``{"<dataset>/<metric>": value}``
+(``dataset`` the task's display name, e.g. ``"FI-2/Acc-2"``), with an optional standard deviation
+per value (a seed axis: the cell reads ``mean ± std``). A value the results do not hold is ``-``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pacl_ray.core import metrics
@@ -97,13 +105,145 @@ def results_table(rows: Sequence[dict]) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
+# --------------------------------------------------------------------------- the paper's tables
+
+
+@dataclass(frozen=True)
+class PaperColumn:
+    """One column of a paper table: printed as ``"<group> <label>"``, filled from the result
+    ``"<dataset>/<metric>"`` (the evaluated task's display name and metric column)."""
+
+    group: str
+    label: str
+    dataset: str
+    metric: str
+
+    @property
+    def header(self) -> str:
+        return f"{self.group} {self.label}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.metric}"
+
+
+def _columns(*groups: tuple[str, str, Sequence[str]]) -> tuple[PaperColumn, ...]:
+    return tuple(PaperColumn(group, metric, dataset, metric)
+                 for group, dataset, metrics in groups for metric in metrics)
+
+
+# Table 1 (paper 4.4): single-label FI / Emotion-6 / UnbiasedEmo, hierarchical WebEmo (levels
+# predicted together; 7 second-level classes, README "Deliberate differences"), multi-label Emotic,
+# VAD Emotic and IAPS. Table 2 (4.5.1): FI-2 and FI, and WebEmo with each level trained alone
+# (task ``levels:webemo``); its "Acc-6" is our 7-class second level.
+PAPER_COLUMNS: dict[str, tuple[PaperColumn, ...]] = {
+    "table1": _columns(
+        ("FI", "FI", ("Acc-8", "F1-8")), ("Emotion-6", "Emotion-6", ("Acc-6", "F1-6")),
+        ("UnbiasedEmo", "UnbiasedEmo", ("Acc-6", "F1-6")),
+        ("WebEmo", "WebEmo", ("Acc-2", "F1-2", "Acc-7", "F1-7", "Acc-25", "F1-25")),
+        ("Emotic", "Emotic", ("mAP", "AUC")), ("Emotic", "Emotic", ("MSE", "R2")), ("IAPS", "IAPS", ("MSE", "R2")),
+    ),
+    "table2": (
+        PaperColumn("FI", "Acc-2", "FI-2", "Acc-2"), PaperColumn("FI", "Acc-8", "FI", "Acc-8"),
+        PaperColumn("WebEmo", "Acc-2", "WebEmo-2", "Acc-2"), PaperColumn("WebEmo", "Acc-7", "WebEmo-7", "Acc-7"),
+        PaperColumn("WebEmo", "Acc-25", "WebEmo-25", "Acc-25"),
+    ),
+}
+# Table 1 lists every result after its own columns (no result is hidden); Table 2 is a fixed
+# comparison of five accuracies (its "WebEmo Acc-2" would read like hierarchical WebEmo's).
+PAPER_EXTRAS = {"table1": True, "table2": False}
+
+
+@dataclass
+class LayoutRow:
+    """One row of a results frame: leading cells (model; or partition and sample usage), the
+    protocol block it belongs to, ``{"<dataset>/<metric>": value}`` and the std over seeds of each
+    (empty without a seed axis)."""
+
+    cells: tuple
+    values: dict
+    spread: dict = field(default_factory=dict)
+    protocol: str = "linear"
+    error: str = ""
+
+
+def format_cell(metric: str, value: Any, spread: Any = None) -> str:
+    """A value at the paper's precision (MSE 3 decimals, R2 4, the rest 2), ``mean ± std`` with a
+    spread, ``-`` when missing or not a number."""
+    text = _format(metric, value)
+    if text == "-" or spread is None or (isinstance(spread, float) and math.isnan(spread)):
+        return text
+    return f"{text} ± {_format(metric, spread)}"
+
+
+def generic_columns(rows: Sequence[LayoutRow]) -> list[tuple[str, str]]:
+    """(header, key) for every result key in first-seen order, header ``"<dataset> <metric>"``."""
+    keys = list(dict.fromkeys(k for r in rows for k in r.values))
+    return [(k.replace("/", " ", 1) if k.count("/") == 1 else k, k) for k in keys]
+
+
+def paper_columns(layout: str, rows: Sequence[LayoutRow]) -> list[tuple[str, str]]:
+    """(header, key) of a paper table: its columns in the paper's order (every one, filled or not),
+    then, for Table 1, every other result key in first-seen order."""
+    if layout not in PAPER_COLUMNS:
+        raise ValueError(f"unknown paper layout {layout!r}; expected one of {', '.join(PAPER_COLUMNS)}")
+    fixed = [(c.header, c.key) for c in PAPER_COLUMNS[layout]]
+    if not PAPER_EXTRAS[layout]:
+        return fixed
+    taken = {key for _, key in fixed}
+    return fixed + [(h, k) for h, k in generic_columns(rows) if k not in taken]
+
+
+def markdown_table(lead: Sequence[str], rows: Sequence[LayoutRow], columns: Sequence[tuple[str, str]]) -> str:
+    """Rows as Markdown: the leading cells, then one cell per (header, key) column
+    (:func:`format_cell`). A failed row without values shows its error in the first column."""
+    lines = ["| " + " | ".join(list(lead) + [h for h, _ in columns]) + " |", "|" + "---|" * (len(lead) + len(columns))]
+    for row in rows:
+        cells = [format_cell(k.rsplit("/", 1)[-1], row.values.get(k), row.spread.get(k)) for _, k in columns]
+        if row.error and not row.values and cells:
+            cells = [f"failed: {row.error[:40]}"] + ["-"] * (len(cells) - 1)
+        lines.append("| " + " | ".join([str(c) for c in row.cells] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_table(layout: str, rows: Sequence[LayoutRow], lead: Sequence[str] = ("Model",)) -> str:
+    """Table 1 or 2 as Markdown: a ``Protocol`` column naming each block once (linear evaluation,
+    then fine-tuning, then the rest, as the paper's "Linear Evaluation:" / "Fine-tuning:" blocks),
+    the rows' leading cells, then :func:`paper_columns`."""
+    columns = paper_columns(layout, rows)
+    order = {p: i for i, p in enumerate(PROTOCOLS)}
+    protocols = sorted(dict.fromkeys(r.protocol for r in rows), key=lambda p: order.get(p, len(order)))
+    body = []
+    for protocol in protocols:
+        for i, row in enumerate(r for r in rows if r.protocol == protocol):
+            title = PROTOCOL_TITLES.get(protocol, protocol) if i == 0 else ""
+            body.append(LayoutRow((title, *row.cells), row.values, row.spread, protocol, row.error))
+    return markdown_table(["Protocol", *lead], body, columns)
+
+
+def layout_rows(rows: Sequence[dict]) -> list[LayoutRow]:
+    """Evaluation rows (one per task, protocol and prompt) -> one LayoutRow per (protocol, model,
+    prompt), keyed ``"<dataset>/<metric>"`` (a zero-shot prompt joins the model's cell). Two tasks
+    shown under one dataset name share its cells (the later one wins; ``results.md`` keeps both)."""
+    out: dict[tuple, LayoutRow] = {}
+    for row in rows:
+        prompt = row.get("prompt") or ""
+        key = (row["protocol"], row["model"], prompt)
+        if key not in out:
+            out[key] = LayoutRow((f"{row['model']} [{prompt}]" if prompt else row["model"],), {}, {}, row["protocol"])
+        for c in metric_columns(row):
+            out[key].values[f"{row['dataset']}/{c}"] = row[c]
+    return list(out.values())
+
+
 def _row_key(row: dict) -> tuple:
     return (row["model"], row["protocol"], row.get("prompt") or "", row["task"])
 
 
 def write_results(out_dir: str, rows: Sequence[dict]) -> list[dict]:
     """Merge rows into ``out_dir/rows.json`` (same model, protocol, prompt and task replaced) and
-    rewrite ``results.md`` / ``results.csv``; returns all rows now in ``out_dir``."""
+    rewrite ``results.md`` / ``results.csv`` and the paper layouts ``table1.md`` / ``table2.md``;
+    returns all rows now in ``out_dir``."""
     path = storage.join(out_dir, "rows.json")
     merged = json.loads(storage.read_text(path)) if storage.exists(path) else []
     new_keys = {_row_key(r) for r in rows}
@@ -112,4 +252,7 @@ def write_results(out_dir: str, rows: Sequence[dict]) -> list[dict]:
     markdown, table_csv = results_table(merged)
     storage.write_text(storage.join(out_dir, "results.md"), markdown)
     storage.write_text(storage.join(out_dir, "results.csv"), table_csv)
+    frame = layout_rows(merged)
+    for layout in PAPER_COLUMNS:
+        storage.write_text(storage.join(out_dir, f"{layout}.md"), paper_table(layout, frame))
     return merged

@@ -1,6 +1,12 @@
 """The sweep report: the paper's Table-5 layout (Markdown + CSV), one plot per searched key, the
 best config and ``trials.json`` (:func:`write_report`), from each trial's outcome.
 
+``results.md`` follows the space's ``layout`` (:func:`layout_markdown`): ``table5`` (default; one
+block per searched key), ``table4`` (one row per space row under its labels, e.g. Partition and
+Sample Usage, after the initial weights), ``table1`` / ``table2`` (the paper's columns in its order,
+one block per protocol; :mod:`pacl_ray.evaluation.report`). ``results.csv`` keeps every value at
+full precision whatever the layout.
+
 On a seed axis the trials of one row are averaged into mean ± sample standard deviation
 (:func:`aggregate_seeds`); an axis searched at one value gets no plot.
 """
@@ -10,12 +16,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pacl_ray import config as config_mod
+from pacl_ray.evaluation.report import LayoutRow, markdown_table, paper_table
 from pacl_ray.formats import storage
 from pacl_ray.sweeps.spaces import SweepSpace, Trial, format_value, get_dotted
 
@@ -181,6 +189,90 @@ def results_csv(rows: list[dict], columns: list[str]) -> str:
     return buffer.getvalue()
 
 
+# --------------------------------------------------------------------------- paper layouts
+
+# a flattened result key of a protocol other than linear: "<dataset>-finetune/<metric>",
+# "<dataset>-zeroshot[<prompt>]/<metric>" (pacl_ray.sweeps.driver.flatten_rows)
+_PROTOCOL_KEY = re.compile(r"^(?P<dataset>.+)-(?P<protocol>finetune|zeroshot)(?P<prompt>\[.*\])?/(?P<metric>[^/]+)$")
+INITIAL_LABEL = "initial backbone"
+
+
+def split_protocol(key: str) -> tuple[str, str]:
+    """A sweep result key -> (protocol, ``"<dataset>/<metric>"``): ``"FI-finetune/Acc-8"`` ->
+    ``("finetune", "FI/Acc-8")``; a zero-shot prompt stays with its protocol (``"zeroshot[p]"``);
+    a key without a protocol suffix is linear evaluation."""
+    match = _PROTOCOL_KEY.match(key)
+    if not match:
+        return "linear", key
+    return match["protocol"] + (match["prompt"] or ""), f"{match['dataset']}/{match['metric']}"
+
+
+def _by_protocol(cells: tuple, metrics: dict, spread: dict, error: str) -> list[LayoutRow]:
+    """One LayoutRow per protocol the metrics hold (linear first when present; none -> one linear row)."""
+    rows: dict[str, LayoutRow] = {}
+    for key, value in metrics.items():
+        protocol, plain = split_protocol(key)
+        row = rows.setdefault(protocol, LayoutRow(cells, {}, {}, protocol, error))
+        row.values[plain] = value
+        if key in spread:
+            row.spread[plain] = spread[key]
+    return list(rows.values()) or [LayoutRow(cells, {}, {}, "linear", error)]
+
+
+def _ordered(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
+    """Searched trials in sweep order, then baselines."""
+    return [o for o in outcomes if not o.trial.baseline] + [o for o in outcomes if o.trial.baseline]
+
+
+def paper_layout_rows(outcomes: list[TrialOutcome], initial: dict | None = None) -> list[LayoutRow]:
+    """The results frame of Tables 1 and 2: the initial backbone, each trial (seeds averaged), then
+    baselines, labelled by trial name; one row per model in every protocol block any model has
+    (a model a protocol did not evaluate gets a row of ``-`` there, as in the paper's blocks)."""
+    models = []
+    if initial is not None:
+        models.append(_by_protocol((INITIAL_LABEL,), initial, {}, ""))
+    for outcome in _ordered(aggregate_seeds(outcomes)):
+        models.append(_by_protocol((outcome.trial.name,), outcome.metrics, outcome.spread, outcome.error))
+    protocols = list(dict.fromkeys(row.protocol for rows in models for row in rows))
+    frame = []
+    for protocol in protocols:
+        for rows in models:
+            found = [row for row in rows if row.protocol == protocol]
+            frame.append(found[0] if found else LayoutRow(rows[0].cells, {}, {}, protocol, rows[0].error))
+    return frame
+
+
+def table4_markdown(space: SweepSpace, outcomes: list[TrialOutcome], initial: dict | None = None) -> str:
+    """The paper's Table 4 layout: one column per row label (``labels`` of the space's rows, in
+    first-seen order, title-cased: Partition, Sample Usage), the "Initial weight" row first, each
+    row's trial (mean ± std on a seed axis) under its labels in space order, then baselines by
+    name; one column per result (e.g. UnbiasedEmo Acc-6, F1-6), ``-`` where missing."""
+    labels = {row.name: row.labels for row in space.rows}
+    keys = list(dict.fromkeys(k for row in space.rows for k in row.labels)) or ["row"]
+    lead = [k.title() for k in keys]
+    frame = []
+    if initial is not None:
+        frame.append(LayoutRow(("Initial weight",) + ("",) * (len(keys) - 1), dict(initial)))
+    for outcome in _ordered(aggregate_seeds(outcomes)):
+        row_labels = labels.get(outcome.trial.name)
+        if row_labels:
+            cells = tuple(row_labels.get(k, "-") for k in keys)
+        else:  # a baseline (or a row without labels): its name in the first column
+            cells = (outcome.trial.name,) + ("",) * (len(keys) - 1)
+        frame.append(LayoutRow(cells, dict(outcome.metrics), dict(outcome.spread), error=outcome.error))
+    columns = [(c.replace("/", " ", 1), c) for c in metric_columns(outcomes, initial)]
+    return markdown_table(lead, frame, columns)
+
+
+def layout_markdown(space: SweepSpace, base: dict, outcomes: list[TrialOutcome], initial: dict | None = None) -> str:
+    """``results.md`` in the space's layout (``space.layout``; see the module docstring)."""
+    if space.layout == "table4":
+        return table4_markdown(space, outcomes, initial)
+    if space.layout in ("table1", "table2"):
+        return paper_table(space.layout, paper_layout_rows(outcomes, initial))
+    return results_markdown(table_rows(space, base, outcomes, initial), metric_columns(outcomes, initial))
+
+
 def plot_hyperparameter(key: str, rows: list[dict], columns: list[str], metric: str,
                         reference: dict[str, float], log_scale: bool) -> bytes:
     """PNG of every accuracy column (and the sweep metric, bold) against one key's values, with
@@ -263,7 +355,7 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
               f"({', '.join(columns)}); using {metric!r}", file=sys.stderr)
     mode = space.metric.mode if space.metric else "max"
     rows = table_rows(space, base, outcomes, initial)
-    markdown, csv_text = results_markdown(rows, columns), results_csv(rows, columns)
+    markdown, csv_text = layout_markdown(space, base, outcomes, initial), results_csv(rows, columns)
     storage.write_text(storage.join(sweep_dir, "results.md"), markdown)
     storage.write_text(storage.join(sweep_dir, "results.csv"), csv_text)
 

@@ -21,6 +21,7 @@ Pure: no Ray. A space file looks like::
     max_failures: 1              # retries of a trial whose process died (lost node)
     seeds: [0, 1, 2]             # repeat every trial per training seed (or repeats: 3, or
                                  # search: {seed: {grid: [0, 1, 2]}}); results give mean and std
+    layout: table5               # results.md as the paper's table5 (default), table4, table1, table2
 
 ``one_at_a_time`` is the paper's Table 5: each searched key is varied alone, every other key at
 its adopted (fixed or default) value; the all-adopted trial is run once and shared by every key.
@@ -51,8 +52,11 @@ DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform")
 MODES = ("one_at_a_time", "product", "rows")
 TOP_LEVEL_KEYS = (
     "name", "mode", "num_samples", "seed", "fixed", "search", "rows", "baselines", "downstream",
-    "metric", "resources", "asha", "max_failures", "seeds", "repeats",
+    "metric", "resources", "asha", "max_failures", "seeds", "repeats", "layout",
 )
+# results.md laid out as the paper's Table 5 (blocks per searched key), Table 4 (each row's labels,
+# mode rows), Table 1 or Table 2 (the paper's columns; see pacl_ray.sweeps.report)
+LAYOUTS = ("table5", "table4", "table1", "table2")
 ROW_KEYS = ("name", "set", "labels")
 # What ASHA may rank on: the training stage's held-out probe (pacl_ray.stages.validation.VAL_METRIC),
 # higher is better. Named here, not imported, so that reading a space does not import torch.
@@ -173,6 +177,7 @@ class SweepSpace:
     rows: tuple = ()  # Row, in file order (mode rows)
     seeds: tuple = ()  # the seed axis: every trial repeated per training seed ("seed" config key)
     repeats: int = 0  # seeds base seed .. base seed + repeats - 1 (when ``seeds`` is empty)
+    layout: str = "table5"  # one of LAYOUTS: how results.md lays the trials out
 
     def seed_values(self, base: dict) -> tuple:
         """The seed axis given the resolved base config: ``seeds``, else ``repeats`` seeds from the
@@ -453,12 +458,18 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
     max_failures = data.get("max_failures", 1)
     _check_number(f"{path}: max_failures", max_failures, integer=True)
 
+    layout = data.get("layout", "table5")
+    if layout not in LAYOUTS:
+        raise SpaceError(f"{path}: layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "table4" and mode != "rows":
+        raise SpaceError(f"{path}: layout: table4 lays out the labels of rows; it needs mode: rows (mode is {mode})")
+
     name = data.get("name") or _stem(path)
     return SweepSpace(
         path=path, name=str(name), mode=mode, num_samples=num_samples, seed=seed,
         fixed=fixed_nested, search=search, baselines=baselines, downstream=tuple(downstream),
         metric=metric, resources=resources, asha=asha, max_failures=max_failures, rows=rows,
-        seeds=seeds, repeats=repeats,
+        seeds=seeds, repeats=repeats, layout=layout,
     )
 
 
