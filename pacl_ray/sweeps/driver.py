@@ -188,6 +188,11 @@ class _TrialNamer:
         return run_label(name, self.hyperparameters.get(name, {}))
 
 
+# A trial's start-up (pacl_ray.stages.train_loop.startup_times), reported with its evaluation when it
+# trained (not when its training was cached): the summary table's start-to-first-step column.
+STARTUP_METRICS = ("start_to_first_step_s", "driver_setup_s", "worker_start_s", "worker_to_first_step_s")
+
+
 # Metrics the training stage reports each epoch: losses on the training batches. Their scale moves
 # with tau, and which L_k enter `total` moves with sigma and K, so trials cannot be ranked on them.
 TRAINING_LOSS_PREFIXES = ("total", "loss", "l_", "lr")
@@ -319,6 +324,7 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
     (:func:`write_eval_tensorboard`)."""
 
     def pacl_trial(config: dict) -> None:
+        started_at = time.time()  # the trial's start-to-first-step counts from here
         import ray.tune
 
         if os.path.isdir(driver_cwd):
@@ -331,15 +337,20 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
 
             callbacks.append(TuneReportCallback())
         from pacl_ray.stages import pipeline
+        from pacl_ray.stages.train import run_train
 
-        result = pipeline.stage_train(cfg, callbacks=callbacks, upstream=(upstream or {}).get(name))
+        # One CPU worker and no callbacks: the training loop runs in this trial process instead
+        # of Ray Train's controller and worker processes (pacl_ray.stages.train_launch).
+        stages = pipeline.Pipeline(cfg, (upstream or {}).get(name)).upstream_of_train()
+        result = run_train(cfg, **stages, callbacks=callbacks, started_at=started_at, in_process=True)
         out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
         rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
         hyperparameters = {k: v for k, v in config.items() if k != "trial"}
         write_eval_tensorboard(sweep_dir, name, hyperparameters, metrics, int(cfg.train.epochs))
+        startup = {k: result.final_metrics[k] for k in STARTUP_METRICS if k in result.final_metrics and not result.cached}
         ray.tune.report({
-            **metrics, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
+            **metrics, **startup, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
             "train_uri": result.uri, "evaluated": 1,
         })
 
@@ -551,9 +562,14 @@ def collect_outcomes(grid: Any, trials: list[Trial]) -> list[TrialOutcome]:
                      and metrics.get("evaluated")},
             backbone=str(metrics.get("backbone_checkpoint", "") or ""),
             error=_short_error(result.error) if result.error else ("" if metrics.get("evaluated") else "stopped early"),
+            start_to_first_step_s=_float_or_none(metrics.get("start_to_first_step_s")),
         )
         by_name[name] = outcome
     return [by_name.get(t.name, TrialOutcome(t, error="not run")) for t in trials]
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _short_error(error: BaseException) -> str:
