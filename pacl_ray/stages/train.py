@@ -39,6 +39,12 @@ global batch takes no step; ``run.log`` and the epoch table say so with the part
 run in which no epoch can take a step raises
 :class:`~pacl_ray.stages.train_data.NoTrainableEpochError`.
 
+Where the loop runs. On Ray Train's workers (``train_loop_per_worker``), or, for a launch that
+asks for it (``run_train(in_process=True)``: a sweep trial) and has exactly one CPU worker and no
+callbacks, in the calling process (:mod:`pacl_ray.stages.train_launch`): the same loop and the same
+result, two process starts fewer. Checkpoints then go to ``<run>/checkpoints/`` instead of
+``<run>/ray_train/``; a relaunch resumes from the latest of either.
+
 Elastic training. ``train.max_workers`` makes ``ScalingConfig(num_workers=(num_workers,
 max_workers))``. The global batch stays ``train.global_batch_size`` at any world size W: each rank
 takes B//W or B//W+1 rows of every global batch, so the loss, the learning-rate schedule and the
@@ -76,8 +82,8 @@ from pacl_ray.stages.train_loop import (
     startup_times, step_model,
 )
 from pacl_ray.stages.train_launch import (
-    IN_PROCESS_DIR, InProcessWorker, RayTrainWorker, as_checkpoint, checkpoint_directory, latest_checkpoint, run_with_retries,
-    runs_in_process, torch_threads, worker_threads, write_counters,
+    IN_PROCESS_DIR, InProcessWorker, RayTrainWorker, as_checkpoint, checkpoint_directory, latest_checkpoint,
+    run_with_retries, runs_in_process, torch_threads, worker_threads, write_counters,
 )
 from pacl_ray.stages.train_metrics import (
     LOSS_TERMS, RunLog, TensorBoardLog, epoch_table, plan_lines, write_metric_logs,

@@ -92,7 +92,8 @@ def _global_step(checkpoint_uri: str, kind: str) -> Optional[int]:
         return int(load_state(directory)["counters"]["global_step"])
 
 
-def latest_checkpoint(run_uri: str, kinds: tuple[str, ...] = (IN_PROCESS_DIR, RAY_TRAIN_DIR)) -> Optional[tuple[int, str]]:
+def latest_checkpoint(run_uri: str,
+                      kinds: tuple[str, ...] = (IN_PROCESS_DIR, RAY_TRAIN_DIR)) -> Optional[tuple[int, str]]:
     """(global step, URI) of the run's checkpoint with the highest global step among ``kinds``
     (:data:`IN_PROCESS_DIR`, :data:`RAY_TRAIN_DIR`); None when there is none."""
     best: Optional[tuple[int, str]] = None

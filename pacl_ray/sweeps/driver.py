@@ -12,13 +12,16 @@ How a sweep runs:
    of every K in the sweep in one pass (``cluster.ks``). Stage outputs are content-keyed, so
    trials find them in the cache and only threshold, train and evaluate.
 3. Ray Tune runs one function trainable per trial (Ray's Train-inside-Tune pattern): it calls the
-   training stage, which builds and fits a ``TorchTrainer`` with its own workers, then evaluates
-   the exported backbone on the downstream tasks and reports the metrics with ``ray.tune.report``.
+   training stage, which builds and fits a ``TorchTrainer`` with its own workers (a trial of one
+   CPU worker and no ASHA trains in the trial process instead: two process starts fewer,
+   :mod:`pacl_ray.stages.train_launch`), then evaluates the exported backbone on the downstream
+   tasks and reports the metrics, and the seconds from the trial's start to its first training
+   step, with ``ray.tune.report``.
 4. The experiment lives under ``{output_dir}/sweeps/<name>/tune``; relaunching the same sweep
    restores it (finished trials are kept, unfinished and errored ones re-run, and the training
    stage resumes from its own checkpoint).
 5. Outputs under ``{output_dir}/sweeps/<name>/``: ``results.md`` and ``results.csv`` (the layout
-   of the paper's Table 5), ``plot_<key>.png`` per searched key, ``best_config.yaml``, and
+   of the paper's Table 5, plus each trial's start-to-first-step seconds), ``plot_<key>.png`` per searched key, ``best_config.yaml``, and
    ``trials.json`` with each trial's metrics and exported backbone.
 """
 
@@ -348,7 +351,8 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
         metrics = flatten_rows(rows)
         hyperparameters = {k: v for k, v in config.items() if k != "trial"}
         write_eval_tensorboard(sweep_dir, name, hyperparameters, metrics, int(cfg.train.epochs))
-        startup = {k: result.final_metrics[k] for k in STARTUP_METRICS if k in result.final_metrics and not result.cached}
+        startup = {} if result.cached else {k: result.final_metrics[k] for k in STARTUP_METRICS
+                                            if k in result.final_metrics}
         ray.tune.report({
             **metrics, **startup, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
             "train_uri": result.uri, "evaluated": 1,

@@ -23,7 +23,8 @@ from pacl_ray.stages.train_launch import (
 def _local_checkpoint(tmp_path, step: int, counters: bool = True) -> str:
     directory = tmp_path / f"local-{step}"
     directory.mkdir()
-    state = {"counters": {"epoch": 0, "step_in_epoch": step, "global_step": step}, "model": {"w": torch.full((2,), step)}}
+    counters = {"epoch": 0, "step_in_epoch": step, "global_step": step}
+    state = {"counters": counters, "model": {"w": torch.full((2,), step)}}
     torch.save(state, directory / STATE_FILE)
     if counters:
         write_counters(str(directory), state["counters"])

@@ -439,6 +439,12 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     # a sigma sweep scores and clusters once, thresholds and trains per sigma
     assert count("scores") == 1 and count("cluster") == 1
     assert count("partition") == 2 and count("train") == 2
+    # Issue 21: one CPU worker per trial trains in the trial process (no Ray Train run), and the
+    # summary gives each trial's seconds from its start to its first training step.
+    for run in (stages / "train").iterdir():
+        assert (run / "checkpoints").is_dir() and not (run / "ray_train").exists()
+    assert f"| {sweep_report.STARTUP_COLUMN} |" in printed
+    assert all(float(r["start_to_first_step_s"]) > 0 for r in rows[:2]) and rows[2]["start_to_first_step_s"] == ""
 
     assert cli.main(["tune", *argv]) == 0  # relaunch: restored, nothing retrained
     assert "resuming" in capsys.readouterr().out
