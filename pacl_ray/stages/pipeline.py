@@ -68,14 +68,17 @@ class Pipeline:
         return {"ingest": self.ingest(), "partition": self.partition(), "embed": self.embed(),
                 "cluster": self.cluster()}
 
-    def train(self, callbacks: list | None = None, validation: Any = None) -> Any:
+    def train(self, callbacks: list | None = None, validation: Any = None, started_at: float | None = None,
+              in_process: bool = False) -> Any:
         """Training on the four upstream outputs; ``callbacks`` go to Ray Train (a sweep passes
         Tune's report callback); ``validation``: the held-out probe set
-        (:class:`pacl_ray.stages.validation.ValidationSet`, or None). Returns
+        (:class:`pacl_ray.stages.validation.ValidationSet`, or None); ``started_at`` and
+        ``in_process``: see :func:`pacl_ray.stages.train.run_train`. Returns
         :class:`pacl_ray.stages.train.TrainResult`."""
         from pacl_ray.stages.train import run_train
 
-        return run_train(self.cfg, **self.upstream_of_train(), callbacks=callbacks, validation=validation)
+        return run_train(self.cfg, **self.upstream_of_train(), callbacks=callbacks, validation=validation,
+                         started_at=started_at, in_process=in_process)
 
 
 def stage_ingest(cfg: RunConfig) -> StageOutput:
@@ -99,8 +102,10 @@ def stage_cluster(cfg: RunConfig) -> StageOutput:
 
 
 def stage_train(cfg: RunConfig, callbacks: list | None = None,
-                upstream: dict[str, StageOutput] | None = None, validation: Any = None) -> Any:
+                upstream: dict[str, StageOutput] | None = None, validation: Any = None,
+                started_at: float | None = None, in_process: bool = False) -> Any:
     """Train on top of every upstream stage, each resolved once (``upstream``: outputs already
-    resolved by the caller, by stage name; ``validation``: see :meth:`Pipeline.train`). Returns
-    :class:`pacl_ray.stages.train.TrainResult`."""
-    return Pipeline(cfg, upstream).train(callbacks=callbacks, validation=validation)
+    resolved by the caller, by stage name; the other arguments: see :meth:`Pipeline.train`).
+    Returns :class:`pacl_ray.stages.train.TrainResult`."""
+    return Pipeline(cfg, upstream).train(callbacks=callbacks, validation=validation, started_at=started_at,
+                                         in_process=in_process)

@@ -42,6 +42,12 @@ global batch takes no step; ``run.log`` and the epoch table say so with the part
 run in which no epoch can take a step raises
 :class:`~pacl_ray.stages.train_data.NoTrainableEpochError`.
 
+Where the loop runs. On Ray Train's workers (``train_loop_per_worker``), or, for a launch that
+asks for it (``run_train(in_process=True)``: a sweep trial) and has exactly one CPU worker and no
+callbacks, in the calling process (:mod:`pacl_ray.stages.train_launch`): the same loop and the same
+result, two process starts fewer. Checkpoints then go to ``<run>/checkpoints/`` instead of
+``<run>/ray_train/``; a relaunch resumes from the latest of either.
+
 Elastic training. ``train.max_workers`` makes ``ScalingConfig(num_workers=(num_workers,
 max_workers))``. The global batch stays ``train.global_batch_size`` at any world size W: each rank
 takes B//W or B//W+1 rows of every global batch, so the loss, the learning-rate schedule and the
@@ -55,6 +61,7 @@ import json
 import os
 import posixpath
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -66,7 +73,7 @@ from pacl_ray.core import backbones, dist, loss
 from pacl_ray.formats import storage
 from pacl_ray.stages import cache, runtime
 from pacl_ray.stages.cache import StageOutput
-from pacl_ray.stages.checkpoint import STAGE, load_state, save_checkpoint, train_key, unwrap
+from pacl_ray.stages.checkpoint import STAGE, load_state, train_key, unwrap, write_state
 from pacl_ray.stages.train_data import (  # noqa: F401 (NoTrainableEpochError: the stage's errors are its own)
     EMOTIONAL, FACTUAL, PARTITION, NoTrainableEpochError, TrainingPlan, feed_order, fits_in_memory, joined_table,
     load_training_table, make_plan, rank_batches, seed_of, with_codes,
@@ -76,6 +83,10 @@ from pacl_ray.stages.train_step import ImageNormalizer, NonFiniteLossError, buil
 from pacl_ray.stages.train_loop import (
     NonFinite, StepLog, gather_features, gather_labels, resolve_channels_last, resolve_compile, startup_line,
     startup_times, step_model,
+)
+from pacl_ray.stages.train_launch import (
+    IN_PROCESS_DIR, InProcessWorker, RayTrainWorker, as_checkpoint, checkpoint_directory, latest_checkpoint,
+    run_with_retries, runs_in_process, torch_threads, worker_threads, write_counters,
 )
 from pacl_ray.stages.train_metrics import (
     LOSS_TERMS, RunLog, TensorBoardLog, epoch_table, plan_lines, write_metric_logs,
@@ -126,8 +137,12 @@ def _synchronize(device: torch.device) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker function (see the module docstring)."""
     loop_started_at = time.time()  # wall clock: compared with the driver's start (start_to_first_step_s)
-    import ray.train
-    import ray.train.torch
+    train_loop(config, RayTrainWorker(), loop_started_at)
+
+
+def train_loop(config: dict, worker: "RayTrainWorker | InProcessWorker", loop_started_at: float) -> None:
+    """The worker loop on a Ray Train worker or in the calling process (:mod:`train_launch`)."""
+    import ray
 
     from pacl_ray.core.pacl_model import build_model
 
@@ -136,17 +151,19 @@ def train_loop_per_worker(config: dict) -> None:
     plan: TrainingPlan = config["plan"]
     phases, steps, B = plan.phases, plan.steps, plan.global_batch
     fault: Optional[FaultInjection] = config.get("fault")
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = worker.rank, worker.world, worker.device
     amp_dtype = backbones.autocast_dtype(cfg.train.precision, device)
 
     model, backbone = build_model(config["text_dim"], **model_args(cfg))
-    epoch, step_in_epoch, global_step, step_rows, state = 0, 0, 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
+    epoch, step_in_epoch, global_step, step_rows = 0, 0, 0, []
+    state = worker.restored_state()
+    # The run's latest checkpoint of the other kind (an earlier launch in or out of process) when
+    # it is further on than what Ray Train restores (train_launch).
+    resume = config.get("resume_from")
+    if resume and (state is None or resume[0] > state["counters"]["global_step"]):
+        with checkpoint_directory(resume[1]) as directory:
             state = load_state(directory)
+    if state:
         model.load_state_dict(state["model"])
         epoch, step_in_epoch, global_step = (state["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
         step_rows = state["step_rows"]
@@ -155,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     channels_last = resolve_channels_last(cfg.train.channels_last, model, device)
     if channels_last:  # before DDP wraps it, so DDP's buckets see the NHWC parameters
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # to the device (+ DDP when W > 1)
+    model = worker.prepare_model(model)  # to the device (+ DDP when W > 1)
     forward = step_model(model, resolve_compile(cfg.train.compile, device))
     normalize = ImageNormalizer.for_backbone(backbone, device, channels_last)  # uint8 batches -> model input
     # The optimiser is built on the moved parameters so its restored state lands on their device.
@@ -245,8 +262,9 @@ def train_loop_per_worker(config: dict) -> None:
                     step_rows[-1][VAL_METRIC] = validator.accuracy(unwrap(model).backbone)
                     writer.add_scalars({"val/acc": step_rows[-1][VAL_METRIC]}, global_step)
                 val = {VAL_METRIC: latest_val(step_rows)} if validation is not None else {}  # Tune: in every result
-                _report({**step_rows[-1], **val, **timing, "world_rank": rank, "world_size": world, "node_id": node_id},
-                        counters, model, optimizer, scheduler, scaler, step_rows, rank, config["run_uri"], plan, writer)
+                _report(worker, {**step_rows[-1], **val, **timing, "world_rank": rank, "world_size": world,
+                                 "node_id": node_id},
+                        counters, model, optimizer, scheduler, scaler, step_rows, config["run_uri"], plan, writer)
         if diverged:
             break
         if step_in_epoch < steps[epoch]:
@@ -256,23 +274,23 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()  # and a last sync
 
 
-def _report(row: dict, counters: dict, model, optimizer, scheduler, scaler, step_rows: list[dict], rank: int,
+def _report(worker, row: dict, counters: dict, model, optimizer, scheduler, scaler, step_rows: list[dict],
             run_uri: str, plan: TrainingPlan, writer: Optional[TensorBoardLog]) -> None:
-    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint and
+    """Report on every rank (Ray Train's report is a barrier); rank 0 attaches the checkpoint and
     writes the metric logs and TensorBoard files to the run directory first."""
-    import ray.train
-
     metrics = {**{k: v for k, v in row.items() if k != "phase"}, **counters}
-    if rank != 0:
-        ray.train.report(metrics)
+    if worker.rank != 0:
+        worker.report(metrics)
         return
     epochs = sorted({r["epoch"] for r in step_rows})
     write_metric_logs(run_uri, step_rows, epoch_table(step_rows, plan, epochs))
     if writer:
         writer.sync()
-    checkpoint, directory = save_checkpoint(model, optimizer, scheduler, scaler, counters, step_rows)
+    directory = tempfile.mkdtemp(prefix="pacl-ckpt-")
     try:
-        ray.train.report(metrics, checkpoint=checkpoint)
+        write_state(directory, model, optimizer, scheduler, scaler, counters, step_rows)
+        write_counters(directory, counters)  # a relaunch finds the latest checkpoint by it (train_launch)
+        worker.report(metrics, checkpoint_dir=directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -356,7 +374,8 @@ def _nonfinite_error(uri: str, cfg: RunConfig, last_step: Optional[int]) -> Opti
 
 def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed: StageOutput, cluster: StageOutput,
               *, fault: Optional[FaultInjection] = None, callbacks: Optional[list] = None,
-              started_at: Optional[float] = None, validation: Optional[ValidationSet] = None) -> TrainResult:
+              started_at: Optional[float] = None, validation: Optional[ValidationSet] = None,
+              in_process: bool = False) -> TrainResult:
     """Train (or resume, or take from the cache) and export; see the module docstring.
 
     ``callbacks`` go to Ray Train's ``RunConfig`` (e.g. Tune's ``TuneReportCallback`` so that a
@@ -366,6 +385,9 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     this launch's first training step) and ``run.log`` its parts (:func:`startup_line`).
     ``validation``: the held-out probe reported as ``val_acc`` with checkpoints
     (:mod:`pacl_ray.stages.validation`); None = none.
+    ``in_process``: run the worker loop in this process when the launch has exactly one CPU
+    worker and no callbacks (:mod:`pacl_ray.stages.train_launch`; a sweep trial asks for it);
+    any other launch goes to Ray Train as without it.
 
     Raises:
         NonFiniteLossError: a step's loss was not finite (nothing exported, no ``_SUCCESS``).
@@ -401,13 +423,16 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
         raise
     meta = with_codes(meta, codes)
     log.write(*plan_lines(plan))
-    scaling, _ = _scaling_config(cfg)
+    scaling, use_gpu = _scaling_config(cfg)
+    local = in_process and runs_in_process(cfg.train.num_workers, cfg.train.max_workers, use_gpu, callbacks)
     text_dim = int(meta.column("text_feature").type.list_size)
-    # Small data: one table in the object store that each worker batches itself; a Ray Data
-    # pipeline per epoch would cost more than the epoch's steps. Otherwise each rank streams its
-    # chunks of the feed files (written once per ingest/embed/cluster/K, shared across trials).
+    # Small data: one table in the object store that each worker batches itself (in process: the
+    # table itself); a Ray Data pipeline per epoch would cost more than the epoch's steps. Otherwise
+    # each rank streams its chunks of the feed files (written once per ingest/embed/cluster/K,
+    # shared across trials).
     if fits_in_memory(ingest, cfg.train.in_memory_max_mb):
-        dataset = ray.put(joined_table(ingest, meta))
+        table = joined_table(ingest, meta)
+        dataset = table if local else ray.put(table)
     else:
         dataset = write_feed(feed_uri(cfg.output_dir, ingest, embed, cluster, cfg.train.k, chunk_rows),
                              ingest.path("pairs"), meta.drop_columns([PARTITION]), chunk_rows)
@@ -416,36 +441,49 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     record_fs, record_path = storage.resolve(storage.join(uri, NONFINITE_FILE))
     if storage.exists(storage.join(uri, NONFINITE_FILE)):  # from an earlier launch; this one records its own
         record_fs.delete_file(record_path)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg, "dataset": dataset, "order": order, "plan": plan,
-            "text_dim": text_dim, "run_uri": uri, "fault": fault,
-            "validation": ray.put(validation) if validation is not None else None,
-        },
-        scaling_config=scaling,
-        run_config=RayRunConfig(
-            name="ray_train", **_ray_storage(uri),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks or []),
-            # Ray Train's INFO echoes (every report's TrainingReport repr, resource requests):
-            # the stage prints its own plan and epoch lines (issue 20).
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
+    loop_config = {"cfg": cfg, "dataset": dataset, "order": order, "plan": plan, "text_dim": text_dim, "run_uri": uri,
+                   "fault": fault, "validation": ray.put(validation) if validation is not None else None}
     fit_at = time.time()
-    result = trainer.fit()
+    if local:
+        def launch():  # each try resumes from the run's latest checkpoint of either kind
+            worker = InProcessWorker(uri)
+            with torch_threads(worker_threads(cfg.train.resources_per_worker)):
+                train_loop({**loop_config, "resume_from": latest_checkpoint(uri)}, worker, time.time())
+            return worker
+
+        worker = run_with_retries(launch, cfg.train.max_failures, log.write)
+        metrics, checkpoint = worker.metrics, as_checkpoint(worker.checkpoint)
+    else:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            # Ray Train restores its own checkpoints; the latest in-process one is passed in case
+            # an earlier launch of this run went further in process.
+            train_loop_config={**loop_config, "resume_from": latest_checkpoint(uri, kinds=(IN_PROCESS_DIR,))},
+            scaling_config=scaling,
+            run_config=RayRunConfig(
+                name="ray_train", **_ray_storage(uri),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=list(callbacks or []),
+                # Ray Train's INFO echoes (every report's TrainingReport repr, resource requests):
+                # the stage prints its own plan and epoch lines (issue 20).
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        result = trainer.fit()
+        metrics, checkpoint = result.metrics or {}, result.checkpoint
+    if checkpoint is None:  # this launch had no step left to take: the run's latest checkpoint is its last
+        checkpoint = as_checkpoint((latest_checkpoint(uri) or (None, None))[1])
     state = None
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as directory:
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
             state = load_state(directory)
     diverged = _nonfinite_error(uri, cfg, state["counters"]["global_step"] if state else None)
     if diverged:
         log.write(str(diverged))
         raise diverged
     if state is None:
-        raise RuntimeError(f"train: Ray Train finished without a checkpoint ({storage.redact(uri)})")
+        raise RuntimeError(f"train: training finished without a checkpoint ({storage.redact(uri)})")
     if state["counters"]["global_step"] != plan.total_steps:
         raise RuntimeError(f"train: final checkpoint at step {state['counters']['global_step']}, expected {plan.total_steps}")
 
@@ -457,13 +495,13 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     exported = export_model(model, cfg, storage.join(uri, "export"), text_dim)
     final = {**history[-1], "total_steps": plan.total_steps, "num_pairs": meta.num_rows,
              "skipped_epochs": len(plan.skipped()), "amp_skipped_steps": sum(h["amp_skipped_steps"] for h in history)}
-    startup = startup_times(started_at, fit_at, result.metrics or {})
+    startup = startup_times(started_at, fit_at, metrics)
     if startup:
         final.update(startup)
         log.write(startup_line(startup))
     cache.mark_complete(uri, {
         "backbone_checkpoint": _relative(uri, exported.backbone), "heads_checkpoint": _relative(uri, exported.heads),
-        "export_info": _relative(uri, exported.info), "checkpoint": _relative(uri, result.checkpoint.path),
+        "export_info": _relative(uri, exported.info), "checkpoint": _relative(uri, checkpoint.path),
         "history": history, "final_metrics": final,
     })
     return _result_from_summary(uri, key, cached=False)

@@ -202,9 +202,9 @@ def startup_times(started_at: float, fit_at: float, metrics: dict) -> dict[str, 
     {} when the workers reported no step (a cached or empty run).
 
     ``start_to_first_step_s`` = ``driver_setup_s`` (stage resolution, reading and joining the
-    tables, up to ``TorchTrainer.fit``) + ``worker_start_s`` (Ray Train's controller and worker
-    processes, the process group) + ``worker_to_first_step_s`` (imports, model build, first batch
-    and the first step itself, compile included)."""
+    tables, up to the launch) + ``worker_start_s`` (Ray Train's controller and worker processes,
+    the process group; about 0 for a launch in the calling process) + ``worker_to_first_step_s``
+    (imports, model build, first batch and the first step itself, compile included)."""
     first, loop = metrics.get("first_step_at"), metrics.get("loop_started_at")
     if first is None or loop is None:
         return {}

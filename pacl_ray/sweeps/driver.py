@@ -12,13 +12,16 @@ How a sweep runs:
    of every K in the sweep in one pass (``cluster.ks``). Stage outputs are content-keyed, so
    trials find them in the cache and only threshold, train and evaluate.
 3. Ray Tune runs one function trainable per trial (Ray's Train-inside-Tune pattern): it calls the
-   training stage, which builds and fits a ``TorchTrainer`` with its own workers, then evaluates
-   the exported backbone on the downstream tasks and reports the metrics with ``ray.tune.report``.
+   training stage, which builds and fits a ``TorchTrainer`` with its own workers (a trial of one
+   CPU worker and no ASHA trains in the trial process instead: two process starts fewer,
+   :mod:`pacl_ray.stages.train_launch`), then evaluates the exported backbone on the downstream
+   tasks and reports the metrics, and the seconds from the trial's start to its first training
+   step, with ``ray.tune.report``.
 4. The experiment lives under ``{output_dir}/sweeps/<name>/tune``; relaunching the same sweep
    restores it (finished trials are kept, unfinished and errored ones re-run, and the training
    stage resumes from its own checkpoint).
 5. Outputs under ``{output_dir}/sweeps/<name>/``: ``results.md`` and ``results.csv`` (the layout
-   of the paper's Table 5), ``plot_<key>.png`` per searched key, ``best_config.yaml``, and
+   of the paper's Table 5, plus each trial's start-to-first-step seconds), ``plot_<key>.png`` per searched key, ``best_config.yaml``, and
    ``trials.json`` with each trial's metrics and exported backbone.
 """
 
@@ -188,6 +191,11 @@ class _TrialNamer:
         return run_label(name, self.hyperparameters.get(name, {}))
 
 
+# A trial's start-up (pacl_ray.stages.train_loop.startup_times), reported with its evaluation when it
+# trained (not when its training was cached): the summary table's start-to-first-step column.
+STARTUP_METRICS = ("start_to_first_step_s", "driver_setup_s", "worker_start_s", "worker_to_first_step_s")
+
+
 def tune_run_config(experiment_root: str, experiment_name: str, max_failures: int, callbacks: list) -> Any:
     """The sweep's ``ray.tune.RunConfig`` for experiments under ``experiment_root`` (a local path
     or pyarrow URI): ``storage_filesystem`` and ``storage_path`` from
@@ -318,6 +326,7 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
     (:func:`write_eval_tensorboard`)."""
 
     def pacl_trial(config: dict) -> None:
+        started_at = time.time()  # the trial's start-to-first-step counts from here
         import ray.tune
 
         if os.path.isdir(driver_cwd):
@@ -333,15 +342,19 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
         from pacl_ray.stages import pipeline
         from pacl_ray.stages.validation import VAL_METRIC, latest_val
 
+        # One CPU worker and no callbacks: the training loop runs in this trial process instead
+        # of Ray Train's controller and worker processes (pacl_ray.stages.train_launch).
         result = pipeline.stage_train(cfg, callbacks=callbacks, upstream=(upstream or {}).get(name),
-                                      validation=load_validation_set(cfg))
+                                      validation=load_validation_set(cfg), started_at=started_at, in_process=True)
         out_dir = storage.join(sweep_dir, "trials", _safe_name(name))
         rows = evaluate_rows(cfg, cfg.model.backbone, result.backbone_checkpoint, name, out_dir)
         metrics = flatten_rows(rows)
         hyperparameters = {k: v for k, v in config.items() if k != "trial"}
         write_eval_tensorboard(sweep_dir, name, hyperparameters, metrics, int(cfg.train.epochs))
+        startup = {} if result.cached else {k: result.final_metrics[k] for k in STARTUP_METRICS
+                                            if k in result.final_metrics}
         ray.tune.report({
-            **metrics, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
+            **metrics, **startup, "trial": name, "backbone_checkpoint": result.backbone_checkpoint,
             "train_uri": result.uri, "evaluated": 1,
             # Tune wants ASHA's metric in every result, this last one included (NaN: not probed)
             **({VAL_METRIC: latest_val(result.history)} if report_epochs else {}),
@@ -556,9 +569,14 @@ def collect_outcomes(grid: Any, trials: list[Trial]) -> list[TrialOutcome]:
                      and metrics.get("evaluated")},
             backbone=str(metrics.get("backbone_checkpoint", "") or ""),
             error=_short_error(result.error) if result.error else ("" if metrics.get("evaluated") else "stopped early"),
+            start_to_first_step_s=_float_or_none(metrics.get("start_to_first_step_s")),
         )
         by_name[name] = outcome
     return [by_name.get(t.name, TrialOutcome(t, error="not run")) for t in trials]
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _short_error(error: BaseException) -> str:

@@ -37,6 +37,8 @@ class TrialOutcome:
     spread: dict = field(default_factory=dict)  # "<task>/<col>" -> sample std over seeds (seed axis)
     seeds: list = field(default_factory=list)  # the seeds averaged into this row (seed axis)
     members: list = field(default_factory=list)  # their trial names
+    # seconds from the trial's start to its first training step (None: it trained nothing, e.g. cached)
+    start_to_first_step_s: Optional[float] = None
 
 
 def aggregate_seeds(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
@@ -65,8 +67,10 @@ def aggregate_seeds(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
         error = ""
         if failed:
             error = f"{len(failed)} of {len(members)} seeds failed: {failed[0].error}"
+        starts = [m.start_to_first_step_s for m in members if m.start_to_first_step_s is not None]
         out.append(TrialOutcome(trial, metrics, next((m.backbone for m in members if m.backbone), ""), error,
-                                spread, [m.trial.seed for m in members], [m.trial.name for m in members]))
+                                spread, [m.trial.seed for m in members], [m.trial.name for m in members],
+                                statistics.fmean(starts) if starts else None))
     return out
 
 
@@ -117,6 +121,7 @@ def table_rows(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
             "seeds": list(outcome.seeds) if outcome else [],
             "backbone": outcome.backbone if outcome else "",
             "error": outcome.error if outcome else "",
+            "start_to_first_step_s": outcome.start_to_first_step_s if outcome else None,
         }
 
     if space.mode == "one_at_a_time":
@@ -156,11 +161,18 @@ def _fmt_metric(value: Any, spread: Any = None) -> str:
     return text if spread is None else f"{text} ± {float(spread):.2f}"  # mean ± std over seeds
 
 
+STARTUP_COLUMN = "first step (s)"  # the trial's start to its first training step (issue #21)
+
+
 def results_markdown(rows: list[dict], columns: list[str]) -> str:
     """The table as Markdown: hyperparameter | value | <task>/<metric> ... (on a seed axis each
-    cell is ``mean ± std`` over the seeds, and a ``seeds`` column counts them)."""
+    cell is ``mean ± std`` over the seeds, and a ``seeds`` column counts them; when a trial trained
+    in this sweep, a last column gives its seconds from the trial's start to its first training
+    step, the mean over seeds on a seed axis)."""
     with_seeds = any(r.get("seeds") for r in rows)
-    header = ["hyperparameter", "value"] + columns + (["seeds"] if with_seeds else [])
+    with_startup = any(r.get("start_to_first_step_s") is not None for r in rows)
+    header = ["hyperparameter", "value"] + columns + (["seeds"] if with_seeds else []) + (
+        [STARTUP_COLUMN] if with_startup else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous = None
     for r in rows:
@@ -171,6 +183,9 @@ def results_markdown(rows: list[dict], columns: list[str]) -> str:
             cells = [f"failed: {r['error'][:40]}"] + ["-"] * (len(columns) - 1) if columns else []
         if with_seeds:
             cells.append(str(len(r.get("seeds") or [])) if r.get("seeds") else "-")
+        if with_startup:
+            start = r.get("start_to_first_step_s")
+            cells.append("-" if start is None else f"{float(start):.1f}")
         lines.append("| " + " | ".join([section, r["value"]] + cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -180,12 +195,14 @@ def results_csv(rows: list[dict], columns: list[str]) -> str:
     writer = csv.writer(buffer)
     with_seeds = any(r.get("seeds") for r in rows)  # a seed axis: std columns and the seeds
     spread_columns = [f"{c} std" for c in columns] + ["seeds"] if with_seeds else []
-    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + spread_columns + ["backbone", "error"])
+    writer.writerow(["hyperparameter", "value", "adopted", "trial"] + columns + spread_columns
+                    + ["start_to_first_step_s", "backbone", "error"])
     for r in rows:
         spreads = ([r.get("spread", {}).get(c, "") for c in columns]
                    + [" ".join(str(s) for s in r.get("seeds") or [])]) if with_seeds else []
         writer.writerow([r["hyperparameter"], r["value"], r["adopted"], r["trial"]]
-                        + [r["metrics"].get(c, "") for c in columns] + spreads + [r["backbone"], r["error"]])
+                        + [r["metrics"].get(c, "") for c in columns] + spreads
+                        + [_or_blank(r.get("start_to_first_step_s")), r["backbone"], r["error"]])
     return buffer.getvalue()
 
 
@@ -271,6 +288,10 @@ def layout_markdown(space: SweepSpace, base: dict, outcomes: list[TrialOutcome],
     if space.layout in ("table1", "table2"):
         return paper_table(space.layout, paper_layout_rows(outcomes, initial))
     return results_markdown(table_rows(space, base, outcomes, initial), metric_columns(outcomes, initial))
+
+
+def _or_blank(value: Any) -> Any:
+    return "" if value is None else value
 
 
 def plot_hyperparameter(key: str, rows: list[dict], columns: list[str], metric: str,
@@ -378,7 +399,8 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
         best_yaml = config_mod.dump_config(config_mod.from_dict(trial_configs[(best.members or [best.trial.name])[0]]))
         storage.write_text(storage.join(sweep_dir, "best_config.yaml"), best_yaml)
     trials_json = [
-        {**o.trial.to_dict(), "metrics": o.metrics, "backbone_checkpoint": o.backbone, "error": o.error}
+        {**o.trial.to_dict(), "metrics": o.metrics, "backbone_checkpoint": o.backbone, "error": o.error,
+         "start_to_first_step_s": o.start_to_first_step_s}
         for o in outcomes
     ]
     storage.write_text(storage.join(sweep_dir, "trials.json"),

@@ -79,9 +79,9 @@ def _run_dirs(output_dir) -> list[str]:
     return sorted(glob.glob(os.path.join(str(output_dir), "stages", "train", "*")))
 
 
-def _latest_checkpoint_state(output_dir) -> dict:
+def _latest_checkpoint_state(output_dir, kind: str = "ray_train") -> dict:
     (run,) = _run_dirs(output_dir)
-    states = [load_state(os.path.dirname(p)) for p in glob.glob(os.path.join(run, "ray_train", "*", STATE_FILE))]
+    states = [load_state(os.path.dirname(p)) for p in glob.glob(os.path.join(run, kind, "*", STATE_FILE))]
     return max(states, key=lambda s: s["counters"]["global_step"])
 
 
@@ -261,6 +261,53 @@ def test_interrupted_run_relaunched_continues(ray_local, tables, runs, tmp_path)
     clean = _final_state(runs["one"])["model"]
     for name, value in state["model"].items():
         assert torch.equal(value, clean[name]), name
+
+
+# --------------------------------------------------------------------------- in-process launches
+
+
+def _assert_same_training(result, reference):
+    state, clean = _final_state(result), _final_state(reference)
+    assert [r["global_step"] for r in state["step_rows"]] == list(range(TOTAL_STEPS))
+    assert [r["total"] for r in state["step_rows"]] == [r["total"] for r in clean["step_rows"]]
+    for name, value in state["model"].items():
+        assert torch.equal(value, clean["model"][name]), name
+
+
+def test_in_process_run_equals_the_ray_train_run(ray_local, tables, runs, tmp_path):
+    """One CPU worker in the calling process (a sweep trial's launch) trains bitwise as Ray
+    Train's one worker, persists its checkpoints in the run directory and reports its start-up."""
+    result = _run(tables, make_cfg(tmp_path / "inproc", in_memory_max_mb=0), in_process=True)
+    _assert_same_training(result, runs["one"])
+    assert not os.path.exists(os.path.join(result.uri, "ray_train"))  # no Ray Train run
+    assert sorted(os.listdir(os.path.join(result.uri, "checkpoints"))) == ["step_000000006", "step_000000008"]
+    assert os.path.isdir(result.checkpoint) and result.checkpoint.startswith(result.uri)
+    startup = result.final_metrics
+    assert startup["start_to_first_step_s"] == pytest.approx(
+        startup["driver_setup_s"] + startup["worker_start_s"] + startup["worker_to_first_step_s"])
+    assert "train: first step" in open(os.path.join(result.uri, "run.log")).read()
+
+
+def test_in_process_failure_resumes_exactly(ray_local, tables, runs, tmp_path):
+    marker = str(tmp_path / "marker")
+    result = _run(tables, make_cfg(tmp_path / "retry", max_failures=1), FaultInjection(step=5, rank=0, marker=marker),
+                  in_process=True)
+    assert os.path.exists(marker)  # it did fail once, and was retried from the step-4 checkpoint
+    _assert_same_training(result, runs["one"])
+    assert "in-process launch failed (RuntimeError: injected failure" in open(os.path.join(result.uri, "run.log")).read()
+
+
+@pytest.mark.slow  # one more Ray Train run
+def test_in_process_crash_relaunched_on_ray_train_continues(ray_local, tables, runs, tmp_path):
+    """A run that crashed in process resumes from its checkpoint when relaunched on Ray Train."""
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run(tables, make_cfg(tmp_path / "switch", max_failures=0, in_memory_max_mb=0),
+             FaultInjection(step=5, rank=0, marker=str(tmp_path / "marker")), in_process=True)
+    crashed = _latest_checkpoint_state(tmp_path / "switch", "checkpoints")
+    assert crashed["counters"]["global_step"] == 4
+    result = _run(tables, make_cfg(tmp_path / "switch", in_memory_max_mb=0))  # Ray Train, one worker
+    _assert_same_training(result, runs["one"])
+    assert _final_state(result)["step_rows"][:4] == crashed["step_rows"]  # carried over, not re-run
 
 
 def test_success_record_holds_no_output_dir(runs):

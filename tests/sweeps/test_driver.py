@@ -240,6 +240,44 @@ def test_table_has_the_table5_layout():
     assert parsed[2]["error"].startswith("RuntimeError")
 
 
+def test_summary_table_has_each_trials_start_to_first_step(tmp_path):
+    """Issue 21: the seconds from each trial's start to its first training step (reported by the
+    trial with its evaluation) are a column of the printed table, results.csv and trials.json."""
+    space, base, outcomes, configs = sigma_outcomes()
+
+    class Result:  # what collect_outcomes reads of each Tune result
+        def __init__(self, name, metrics):
+            self.config, self.metrics, self.error = {"trial": name}, metrics, None
+
+    trials = [o.trial for o in outcomes]
+    startup = {"adopted": 9.25, "partition.sigma=0.3": 11.5}  # the others trained nothing here (cached)
+    grid = [Result(t.name, {"emotion/Acc-4": 50.0, "evaluated": 1, "backbone_checkpoint": f"/runs/{t.name}",
+                            **({"start_to_first_step_s": startup[t.name], "driver_setup_s": 2.0}
+                               if t.name in startup else {})}) for t in trials]
+    outcomes = driver.collect_outcomes(grid, trials)
+    assert {o.trial.name: o.start_to_first_step_s for o in outcomes} == {
+        t.name: startup.get(t.name) for t in trials}
+    assert all(set(o.metrics) == {"emotion/Acc-4"} for o in outcomes)  # not a metric column
+
+    rows = sweep_report.table_rows(space, base, outcomes)
+    markdown = sweep_report.results_markdown(rows, ["emotion/Acc-4"]).splitlines()
+    assert markdown[0] == f"| hyperparameter | value | emotion/Acc-4 | {sweep_report.STARTUP_COLUMN} |"
+    assert markdown[2] == "| partition.sigma | 0.3 | 50.00 | 11.5 |"
+    assert markdown[3] == "|  | 0.7 (adopted) | 50.00 | 9.2 |"
+    assert markdown[4] == "|  | 1 | 50.00 | - |"
+    parsed = list(csv.DictReader(io.StringIO(sweep_report.results_csv(rows, ["emotion/Acc-4"]))))
+    assert [r["start_to_first_step_s"] for r in parsed[:3]] == ["11.5", "9.25", ""]
+
+    report = sweep_report.write_report(space, base, configs, outcomes, str(tmp_path / "sweep"))
+    assert sweep_report.STARTUP_COLUMN in report.markdown
+    trials_json = json.loads(storage.read_text(str(tmp_path / "sweep" / "trials.json")))["trials"]
+    assert {t["name"]: t["start_to_first_step_s"] for t in trials_json}["partition.sigma=0.3"] == 11.5
+    # On a seed axis a row shows the mean over its seeds that trained.
+    seeds = [sweep_report.TrialOutcome(Trial(f"adopted@seed={s}", {}, seed=s, repeat_of="adopted"), {"e/Acc-4": 1.0},
+                                       start_to_first_step_s=value) for s, value in ((0, 10.0), (1, 12.0), (2, None))]
+    assert sweep_report.aggregate_seeds(seeds)[0].start_to_first_step_s == pytest.approx(11.0)
+
+
 def test_best_config_ignores_baselines_and_follows_the_mode():
     _, _, outcomes, _ = sigma_outcomes()
     assert sweep_report.best_outcome(outcomes, "emotion/Acc-4", "max").trial.name == "train.temperature=0.01"
@@ -401,6 +439,12 @@ def test_tiny_sweep_end_to_end(ray_local, tmp_path, capsys):
     # a sigma sweep scores and clusters once, thresholds and trains per sigma
     assert count("scores") == 1 and count("cluster") == 1
     assert count("partition") == 2 and count("train") == 2
+    # Issue 21: one CPU worker per trial trains in the trial process (no Ray Train run), and the
+    # summary gives each trial's seconds from its start to its first training step.
+    for run in (stages / "train").iterdir():
+        assert (run / "checkpoints").is_dir() and not (run / "ray_train").exists()
+    assert f"| {sweep_report.STARTUP_COLUMN} |" in printed
+    assert all(float(r["start_to_first_step_s"]) > 0 for r in rows[:2]) and rows[2]["start_to_first_step_s"] == ""
 
     assert cli.main(["tune", *argv]) == 0  # relaunch: restored, nothing retrained
     assert "resuming" in capsys.readouterr().out
