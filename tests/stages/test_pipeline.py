@@ -33,7 +33,7 @@ def resolutions(monkeypatch) -> Counter:
     monkeypatch.setattr(embed, "run_embed", fake("embed", "ingest"))
     monkeypatch.setattr(pseudo_labels, "run_cluster", fake("cluster", "embed"))
 
-    def run_train(cfg, *, ingest, partition, embed, cluster, callbacks=None, validation=None):
+    def run_train(cfg, *, ingest, partition, embed, cluster, callbacks=None, validation=None, **launch):
         calls["train"] += 1
         assert (ingest.stage, partition.stage, embed.stage, cluster.stage) == ("ingest", "partition", "embed", "cluster")
         return "trained"
@@ -76,13 +76,14 @@ def test_sweep_driver_resolves_ingest_once_and_trials_reuse_its_outputs(resoluti
     monkeypatch.setattr(driver, "evaluate_rows", lambda *args, **kwargs: [])
 
     class Result:
-        backbone_checkpoint, uri = "ckpt", "/nowhere/train"
+        backbone_checkpoint, uri, cached, final_metrics = "ckpt", "/nowhere/train", True, {}
 
     real_stage_train = pipeline.stage_train
 
-    def stage_train(cfg, callbacks=None, upstream=None, validation=None):
+    def stage_train(cfg, callbacks=None, upstream=None, validation=None, **launch):
         assert validation is None  # validation.every_epochs is 0 by default
-        real_stage_train(cfg, callbacks=callbacks, upstream=upstream, validation=validation)
+        assert launch["in_process"] is True  # a sweep trial asks for the in-process launch
+        real_stage_train(cfg, callbacks=callbacks, upstream=upstream, validation=validation, **launch)
         return Result()
 
     monkeypatch.setattr(pipeline, "stage_train", stage_train)
