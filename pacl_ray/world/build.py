@@ -218,29 +218,48 @@ def ensure_world(cache_dir: str | None = None, seed: int = 0, size: str = "defau
     """The world for ``seed`` and ``size``, generated and fitted on first use, then reused.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; the world lives in
-    ``<cache_dir>/<key>`` and is complete once its ``_SUCCESS`` marker exists. A partial directory
-    (an interrupted build) is removed and built again.
+    ``<cache_dir>/<key>`` and is complete once its ``_SUCCESS`` marker exists. It is built in a
+    staging directory beside it and renamed into place, under a file lock (``<key>.lock``): two
+    runs started at once (two sweeps, a sweep and ``pacl-ray world``) build it once, the second
+    waiting for the first; a partial directory (an interrupted build) is removed and built again.
     """
+    from filelock import FileLock, Timeout
+
     if size not in SIZES:
         raise ValueError(f"unknown world size {size!r}; choose one of {', '.join(SIZES)}")
     root = Path(os.path.expanduser(cache_dir or default_cache_dir())) / world_key(seed, size)
     if cache.is_complete(str(root)):
         return _world_from_dir(root)
-    if root.exists():
-        _log(progress, f"removing incomplete world at {root}")
-        shutil.rmtree(root)
-    _log(progress, f"generating the {size} world (seed {seed}) into {root}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-    start = time.perf_counter()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root) + ".lock")
     try:
-        root.mkdir(parents=True)
-        report = build_world(root, seed, size, progress)
+        lock.acquire(timeout=1)
+    except Timeout:
+        _log(progress, f"waiting for another process building the world at {root}")
+        lock.acquire()
+    try:
+        if cache.is_complete(str(root)):  # built by the process we waited for
+            return _world_from_dir(root)
+        for stale in [root, *root.parent.glob(f".{root.name}.building-*")]:
+            if stale.exists():  # only a crashed build leaves these: every builder holds the lock
+                _log(progress, f"removing incomplete world at {stale}")
+                shutil.rmtree(stale)
+        staging = root.parent / f".{root.name}.building-{os.getpid()}"
+        _log(progress, f"generating the {size} world (seed {seed}) into {root}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        start = time.perf_counter()
+        try:
+            staging.mkdir(parents=True)
+            report = build_world(staging, seed, size, progress)
+        finally:
+            torch.set_num_threads(threads)
+        report["timings_s"]["total"] = round(time.perf_counter() - start, 2)
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+        os.replace(staging, root)  # the world's files name each other relative to its root
+        cache.mark_complete(str(root), {"key": root.name})
     finally:
-        torch.set_num_threads(threads)
-    report["timings_s"]["total"] = round(time.perf_counter() - start, 2)
-    (root / "report.json").write_text(json.dumps(report, indent=2))
-    cache.mark_complete(str(root), {"key": root.name})
+        lock.release()
     _log(progress, f"world ready in {report['timings_s']['total']} s")
     return _world_from_dir(root)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import re
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_partial_world_is_rebuilt(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "build_world", fake_build)
     result = build.ensure_world(str(tmp_path), seed=0, size="tiny", progress=False)
-    assert built == [root]
+    assert [p.name for p in built] == [f".{root.name}.building-{os.getpid()}"]  # staged, then renamed
     assert not (root / "leftover.png").exists()
     assert (root / build.SUCCESS).exists() and result.root == str(root)
 
@@ -235,3 +236,37 @@ def test_text_warm_start_teaches_object_and_emotion_words(tiny_world):
     standins._warm_start_text_tower(model, tokens, rows, seed=0, epochs=3)
     after = emotion_separation(model)
     assert after > 2 * before
+
+
+def test_concurrent_first_runs_build_the_world_once(tmp_path, monkeypatch):
+    """Two runs that start together: the second waits on the lock and reuses the first's world;
+    a crashed build's staging directory and a partial world are removed, not mistaken for a world."""
+    import threading
+
+    key = build.world_key(0, "tiny")
+    (tmp_path / key).mkdir()  # a partial world (no _SUCCESS)
+    (tmp_path / f".{key}.building-999").mkdir()  # a crashed build's staging directory
+    calls, started, release = [], threading.Event(), threading.Event()
+
+    def fake_build(root, seed, size, progress=True):
+        calls.append(Path(root))
+        started.set()
+        release.wait(30)
+        (Path(root) / "manifest.jsonl").write_text("")
+        return {"timings_s": {}}
+
+    monkeypatch.setattr(build, "build_world", fake_build)
+    worlds = []
+    first = threading.Thread(target=lambda: worlds.append(build.ensure_world(str(tmp_path), 0, "tiny", False)))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: worlds.append(build.ensure_world(str(tmp_path), 0, "tiny", False)))
+    second.start()
+    second.join(1.5)
+    assert second.is_alive()  # waiting for the first build, not building or removing it
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert len(calls) == 1 and calls[0].name.startswith(f".{key}.building-")
+    assert [w.root for w in worlds] == [str(tmp_path / key)] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [key, f"{key}.lock"]
