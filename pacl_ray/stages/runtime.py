@@ -203,7 +203,10 @@ class Progress:
                  enabled: bool = True, stream=None, final: bool = True, phase: str = ""):
         self.label, self.total, self.unit = label, max(0, int(total)), unit
         self.interval = PROGRESS_INTERVAL_S if interval is None else interval
+        import threading
+
         self.enabled, self.stream, self.final = enabled, stream, final
+        self._lock = threading.Lock()  # the loop and a Watch's thread both update: one line at a time
         self.done, self.start = 0, time.monotonic()
         self._last, self._shown = self.start, -1
         self._bar = None
@@ -225,11 +228,12 @@ class Progress:
             self._bar.set_description(f"{self.label} {text}" if text else self.label)
 
     def update(self, n: int = 1) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled and time.monotonic() - self._last >= self.interval:
-            self._line()
+        with self._lock:
+            self.done += n
+            if self._bar is not None:
+                self._bar.update(n)
+            elif self.enabled and time.monotonic() - self._last >= self.interval:
+                self._line()
 
     def counts(self) -> str:
         """``done/total unit`` (``done unit`` when the total is unknown)."""
@@ -248,13 +252,16 @@ class Progress:
 
     def _line(self) -> None:
         self._last, self._shown = time.monotonic(), self.done
-        print(self.line(), file=self.stream or sys.stderr, flush=True)
+        stream = self.stream or sys.stderr
+        stream.write(self.line() + "\n")  # one write: print's separate newline can interleave
+        stream.flush()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        if self.enabled and not self.phase and self._shown != self.done and (self.final or self._shown >= 0):
-            self._line()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+            if self.enabled and not self.phase and self._shown != self.done and (self.final or self._shown >= 0):
+                self._line()
 
     def __enter__(self) -> "Progress":
         return self
