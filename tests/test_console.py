@@ -194,6 +194,66 @@ def test_watch_counts_work_that_runs_elsewhere(monkeypatch):
         "[inference] ImageFeatureExtractor: 100/100 rows [25 s, 4.00 rows/s]"]
 
 
+def test_phase_lines_say_what_still_runs(monkeypatch):
+    """A step with uncounted sub-steps (runtime.Progress.phase): "still running: <phase>, N s" with
+    the count so far; an unknown total shows no ETA; close() adds no line while a phase is set."""
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "interactive", lambda: False)
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    with runtime.Watch(runtime.Progress("[ingest]", 0, "records validated", interval=10.0, stream=stream,
+                                        final=False, phase="validating records")) as watch:
+        now[0] = 11.0
+        watch.poll()  # no count: the heartbeat alone
+        watch.progress.update(200)
+        watch.progress.phase = "writing 200 pairs"
+        now[0] = 25.0
+        watch.poll()
+    assert stream.getvalue().splitlines() == [
+        "[ingest] still running: validating records, 11 s",
+        "[ingest] still running: writing 200 pairs, 25 s; 200 records validated"]
+    unknown = runtime.Progress("[cluster] k-means", 0, "iterations", interval=10.0, stream=stream)
+    unknown.done = 7
+    now[0] = 50.0
+    assert unknown.line() == "[cluster] k-means: 7 iterations [25 s, 0.28 iterations/s]"
+
+
+def test_watched_steps_shorter_than_the_interval_print_nothing(monkeypatch):
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "interactive", lambda: False)
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    with runtime.watched("[ray]", phase="starting a local Ray instance", interval=10.0, stream=stream) as watch:
+        now[0] = 9.0
+        watch.poll()
+    with runtime.watched("[evaluate] linear probe", 40, "epochs", interval=10.0, stream=stream) as watch:
+        watch.progress.update(40)
+    assert stream.getvalue() == ""
+    with runtime.watched("[evaluate] linear probe", 40, "epochs", interval=10.0, stream=stream) as watch:
+        watch.progress.update(20)
+        now[0] = 20.0
+        watch.poll()  # due: a line ...
+        watch.progress.update(20)
+    assert stream.getvalue().splitlines() == [  # ... and, shown before, the last count at the end
+        "[evaluate] linear probe: 20/40 epochs [11 s, 1.82 epochs/s, ETA 11 s]",
+        "[evaluate] linear probe: 40/40 epochs [11 s, 3.64 epochs/s]"]
+
+
+def test_watched_heartbeat_fires_from_its_thread(monkeypatch):
+    """The daemon thread itself prints while the block is busy (a fake slow step that returns only
+    once it has seen the line); the interval is the module default, set tiny."""
+    from console_capture import heartbeat
+    from pacl_ray.stages import runtime
+
+    lines = heartbeat(monkeypatch)
+    with runtime.watched("[ray]", phase="starting a local Ray instance"):
+        lines.wait_for("[ray] still running: starting a local Ray instance, ")
+
+
 def test_quiet_env_in_logs(monkeypatch):
     from pacl_ray.stages import runtime
 

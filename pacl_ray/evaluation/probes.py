@@ -109,10 +109,11 @@ class ProbeResult:
 def train_linear_probe(
     train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, kind: str,
     out_dims: Sequence[int], *, lr: float = 1e-2, epochs: int = 40, batch_size: int = 64,
-    weight_decay: float = 0.0, seed: int = 0,
+    weight_decay: float = 0.0, seed: int = 0, progress=None,
 ) -> ProbeResult:
     """Train a linear head on frozen features [N, D] (targets as in :mod:`pacl_ray.evaluation.datasets`) with
-    AdamW and per-step cosine decay; keep the epoch with the best validation selection score."""
+    AdamW and per-step cosine decay; keep the epoch with the best validation selection score.
+    ``progress``: a :class:`pacl_ray.stages.runtime.Progress` that each epoch adds one to, or None."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = torch.as_tensor(train_x, dtype=torch.float32)
@@ -143,18 +144,26 @@ def train_linear_probe(
         if score > best_score or best_state is None:
             best_score, best_epoch, best_val = score, epoch, val_metrics
             best_state = copy.deepcopy(head.state_dict())
+        if progress is not None:
+            progress.update(1)
     head.load_state_dict(best_state)
     return ProbeResult(kind, list(out_dims), mean, std, head, best_epoch, best_val, history)
 
 
 def run_linear(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
     """Linear evaluation of one backbone on one task -> test metrics and selection details."""
+    from pacl_ray.stages.runtime import watched
+
     features = extract_features(cfg, ref, data, ("train", "val", "test"))
-    probe = train_linear_probe(
-        features["train"], data.splits["train"].targets, features["val"], data.splits["val"].targets,
-        data.kind, data.out_dims, lr=cfg.evaluate.linear_lr, epochs=cfg.evaluate.linear_epochs,
-        batch_size=cfg.evaluate.batch_size, weight_decay=cfg.evaluate.weight_decay, seed=cfg.seed,
-    )
+    # A line at least every runtime.PROGRESS_INTERVAL_S seconds while training takes longer.
+    with watched(f"[evaluate] linear probe {ref.label} on {data.name}", cfg.evaluate.linear_epochs,
+                 "epochs") as watch:
+        probe = train_linear_probe(
+            features["train"], data.splits["train"].targets, features["val"], data.splits["val"].targets,
+            data.kind, data.out_dims, lr=cfg.evaluate.linear_lr, epochs=cfg.evaluate.linear_epochs,
+            batch_size=cfg.evaluate.batch_size, weight_decay=cfg.evaluate.weight_decay, seed=cfg.seed,
+            progress=watch.progress,
+        )
     test = metrics.task_metrics(data.kind, data.splits["test"].targets, probe.predict(features["test"]), data.out_dims)
     return {"metrics": test, "best_epoch": probe.best_epoch,
             "val_score": metrics.selection_score(data.kind, probe.best_val)}
@@ -222,25 +231,34 @@ def _finetune_job(cfg: RunConfig, ref: BackboneRef, data: TaskData) -> dict:
                 outputs.append(model(images.to(device)).float().cpu())
         return task_predictions(data.kind, torch.cat(outputs), data.out_dims)
 
+    from pacl_ray.stages.runtime import watched
+
     best_score, best_state, best_epoch = -math.inf, None, -1
-    for epoch in range(epochs):
-        model.train()
-        for images, targets in train_loader:
-            with autocast(device, cfg.evaluate.precision):
-                logits = model(images.to(device))
-            loss = task_loss(data.kind, logits.float(), targets.to(device), data.out_dims)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        val = metrics.task_metrics(data.kind, data.splits["val"].targets, predict("val"), data.out_dims)
-        score = metrics.selection_score(data.kind, val)
-        print(f"[evaluate] finetune {ref.label} on {data.name}: epoch {epoch + 1}/{epochs} val {val}", flush=True)
-        if score > best_score or best_state is None:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    test = metrics.task_metrics(data.kind, data.splits["test"].targets, predict("test"), data.out_dims)
+    # Besides the line per epoch, one at least every runtime.PROGRESS_INTERVAL_S seconds mid-epoch.
+    with watched(f"[evaluate] finetune {ref.label} on {data.name}", epochs * len(train_loader), "steps") as watch:
+        for epoch in range(epochs):
+            model.train()
+            for images, targets in train_loader:
+                with autocast(device, cfg.evaluate.precision):
+                    logits = model(images.to(device))
+                loss = task_loss(data.kind, logits.float(), targets.to(device), data.out_dims)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                watch.progress.update(1)
+            watch.progress.phase = f"validating after epoch {epoch + 1}"
+            val = metrics.task_metrics(data.kind, data.splits["val"].targets, predict("val"), data.out_dims)
+            watch.progress.phase = ""
+            score = metrics.selection_score(data.kind, val)
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in val.items())
+            print(f"[evaluate] finetune {ref.label} on {data.name}: epoch {epoch + 1}/{epochs} val {shown}", flush=True)
+            if score > best_score or best_state is None:
+                best_score, best_epoch = score, epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        watch.progress.phase = f"testing epoch {best_epoch + 1}"
+        model.load_state_dict(best_state)
+        test = metrics.task_metrics(data.kind, data.splits["test"].targets, predict("test"), data.out_dims)
     return {"metrics": test, "best_epoch": best_epoch, "val_score": best_score}
 
 

@@ -165,10 +165,13 @@ def apply_in_process(table: pa.Table, udfs: list[Udf], batch_size: int,
     (``empty``'s empty table when there are no rows)."""
     from pacl_ray.stages.runtime import Watch
 
-    steps = _callables(udfs)
     parts: list[pa.Table] = []
     done = [0]
-    with Watch(progress(udfs, table.num_rows), lambda: done[0]):  # a line every 10 s, even mid-batch
+    with Watch(progress(udfs, table.num_rows), lambda: done[0]) as watch:  # a line every 10 s, even mid-batch
+        if any(u.actor and u.instance is None for u in udfs):
+            watch.progress.phase = "loading the models"  # weights from disk: slow on a busy machine
+        steps = _callables(udfs)
+        watch.progress.phase = ""
         for batch in numpy_batches(table, batch_size):
             rows = len(next(iter(batch.values())))
             for step in steps:

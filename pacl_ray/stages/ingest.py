@@ -522,19 +522,31 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
 
 
 def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str) -> dict:
-    """Ingest's work into the staging directory ``uri``; returns the summary."""
-    from pacl_ray.stages.runtime import init_ray
-
-    icfg = cfg.ingest
+    """Ingest's work into the staging directory ``uri``; returns the summary. While it runs, a
+    line at least every :data:`pacl_ray.stages.runtime.PROGRESS_INTERVAL_S` seconds says which
+    step runs (each is a Ray Data job that reports no count of its own) and how many records are
+    validated."""
+    from pacl_ray.stages.runtime import init_ray, watched
 
     init_ray(cfg.ray)
+    with watched("[ingest]", unit="records validated",
+                 phase=f"reading and validating the records of {len(files)} input file(s)") as watch:
+        return _build_steps(cfg, files, fmt, uri, watch.progress)
+
+
+def _build_steps(cfg: RunConfig, files: list[str], fmt: str, uri: str, progress) -> dict:
+    """:func:`_build`'s steps; each sets ``progress.phase`` (:class:`pacl_ray.stages.runtime.Progress`)."""
+    icfg = cfg.ingest
     records = read_records(icfg.manifest, fmt, files)
     validated = records.map_batches(
         validate_batch, batch_format="pyarrow", batch_size=VALIDATE_BATCH_SIZE,
         fn_kwargs={"max_image_pixels": icfg.max_image_pixels, "clean": icfg.clean_text,
                    "max_image_side": icfg.max_image_side},
     ).materialize()
+    progress.update(validated.count())  # from the blocks' metadata
+    progress.phase = "finding duplicate ids"
     index, duplicates = find_duplicates(validated)
+    progress.phase = "counting outcomes"
     counts, converted, n_pairs = count_outcomes(validated, duplicates)
     if sum(counts.values()) + n_pairs == 0:
         raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")
@@ -544,6 +556,7 @@ def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str) -> dict:
     quarantine_dir = storage.join(uri, "quarantine")
     storage.write_parquet(tables.QUARANTINE.empty_table(), quarantine_dir)  # a readable table even when none
     if counts:
+        progress.phase = f"writing {summary['quarantined']} quarantined records"
         quarantine = validated.map_batches(quarantined_only, batch_format="pyarrow").union(
             duplicates.map_batches(lambda b: b.select(tables.QUARANTINE.names).cast(tables.QUARANTINE), batch_format="pyarrow"))
         _write(quarantine, quarantine_dir)
@@ -558,10 +571,12 @@ def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str) -> dict:
         summary["content_fingerprint"] = pairs_fingerprint([])
     else:
         # Two passes over the validated blocks (already materialised), none over new copies.
+        progress.phase = f"fingerprinting {n_pairs} pairs"
         with_digest = validated.map_batches(pairs_only, batch_format="pyarrow",
                                             fn_kwargs={"index": index, "with_digest": True})
         summary["content_fingerprint"] = pairs_fingerprint(
             with_digest.map_batches(fingerprint_tally, batch_format="pyarrow", batch_size=None).take_all())
+        progress.phase = f"writing {n_pairs} pairs"
         _write(validated.map_batches(pairs_only, batch_format="pyarrow", fn_kwargs={"index": index}),
                storage.join(uri, "pairs"))
     return summary

@@ -200,6 +200,7 @@ def fit_distributed(
     init_centroids: dict[int, np.ndarray] | None = None,
     what: str = "k-means input",
     init_order: np.ndarray | None = None,
+    progress: Any = None,
 ) -> dict[int, kmeans.KMeansResult]:
     """Fit k-means for every K in ``ks`` over the rows held by ``shards`` (in global row order).
 
@@ -210,8 +211,18 @@ def fit_distributed(
     ``shards`` are :class:`ShardWorker` Ray actor handles or plain instances. Every iteration is
     one call per shard covering all K still running. Returns {K: KMeansResult} with labels for all
     rows in global order; for the same init it matches :func:`pacl_ray.core.kmeans.kmeans_fit`.
+
+    ``progress`` (a :class:`pacl_ray.stages.runtime.Progress` counting iterations, or None): each
+    Lloyd iteration adds one, and its total (the caller counts ``max_iter`` for this call) drops
+    by the iterations that convergence leaves out; its phase names the uncounted steps (init,
+    final assignment).
     """
-    n = int(sum(_call_all(shards, "num_rows")))
+    def phase(text: str) -> None:
+        if progress is not None:
+            progress.phase = text
+
+    n = int(sum(_call_all(shards, "num_rows")))  # waits for shard actors still loading their rows
+    phase(f"{modality} k-means++ init")
     ks = sorted({int(k) for k in ks})
     for k in ks:
         kmeans.check_enough_points(n, k, what)
@@ -223,8 +234,11 @@ def fit_distributed(
             centroids[k] = kmeans.kmeans_plusplus(_init_sample(shards, modality, n, k, seed, init_order), k, seed)
     n_iter = {k: 0 for k in ks}
     active = list(ks)
+    phase("")
     for it in range(1, max_iter + 1):
         if not active:
+            if progress is not None:  # converged: the iterations left are not coming
+                progress.total -= max_iter - (it - 1)
             break
         parts = _call_all(shards, "step", modality, {k: centroids[k] for k in active})
         still = []
@@ -236,6 +250,9 @@ def fit_distributed(
             if shift > tol:
                 still.append(k)
         active = still
+        if progress is not None:
+            progress.update(1)
+    phase(f"{modality} final assignment")
     finals = _call_all(shards, "final", modality, centroids)
     results = {}
     for k in ks:
@@ -335,36 +352,50 @@ def run_cluster(cfg: RunConfig, embed: StageOutput) -> StageOutput:
         raise ValueError("cluster.ks is empty: give at least one K, e.g. --k 2,3,6,10,15,25")
 
     def build(uri: str) -> dict:
-        files = feature_files(embed)
-        n = sum(rows for _, rows in files)
-        what = f"cluster: features {embed.path('features')}"
-        for k in ks:
-            kmeans.check_enough_points(n, k, what)
-        num_shards, use_gpu = choose_num_shards(cfg, n)
-        everything = ParquetSlice(files, 0, n, _expected(embed))
-        if num_shards == 1:
-            shards: list[Any] = [ShardWorker(everything, use_gpu=cfg.cluster.use_gpu)]
-        else:
-            shards = shard_actors(everything, num_shards, use_gpu=use_gpu)
-        ids = read_parquet_slice(everything, [tables.ID])[tables.ID].combine_chunks()
-        # The embed stage's row order varies between runs; initialise in id order so it does not matter.
-        by_id = np.argsort(ids.to_numpy(zero_copy_only=False).astype(str), kind="stable")
-        try:
-            results = {
-                m: fit_distributed(shards, ks, m, cfg.seed, cfg.cluster.max_iter, cfg.cluster.tol,
-                                   what=f"{what} ({m})", init_order=by_id)
-                for m in MODALITY_COLUMNS
-            }
-        finally:
-            if num_shards > 1:
-                import ray
+        from pacl_ray.stages.runtime import watched
 
-                for actor in shards:
-                    ray.kill(actor)
-        return _write_outputs(uri, ids, ks, results, num_shards)
+        # A line at least every runtime.PROGRESS_INTERVAL_S seconds: iterations of both
+        # modalities (at most max_iter each), or the step that runs when they cannot be counted.
+        with watched("[cluster] k-means", len(MODALITY_COLUMNS) * cfg.cluster.max_iter, "iterations",
+                     phase="reading the features") as watch:
+            return _build_cluster(cfg, embed, ks, uri, watch.progress)
 
     return cache.run_cached(cfg.output_dir, STAGE, cluster_key(cfg, embed), build, config=cfg,
                             describe=format_report)
+
+
+def _build_cluster(cfg: RunConfig, embed: StageOutput, ks: list[int], uri: str, progress: Any) -> dict:
+    """:func:`run_cluster`'s work into the staging directory ``uri``; ``progress`` as in
+    :func:`fit_distributed`."""
+    files = feature_files(embed)
+    n = sum(rows for _, rows in files)
+    what = f"cluster: features {embed.path('features')}"
+    for k in ks:
+        kmeans.check_enough_points(n, k, what)
+    num_shards, use_gpu = choose_num_shards(cfg, n)
+    everything = ParquetSlice(files, 0, n, _expected(embed))
+    progress.phase = f"loading {n} rows into {num_shards} shard(s)"
+    if num_shards == 1:
+        shards: list[Any] = [ShardWorker(everything, use_gpu=cfg.cluster.use_gpu)]
+    else:
+        shards = shard_actors(everything, num_shards, use_gpu=use_gpu)
+    ids = read_parquet_slice(everything, [tables.ID])[tables.ID].combine_chunks()
+    # The embed stage's row order varies between runs; initialise in id order so it does not matter.
+    by_id = np.argsort(ids.to_numpy(zero_copy_only=False).astype(str), kind="stable")
+    try:
+        results = {
+            m: fit_distributed(shards, ks, m, cfg.seed, cfg.cluster.max_iter, cfg.cluster.tol,
+                               what=f"{what} ({m})", init_order=by_id, progress=progress)
+            for m in MODALITY_COLUMNS
+        }
+    finally:
+        if num_shards > 1:
+            import ray
+
+            for actor in shards:
+                ray.kill(actor)
+    progress.phase = "writing the pseudo-labels"
+    return _write_outputs(uri, ids, ks, results, num_shards)
 
 
 def load_labels(cluster: StageOutput, k: int) -> pa.Table:

@@ -134,16 +134,21 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # Keep the driver's log quiet; progress lines and stage summaries are what users read.
     kwargs = dict(log_to_driver=True, configure_logging=False,
                   runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": quiet_env()})
+    # A start on a busy machine can take tens of seconds: a line every PROGRESS_INTERVAL_S then.
     if address:
-        ray.init(address=address, **kwargs)
+        from pacl_ray.formats.storage import redact
+
+        with watched("[ray]", phase=f"joining the Ray cluster at {redact(address)}"):
+            ray.init(address=address, **kwargs)
     else:
         # Token authentication is Ray's default for a local instance (kept); its notice saying so
         # is logged at WARNING on every start. (Setting RAY_AUTH_MODE=token here instead would come
         # too late: Ray caches the mode when it is imported.)
         logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
         # address="local": always a fresh instance, never one that happens to run on this machine.
-        ray.init(address="local", num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus,
-                 include_dashboard=False, **kwargs)
+        with watched("[ray]", phase="starting a local Ray instance"):
+            ray.init(address="local", num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus,
+                     include_dashboard=False, **kwargs)
     configure_driver_console()
 
 
@@ -174,49 +179,89 @@ def echo(line: str) -> None:
 quiet_worker_logs = setup_worker  # the hook's earlier name (conftest and old runtime_envs use it)
 
 
+# Seconds between progress lines in logs (issue 20: progress at least every 30 s; a step shorter
+# than this prints none). Tests set it small.
+PROGRESS_INTERVAL_S = 10.0
+
+
 class Progress:
     """Progress of one long step: a tqdm bar on a terminal, else a line with counts, rate and ETA
     at most every ``interval`` seconds (and at the end), so a log shows progress at least that
     often while the step advances. ``update(n)`` adds done units; ``close()`` prints the last count
     if not yet shown (with ``final=False`` only when a line was shown before: a step that ends
-    within ``interval`` prints nothing). Lines go to stderr, prefixed with ``label``."""
+    within ``interval`` prints nothing). Lines go to stderr, prefixed with ``label``; ``interval``
+    None: :data:`PROGRESS_INTERVAL_S`.
 
-    def __init__(self, label: str, total: int, unit: str = "it", interval: float = 10.0,
-                 enabled: bool = True, stream=None, final: bool = True):
-        self.label, self.total, self.unit, self.interval = label, max(0, int(total)), unit, interval
+    ``total=0``: the total is not known (no ETA). ``phase``: the sub-step running now, for work
+    that runs in steps with no count of their own (a Ray Data job, k-means++ init); while set, a
+    line says ``<label>: still running: <phase>, <s> s; <count so far>`` (the counts of an
+    earlier, counted part) instead of a rate, and ``close()`` adds no line (the step's own summary
+    follows). With :class:`Watch` a line comes at least every ``interval`` seconds even while the
+    count stands still."""
+
+    def __init__(self, label: str, total: int, unit: str = "it", interval: float | None = None,
+                 enabled: bool = True, stream=None, final: bool = True, phase: str = ""):
+        self.label, self.total, self.unit = label, max(0, int(total)), unit
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
+        import threading
+
         self.enabled, self.stream, self.final = enabled, stream, final
+        self._lock = threading.Lock()  # the loop and a Watch's thread both update: one line at a time
         self.done, self.start = 0, time.monotonic()
         self._last, self._shown = self.start, -1
         self._bar = None
         if enabled and interactive():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=label, unit=unit, leave=False, file=stream or sys.stderr)
+            self._bar = tqdm(total=self.total or None, desc=label, unit=unit, leave=False,
+                             file=stream or sys.stderr)
+        self.phase = phase
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, text: str) -> None:
+        self._phase = text
+        if self._bar is not None:  # a terminal: the bar's description says what runs now
+            self._bar.set_description(f"{self.label} {text}" if text else self.label)
 
     def update(self, n: int = 1) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled and time.monotonic() - self._last >= self.interval:
-            self._line()
+        with self._lock:
+            self.done += n
+            if self._bar is not None:
+                self._bar.update(n)
+            elif self.enabled and time.monotonic() - self._last >= self.interval:
+                self._line()
+
+    def counts(self) -> str:
+        """``done/total unit`` (``done unit`` when the total is unknown)."""
+        return f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}"
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
+        head = self.label + (" " if self.label.endswith("]") else ": ")  # "[ingest] ...", "[world] fit: ..."
+        if self.phase:
+            so_far = f"; {self.counts()}" if self.done or self.total else ""
+            return f"{head}still running: {self.phase}, {elapsed:.0f} s{so_far}"
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 and self.total else math.nan
         eta_text = f", ETA {eta:.0f} s" if math.isfinite(eta) and self.done < self.total else ""
-        return (f"{self.label}: {self.done}/{self.total} {self.unit} [{elapsed:.0f} s, "
-                f"{rate:.2f} {self.unit}/s{eta_text}]")
+        return f"{head}{self.counts()} [{elapsed:.0f} s, {rate:.2f} {self.unit}/s{eta_text}]"
 
     def _line(self) -> None:
         self._last, self._shown = time.monotonic(), self.done
-        print(self.line(), file=self.stream or sys.stderr, flush=True)
+        stream = self.stream or sys.stderr
+        stream.write(self.line() + "\n")  # one write: print's separate newline can interleave
+        stream.flush()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        if self.enabled and self._shown != self.done and (self.final or self._shown >= 0):
-            self._line()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+            if self.enabled and not self.phase and self._shown != self.done and (self.final or self._shown >= 0):
+                self._line()
 
     def __enter__(self) -> "Progress":
         return self
@@ -227,21 +272,25 @@ class Progress:
 
 class Watch:
     """Progress of work whose count is read rather than pushed (a Ray Data write; a loop whose
-    batches can each take longer than the interval): while the ``with`` block runs, a daemon thread
-    sets ``progress``'s count to ``count()`` every ``interval`` seconds (a count that fails, e.g. on
-    a file still being written, is retried at the next poll), so ``progress`` prints a line at least
-    that often even while the count stands still; on exit a last poll, then ``progress.close()``."""
+    batches can each take longer than the interval), or of work with no count at all (``count``
+    None: a heartbeat for ``progress.phase``): while the ``with`` block runs, a daemon thread sets
+    ``progress``'s count to ``count()`` every ``interval`` seconds (a count that fails, e.g. on a
+    file still being written, is retried at the next poll), so ``progress`` prints a line at least
+    that often even while the count stands still; on exit a last poll, then ``progress.close()``.
+    A block that ends within ``interval`` (and a ``final=False`` progress) prints nothing.
+    ``interval`` None: the progress's own."""
 
-    def __init__(self, progress: Progress, count, interval: float = 10.0):
+    def __init__(self, progress: Progress, count=None, interval: float | None = None):
         import threading
 
-        self.progress, self.count, self.interval = progress, count, interval
+        self.progress, self.count = progress, count
+        self.interval = progress.interval if interval is None else interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pacl-progress", daemon=True)
 
     def poll(self) -> None:
         try:
-            done = int(self.count())
+            done = self.progress.done if self.count is None else int(self.count())
         except Exception:  # noqa: BLE001 -- progress must never fail the step it watches
             return
         self.progress.update(max(0, done - self.progress.done))  # prints if the interval has passed
@@ -259,6 +308,17 @@ class Watch:
         self._thread.join()
         self.poll()
         self.progress.close()
+
+
+def watched(label: str, total: int = 0, unit: str = "", count=None, phase: str = "",
+            interval: float | None = None, stream=None) -> Watch:
+    """A :class:`Watch` over a fresh ``final=False`` :class:`Progress`: a line at least every
+    ``interval`` seconds (:data:`PROGRESS_INTERVAL_S`) while the ``with`` block runs, nothing for
+    a block shorter than that.
+    ``with watched("[ingest]", phase="validating records") as watch: ...; watch.progress.phase =
+    "writing pairs"`` (see :class:`Progress` for the line's form)."""
+    progress = Progress(label, total, unit, interval=interval, stream=stream, final=False, phase=phase)
+    return Watch(progress, count, interval=interval)
 
 
 # A pipeline holds several Ray Data actor pools, their read/decode tasks and Train workers at

@@ -41,12 +41,15 @@ def linear_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray])
     from pacl_ray.config import EvaluateConfig
     from pacl_ray.evaluation.probes import train_linear_probe
 
+    from pacl_ray.stages.runtime import watched
+
     settings = EvaluateConfig()
-    probe = train_linear_probe(
-        features["train"], labels["train"], features["val"], labels["val"], "single", [len(EMOTIONS)],
-        lr=settings.linear_lr, epochs=settings.linear_epochs, batch_size=settings.batch_size,
-        weight_decay=settings.weight_decay, seed=0,
-    )
+    with watched("[pacl_ray.world] affective gap: linear probe", settings.linear_epochs, "epochs") as watch:
+        probe = train_linear_probe(
+            features["train"], labels["train"], features["val"], labels["val"], "single", [len(EMOTIONS)],
+            lr=settings.linear_lr, epochs=settings.linear_epochs, batch_size=settings.batch_size,
+            weight_decay=settings.weight_decay, seed=0, progress=watch.progress,
+        )
     return round(float(np.mean(probe.predict(features["test"]) == labels["test"])), 4)
 
 

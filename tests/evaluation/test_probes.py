@@ -62,9 +62,53 @@ def test_linear_probe_hierarchical_multilabel_and_vad():
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def test_finetune_runs_and_selects_on_val(world):
+def test_finetune_runs_and_selects_on_val(world, monkeypatch, capsys):
+    from console_capture import heartbeat
+
     cfg = cfg_for(world, finetune_epochs=2, batch_size=8)
     data = load_task(parse_task(f"imagefolder:toy={world['root']},limit=6"))
+    # Progress: a slow validation (a fake that returns once the heartbeat has named it) gets a
+    # line saying so, with the steps done.
+    stderr = heartbeat(monkeypatch)
+    task_metrics = metrics.task_metrics
+
+    def slow_task_metrics(*args):
+        if "validating after epoch 1" not in stderr.text:
+            stderr.wait_for("[evaluate] finetune tiny on toy: still running: validating after epoch 1, ")
+        return task_metrics(*args)
+
+    monkeypatch.setattr(probes.metrics, "task_metrics", slow_task_metrics)
     result = probes.run_finetune(cfg, BackboneRef(TINY_TIMM, "false", label="tiny"), data)
     assert set(result["metrics"]) == {"Acc-2", "F1-2"} and result["best_epoch"] in (0, 1)
     assert 0 <= result["metrics"]["Acc-2"] <= 100
+    validating = stderr.lines("[evaluate] finetune tiny on toy: still running: validating after epoch 1, ")
+    assert validating[0].rsplit("; ", 1)[1].endswith(" steps")
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[evaluate] finetune")]
+    assert [line.split(" val ")[0] for line in epochs] == [
+        "[evaluate] finetune tiny on toy: epoch 1/2", "[evaluate] finetune tiny on toy: epoch 2/2"]
+    assert all("{" not in line for line in epochs)  # metrics as "Acc-2 50, F1-2 33.33", not a dict repr
+
+
+def test_linear_probe_progress(world, monkeypatch):
+    """run_linear: no line for a quick probe; a slow epoch (a fake that returns once the
+    heartbeat has shown the count) gets lines counting epochs."""
+    from console_capture import heartbeat, quiet
+
+    cfg = cfg_for(world, linear_epochs=3, batch_size=8)
+    data = load_task(parse_task(f"imagefolder:toy={world['root']},limit=6"))
+    ref = BackboneRef(TINY_TIMM, "false", label="tiny")
+    stderr = quiet(monkeypatch)
+    quick = probes.run_linear(cfg, ref, data)
+    assert stderr.lines("[evaluate] linear probe") == []
+
+    stderr = heartbeat(monkeypatch)
+    selection_score = metrics.selection_score
+
+    def slow_selection_score(kind, values):
+        if "linear probe tiny on toy: 1/3 epochs" not in stderr.text:  # the second epoch waits
+            stderr.wait_for("[evaluate] linear probe tiny on toy: 0/3 epochs [")
+        return selection_score(kind, values)
+
+    monkeypatch.setattr(probes.metrics, "selection_score", slow_selection_score)
+    assert probes.run_linear(cfg, ref, data) == quick
+    assert stderr.lines("[evaluate] linear probe tiny on toy: 3/3 epochs [")  # shown before: the last count

@@ -302,7 +302,10 @@ def test_jsonl_every_reason_and_cache(ray_local, bad_jsonl, output_dir, capsys):
     assert "decompression_bomb" not in reasons(changed)
 
 
-def test_csv_and_parquet_manifests(ray_local, tmp_path, output_dir):
+def test_csv_and_parquet_manifests(ray_local, tmp_path, output_dir, monkeypatch):
+    from console_capture import quiet
+
+    stderr = quiet(monkeypatch)  # no progress line falls due: none printed
     (tmp_path / "a.png").write_bytes(encode("RGB"))
     (tmp_path / "b.png").write_bytes(encode("P"))
     csv = tmp_path / "m.csv"
@@ -328,6 +331,31 @@ def test_csv_and_parquet_manifests(ray_local, tmp_path, output_dir):
     out = run_ingest(make_cfg(output_dir, parquet))
     assert sorted(read_pairs_table(out).column("id").to_pylist()) == ["1", "2"]
     assert read_quarantine(out).num_rows == 0
+    assert stderr.lines("[ingest]") == []
+
+
+def test_ingest_says_which_step_still_runs(ray_local, tmp_path, output_dir, monkeypatch):
+    """A slow step (a fake that returns only once the heartbeat has named it) gets a line saying
+    what runs, for how long, and how many records are validated."""
+    from console_capture import heartbeat
+
+    stderr = heartbeat(monkeypatch)
+    (tmp_path / "a.png").write_bytes(encode("RGB"))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": str(i), "image": "a.png", "text": f"post {i}"}) for i in range(3)))
+    find_duplicates = ingest.find_duplicates
+
+    def slow_find_duplicates(validated):
+        stderr.wait_for("[ingest] still running: finding duplicate ids, ")
+        return find_duplicates(validated)
+
+    monkeypatch.setattr(ingest, "find_duplicates", slow_find_duplicates)
+    out = run_ingest(make_cfg(output_dir, manifest))
+    assert read_pairs_table(out).num_rows == 3
+    heartbeats = stderr.lines("[ingest] still running: ")
+    assert heartbeats[0].startswith("[ingest] still running: reading and validating the records of 1 input file(s), ")
+    assert any(line.startswith("[ingest] still running: finding duplicate ids, ") and
+               line.endswith(" s; 3 records validated") for line in heartbeats)
 
 
 def test_ingest_stores_images_resized_with_their_original_size(ray_local, tmp_path, output_dir):

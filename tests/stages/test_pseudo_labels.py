@@ -88,6 +88,55 @@ def test_local_shards_without_ray():
     np.testing.assert_array_equal(got.labels, ref.labels)
 
 
+def test_fit_distributed_counts_iterations(monkeypatch):
+    """Each Lloyd iteration adds one to the progress; convergence takes the iterations it leaves
+    out off the total; the uncounted steps are named while they run."""
+    import io
+
+    from pacl_ray.stages import runtime
+
+    monkeypatch.setattr(runtime, "interactive", lambda: False)
+    x = well_separated(groups=3)
+    shards = [pseudo_labels.ShardWorker({"v": x})]
+    stream = io.StringIO()
+    progress = runtime.Progress("[cluster] k-means", 50, "iterations", interval=0.0, stream=stream)
+    phases = []
+    final = pseudo_labels.ShardWorker.final
+    monkeypatch.setattr(pseudo_labels.ShardWorker, "final",
+                        lambda self, *a: phases.append(progress.phase) or final(self, *a))
+    got = pseudo_labels.fit_distributed(shards, [3], "v", seed=0, max_iter=50, progress=progress)[3]
+    counted = [line for line in stream.getvalue().splitlines() if "still running" not in line]
+    assert len(counted) == got.n_iter < 50 and progress.done == progress.total == got.n_iter
+    assert counted[0].startswith("[cluster] k-means: 1/50 iterations [")
+    assert phases == ["v final assignment"]
+
+
+def test_run_cluster_heartbeat_names_the_slow_step(tmp_path, monkeypatch):
+    """A slow final assignment (a fake that returns once the heartbeat has named it) gets lines
+    saying what runs and how many iterations are done; a quick run prints none."""
+    from console_capture import heartbeat, quiet
+
+    embed = write_features(str(tmp_path / "embed"), 40)
+    cfg = config.from_dict({"output_dir": str(tmp_path / "quick"), "cluster": {"ks": [2], "num_shards": 1}})
+    stderr = quiet(monkeypatch)
+    pseudo_labels.run_cluster(cfg, embed)
+    assert stderr.lines("[cluster]") == []
+
+    stderr = heartbeat(monkeypatch)
+    final = pseudo_labels.ShardWorker.final
+
+    def slow_final(self, modality, centroids):
+        stderr.wait_for(f"[cluster] k-means: still running: {modality} final assignment, ")
+        return final(self, modality, centroids)
+
+    monkeypatch.setattr(pseudo_labels.ShardWorker, "final", slow_final)
+    cfg = config.from_dict({"output_dir": str(tmp_path / "slow"), "cluster": {"ks": [2], "num_shards": 1}})
+    pseudo_labels.run_cluster(cfg, embed)
+    lines = stderr.lines("[cluster] k-means: ")
+    emotional = [line for line in lines if "emotional final assignment" in line]
+    assert emotional and all(line.endswith(" iterations") and "/" in line.rsplit("; ", 1)[1] for line in emotional)
+
+
 def test_fit_distributed_fewer_points_than_k():
     shards = [pseudo_labels.ShardWorker({"v": np.eye(3, dtype=np.float32)})]
     with pytest.raises(kmeans.NotEnoughPointsError, match="K=4"):
