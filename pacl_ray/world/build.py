@@ -6,7 +6,7 @@ generates deterministically from a seed, fits its stand-in models on, and caches
 
 * **Images** (32x32 RGB PNG) show one *object* (8 classes: ball, box, triangle, star, cross, ring,
   diamond, moon) at a random position, scale, rotation and colour, over a random background. The
-  *emotion* (4 classes) is rendered independently of the object, as a texture of small
+  *emotion* (4 classes) is rendered as a texture of small
   semicircular arcs whose opening direction carries the emotion: arcs opening upwards ("smiles")
   for joy, to the left for calm (both positive), downwards ("frowns") for sadness and to the
   right for anger (both negative). A semicircle contains every edge orientation exactly once,
@@ -15,6 +15,12 @@ generates deterministically from a seed, fits its stand-in models on, and caches
   histogram of an image (SPEC "Embedded world": a global colour shift is read linearly by any
   features and leaves no gap). Only the configuration of each arc differs, which object-level
   features discard.
+* **Content link**: as in real photos, where emotion partly follows what is shown, each emotion
+  has two typical objects (``TYPICAL_OBJECTS``), and with probability ``CONTENT_LINK`` (0.4) a
+  sample shows one of them instead of any object. The object-pretrained backbone therefore starts
+  with part of the emotional signal (the object alone predicts emotion at most
+  ``(1 + 3 * CONTENT_LINK) / 4``, 0.55), as ImageNet features do on FI, while the texture, which
+  only the captions' emotion words can teach, is what separates it from the ceiling.
 * **Captions** are English posts with object nouns and emotion words ("a gloomy little star
   drifting alone, feeling so sad today #blue"), several templates and synonyms per class.
 * **Planted partitions**: the training manifest's captions name the wrong object and/or the wrong
@@ -74,8 +80,8 @@ import torch
 from pacl_ray.core import backbones
 from pacl_ray.stages import cache
 from pacl_ray.world.data import (
-    EMOTIONS, IMAGE_SIZE, OBJECTS, SIZES, WORLD_VERSION, WorldSize, write_anp_vocab, write_clean_split,
-    write_downstream, write_training_manifest,
+    CONTENT_LINK, EMOTIONS, IMAGE_SIZE, OBJECTS, SIZES, TYPICAL_OBJECTS, WORLD_VERSION, WorldSize, write_anp_vocab,
+    write_clean_split, write_downstream, write_training_manifest,
 )
 from pacl_ray.world.gap import format_report, measure_gap
 from pacl_ray.world import standins
@@ -144,8 +150,9 @@ class World:
 
 
 def world_key(seed: int, size: str) -> str:
-    """The cache key of a world: generator version, seed and sizes."""
-    blob = json.dumps({"version": WORLD_VERSION, "seed": seed, "size": asdict(SIZES[size])}, sort_keys=True)
+    """The cache key of a world: generator version, seed, sizes and content link."""
+    blob = json.dumps({"version": WORLD_VERSION, "seed": seed, "size": asdict(SIZES[size]),
+                       "content_link": CONTENT_LINK}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -209,6 +216,7 @@ def build_world(root: Path, seed: int, size: str, progress: bool = True) -> dict
     return {
         "world_version": WORLD_VERSION, "seed": seed, "size": size, "sizes": asdict(spec),
         "objects": list(OBJECTS), "emotions": {k: v.valence for k, v in EMOTIONS.items()},
+        "content_link": CONTENT_LINK, "typical_objects": {k: list(v) for k, v in TYPICAL_OBJECTS.items()},
         "planted_split_percent": planted, "downstream_images": downstream,
         "gap_probe_accuracy": gap, "scorer": scorer, "timings_s": timings,
     }

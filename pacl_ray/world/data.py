@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from pacl_ray.core.partitions import PARTITION_CODES
 
-WORLD_VERSION = "5"  # bump when a change alters what a seed generates; 5: gap via evaluation's probe
+WORLD_VERSION = "6"  # bump when a change alters what a seed generates; 6: emotion partly follows content
 IMAGE_SIZE = 32
 # the emotion texture, in pixels of the 32 px image
 ARC_SPACING = 9.0
@@ -36,6 +36,22 @@ OBJECTS: dict[str, tuple[str, ...]] = {
     "diamond": ("diamond", "gem"),
     "moon": ("moon", "crescent"),
 }
+
+
+# Emotion partly follows scene content, as in real photos (amusement with animals and children, fear
+# with dark scenes): each emotion has two typical objects, and with probability CONTENT_LINK a
+# sample's object is one of its emotion's typical pair (either, equally likely) instead of any of
+# the eight. An object-level backbone then already predicts emotion above chance, as ImageNet
+# features do on FI, without seeing the texture that only captions can teach. The best emotion
+# accuracy from the object alone is (1 + 3 * CONTENT_LINK) / 4 (the object's typical emotion):
+# 0.55 at 0.4, against 0.25 from nothing and about 0.95 with the texture too.
+TYPICAL_OBJECTS: dict[str, tuple[str, str]] = {
+    "joy": ("ball", "star"),
+    "calm": ("ring", "moon"),
+    "sadness": ("box", "diamond"),
+    "anger": ("cross", "triangle"),
+}
+CONTENT_LINK = 0.4
 
 
 @dataclass(frozen=True)
@@ -240,10 +256,27 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def random_samples(rng: np.random.Generator, n: int) -> list[Sample]:
-    """``n`` samples with object and emotion drawn independently and uniformly."""
-    objects, emotions = list(OBJECTS), list(EMOTIONS)
-    return [Sample(objects[rng.integers(len(objects))], emotions[rng.integers(len(emotions))]) for _ in range(n)]
+def draw_object(rng: np.random.Generator, emotion: str, link: float = CONTENT_LINK) -> str:
+    """The object of a sample with ``emotion``: one of the emotion's TYPICAL_OBJECTS with
+    probability ``link`` (in [0, 1]), else any of OBJECTS uniformly (the typical pair included).
+    Always draws the same number of random values, whatever ``link`` is."""
+    if not 0.0 <= link <= 1.0:
+        raise ValueError(f"content link {link!r} is not a probability in [0, 1]")
+    typical = rng.random() < link
+    typical_object = TYPICAL_OBJECTS[emotion][int(rng.integers(2))]
+    any_object = list(OBJECTS)[int(rng.integers(len(OBJECTS)))]
+    return typical_object if typical else any_object
+
+
+def random_samples(rng: np.random.Generator, n: int, link: float = CONTENT_LINK) -> list[Sample]:
+    """``n`` samples: emotion uniform, object by :func:`draw_object` (independent of the emotion
+    when ``link`` is 0)."""
+    emotions = list(EMOTIONS)
+    samples = []
+    for _ in range(n):
+        emotion = emotions[int(rng.integers(len(emotions)))]
+        samples.append(Sample(draw_object(rng, emotion, link), emotion))
+    return samples
 
 
 def plant_partitions(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -319,11 +352,10 @@ def write_downstream(root: Path, rng: np.random.Generator, n: int) -> dict:
     emotions = list(EMOTIONS)
     labels = np.resize(np.arange(len(emotions)), n)
     counts = {}
-    objects = list(OBJECTS)
     for split, lo, hi in (("train", 0.0, 0.7), ("val", 0.7, 0.85), ("test", 0.85, 1.0)):
         part = rng.permutation(labels[int(lo * n): int(hi * n)])
         for i, label in enumerate(part):
-            sample = Sample(objects[int(rng.integers(len(objects)))], emotions[label])
+            sample = Sample(draw_object(rng, emotions[label]), emotions[label])
             _save_png(render(rng, sample), root / "downstream" / split / sample.emotion / f"{split}-{i:05d}.png")
         counts[split] = int(len(part))
     return counts

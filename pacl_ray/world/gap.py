@@ -96,4 +96,13 @@ def format_report(report: dict) -> str:
         ),
         f"factual scorer: factual-score AUC vs planted {scorer.get('factual_score_auc')}, "
         f"ANP top-1 emotion accuracy {scorer.get('anp_top1_emotion_accuracy')}",
-    ])
+    ] + _content_line(report.get("content_link")))
+
+
+def _content_line(link: float | None) -> list[str]:
+    """How far the objects alone predict emotion (the best accuracy without the texture,
+    ``(1 + 3 * link) / 4`` for 4 emotions with 2 typical objects each); none for older reports."""
+    if link is None:
+        return []
+    best = (1 + (len(EMOTIONS) - 1) * link) / len(EMOTIONS)
+    return [f"content link {link}: the object alone predicts emotion with accuracy at most {best:.2f}"]

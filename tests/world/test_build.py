@@ -181,7 +181,7 @@ def test_emotion_is_not_a_global_colour_or_brightness_shift():
     from sklearn.model_selection import cross_val_score
 
     rng = np.random.default_rng(0)
-    samples = data.random_samples(rng, 900)
+    samples = data.random_samples(rng, 900, link=0.0)  # the texture alone, without the content link
     pixels = np.stack([np.asarray(data.render(rng, s), dtype=np.float32) for s in samples])  # [N, H, W, 3]
     stats = np.concatenate([pixels.mean((1, 2)), pixels.std((1, 2))], 1)  # [N, 6]
     labels = np.array([list(data.EMOTIONS).index(s.emotion) for s in samples])
@@ -270,3 +270,63 @@ def test_concurrent_first_runs_build_the_world_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and calls[0].name.startswith(f".{key}.building-")
     assert [w.root for w in worlds] == [str(tmp_path / key)] * 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [key, f"{key}.lock"]
+
+
+def test_content_link_zero_draws_objects_independently_of_emotion():
+    """At link 0 the object never depends on the emotion: the same random stream gives the same
+    objects whatever the emotion (draw_object always consumes the same draws)."""
+    for emotion in data.EMOTIONS:
+        rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+        first = [data.draw_object(rng_a, emotion, link=0.0) for _ in range(50)]
+        second = [data.draw_object(rng_b, "joy", link=0.0) for _ in range(50)]
+        assert first == second
+    assert set(first) == set(data.OBJECTS)
+
+
+def test_content_link_one_draws_only_typical_objects():
+    rng = np.random.default_rng(0)
+    for emotion, typical in data.TYPICAL_OBJECTS.items():
+        drawn = {data.draw_object(rng, emotion, link=1.0) for _ in range(50)}
+        assert drawn == set(typical)
+
+
+def test_typical_objects_cover_every_object_once():
+    """Each object is typical of exactly one emotion, so the object alone predicts emotion at the
+    rate CONTENT_LINK sets and no emotion is favoured overall."""
+    typical = [o for pair in data.TYPICAL_OBJECTS.values() for o in pair]
+    assert sorted(typical) == sorted(data.OBJECTS)
+    assert set(data.TYPICAL_OBJECTS) == set(data.EMOTIONS)
+
+
+def test_content_link_sets_the_typical_object_rate():
+    """The share of samples showing a typical object of their emotion is link + (1 - link) / 4
+    (a uniform object is typical with probability 2 / 8), checked on a fixed seed."""
+    rng = np.random.default_rng(0)
+    for link in (0.0, 0.4, 0.8):
+        samples = data.random_samples(rng, 4000, link=link)
+        rate = np.mean([s.object in data.TYPICAL_OBJECTS[s.emotion] for s in samples])
+        assert abs(rate - (link + (1 - link) / 4)) < 0.03, (link, rate)
+
+
+def test_content_link_is_a_probability():
+    with pytest.raises(ValueError, match="content link"):
+        data.draw_object(np.random.default_rng(0), "joy", link=1.5)
+
+
+def test_worlds_follow_the_content_link(tiny_world):
+    """Every file set of the world (training pairs, clean split, downstream) draws its objects
+    through the link; the report records it."""
+    rows = data.read_jsonl(tiny_world.manifest) + data.read_jsonl(Path(tiny_world.root) / "clean" / "clean.jsonl")
+    rate = np.mean([r["object"] in data.TYPICAL_OBJECTS[r["emotion"]] for r in rows])
+    expected, independent = data.CONTENT_LINK + (1 - data.CONTENT_LINK) / 4, 0.25
+    assert data.CONTENT_LINK > 0 and rate > (expected + independent) / 2, rate
+    assert tiny_world.report["content_link"] == data.CONTENT_LINK
+    assert tiny_world.report["typical_objects"] == {k: list(v) for k, v in data.TYPICAL_OBJECTS.items()}
+
+
+def test_report_states_what_the_content_alone_predicts():
+    from pacl_ray.world.gap import format_report
+
+    assert "at most 0.55" in format_report({"content_link": 0.4})
+    assert "at most 0.25" in format_report({"content_link": 0.0})
+    assert "content link" not in format_report({})  # a report of an older world
