@@ -41,9 +41,11 @@ class TrialProgress(Callback):
     def _name(trial: Any) -> str:
         return str((getattr(trial, "config", None) or {}).get("trial", trial))
 
-    def _counts(self, trials: list) -> str:
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
+    def _counts(self, trials: list, ended: Any = None) -> str:
+        # Tune calls on_trial_complete/on_trial_error before it sets the ending trial's status,
+        # so that trial (``ended``) is counted as done here, not as running.
+        done = sum(t is ended or t.status in ("TERMINATED", "ERROR") for t in trials)
+        running = sum(t is not ended and t.status == "RUNNING" for t in trials)
         elapsed = time.monotonic() - self.start
         eta = ""
         if 0 < done < self.total:
@@ -54,10 +56,10 @@ class TrialProgress(Callback):
         self.log(f"[tune] trial {self._name(trial)} started; {self._counts(trials)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self.log(f"[tune] trial {self._name(trial)} finished; {self._counts(trials)}")
+        self.log(f"[tune] trial {self._name(trial)} finished; {self._counts(trials, trial)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self.log(f"[tune] trial {self._name(trial)} failed (see the sweep report); {self._counts(trials)}")
+        self.log(f"[tune] trial {self._name(trial)} failed (see the sweep report); {self._counts(trials, trial)}")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         now = time.monotonic()

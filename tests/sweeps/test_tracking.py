@@ -36,6 +36,21 @@ def test_trial_progress_lines(monkeypatch):
     ]
 
 
+def test_trial_progress_counts_the_ending_trial_as_done():
+    """Tune calls on_trial_complete / on_trial_error while the trial's status is still RUNNING."""
+    lines: list[str] = []
+    progress = TrialProgress(2, lines.append, heartbeat_s=30)
+    trial = lambda name: types.SimpleNamespace(config={"trial": name}, status="RUNNING")  # noqa: E731
+    trials = [trial("adopted"), trial("baseline:vanilla")]
+    progress.on_trial_complete(0, trials, trials[0])
+    trials[0].status = "TERMINATED"
+    progress.on_trial_error(1, trials, trials[1])
+    assert [line.split(" [")[0] for line in lines] == [
+        "[tune] trial adopted finished; 1/2 trials done, 1 running",
+        "[tune] trial baseline:vanilla failed (see the sweep report); 2/2 trials done, 0 running",
+    ]
+
+
 def test_no_tracker_by_default_and_a_missing_one_is_named(monkeypatch):
     assert tracking_callbacks({}, "sweep") == []
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
