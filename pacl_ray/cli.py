@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from pacl_ray import __version__
 from pacl_ray import config as config_mod
+from pacl_ray.stages.runtime import RayStartError
 
 STAGES = ("ingest", "partition", "embed", "cluster", "train", "evaluate", "run")
 COMMANDS = (*STAGES, "tune", "world", "config")
@@ -322,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         # value and what is allowed); no traceback.
         print(f"pacl-ray {args.command}: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 2
+    except RayStartError as err:
+        # The machine, not the input: one line with what Ray said and what to try (exit 1).
+        print(f"pacl-ray {args.command}: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        return 1
 
 
 def format_train_result(result) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
+
 MAX_LINE = 200
 # A Python dict repr: "{'key': " (json.dumps output uses double quotes and is not printed).
 DICT_REPR = re.compile(r"\{'[^']*': ")
@@ -262,3 +264,28 @@ def test_quiet_env_in_logs(monkeypatch):
     assert env["RAY_COLOR_PREFIX"] == "0" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     monkeypatch.setattr(runtime, "interactive", lambda: True)
     assert "RAY_COLOR_PREFIX" not in runtime.quiet_env()
+
+
+def test_a_ray_start_failure_is_one_line_with_advice(monkeypatch, capsys):
+    """Ray's node timing out at start (a loaded machine): RayStartError naming what Ray said and
+    what to try; the CLI prints one line, no traceback, exit 1."""
+    import ray
+
+    from pacl_ray import cli
+    from pacl_ray.stages import runtime
+
+    def timed_out(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because\\n"
+                        "some of the raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    with pytest.raises(runtime.RayStartError, match=r"could not start a local Ray instance: The current node "
+                       r"timed out during startup\. .*nothing already done is lost.*retry the same command"):
+        runtime.init_ray()
+
+    monkeypatch.setitem(cli.COMMAND_HANDLERS, "world", lambda args: runtime.init_ray())
+    assert cli.main(["world"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pacl-ray world: RayStartError: could not start a local Ray")
+    assert "Traceback" not in err[0]

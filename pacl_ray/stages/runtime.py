@@ -118,9 +118,18 @@ def configure_driver_console() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined (e.g. a local node timing out at start on a loaded
+    machine). Nothing already done is lost: every finished stage is cached, and the same command
+    resumes."""
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join ``cfg.address`` (or ``RAY_ADDRESS``), or start a fresh local instance; a no-op if
-    connected. Sets Ray's console switches (module docstring) first."""
+    connected. Sets Ray's console switches (module docstring) first.
+
+    Raises:
+        RayStartError: ``ray.init`` failed; the message says what Ray said and what to try."""
     set_console_env()
     for key, value in quiet_env().items():
         os.environ.setdefault(key, value)
@@ -138,7 +147,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         from pacl_ray.formats.storage import redact
 
-        with watched("[ray]", phase=f"joining the Ray cluster at {redact(address)}"):
+        with watched("[ray]", phase=f"joining the Ray cluster at {redact(address)}"), _start_errors(
+                f"could not join the Ray cluster at {redact(address)}",
+                "check that the cluster is up (`ray status`) and that ray.address / RAY_ADDRESS names it"):
             ray.init(address=address, **kwargs)
     else:
         # Token authentication is Ray's default for a local instance (kept); its notice saying so
@@ -146,10 +157,30 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         # too late: Ray caches the mode when it is imported.)
         logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
         # address="local": always a fresh instance, never one that happens to run on this machine.
-        with watched("[ray]", phase="starting a local Ray instance"):
+        with watched("[ray]", phase="starting a local Ray instance"), _start_errors(
+                "could not start a local Ray instance",
+                "retry the same command (on a loaded machine Ray's node can time out at start); stop "
+                "other heavy jobs or lower ray.num_cpus; Ray's logs are under /tmp/ray/session_latest/logs"):
             ray.init(address="local", num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus,
                      include_dashboard=False, **kwargs)
     configure_driver_console()
+
+
+class _start_errors:
+    """Turns an exception of ``ray.init`` into :class:`RayStartError` with what to try."""
+
+    def __init__(self, what: str, advice: str):
+        self.what, self.advice = what, advice
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None or isinstance(err, (KeyboardInterrupt, SystemExit, RayStartError)):
+            return False
+        said = " ".join(str(err).split()) or type(err).__name__
+        raise RayStartError(f"{self.what}: {said}; nothing already done is lost (finished stages are "
+                            f"cached and the same command resumes); {self.advice}") from err
 
 
 def setup_worker() -> None:
