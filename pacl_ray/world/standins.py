@@ -36,6 +36,16 @@ def _steps(label: str, total: int):
     return Progress(f"[pacl_ray.world] {label}", total, "steps", enabled=SHOW_PROGRESS[0])
 
 
+def _step(loss: torch.Tensor, optimizer, schedule, progress) -> None:
+    """One optimizer step of a stand-in fit (``schedule``: an LR scheduler stepped per step, or None)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    progress.update()
+
+
 class _DropExpectedWarning(logging.Filter):
     """open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger
     for ``pretrained=None``; the world's scorer is trained from random weights on purpose."""
@@ -79,11 +89,7 @@ def _train_classifier(
                 idx = order[start: start + batch_size]
                 batch = _dihedral(images[idx], generator) if augment else images[idx]
                 loss = torch.nn.functional.cross_entropy(model(batch), labels[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                progress.update()
+                _step(loss, optimizer, schedule, progress)
     model.eval()
 
 
@@ -165,11 +171,7 @@ def fit_clip(root: Path, size: WorldSize, seed: int) -> Path:
                 which = torch.randint(0, n_captions, (len(idx),), generator=generator)
                 image_features, text_features, logit_scale = model(images[idx], tokens[idx, which])[:3]
                 loss = loss_fn(image_features, text_features, logit_scale)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                progress.update()
+                _step(loss, optimizer, schedule, progress)
     model.eval()
     path = root / "clip.pt"
     torch.save({"state_dict": model.state_dict()}, path)
@@ -204,10 +206,7 @@ def _warm_start_text_tower(model: torch.nn.Module, tokens: torch.Tensor, rows: l
                 features = model.encode_text(flat_tokens[idx])
                 loss = (torch.nn.functional.cross_entropy(heads["object"](features), object_labels[idx])
                         + torch.nn.functional.cross_entropy(heads["emotion"](features), emotion_labels[idx]))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                progress.update()
+                _step(loss, optimizer, None, progress)
 
 
 @torch.inference_mode()
