@@ -118,3 +118,29 @@ def test_matrix_outputs_become_fixed_size_lists():
     out = executor.apply_in_process(_input(4), [Udf(widen)], batch_size=3)
     assert out.column("feature").type == pa.list_(pa.float32(), 2)
     assert out.column("feature").to_pylist()[3] == [3.0, -3.0]
+
+
+def batch_centered(batch: dict) -> dict:
+    """Each row's output depends on its batch (like a model's last bits under BLAS blocking)."""
+    x = np.asarray(batch["x"], dtype=np.float64)
+    return {"id": batch["id"], "y": x - x.mean()}
+
+
+def test_in_process_batches_are_in_id_order_whatever_the_file_order(ray_local, tmp_path):
+    # A Ray Data write leaves its files in no fixed order: here the first file by name holds the
+    # last ids. The in-process path must batch in id order, so its output does not depend on it.
+    import pyarrow.parquet as pq
+
+    table = _input()
+    for name, part in (("shuffled", [table.slice(12), table.slice(0, 12)]), ("ordered", [table])):
+        (tmp_path / name).mkdir()
+        for i, chunk in enumerate(part):
+            pq.write_table(chunk, tmp_path / name / f"part-{i}.parquet")
+    for name in ("shuffled", "ordered"):
+        executor.run_udfs(str(tmp_path / name), ["id", "x"], [Udf(batch_centered)], str(tmp_path / f"out_{name}"),
+                          pool=ActorPool(num_gpus=0), batch_size=5, ray_cfg=RayConfig())
+    shuffled, ordered = (storage.read_parquet_dir(str(tmp_path / f"out_{n}")) for n in ("shuffled", "ordered"))
+    assert shuffled.equals(ordered)
+    expected = np.concatenate([c - c.mean() for c in np.array_split(np.arange(23.0), range(5, 23, 5))])
+    np.testing.assert_array_equal(shuffled.column("y").to_numpy(), expected)
+    assert executor.in_id_order(pa.table({"x": [2, 1]})).column("x").to_pylist() == [2, 1]  # no id: as given
