@@ -196,12 +196,24 @@ def _file_ids(uri: str) -> np.ndarray:
         return pq.read_table(handle, columns=[tables.ID]).column(tables.ID).to_numpy(zero_copy_only=False).astype(str)
 
 
+def pairs_files(pairs_uri: str) -> list[tuple[str, np.ndarray]]:
+    """The pairs' Parquet files with their ids, in the order of each file's smallest id (files
+    without rows last, by name).
+
+    Why not the files' name order: a Ray Data write names its files with a random write id and
+    task index, and which task wrote which rows changes from run to run, so two ingests of the
+    same manifest list the same files in different name orders. Ordered by content, the chunk
+    layout, and with it every epoch's order of pairs (:func:`feed_order`), is the same for both.
+    """
+    files = [(uri, _file_ids(uri)) for uri in storage.list_files(pairs_uri, ".parquet")]
+    return sorted(files, key=lambda f: (len(f[1]) == 0, str(min(f[1])) if len(f[1]) else "", f[0]))
+
+
 def chunk_layout(pairs_uri: str, ids: np.ndarray, chunk_rows: int) -> ChunkLayout:
-    """The chunks of the pairs files (sorted file order, ``chunk_rows`` rows each), read from the
-    id column only. ``ids``: every pair's id, sorted (row = index into it)."""
+    """The chunks of the pairs files (in :func:`pairs_files` order, ``chunk_rows`` rows each), read
+    from the id column only. ``ids``: every pair's id, sorted (row = index into it)."""
     rows_per_file = []
-    for uri in storage.list_files(pairs_uri, ".parquet"):
-        file_ids = _file_ids(uri)
+    for uri, file_ids in pairs_files(pairs_uri):
         rows = np.searchsorted(ids, file_ids)
         if len(rows) and ((rows >= len(ids)) | (ids[np.minimum(rows, len(ids) - 1)] != file_ids)).any():
             raise ValueError(f"ingest pairs ({storage.redact(uri)}): an id is not among the training ids")
@@ -248,7 +260,7 @@ def write_feed(uri: str, pairs_uri: str, meta: pa.Table, chunk_rows: int) -> lis
     without the partition column (the feed does not depend on the partition stage)."""
     import ray
 
-    sources = storage.list_files(pairs_uri, ".parquet")
+    sources = [uri for uri, _ in pairs_files(pairs_uri)]  # the layout's file order
     targets = [storage.join(uri, f"part-{i:05d}.parquet") for i in range(len(sources))]
     if cache.is_complete(uri):
         return targets

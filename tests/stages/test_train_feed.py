@@ -94,3 +94,28 @@ def test_small_data_gets_small_chunks():
 
     assert feed_chunk_rows(32, 64, 8) == 1 and feed_chunk_rows(195_000, 64, 16) == 64
     assert feed_chunk_rows(4096, 64, 16) == 16
+
+
+def test_layout_and_epoch_order_do_not_depend_on_the_pairs_files_names(tmp_path):
+    # A Ray Data write names files with a random write id and which task wrote which rows changes
+    # between runs: the same three files under permuted names must give the same epoch order.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pacl_ray.stages.train_data import feed_order
+    from pacl_ray.stages.train_feed import chunk_layout, pairs_files
+
+    ids = np.array([f"p{i:03d}" for i in range(30)])
+    contents = [ids[10:20][::-1], ids[:10], ids[20:]]  # within a file, storage order is not id order
+    layouts = []
+    for name, names in (("a", ["x1", "x2", "x3"]), ("b", ["x3", "x1", "x2"])):
+        (tmp_path / name).mkdir()
+        for file_name, part in zip(names, contents):
+            pq.write_table(pa.table({"id": part}), tmp_path / name / f"{file_name}.parquet")
+        assert [min(f[1]) for f in pairs_files(str(tmp_path / name))] == ["p000", "p010", "p020"]
+        layouts.append(chunk_layout(str(tmp_path / name), ids, chunk_rows=4))
+    a, b = layouts
+    assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("rows", "bounds", "file_index", "row_group"))
+    codes = np.tile([1, 2, 3, 4, 1], 6)
+    positions = [feed_order(codes, 4, 0, 2, layout).positions((1, 2, 3, 4), 3) for layout in layouts]
+    assert np.array_equal(*positions)
