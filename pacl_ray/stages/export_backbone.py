@@ -150,7 +150,10 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         full = timm_full_model(model.backbone, cfg)
         backbone_state = full.state_dict()
         extra = "".join(f", {k}={v!r}" for k, v in cfg.model.backbone_kwargs.items())
-        loader = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=<file>){extra})"
+        # The overlay with the file alone would keep the architecture's registry pretrained_cfg
+        # (its default input size): the helper adds config.json's pretrained_cfg and model_args.
+        loader = (f"timm.create_model({name!r}, pretrained=True, "
+                  f"**pacl_ray.formats.export.timm_create_kwargs(<export dir>){extra})")
     out = ExportedModel(
         backbone=storage.join(directory, EXPORT_BACKBONE),
         heads=storage.join(directory, EXPORT_HEADS),

@@ -343,3 +343,18 @@ def test_pretrained_cfg_errors_name_the_file(tmp_path):
     (tmp_path / export.TIMM_CONFIG).write_text(json.dumps({"architecture": TINY}))
     with pytest.raises(ExportError, match=r"config.json: missing key 'pretrained_cfg'"):
         export.pretrained_cfg(str(tmp_path))
+
+
+def test_local_dir_rebuilds_the_architecture_of_backbone_kwargs(tmp_path):
+    """config.json's model_args carry model.backbone_kwargs (timm leaves out drop rates), so
+    ``local-dir:`` builds the trained architecture: max pooling here, not the registry's average."""
+    cfg = _cfg(backbone_kwargs={"global_pool": "max", "drop_path_rate": 0.1})
+    model = _perturbed_model(cfg)
+    directory = tmp_path / "export"
+    export_model(model, cfg, str(directory), text_dim=6)
+    model_args_json = json.loads((directory / export.TIMM_CONFIG).read_text())["model_args"]
+    assert model_args_json["global_pool"] == "max" and "drop_path_rate" not in model_args_json
+    loaded = timm.create_model(f"local-dir:{directory}", pretrained=True, num_classes=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model.backbone(images), rtol=0, atol=0)
