@@ -26,12 +26,15 @@ An export directory holds
   [embed_dim, text_dim]. Exports written before the heads were renamed hold ``image_head.weight``
   / ``text_head.weight``; readers accept both (:data:`HEAD_KEYS`).
 * timm backbones also get the layout of a timm model folder (Hugging Face Hub style):
-  ``config.json`` (:data:`TIMM_CONFIG`: architecture, num_classes and timm's ``pretrained_cfg``
-  with the trained input size, mean/std, interpolation and crop_pct, written by timm's own
-  ``save_config_for_hf``) and ``model.safetensors`` (:data:`TIMM_WEIGHTS`, the same tensors as
+  ``config.json`` (:data:`TIMM_CONFIG`, written by timm's own ``save_config_for_hf``:
+  architecture, ``num_classes``, ``model_args`` and a ``pretrained_cfg`` describing the model as
+  trained: input size, mean/std, interpolation, crop_pct, ``pool_size`` null at a size other
+  than the architecture's) and ``model.safetensors`` (:data:`TIMM_WEIGHTS`, the same tensors as
   ``backbone.safetensors``; timm's ``local-dir:`` loader takes only that name when a folder holds
   several weight files), so ``timm.create_model("local-dir:<export dir>", pretrained=True)``
   builds the right architecture and ``timm.data.resolve_model_data_config`` the right transform.
+  By architecture name, ``timm.create_model(name, pretrained=True, **timm_create_kwargs(dir))``
+  does the same (:func:`pretrained_cfg` is its ``pretrained_cfg_overlay``).
 * ``README.md`` (:data:`MODEL_CARD`): a short model card (what was trained, how, how to load it).
 * ``export.json`` (:data:`EXPORT_META`): ``backbone``, ``text_encoder``, ``text_pooling``,
   ``text_max_length``, ``embed_dim`` (required, :data:`EXPORT_KEYS`), plus ``backbone_kwargs``
@@ -223,6 +226,48 @@ def load_heads(uri: str) -> tuple[nn.Linear, nn.Linear]:
         head.weight.data.copy_(weight)
         heads.append(head)
     return heads[0], heads[1]
+
+
+def timm_config(directory: str) -> dict:
+    """The export's timm ``config.json`` (architecture, num_classes, model_args, pretrained_cfg).
+
+    Raises:
+        ExportError: the file is missing (an open_clip export has none) or not JSON, naming it."""
+    path = storage.join(directory, TIMM_CONFIG)
+    try:
+        config = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: not found; only exports of timm backbones hold timm's {TIMM_CONFIG}") from None
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config.get("pretrained_cfg"), dict):
+        raise ExportError(f"{path}: missing key 'pretrained_cfg' (timm's save_config_for_hf writes it)")
+    return config
+
+
+def pretrained_cfg(directory: str) -> dict:
+    """``pretrained_cfg_overlay`` that loads a timm export by architecture name as it was trained:
+    the export's ``config.json`` ``pretrained_cfg`` (input size, mean/std, interpolation, crop_pct,
+    pool_size, num_classes; JSON lists as tuples, the types of timm's own configs) with ``file``,
+    a local copy of ``model.safetensors`` (:func:`local_file`). Without it the overlay
+    ``dict(file=...)`` keeps the architecture's registry config, e.g. its default input size.
+
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=pretrained_cfg(directory))
+
+    Raises ExportError when ``config.json`` is missing or malformed (:func:`timm_config`)."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in timm_config(directory)["pretrained_cfg"].items()}
+    return {**cfg, "file": local_file(storage.join(directory, TIMM_WEIGHTS))}
+
+
+def timm_create_kwargs(directory: str, **overrides) -> dict:
+    """All ``timm.create_model(<architecture>, pretrained=True, **kwargs)`` keywords of a timm export:
+    ``config.json``'s ``model_args`` (what rebuilds the trained architecture, e.g. a resized ViT's
+    ``img_size``), then ``overrides`` (e.g. ``num_classes=0`` for pooled features), and
+    ``pretrained_cfg_overlay`` = :func:`pretrained_cfg`. The same model as
+    ``timm.create_model("local-dir:<directory>", pretrained=True, **overrides)``, for readers that
+    name the architecture (or hold the export on object storage)."""
+    return {**timm_config(directory).get("model_args", {}), **overrides,
+            "pretrained_cfg_overlay": pretrained_cfg(directory)}
 
 
 def local_file(uri: str) -> str:

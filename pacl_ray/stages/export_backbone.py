@@ -22,6 +22,12 @@ from pacl_ray.formats.export import (
 )
 
 
+def _starts_from_hub(cfg: RunConfig) -> bool:
+    """Whether PACL started from timm's hub weights of the architecture (not a checkpoint, not random)."""
+    return not cfg.model.backbone_checkpoint and cfg.model.backbone_pretrained.strip().lower() in (
+        "1", "true", "yes", "on")
+
+
 def _initial_classifier_state(cfg: RunConfig, full: nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The classifier weights of the model PACL started from, when it had trained ones of the
     architecture's shape. A checkpoint's classifier of another shape (e.g. a 5-class ``fc`` from
@@ -32,7 +38,7 @@ def _initial_classifier_state(cfg: RunConfig, full: nn.Module, prefixes: tuple[s
     if cfg.model.backbone_checkpoint:
         path = local_file(cfg.model.backbone_checkpoint)
         state = timm.models.load_state_dict(path, weights_only=True)  # never unpickle code
-    elif cfg.model.backbone_pretrained.strip().lower() in ("1", "true", "yes", "on"):
+    elif _starts_from_hub(cfg):
         state = timm.create_model(cfg.model.backbone, pretrained=True,
                                   **backbones.timm_kwargs(cfg.model.backbone_kwargs)).state_dict()
     else:
@@ -44,18 +50,35 @@ def _initial_classifier_state(cfg: RunConfig, full: nn.Module, prefixes: tuple[s
     return head
 
 
-def timm_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The trained pooled-feature backbone as a full timm state dict with a classifier, of the
-    architecture ``timm.create_model(model.backbone, **model.backbone_kwargs)``."""
+def _timm_architecture(cfg: RunConfig) -> nn.Module:
+    """A fresh timm model of the trained architecture with a classifier, built as the trained
+    backbone was (:func:`pacl_ray.core.backbones.create_backbone`): ``model.backbone_kwargs``, and a
+    fixed-size model (ViT) at ``model.backbone_input_size`` px, which timm derives from the
+    ``input_size`` overlay the backbone was built with, passed here as timm's own ``img_size``
+    keyword so that ``pretrained_cfg`` stays the architecture's (the source weights' metadata,
+    which timm's ``save_config_for_hf`` compares the exported input size against); then resized to
+    ``train.image_size`` as training did."""
     import timm
 
+    kwargs = backbones.timm_kwargs(cfg.model.backbone_kwargs)
+    registry = timm.models.get_pretrained_cfg(cfg.model.backbone)
+    if cfg.model.backbone_input_size and registry is not None and registry.fixed_input_size:
+        kwargs.setdefault("img_size", cfg.model.backbone_input_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        full = timm.create_model(cfg.model.backbone, pretrained=False,
-                                 **backbones.timm_kwargs(cfg.model.backbone_kwargs))
-    prefixes = backbones.classifier_prefixes(full)
+        full = timm.create_model(cfg.model.backbone, pretrained=False, **kwargs)
     if hasattr(full, "set_input_size") and cfg.train.image_size:
         full.set_input_size(img_size=cfg.train.image_size)
+    return full
+
+
+def timm_full_model(backbone: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The trained pooled-feature backbone as a full timm model with a classifier (the initial
+    model's when it had one of the architecture's shape, else the fresh one), of the architecture
+    ``timm.create_model(model.backbone, **model.backbone_kwargs)``. Raises RuntimeError naming the
+    keys when the trained backbone does not match that architecture."""
+    full = _timm_architecture(cfg)
+    prefixes = backbones.classifier_prefixes(full)
     missing, unexpected = full.load_state_dict(backbone.state_dict(), strict=False)
     not_classifier = [k for k in missing if not k.startswith(prefixes)]
     if not_classifier or unexpected:
@@ -66,24 +89,45 @@ def timm_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tens
     initial_head = _initial_classifier_state(cfg, full, prefixes)
     if initial_head:
         full.load_state_dict(initial_head, strict=False)
-    return full.state_dict()
+    return full.eval()
 
 
-def timm_config_json(cfg: RunConfig) -> str:
-    """timm's ``config.json`` for the exported backbone: its ``pretrained_cfg`` with the input size
-    PACL trained at (``train.image_size``, else ``model.backbone_input_size``, else the
-    architecture's), through timm's own ``save_config_for_hf``."""
-    import timm
+def timm_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """:func:`timm_full_model`'s state dict (what ``backbone.safetensors`` holds)."""
+    return timm_full_model(backbone, cfg).state_dict()
+
+
+def trained_data_config(full: nn.Module, cfg: RunConfig) -> dict:
+    """The transform the backbone was trained and is evaluated with: timm's resolved data config
+    (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``) from
+    :func:`pacl_ray.config.trained_transform_args` through the same
+    :func:`pacl_ray.core.backbones.data_config` that built the training transforms, so ``mean`` /
+    ``std`` are the normalisation training used (:func:`pacl_ray.core.pacl_model.train_normalization`)."""
+    transform = trained_transform_args(cfg)
+    return backbones.data_config(full, transform["input_size"], transform["crop_pct"], transform["interpolation"])
+
+
+def timm_config_json(full: nn.Module, cfg: RunConfig) -> str:
+    """timm's ``config.json`` for the exported model ``full`` (:func:`timm_full_model`), written by
+    timm's own ``save_config_for_hf`` (what ``push_to_hf_hub`` / ``save_for_hf`` write) with
+    ``data_config`` = :func:`trained_data_config`. So its ``pretrained_cfg`` describes the model as
+    trained: ``input_size``, ``mean``/``std``, ``interpolation``, ``crop_pct`` and ``crop_mode`` of
+    training; ``pool_size`` null when the input size is not the architecture's (timm's rule: the
+    registry's pooled grid belongs to another size); ``num_classes`` of the exported classifier;
+    ``model_args`` the keywords that rebuild the architecture (``backbone_kwargs`` other than drop
+    rates, ``img_size`` of a resized ViT). One change to timm's output: the registry's ``tag``
+    (e.g. ``r160_in1k``, "the source weights") is dropped unless PACL started from those hub
+    weights (``model.backbone_pretrained`` without ``model.backbone_checkpoint``)."""
     from timm.models._hub import save_config_for_hf  # timm's own writer (not re-exported by timm.models)
 
-    size = cfg.train.image_size or cfg.model.backbone_input_size
-    overlay = dict(input_size=(3, size, size)) if size else {}
-    model = timm.create_model(cfg.model.backbone, pretrained=False, pretrained_cfg_overlay=overlay)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, TIMM_CONFIG)
-        save_config_for_hf(model, path, data_config={"input_size": (3, size, size)} if size else None)
+        save_config_for_hf(full, path, data_config=trained_data_config(full, cfg))
         with open(path) as handle:
-            return handle.read()
+            config = json.load(handle)
+    if not _starts_from_hub(cfg):
+        config["pretrained_cfg"].pop("tag", None)
+    return json.dumps(config, indent=2)
 
 
 def open_clip_full_state(backbone: nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -103,9 +147,13 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
         backbone_state = open_clip_full_state(model.backbone, cfg)
         loader = f"open_clip.create_model_and_transforms({name[len(backbones.OPEN_CLIP_PREFIX):]!r}, pretrained=<file>)"
     else:
-        backbone_state = timm_full_state(model.backbone, cfg)
+        full = timm_full_model(model.backbone, cfg)
+        backbone_state = full.state_dict()
         extra = "".join(f", {k}={v!r}" for k, v in cfg.model.backbone_kwargs.items())
-        loader = f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=<file>){extra})"
+        # The overlay with the file alone would keep the architecture's registry pretrained_cfg
+        # (its default input size): the helper adds config.json's pretrained_cfg and model_args.
+        loader = (f"timm.create_model({name!r}, pretrained=True, "
+                  f"**pacl_ray.formats.export.timm_create_kwargs(<export dir>){extra})")
     out = ExportedModel(
         backbone=storage.join(directory, EXPORT_BACKBONE),
         heads=storage.join(directory, EXPORT_HEADS),
@@ -139,7 +187,7 @@ def export_model(model: PACLModel, cfg: RunConfig, directory: str, text_dim: int
     }
     data_config = None
     if not backbones.is_open_clip_backbone(name):
-        config_text = timm_config_json(cfg)
+        config_text = timm_config_json(full, cfg)
         data_config = json.loads(config_text).get("pretrained_cfg", {})
         storage.write_text(storage.join(directory, TIMM_CONFIG), config_text)
         write_safetensors(storage.join(directory, TIMM_WEIGHTS), backbone_state, {"backbone": name})

@@ -10,15 +10,16 @@ import os
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from pacl_ray import config
 from pacl_ray.core import backbones
 from pacl_ray.formats import storage
 from pacl_ray.config import model_args
-from pacl_ray.core.pacl_model import build_model
+from pacl_ray.core.pacl_model import build_model, train_normalization
 from pacl_ray.formats import export
-from pacl_ray.stages.export_backbone import export_model
+from pacl_ray.stages.export_backbone import _timm_architecture, export_model, timm_config_json
 from pacl_ray.formats.export import (ExportError, is_export_dir, load_export, load_heads, local_file,
                                      read_export_meta, read_safetensors, write_safetensors)
 from moto_s3 import mock_s3  # noqa: F401 (fixture)
@@ -242,3 +243,118 @@ def test_timm_export_is_a_local_dir_model_with_its_transform(tmp_path):
     assert saved["architecture"] == TINY and saved["pretrained_cfg"]["input_size"] == [3, 32, 32]
     card = (directory / "README.md").read_text()
     assert f"# {TINY} + PACL" in card and "local-dir:" in card and "(3, 32, 32)" in card
+
+
+def _trained(backbone: str, tmp_path, checkpoint: bool = False, **train) -> tuple:
+    """A perturbed PACL model of ``backbone`` (as after training), its config and the transform it
+    trained with. ``checkpoint``: start from a local checkpoint at model.backbone_input_size 32 px
+    (the default world's backbone setup); else ``train`` sets the training size."""
+    model_cfg = {"backbone": backbone, "backbone_pretrained": "false", "embed_dim": 12}
+    if checkpoint:
+        torch.manual_seed(1)
+        initial = str(tmp_path / "initial.safetensors")
+        write_safetensors(initial, timm.create_model(backbone, pretrained=False).state_dict())
+        model_cfg.update(backbone_pretrained="true", backbone_checkpoint=initial, backbone_input_size=32)
+    cfg = config.from_dict({"model": model_cfg, "train": train})
+    model, trained_backbone = build_model(6, **model_args(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval(), cfg, trained_backbone
+
+
+@pytest.mark.parametrize("backbone, checkpoint, train", [
+    ("test_resnet", True, {}),  # the default world's backbone: a checkpoint at backbone_input_size 32
+    ("test_vit", False, {"image_size": 32}),  # a ViT resized for training (set_input_size)
+    ("test_vit", True, {}),  # a fixed-size ViT built at backbone_input_size 32
+])
+def test_timm_config_describes_the_model_as_trained_and_loads_both_ways(tmp_path, backbone, checkpoint, train):
+    """The export's config.json is the trained model's (input size, pool_size, mean/std, crop_pct,
+    num_classes, model_args), and both documented loading forms -- ``local-dir:`` and the
+    architecture name with ``pretrained_cfg_overlay`` -- give that config, timm's resolved transform
+    at the trained size and the exported features."""
+    model, cfg, trained = _trained(backbone, tmp_path, checkpoint, **train)
+    directory = str(tmp_path / "export")
+    out = export_model(model, cfg, directory, text_dim=6)
+    trained_mean, trained_std = train_normalization(trained)
+    assert trained.data_config["input_size"] == (3, 32, 32)
+    registry = timm.models.get_pretrained_cfg(backbone)
+    assert registry.input_size != (3, 32, 32)  # so the checks below tell the trained size apart
+
+    saved = json.loads((tmp_path / "export" / export.TIMM_CONFIG).read_text())
+    cfg_json = saved["pretrained_cfg"]
+    assert saved["architecture"] == backbone and cfg_json["input_size"] == [3, 32, 32]
+    assert cfg_json["pool_size"] is None  # timm's rule: the registry's pooled grid is another size's
+    assert (tuple(cfg_json["mean"]), tuple(cfg_json["std"])) == (trained_mean, trained_std)
+    assert cfg_json["crop_pct"] == trained.data_config["crop_pct"]
+    assert cfg_json["interpolation"] == trained.data_config["interpolation"]
+    assert "tag" not in cfg_json and "file" not in cfg_json and "hf_hub_id" not in cfg_json
+    classifier = read_safetensors(out.backbone)[f"{registry.classifier}.weight"]
+    assert saved["num_classes"] == cfg_json["num_classes"] == classifier.shape[0]
+    if backbone == "test_vit":
+        assert saved["model_args"]["img_size"] == [32, 32]  # rebuilds the 32 px position grid
+    if train:
+        assert cfg_json["crop_pct"] == 1.0  # train.image_size: the whole image
+
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.backbone(images)
+    weights = str(tmp_path / "export" / export.TIMM_WEIGHTS)
+    loaded = {
+        "local-dir": timm.create_model(f"local-dir:{directory}", pretrained=True, num_classes=0),
+        "helper": timm.create_model(backbone, pretrained=True, **export.timm_create_kwargs(directory, num_classes=0)),
+        # The README's plain form, without pacl_ray: config.json's model_args and pretrained_cfg.
+        "plain": timm.create_model(backbone, pretrained=True, **{**saved["model_args"], "num_classes": 0},
+                                   pretrained_cfg_overlay=dict(file=weights, **saved["pretrained_cfg"])),
+    }
+    for form, timm_model in loaded.items():
+        assert tuple(timm_model.pretrained_cfg["input_size"]) == (3, 32, 32), form
+        resolved = timm.data.resolve_data_config({}, model=timm_model)
+        # (the plain form passes config.json's JSON lists through; timm takes them as its tuples)
+        assert tuple(resolved["input_size"]) == (3, 32, 32), form
+        assert (tuple(resolved["mean"]), tuple(resolved["std"])) == (trained_mean, trained_std), form
+        assert resolved["crop_pct"] == trained.data_config["crop_pct"], form
+        transform = timm.data.create_transform(**resolved)
+        assert transform(Image.new("RGB", (48, 40))).shape == (3, 32, 32), form
+        with torch.no_grad():
+            torch.testing.assert_close(timm_model.eval()(images), expected, rtol=0, atol=0, msg=form)
+    # The overlay with the file alone keeps the architecture's registry config (the old README form).
+    file_only = timm.create_model(backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=weights),
+                                  **{k: v for k, v in saved["model_args"].items() if k == "img_size"})
+    assert tuple(file_only.pretrained_cfg["input_size"]) == registry.input_size
+
+
+def test_timm_config_keeps_the_hub_tag_only_when_training_started_from_the_hub_weights():
+    def tag(**model):
+        cfg = config.from_dict({"model": {"backbone": "test_resnet", **model}})
+        return json.loads(timm_config_json(_timm_architecture(cfg), cfg))["pretrained_cfg"].get("tag")
+
+    assert tag(backbone_pretrained="true") == "r160_in1k"  # PACL started from test_resnet.r160_in1k
+    assert tag(backbone_pretrained="false") is None
+    assert tag(backbone_pretrained="true", backbone_checkpoint="/elsewhere.safetensors") is None
+
+
+def test_pretrained_cfg_errors_name_the_file(tmp_path):
+    with pytest.raises(ExportError, match=r"config.json: not found; only exports of timm backbones"):
+        export.pretrained_cfg(str(tmp_path))
+    (tmp_path / export.TIMM_CONFIG).write_text("{not json")
+    with pytest.raises(ExportError, match=r"config.json: not valid JSON"):
+        export.timm_create_kwargs(str(tmp_path))
+    (tmp_path / export.TIMM_CONFIG).write_text(json.dumps({"architecture": TINY}))
+    with pytest.raises(ExportError, match=r"config.json: missing key 'pretrained_cfg'"):
+        export.pretrained_cfg(str(tmp_path))
+
+
+def test_local_dir_rebuilds_the_architecture_of_backbone_kwargs(tmp_path):
+    """config.json's model_args carry model.backbone_kwargs (timm leaves out drop rates), so
+    ``local-dir:`` builds the trained architecture: max pooling here, not the registry's average."""
+    cfg = _cfg(backbone_kwargs={"global_pool": "max", "drop_path_rate": 0.1})
+    model = _perturbed_model(cfg)
+    directory = tmp_path / "export"
+    export_model(model, cfg, str(directory), text_dim=6)
+    model_args_json = json.loads((directory / export.TIMM_CONFIG).read_text())["model_args"]
+    assert model_args_json["global_pool"] == "max" and "drop_path_rate" not in model_args_json
+    loaded = timm.create_model(f"local-dir:{directory}", pretrained=True, num_classes=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model.backbone(images), rtol=0, atol=0)
