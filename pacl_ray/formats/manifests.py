@@ -111,31 +111,32 @@ def _absent(value: Any) -> bool:
 
 
 def type_name(value: Any) -> str:
-    """A value's type as the user wrote it (JSON's names for JSON values): for messages."""
+    """A value's type as the user wrote it, with an article (JSON's names for JSON values), for
+    messages: "a number 123", "an object {a, b}", "a list", "null"."""
     if value is None:
         return "null"
     if isinstance(value, JsonNumber):
-        return f"number {value}"
+        return f"a number {value}"
     if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
+        return f"a boolean {str(value).lower()}"
     if isinstance(value, str):
-        return "string"
+        return "a string"
     if isinstance(value, (bytes, bytearray)):
         return "bytes"
     if isinstance(value, int):
-        return f"integer {value}"
+        return f"an integer {value}"
     if isinstance(value, float):
-        return f"float {value!r}"
+        return f"a float {value!r}"
     if isinstance(value, dict):
-        return "object {" + ", ".join(map(str, list(value)[:5])) + ("...}" if len(value) > 5 else "}")
+        return "an object {" + ", ".join(map(str, list(value)[:5])) + (", ...}" if len(value) > 5 else "}")
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
-        return "list"
-    return type(value).__name__
+        return "a list"
+    return f"a {type(value).__name__}"
 
 
 def wrong_type(name: str, value: Any, expected: str) -> Rejected:
     """The :class:`Rejected` (wrong_type) of field ``name`` holding ``value`` where ``expected`` belongs."""
-    return Rejected("wrong_type", name, f"{name!r} is a {type_name(value)}; expected {expected}")
+    return Rejected("wrong_type", name, f"{name!r} is {type_name(value)}; expected {expected}")
 
 
 def _checked_str(value: str, name: str) -> str:
