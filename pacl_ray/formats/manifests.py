@@ -34,6 +34,22 @@ exact duplicate rows are caught); ``anps`` (string or list), ``factual_score``,
 ``emotional_score``, ``label`` (or ``emotion_label``), ``planted_partition`` (1-4), ``partition`` (a known
 partition code 1-4, used as given instead of thresholding scores); other columns
 are ignored.
+
+Faults, the same in every reader:
+
+* a whole-file problem (a CSV/TSV header or Parquet schema without ``image``/``text``, a Parquet
+  column of the wrong type) is one :class:`ManifestSchemaError` (:func:`check_columns`), raised
+  before any row; there is no config key mapping column names, so the message names the columns
+  found, those expected and the likely rename;
+* a record without a required value is missing_field: the detail says whether the key is absent
+  (naming the keys the record has), null or empty; an empty or blank *text* is kept and
+  quarantined by ingest as empty_text (a CSV empty cell is an empty value, not an absent one);
+* types: text a string (bytes where the format holds bytes); image a path string, bytes or a
+  ``{bytes, path}`` struct; id a string or integer (a JSON number kept as written, a float only
+  when integral); label a string or number; anps a string or list of strings; scores and
+  partition codes numbers or strings that parse. Anything else is wrong_type, the detail naming
+  the field, the type found and the type expected; a string that does not parse, or a number out
+  of range, is bad_value.
 """
 
 from __future__ import annotations
@@ -608,10 +624,11 @@ def check_columns(uri: str, columns: dict, required: tuple = REQUIRED) -> None:
         return
     missing = {name for name in required if name not in columns}
     renames = [f"{c!r} -> {ALIASES[c.lower()]!r}" for c in columns if ALIASES.get(str(c).lower()) in missing]
+    fix = (f"no config key maps column names, so rename the column in the file{': ' + ', '.join(renames) if renames else ''}"
+           if missing else "write the column with the expected type")
     raise ManifestSchemaError(
         f"{uri}: {'; '.join(problems)} (columns found: {', '.join(map(str, columns)) or 'none'}; "
-        f"expected {', '.join(required)} and optionally {', '.join(OPTIONAL)}; no config key maps "
-        f"column names, so rename the column in the file{': ' + ', '.join(renames) if renames else ''})"
+        f"expected {', '.join(required)} and optionally {', '.join(OPTIONAL)}; {fix})"
     )
 
 

@@ -53,7 +53,7 @@ from pacl_ray.config import RunConfig
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
-INGEST_VERSION = 3  # bump when validation changes what a given input produces (3: original size columns)
+INGEST_VERSION = 4  # bump when validation changes what a given input produces (3: original size columns; 4: wrong_type, empty CSV cells)
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "tumemo")
 IMAGE_SUFFIXES = manifests.IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {
