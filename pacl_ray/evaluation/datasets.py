@@ -4,7 +4,12 @@ Every reader returns a :class:`TaskData`: a task kind, the label names, and ``tr
 ``test`` :class:`Split` s of image paths and targets. Images are validated on read (exists, not
 empty, decodes fully, not a decompression bomb); a bad image is dropped into ``quarantine`` with a
 reason from :data:`pacl_ray.formats.tables.QUARANTINE_REASONS`, exactly as ingest does for pairs, and a bad
-annotation row (unknown class, unparsable number) is quarantined with the file and row.
+annotation row is quarantined with the file, row and field, with the reasons ingest gives the same
+faults: an empty cell is missing_field ("field 'level1' is empty"), a cell that does not parse (a
+non-number rating, a label index that is not an integer, an unknown class) bad_value, a parsed value
+of the wrong type (a number among Emotic's category names, a name among its VAD numbers, an object
+where a list belongs) wrong_type. A table whose header lacks a column every row needs is one
+:class:`DatasetError` naming the file, the missing column, the columns found and those expected.
 
 Targets per kind (``Split.targets``):
 
@@ -133,6 +138,10 @@ WEBEMO_LEVEL2 = sorted({second for second, _ in WEBEMO_HIERARCHY.values()})  # 7
 # Table 2's per-level WebEmo tasks: single-label dataset name -> level index (0 polarity, 1 second
 # level, 2 fine emotions), in the paper's column order.
 WEBEMO_LEVELS = {"webemo2": 0, "webemo7": 1, "webemo25": 2}
+
+
+WEBEMO_CSV_COLUMNS = [["image", "path"], ["level1"], ["level2"], ["level3"]]
+IAPS_COLUMNS = [["IAPS"], ["valmn"], ["aromn"], ["dom1mn", "dommn", "dom2mn"]]
 
 
 class DatasetError(ValueError):
@@ -440,9 +449,14 @@ def read_unbiasedemo(root: str, seed: int = 0, limit: int = 0) -> TaskData:
 # --------------------------------------------------------------------------- table layouts
 
 
-def _read_table(path: str, quarantine: list[dict]) -> list[tuple[str, dict]]:
+def _read_table(path: str, quarantine: list[dict], required: Sequence[Sequence[str]] = ()) -> list[tuple[str, dict]]:
     """``(where, row)`` of a CSV/TSV/whitespace table with a header (keys and cells stripped);
     ``where`` is ``path:line`` of the row's first line.
+
+    ``required`` lists the columns every row needs, each as its accepted spellings (matched
+    case-insensitively, like :func:`_column`): a header without one is a whole-file
+    :class:`DatasetError` naming the file, the missing column, the columns found and the columns
+    expected, raised once instead of quarantining every row as missing_field.
 
     Quoted cells may hold newlines and delimiters (RFC 4180). A row that cannot be parsed (broken
     quoting, a wrong number of fields) is quarantined as malformed_record and costs only itself.
@@ -463,6 +477,7 @@ def _read_table(path: str, quarantine: list[dict]) -> list[tuple[str, dict]]:
     if not rows:
         raise DatasetError(f"{path}: no readable header row")
     names = [h.strip() for h in rows[0][1]]
+    _check_header(path, names, required)
     out = []
     for line, cells in rows[1:]:
         where = f"{path}:{line}"
@@ -498,6 +513,18 @@ def _csv_rows(lines: list[str], delimiter: str, path: str, quarantine: list[dict
             yield start, cells
 
 
+def _check_header(path: str, names: list[str], required: Sequence[Sequence[str]]) -> None:
+    """:class:`DatasetError` when the header ``names`` of table ``path`` lacks a ``required``
+    column (any of its spellings, case-insensitive)."""
+    have = {n.lower() for n in names}
+    missing = [spellings for spellings in required if not have & {s.lower() for s in spellings}]
+    if missing:
+        said = "; ".join(f"no column {' or '.join(map(repr, spellings))}" for spellings in missing)
+        expected = ", ".join("/".join(spellings) for spellings in required)
+        raise DatasetError(f"{path}: {said} (columns found: {', '.join(names) or 'none'}; expected {expected}; "
+                           f"rename the column in the file, no setting maps column names)")
+
+
 class _RowFault(Exception):
     """One annotation row is bad: quarantined with its place, field and reason."""
 
@@ -509,12 +536,14 @@ class _RowFault(Exception):
         return quarantine_row(self.where, self.field, self.reason, str(self))
 
 
-def _missing(where: str, field_name: str) -> _RowFault:
-    return _RowFault(where, field_name, "missing_field", f"missing field {field_name!r}")
+def _missing(where: str, field_name: str, empty: bool = False) -> _RowFault:
+    said = f"field {field_name!r} is empty" if empty else f"missing field {field_name!r}"
+    return _RowFault(where, field_name, "missing_field", said)
 
 
 def _column(row: dict, names: Sequence[str], where: str) -> str:
-    """The first present, non-empty column among ``names`` (case-insensitive)."""
+    """The first present, non-empty column among ``names`` (case-insensitive); missing_field when
+    none has a value (the detail says whether the column is absent or its cell empty)."""
     lowered = {k.lower(): v for k, v in row.items() if k is not None}
     for name in names:
         value = lowered.get(name.lower())
@@ -524,7 +553,8 @@ def _column(row: dict, names: Sequence[str], where: str) -> str:
             except UnicodeEncodeError:
                 raise _RowFault(where, name, "undecodable_text", f"field {name!r} is not UTF-8: {value!r}") from None
             return value
-    raise _missing(where, names[0])
+    present = next((n for n in names if n.lower() in lowered), None)  # a present column with an empty cell
+    raise _missing(where, present or names[0], empty=present is not None)
 
 
 def _first_existing(root: str, candidates: Sequence[str]) -> str | None:
@@ -541,7 +571,7 @@ def _load_webemo_hierarchy(root: str) -> dict[str, tuple[str, str]]:
         return dict(WEBEMO_HIERARCHY)
     mapping = {}
     problems: list[dict] = []
-    for where, row in _read_table(path, problems):
+    for where, row in _read_table(path, problems, [["level3"], ["level2"], ["level1"]]):
         try:
             mapping[_column(row, ["level3"], where).lower()] = (
                 _column(row, ["level2"], where).lower(), _column(row, ["level1"], where).lower()
@@ -599,7 +629,7 @@ def _webemo_csv_records(root: str, quarantine: list[dict]) -> tuple[list[_Record
     for split in SPLITS:
         path = os.path.join(root, f"{split}.csv")
         if os.path.isfile(path):
-            rows_by_split[split] = (path, _read_table(path, quarantine))
+            rows_by_split[split] = (path, _read_table(path, quarantine, WEBEMO_CSV_COLUMNS))
     if "test" not in rows_by_split:
         raise DatasetError(f"webemo: {root}/train.csv given but {root}/test.csv is missing")
     levels: list[set] = [set(), set(), set()]
@@ -671,19 +701,29 @@ def _emotic_tables(root: str) -> dict[str, str]:
     raise DatasetError(f"emotic: no {{train,val,test}}.csv under {root} (or its annotations/, emotic_pre/)")
 
 
-def _parse_list(text: str, where: str, field_name: str) -> list:
-    """A list literal cell (``"['Engagement', 'Happiness']"``); an empty list ``[]`` counts as
-    an empty cell (missing_field), like the conversion scripts' blank cells."""
+def _parse_list(text: str, where: str, field_name: str, item: type = str) -> list:
+    """A list literal cell (``"['Engagement', 'Happiness']"``, ``"[6, 5, 7]"``) whose items are all
+    ``item`` (str: category names; float: numbers, integers included); a lone value counts as a
+    one-item list. A cell that is not a literal is bad_value, a literal of another type (an
+    object, a number among category names, a name among numbers, a boolean) wrong_type. An empty
+    list ``[]`` counts as an empty cell (missing_field), like the conversion scripts' blank cells."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError) as err:
-        raise ValueError(f"{where}: field {field_name!r} is not a list literal: {text!r} ({err})") from None
-    if isinstance(value, (str, int, float)):
+        raise _RowFault(where, field_name, "bad_value", f"field {field_name!r} is not a list literal: {text!r} ({err})") from None
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         value = [value]
+    expected = "a list of category names (strings)" if item is str else "a list of numbers"
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{where}: field {field_name!r} is not a list: {text!r}")
+        raise _RowFault(where, field_name, "wrong_type", f"field {field_name!r} is a {type(value).__name__} "
+                                                         f"{text!r}; expected {expected}")
     if not value:
         raise _RowFault(where, field_name, "missing_field", f"field {field_name!r} is an empty list {text!r}")
+    for v in value:
+        ok = isinstance(v, str) if item is str else isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok:
+            raise _RowFault(where, field_name, "wrong_type", f"field {field_name!r} holds {type(v).__name__} "
+                                                             f"{v!r}; expected {expected}")
     return list(value)
 
 
@@ -696,17 +736,19 @@ def read_emotic(root: str, kind: str = "multilabel", seed: int = 0, limit: int =
     quarantine: list[dict] = []
     merged: dict[tuple[str, str], dict] = {}  # (split, image) -> categories, vad list, source
     for split, path in _emotic_tables(root).items():
-        for where, row in _read_table(path, quarantine):
+        labels_column = "Categorical_Labels" if kind == "multilabel" else "Continuous_Labels"
+        for where, row in _read_table(path, quarantine, [["Folder"], ["Filename"], [labels_column]]):
             try:
                 image = os.path.join(root, _column(row, ["Folder"], where), _column(row, ["Filename"], where))
                 if kind == "multilabel":
                     names = _parse_list(_column(row, ["Categorical_Labels"], where), where, "Categorical_Labels")
-                    unknown = [n for n in names if str(n).lower() not in lookup]
+                    unknown = [n for n in names if n.lower() not in lookup]
                     if unknown:
                         raise ValueError(f"{where}: field 'Categorical_Labels' has unknown categories {unknown}")
-                    value = [lookup[str(n).lower()] for n in names]
+                    value = [lookup[n.lower()] for n in names]
                 else:
-                    value = [float(v) for v in _parse_list(_column(row, ["Continuous_Labels"], where), where, "Continuous_Labels")]
+                    value = [float(v) for v in _parse_list(_column(row, ["Continuous_Labels"], where), where,
+                                                           "Continuous_Labels", float)]
                     if len(value) != 3:
                         raise ValueError(f"{where}: field 'Continuous_Labels' needs 3 values, got {value}")
             except _RowFault as err:
@@ -760,13 +802,10 @@ def read_iaps(root: str, seed: int = 0, limit: int = 0) -> TaskData:
     quarantine: list[dict] = []
     records = []
     seen = set()
-    for where, row in _read_table(table, quarantine):
+    for where, row in _read_table(table, quarantine, IAPS_COLUMNS):
         try:
             number = _column(row, ["IAPS"], where)
-            vad = [
-                float(_column(row, names, where))
-                for names in (["valmn"], ["aromn"], ["dom1mn", "dommn", "dom2mn"])
-            ]
+            vad = [float(_column(row, names, where)) for names in IAPS_COLUMNS[1:]]
         except _RowFault as err:
             quarantine.append(err.quarantine())
             continue

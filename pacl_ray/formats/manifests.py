@@ -34,6 +34,22 @@ exact duplicate rows are caught); ``anps`` (string or list), ``factual_score``,
 ``emotional_score``, ``label`` (or ``emotion_label``), ``planted_partition`` (1-4), ``partition`` (a known
 partition code 1-4, used as given instead of thresholding scores); other columns
 are ignored.
+
+Faults, the same in every reader:
+
+* a whole-file problem (a CSV/TSV header or Parquet schema without ``image``/``text``, a Parquet
+  column of the wrong type) is one :class:`ManifestSchemaError` (:func:`check_columns`), raised
+  before any row; there is no config key mapping column names, so the message names the columns
+  found, those expected and the likely rename;
+* a record without a required value is missing_field: the detail says whether the key is absent
+  (naming the keys the record has), null or empty; an empty or blank *text* is kept and
+  quarantined by ingest as empty_text (a CSV empty cell is an empty value, not an absent one);
+* types: text a string (bytes where the format holds bytes); image a path string, bytes or a
+  ``{bytes, path}`` struct; id a string or integer (a JSON number kept as written, a float only
+  when integral); label a string or number; anps a string or list of strings; scores and
+  partition codes numbers or strings that parse. Anything else is wrong_type, the detail naming
+  the field, the type found and the type expected; a string that does not parse, or a number out
+  of range, is bad_value.
 """
 
 from __future__ import annotations
@@ -90,6 +106,13 @@ class Rejected(Exception):
         self.reason, self.field, self.detail = reason, field, detail
 
 
+class ManifestSchemaError(ValueError):
+    """A whole input file does not fit the manifest columns: its CSV header or Parquet schema lacks
+    a required column, or a Parquet column has the wrong type. Raised once, before any row is
+    read (:func:`check_columns`), naming the file, each problem, the columns found and the columns
+    expected; a whole-file fault is never reported as one quarantined row per record."""
+
+
 class JsonNumber(str):
     """A JSON number kept exactly as written (``1``, ``1.50``, ``1e3``), so ids never change."""
 
@@ -101,6 +124,35 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or (
         isinstance(value, str) and not isinstance(value, JsonNumber) and not value.strip()
     )
+
+
+def type_name(value: Any) -> str:
+    """A value's type as the user wrote it, with an article (JSON's names for JSON values), for
+    messages: "a number 123", "an object {a, b}", "a list", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, JsonNumber):
+        return f"a number {value}"
+    if isinstance(value, bool):
+        return f"a boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    if isinstance(value, int):
+        return f"an integer {value}"
+    if isinstance(value, float):
+        return f"a float {value!r}"
+    if isinstance(value, dict):
+        return "an object {" + ", ".join(map(str, list(value)[:5])) + (", ...}" if len(value) > 5 else "}")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def wrong_type(name: str, value: Any, expected: str) -> Rejected:
+    """The :class:`Rejected` (wrong_type) of field ``name`` holding ``value`` where ``expected`` belongs."""
+    return Rejected("wrong_type", name, f"{name!r} is {type_name(value)}; expected {expected}")
 
 
 def _checked_str(value: str, name: str) -> str:
@@ -121,38 +173,49 @@ def _decoded(value: bytes, name: str) -> str:
 
 
 def as_id(value: Any) -> Optional[str]:
-    """An id exactly as written: strings verbatim, integers in decimal; None when absent."""
+    """An id exactly as written; None when absent.
+
+    Ids are strings or integers: strings verbatim, integers in decimal, a JSON number exactly as
+    written (``1.50`` stays ``"1.50"``), a float only when integral (pandas writes integer ids of a
+    column with nulls as float). Anything else (boolean, list, object, 1.5 as a float) is
+    wrong_type.
+    """
     if _absent(value):
         return None
     if isinstance(value, bool):
-        raise Rejected("bad_value", "id", f"a boolean is not an id: {value!r}")
+        raise wrong_type("id", value, "a string or integer")
     if isinstance(value, str):
         return _checked_str(value, "id")
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # integer ids of a column with nulls, written by pandas as float
+        return str(int(value))
     if isinstance(value, (bytes, bytearray)):
         return _decoded(bytes(value), "id")
-    raise Rejected("bad_value", "id", f"expected a string or integer, got {type(value).__name__} {value!r:.80}")
+    raise wrong_type("id", value, "a string or integer")
 
 
 def as_text(value: Any) -> tuple[Optional[str], Optional[bytes]]:
-    """The post text -> (str, None) or (None, undecoded bytes); absent -> (None, None)."""
+    """The post text -> (str, None) or (None, undecoded bytes); absent -> (None, None).
+
+    Text must be a string (bytes where the format holds bytes: tar members, binary columns); a
+    JSON number, boolean, list or object is wrong_type. An empty or blank string is kept (ingest
+    quarantines it as empty_text, in every format)."""
     if value is None:
         return None, None
     if isinstance(value, (bytes, bytearray)):
         return None, bytes(value)
-    if isinstance(value, str):  # JsonNumber included: a caption may be "2024"
+    if isinstance(value, str) and not isinstance(value, JsonNumber):
         return _checked_str(value, "text"), None
-    raise Rejected("bad_value", "text", f"expected a string, got {type(value).__name__} {value!r:.80}")
+    raise wrong_type("text", value, "a string")
 
 
 def as_image(value: Any, source: str) -> tuple[Optional[str], Optional[bytes], Optional[str]]:
     """The image column -> (reference, inline bytes, name for messages).
 
     A string is a reference; bytes are the encoded image; a ``{bytes, path}`` struct (Hugging
-    Face ``datasets.Image``) is its bytes when present, else its path.
+    Face ``datasets.Image``) is its bytes when present, else its path. Anything else (a number,
+    list, ...) is wrong_type.
     """
     if _absent(value):
         return None, None, None
@@ -160,41 +223,55 @@ def as_image(value: Any, source: str) -> tuple[Optional[str], Optional[bytes], O
         return None, bytes(value), f"{source} (inline bytes)"
     if isinstance(value, dict) and set(value) & {"bytes", "path"}:
         data, path = value.get("bytes"), value.get("path")
+        if data is not None and not isinstance(data, (bytes, bytearray)):
+            raise wrong_type("image.bytes", data, "bytes")
         if data:
             return None, bytes(data), f"{source} ({path or 'inline bytes'})"
         return as_image(path, source)
     if isinstance(value, str) and not isinstance(value, JsonNumber):
         image = _checked_str(value, "image").strip()
         return image, None, image
-    raise Rejected("bad_value", "image", f"expected a path, bytes or {{bytes, path}}, got {type(value).__name__} {value!r:.80}")
+    raise wrong_type("image", value, "a path string, image bytes or a {bytes, path} struct")
 
 
 def as_anps(value: Any) -> Optional[str]:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
-        items = [as_anps(v) for v in list(value)]
+        items = []
+        for item in list(value):
+            if item is not None and (not isinstance(item, str) or isinstance(item, JsonNumber)):
+                raise wrong_type("anps", item, "a string or a list of strings (an item of the list)")
+            items.append(as_anps(item))
         return "; ".join(i.strip() for i in items if i and i.strip()) or None
     if _absent(value):
         return None
-    if isinstance(value, str):
+    if isinstance(value, str) and not isinstance(value, JsonNumber):
         return _checked_str(value, "anps")
-    raise Rejected("bad_value", "anps", f"expected a string or a list of strings, got {value!r:.80}")
+    raise wrong_type("anps", value, "a string or a list of strings")
 
 
 def as_label(value: Any, name: str = "label") -> Optional[str]:
+    """A class label: a string, or a number (kept as written)."""
     if _absent(value):
         return None
     if isinstance(value, str):
         return _checked_str(value, name)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise Rejected("bad_value", name, f"expected a string or number, got {value!r:.80}")
+    raise wrong_type(name, value, "a string or number")
+
+
+def _number_or_text(value: Any, name: str, expected: str) -> Any:
+    """Numbers and strings pass (CSV cells are strings; a string is parsed by the caller, and one
+    that does not parse is bad_value); any other type is wrong_type."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise wrong_type(name, value, expected)
+    return value
 
 
 def as_float(value: Any, name: str) -> Optional[float]:
     if _absent(value):
         return None
-    if isinstance(value, bool):
-        raise Rejected("bad_value", name, f"not a number: {value!r}")
+    _number_or_text(value, name, "a number")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -205,15 +282,20 @@ def as_float(value: Any, name: str) -> Optional[float]:
 
 
 def as_planted(value: Any, name: str = "planted_partition") -> Optional[int]:
-    """A partition code 1-4 (``planted_partition``, or a given ``partition``); else bad_value."""
+    """A partition code 1-4 (``planted_partition``, or a given ``partition``): a boolean, list,
+    object or non-integral number is wrong_type, an integer outside 1-4 or an unparsable string
+    bad_value."""
     if _absent(value):
         return None
+    _number_or_text(value, name, "an integer 1-4")
     try:
         number = float(value)
-        if isinstance(value, bool) or not number.is_integer():
-            raise ValueError
     except (TypeError, ValueError):
         raise Rejected("bad_value", name, f"not an integer: {value!r:.80}") from None
+    if not number.is_integer():
+        if isinstance(value, str) and not isinstance(value, JsonNumber):
+            raise Rejected("bad_value", name, f"not an integer: {value!r:.80}")
+        raise wrong_type(name, value, "an integer 1-4")
     if int(number) not in (1, 2, 3, 4):
         raise Rejected("bad_value", name, f"must be 1-4, got {value}")
     return int(number)
@@ -246,11 +328,33 @@ def _reject(record: dict, bad: Rejected) -> dict:
     return record
 
 
-def normalize_row(row: dict, manifest_uri: str, source: str, position: int) -> dict:
-    """One manifest row (column -> value) -> one :data:`RECORD` dict (bad values -> a verdict)."""
+REQUIRED = ("image", "text")
+OPTIONAL = ("id", "anps", "factual_score", "emotional_score", "label", "emotion_label", "planted_partition", "partition")
+
+
+def _require(row: dict, name: str) -> None:
+    """missing_field when ``row`` has no value for ``name``; the detail says whether the key is
+    absent (naming the keys the record has), null, or an empty string."""
+    if name not in row:
+        keys = ", ".join(map(str, row)) or "none"
+        raise Rejected("missing_field", name, f"no {name!r} field; the record has: {keys}")
+    value = row[name]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise Rejected("missing_field", name, f"{name!r} is null")
+    if name != "text" and _absent(value):  # an empty text is empty_text (ingest's validation)
+        raise Rejected("missing_field", name, f"{name!r} is empty")
+
+
+def normalize_row(row: dict, manifest_uri: str, source: str, position: int, required: tuple = REQUIRED) -> dict:
+    """One manifest row (column -> value) -> one :data:`RECORD` dict (bad values -> a verdict).
+
+    ``required`` columns without a value are missing_field (an empty text is left for ingest's
+    validation: empty_text); a value of the wrong type is wrong_type, naming the type found."""
     record = blank_record(source, position)
     try:
         record["id"] = as_id(row.get("id"))
+        for name in required:
+            _require(row, name)
         ref, data, name = as_image(row.get("image"), source)
         record.update(image_ref=resolve_image_ref(ref, manifest_uri) if ref else None, image_bytes=data, image_name=name)
         record["text"], record["text_bytes"] = as_text(row.get("text"))
@@ -265,7 +369,8 @@ def normalize_row(row: dict, manifest_uri: str, source: str, position: int) -> d
 
 
 def fill_optional(record: dict, row: dict) -> None:
-    """Copy the optional columns; raises :class:`Rejected` bad_value on a wrongly-typed value."""
+    """Copy the optional columns; raises :class:`Rejected` wrong_type on a wrongly-typed value,
+    bad_value on a bad value of the right type."""
     record["anps"] = as_anps(row.get("anps"))
     record["factual_score"] = as_float(row.get("factual_score"), "factual_score")
     record["emotional_score"] = as_float(row.get("emotional_score"), "emotional_score")
@@ -417,7 +522,8 @@ def iter_csv(uri: str, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
     Parsed with RFC 4180 quoting (``csv`` in strict mode), streaming, so quoted newlines and
     delimiters work at any size. A row with the wrong number of fields or broken quoting is
     malformed_record; a broken record spanning several lines costs only itself (its later lines
-    are parsed again). Undecodable bytes are kept as surrogates and reported per cell
+    are parsed again). A header without a required column raises :class:`ManifestSchemaError`
+    (before any row). Undecodable bytes are kept as surrogates and reported per cell
     (undecodable_text) when the cell is used.
     """
     fs, path = storage.resolve(uri)
@@ -446,19 +552,112 @@ def iter_csv(uri: str, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
                 continue  # blank line
             if header is None:
                 header = [c.strip() for c in cells]
+                check_columns(uri, {name: "string" for name in header})
                 continue
             row += 1
             if len(cells) != len(header):
                 yield row, Rejected("malformed_record", "record", f"line {start}: {len(cells)} fields, the header has {len(header)}")
             else:
-                yield row, {name: (cell if cell != "" else None) for name, cell in zip(header, cells)}
+                yield row, dict(zip(header, cells))  # an empty cell is an empty value, not an absent column
+
+
+# --------------------------------------------------------------------------- whole-file checks
+
+# Column -> (kinds a Parquet column may have, what to say is expected). A column of kind "null"
+# (every value null) is always accepted: its rows are judged one by one.
+COLUMN_KINDS = {
+    "text": ({"string", "bytes"}, "string (or binary holding UTF-8 text)"),
+    "image": ({"string", "bytes", "struct"}, "string path, binary image bytes or a {bytes, path} struct"),
+    "id": ({"string", "integer", "float", "bytes"}, "string or integer"),
+    "anps": ({"string", "list"}, "string or list of strings"),
+    "factual_score": ({"integer", "float", "string"}, "number"),
+    "emotional_score": ({"integer", "float", "string"}, "number"),
+    "label": ({"string", "integer", "float"}, "string or number"),
+    "emotion_label": ({"string", "integer", "float"}, "string or number"),
+    "planted_partition": ({"integer", "float", "string"}, "integer 1-4"),
+    "partition": ({"integer", "float", "string"}, "integer 1-4"),
+}
+# Column names often used for ours: named in the error as the likely rename.
+ALIASES = {
+    "caption": "text", "captions": "text", "txt": "text", "sentence": "text", "post": "text", "tweet": "text",
+    "content": "text", "description": "text", "image_path": "image", "img": "image", "path": "image",
+    "file": "image", "filename": "image", "file_name": "image", "url": "image", "image_url": "image",
+    "jpg": "image", "picture": "image",
+}
+
+
+def arrow_kind(type_: pa.DataType) -> str:
+    """A Parquet/Arrow column type as one of null, string, bytes, integer, float, boolean, list,
+    struct or its own name (dictionary columns by their value type)."""
+    t = pa.types
+    if t.is_dictionary(type_):
+        return arrow_kind(type_.value_type)
+    checks = [("null", t.is_null), ("string", lambda x: t.is_string(x) or t.is_large_string(x)),
+              ("bytes", lambda x: t.is_binary(x) or t.is_large_binary(x) or t.is_fixed_size_binary(x)),
+              ("integer", t.is_integer), ("float", lambda x: t.is_floating(x) or t.is_decimal(x)),
+              ("boolean", t.is_boolean),
+              ("list", lambda x: t.is_list(x) or t.is_large_list(x) or t.is_fixed_size_list(x)),
+              ("struct", t.is_struct)]
+    for name, check in checks:
+        if check(type_):
+            if name == "list" and arrow_kind(type_.value_type) not in ("string", "null"):
+                return f"list of {type_.value_type}"
+            if name == "struct" and not {f.name for f in type_} & {"bytes", "path"}:
+                return f"struct without bytes/path ({type_})"
+            return name
+    return str(type_)
+
+
+def check_columns(uri: str, columns: dict, required: tuple = REQUIRED) -> None:
+    """Raise :class:`ManifestSchemaError` when a file's columns (name -> :func:`arrow_kind`; a CSV
+    header's are all "string") lack a ``required`` one or hold a known one of the wrong kind.
+
+    The message (one line) names the file, each problem, the columns found, the columns expected,
+    and a likely rename (``caption`` -> ``text``). No config key maps column names: the file's
+    columns are renamed (for example with pandas or ``sed`` on the header line)."""
+    problems = [f"no column {name!r}" for name in required if name not in columns]
+    for name, kind in columns.items():
+        allowed, expected = COLUMN_KINDS.get(name, (None, ""))
+        if allowed is not None and kind != "null" and kind not in allowed:
+            problems.append(f"column {name!r} is {kind}, expected {expected}")
+    if not problems:
+        return
+    missing = {name for name in required if name not in columns}
+    renames = [f"{c!r} -> {ALIASES[c.lower()]!r}" for c in columns if ALIASES.get(str(c).lower()) in missing]
+    fix = (f"no config key maps column names, so rename the column in the file{': ' + ', '.join(renames) if renames else ''}"
+           if missing else "write the column with the expected type")
+    raise ManifestSchemaError(
+        f"{uri}: {'; '.join(problems)} (columns found: {', '.join(map(str, columns)) or 'none'}; "
+        f"expected {', '.join(required)} and optionally {', '.join(OPTIONAL)}; {fix})"
+    )
+
+
+def check_header(uri: str, kind: str) -> None:
+    """Check a file's header (CSV/TSV) or schema (Parquet) alone, reading no rows:
+    :class:`ManifestSchemaError` as :func:`check_columns`. Other kinds have no header: their
+    records are checked one by one."""
+    if kind in ("csv", "tsv"):
+        rows = iter_csv(uri, "\t" if kind == "tsv" else ",")
+        next(rows, None)  # the header is checked before the first row is yielded
+        rows.close()
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        fs, path = storage.resolve(uri)
+        try:
+            schema = pq.read_schema(fs.open_input_file(path))
+        except Exception:  # not Parquet: iter_parquet reports it as unreadable_file
+            return
+        check_columns(uri, {f.name: arrow_kind(f.type) for f in schema})
 
 
 # --------------------------------------------------------------------------- Parquet
 
 
 def iter_parquet(uri: str) -> Iterator[tuple[int, Any]]:
-    """(row, {column: value} | Rejected) of a Parquet file, one row group at a time."""
+    """(row, {column: value} | Rejected) of a Parquet file, one row group at a time; a schema
+    without a required column, or with a column of the wrong type, raises
+    :class:`ManifestSchemaError` (before any row)."""
     import pyarrow.parquet as pq
 
     fs, path = storage.resolve(uri)
@@ -467,6 +666,7 @@ def iter_parquet(uri: str) -> Iterator[tuple[int, Any]]:
     except Exception as err:  # not Parquet, truncated footer, ...
         yield 0, Rejected("unreadable_file", "manifest", f"{uri} is not a readable Parquet file: {err}")
         return
+    check_columns(uri, {f.name: arrow_kind(f.type) for f in parquet.schema_arrow})
     row = 0
     for group in range(parquet.num_row_groups):
         rows = parquet.metadata.row_group(group).num_rows
@@ -532,9 +732,15 @@ def iter_webdataset(uri: str) -> Iterator[tuple[str, Any]]:
 
 
 def normalize_webdataset_sample(sample: dict, source: str, position: int) -> dict:
-    """One WebDataset sample (``__key__`` and one entry per member suffix) -> a :data:`RECORD` dict."""
+    """One WebDataset sample (``__key__`` and one entry per member suffix) -> a :data:`RECORD` dict.
+
+    The text is the ``.txt`` member, else ``caption`` (or ``text``) of the ``.json`` member; a
+    sample without an image member or without a text is missing_field (the detail names its
+    members and metadata keys), metadata that is not a JSON object, or a caption that is not a
+    string, wrong_type."""
     record = blank_record(source, position)
     record["id"] = posixpath.basename(sample["__key__"])
+    members = ", ".join(f".{k}" for k in sample if k != "__key__") or "none"
     try:
         for suffix in IMAGE_SUFFIXES:
             if sample.get(suffix) is not None:
@@ -546,12 +752,24 @@ def normalize_webdataset_sample(sample: dict, source: str, position: int) -> dic
                 meta = _loads(_decoded(sample["json"], "json"))
             except json.JSONDecodeError as err:
                 raise Rejected("malformed_record", "json", f"unreadable metadata: {err}") from None
-            meta = meta if isinstance(meta, dict) else {}
+            if not isinstance(meta, dict):
+                raise wrong_type("json", meta, "a JSON object")
+        record["id"] = as_id(meta.get("id")) or record["id"]
+        if record["image_bytes"] is None:
+            raise Rejected("missing_field", "image", f"no image member (.{', .'.join(IMAGE_SUFFIXES)}); "
+                                                     f"the sample has: {members}")
         if sample.get("txt") is not None:
             record["text_bytes"] = sample["txt"]
         else:
-            record["text"], record["text_bytes"] = as_text(meta.get("caption", meta.get("text")))
-        record["id"] = as_id(meta.get("id")) or record["id"]
+            name = "caption" if "caption" in meta else "text"
+            if meta.get(name) is None:
+                keys = ", ".join(meta) or "none"
+                raise Rejected("missing_field", "text", f"no .txt member and no 'caption'/'text' in .json; "
+                                                        f"the sample has: {members}; .json keys: {keys}")
+            try:
+                record["text"], record["text_bytes"] = as_text(meta[name])
+            except Rejected as bad:
+                raise Rejected(bad.reason, bad.field, bad.detail.replace("'text'", f"{name!r} in .json")) from None
         fill_optional(record, meta)
     except Rejected as bad:
         return _reject(record, bad)
@@ -606,7 +824,7 @@ def iter_records(uri: str, kind: str, file_index: int, images: Optional[dict] = 
         if isinstance(value, Rejected):
             record = _reject(blank_record(source, base | row), value)
         else:
-            record = normalize_row(value, uri, source, base | row)
+            record = normalize_row(value, uri, source, base | row, ("text",) if kind == "tumemo_json" else REQUIRED)
         if kind == "tumemo_json" and record["id"] is not None:
             record = attach_image(record, images or {})
         yield record

@@ -79,7 +79,8 @@ QUARANTINE_REASONS = (
     "undecodable_text",
     "duplicate_id",
     "missing_field",
-    "bad_value",
+    "bad_value",  # a value of the right type that is not allowed (score "high", partition 7, NaN)
+    "wrong_type",  # a value of the wrong type (text 123, id true, anps {...}): the detail names found and expected
     "malformed_record",  # a record that cannot be parsed (cut-off JSON line, CSV row with the wrong field count, truncated tar member)
 )
 

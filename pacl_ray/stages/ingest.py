@@ -24,8 +24,12 @@ Work is per file and per record, in Ray tasks; the driver holds nothing per row:
 
 Outputs under ``{output_dir}/stages/ingest/{key}``: ``pairs/`` (:data:`tables.PAIRS`, image bytes
 inline), ``quarantine/`` (:data:`tables.QUARANTINE`: id, ``file:row`` source, field, reason,
-detail), ``config.yaml`` and ``_SUCCESS`` with the counts per reason. If every record is bad,
-:class:`IngestError` is raised with that summary.
+detail), ``config.yaml`` and ``_SUCCESS`` with the counts per reason; the quarantine's published
+path is printed after the summary. If every record is bad, :class:`IngestError` is raised with that
+summary, nothing is published, and the quarantine is kept in ``stages/ingest/{key}.failed/``
+(named in the error; deleted by the next successful run of the same inputs). A whole-file problem
+(a CSV header or Parquet schema without ``image``/``text``, a Parquet column of the wrong type) is
+one :class:`IngestError` naming the file, raised before any row is read or anything written.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from pacl_ray.config import RunConfig
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
-INGEST_VERSION = 3  # bump when validation changes what a given input produces (3: original size columns)
+INGEST_VERSION = 4  # bump when validation changes what a given input produces (3: original size columns; 4: wrong_type, empty CSV cells)
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "tumemo")
 IMAGE_SUFFIXES = manifests.IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {
@@ -515,27 +519,66 @@ def run_ingest(cfg: RunConfig) -> cache.StageOutput:
         raise IngestError(f"ingest.manifest: no files found at {icfg.manifest}")
     fmt = detect_format(icfg.manifest, files, icfg.format)
     key = ingest_key(cfg, files, fmt)
-    return cache.run_cached(
-        cfg.output_dir, STAGE, key, lambda uri: _build(cfg, files, fmt, uri), config=cfg, describe=format_summary,
-        keep_failed=True,  # the quarantine table of a manifest whose every record is bad
+    failed = failed_uri(cfg.output_dir, key)
+    # A failing build's staging directory is deleted (keep_failed=False); the one table worth
+    # keeping from a failed run, the quarantine of a manifest whose every record is bad, is
+    # written to ``failed`` instead, and the error names it.
+    out = cache.run_cached(
+        cfg.output_dir, STAGE, key, lambda uri: _build(cfg, files, fmt, uri, failed), config=cfg,
+        describe=format_summary,
     )
+    storage.delete_dir(failed)  # an earlier failed run's quarantine of the same inputs is stale now
+    if cache.read_summary(out.uri).get("quarantined"):
+        print(f"ingest: quarantined records (source file:row, field, reason, detail) are in {out.path('quarantine')}")
+    return out
 
 
-def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str) -> dict:
-    """Ingest's work into the staging directory ``uri``; returns the summary. While it runs, a
-    line at least every :data:`pacl_ray.stages.runtime.PROGRESS_INTERVAL_S` seconds says which
-    step runs (each is a Ray Data job that reports no count of its own) and how many records are
-    validated."""
+def failed_uri(output_dir: str, key: str) -> str:
+    """Where the quarantine of a run that published nothing (every record bad) is kept:
+    ``{output_dir}/stages/ingest/{key}.failed`` (not a stage output: no completion record)."""
+    return cache.stage_uri(output_dir, STAGE, f"{key}.failed")
+
+
+def check_headers(reads: list[tuple[str, str]], workers: int = 16) -> None:
+    """Check every CSV/TSV header and Parquet schema before any row is read (header and footer
+    reads only, in threads): :class:`IngestError` naming the first bad file, its problem, the
+    columns found and expected (:func:`pacl_ray.formats.manifests.check_columns`), and how many
+    other files have a problem too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(read: tuple[str, str]) -> Optional[str]:
+        try:
+            manifests.check_header(*read)
+        except manifests.ManifestSchemaError as err:
+            return str(err)
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = [p for p in pool.map(check, [r for r in reads if r[1] in ("csv", "tsv", "parquet")]) if p]
+    if problems:
+        more = f" (and {len(problems) - 1} more file(s) with a header or schema problem)" if len(problems) > 1 else ""
+        raise IngestError(f"ingest.manifest: {problems[0]}{more}")
+
+
+def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str, failed: str) -> dict:
+    """Ingest's work into the staging directory ``uri``; returns the summary. Headers and schemas
+    are checked first (:func:`check_headers`: a whole-file problem stops the run before Ray
+    starts and before anything is written). While it runs, a line at least every
+    :data:`pacl_ray.stages.runtime.PROGRESS_INTERVAL_S` seconds says which step runs (each is a
+    Ray Data job that reports no count of its own) and how many records are validated."""
     from pacl_ray.stages.runtime import init_ray, watched
 
+    check_headers(plan_reads(cfg.ingest.manifest, fmt, files)[0])
     init_ray(cfg.ray)
     with watched("[ingest]", unit="records validated",
                  phase=f"reading and validating the records of {len(files)} input file(s)") as watch:
-        return _build_steps(cfg, files, fmt, uri, watch.progress)
+        return _build_steps(cfg, files, fmt, uri, watch.progress, failed)
 
 
-def _build_steps(cfg: RunConfig, files: list[str], fmt: str, uri: str, progress) -> dict:
-    """:func:`_build`'s steps; each sets ``progress.phase`` (:class:`pacl_ray.stages.runtime.Progress`)."""
+def _build_steps(cfg: RunConfig, files: list[str], fmt: str, uri: str, progress, failed: str = "") -> dict:
+    """:func:`_build`'s steps; each sets ``progress.phase`` (:class:`pacl_ray.stages.runtime.Progress`).
+    When every record is bad (and ``ingest.fail_if_all_bad``), the quarantine and summary go to
+    ``failed`` (:func:`failed_uri`), not to the staging directory, which is deleted."""
     icfg = cfg.ingest
     records = read_records(icfg.manifest, fmt, files)
     validated = records.map_batches(
@@ -553,7 +596,10 @@ def _build_steps(cfg: RunConfig, files: list[str], fmt: str, uri: str, progress)
     summary = summarize(counts, n_pairs, converted)
     summary.update(format=fmt, manifest=icfg.manifest)
 
-    quarantine_dir = storage.join(uri, "quarantine")
+    give_up = n_pairs == 0 and icfg.fail_if_all_bad and bool(failed)
+    if give_up:
+        storage.delete_dir(failed)
+    quarantine_dir = storage.join(failed if give_up else uri, "quarantine")
     storage.write_parquet(tables.QUARANTINE.empty_table(), quarantine_dir)  # a readable table even when none
     if counts:
         progress.phase = f"writing {summary['quarantined']} quarantined records"
@@ -561,11 +607,13 @@ def _build_steps(cfg: RunConfig, files: list[str], fmt: str, uri: str, progress)
             duplicates.map_batches(lambda b: b.select(tables.QUARANTINE.names).cast(tables.QUARANTINE), batch_format="pyarrow"))
         _write(quarantine, quarantine_dir)
     if n_pairs == 0:
-        storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2))
+        storage.write_text(storage.join(failed if give_up else uri, "summary.json"), json.dumps(summary, indent=2))
         if icfg.fail_if_all_bad:
             raise IngestError(
-                f"{format_summary(summary)}\nevery record of {icfg.manifest} is bad; "
-                f"see {quarantine_dir}", summary,
+                f"{format_summary(summary)}\nevery record of {icfg.manifest} is bad, so ingest published "
+                f"nothing; the quarantine (file:row, field, reason, detail per record) is kept for "
+                f"inspection in {quarantine_dir} (set ingest.fail_if_all_bad=false to publish an empty table)",
+                summary,
             )
         storage.write_parquet(tables.PAIRS.empty_table(), storage.join(uri, "pairs"))
         summary["content_fingerprint"] = pairs_fingerprint([])

@@ -271,21 +271,23 @@ def test_integer_parquet_ids(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "row, field",
+    "row, reason, field",
     [
-        ({"id": True, "image": "a.png", "text": "t"}, "id"),
-        ({"id": ["x"], "image": "a.png", "text": "t"}, "id"),
-        ({"id": "x", "image": 5, "text": "t"}, "image"),
-        ({"id": "x", "image": "a.png", "text": ["t"]}, "text"),
-        ({"id": "x", "image": "a.png", "text": "t", "factual_score": "high"}, "factual_score"),
-        ({"id": "x", "image": "a.png", "text": "t", "planted_partition": 7}, "planted_partition"),
-        ({"id": "x", "image": "a.png", "text": "t", "anps": {"a": 1}}, "anps"),
+        ({"id": True, "image": "a.png", "text": "t"}, "wrong_type", "id"),
+        ({"id": ["x"], "image": "a.png", "text": "t"}, "wrong_type", "id"),
+        ({"id": "x", "image": 5, "text": "t"}, "wrong_type", "image"),
+        ({"id": "x", "image": "a.png", "text": ["t"]}, "wrong_type", "text"),
+        ({"id": "x", "image": "a.png", "text": "t", "factual_score": "high"}, "bad_value", "factual_score"),
+        ({"id": "x", "image": "a.png", "text": "t", "planted_partition": 7}, "bad_value", "planted_partition"),
+        ({"id": "x", "image": "a.png", "text": "t", "anps": {"a": 1}}, "wrong_type", "anps"),
     ],
 )
-def test_wrongly_typed_values_are_bad_value(tmp_path, row, field):
+def test_wrongly_typed_values_are_wrong_type_and_bad_values_bad_value(tmp_path, row, reason, field):
+    """A value of the wrong type is wrong_type; a value of an accepted type that is not allowed
+    (an unparsable score string, a partition outside 1-4) is bad_value."""
     path = write_jsonl(tmp_path, [row, {"id": "ok", "image": "a.png", "text": "t"}])
     rows = records(path, "jsonl")
-    assert verdicts(rows) == [("1", "bad_value", field)] and good_ids(rows) == ["ok"]
+    assert verdicts(rows) == [("1", reason, field)] and good_ids(rows) == ["ok"]
 
 
 def test_optional_columns(tmp_path):

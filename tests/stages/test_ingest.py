@@ -252,6 +252,7 @@ def bad_jsonl(tmp_path):
         {"id": "e1", "image": "images/good0.jpg", "text": "   "},  # empty_text
         {"id": "f1", "text": "no image"},  # missing_field
         {"id": "v1", "image": "images/good0.jpg", "text": "bad score", "factual_score": "high"},  # bad_value
+        {"id": "w1", "image": "images/good0.jpg", "text": 7},  # wrong_type
     ]
     manifest = tmp_path / "manifest.jsonl"
     lines = [json.dumps(r).encode() for r in rows]
@@ -268,7 +269,7 @@ def test_jsonl_every_reason_and_cache(ray_local, bad_jsonl, output_dir, capsys):
     expected = {r: 1 for r in tables.QUARANTINE_REASONS}
     assert reasons(out) == expected
     printed = capsys.readouterr().out
-    assert "17 records -> 5 pairs, 12 quarantined" in printed and "duplicate_id=1" in printed
+    assert "18 records -> 5 pairs, 13 quarantined" in printed and "duplicate_id=1" in printed
 
     quarantine = read_quarantine(out)
     assert quarantine.schema.equals(tables.QUARANTINE, check_metadata=False)
@@ -277,8 +278,9 @@ def test_jsonl_every_reason_and_cache(ray_local, bad_jsonl, output_dir, capsys):
     assert by_reason["duplicate_id"]["source"] == f"{bad_jsonl}:6"
     assert f"{bad_jsonl}:1" in by_reason["duplicate_id"]["detail"]
     assert by_reason["bad_value"]["field"] == "factual_score"
-    assert (by_reason["undecodable_text"]["source"], by_reason["undecodable_text"]["field"]) == (f"{bad_jsonl}:16", "text")
-    assert by_reason["malformed_record"]["source"] == f"{bad_jsonl}:17"
+    assert (by_reason["wrong_type"]["source"], by_reason["wrong_type"]["field"]) == (f"{bad_jsonl}:16", "text")
+    assert (by_reason["undecodable_text"]["source"], by_reason["undecodable_text"]["field"]) == (f"{bad_jsonl}:17", "text")
+    assert by_reason["malformed_record"]["source"] == f"{bad_jsonl}:18"
 
     pairs = read_pairs_table(out)
     assert pairs.schema.names == tables.PAIRS.names
