@@ -314,14 +314,15 @@ def run_cached(
     ``build(staging_uri)``, which writes the stage's files under ``staging_uri`` and returns its
     summary (a JSON-able dict), saves ``config`` (a RunConfig) there as ``config.yaml``, writes the
     completion record and publishes the directory (see the module docstring). ``describe(summary)``
-    is printed once, with " [cached]" on a cache hit. A failing ``build`` leaves nothing published;
+    is printed once, with " [cached]" ending its first line on a cache hit. A failing ``build`` leaves nothing published;
     its staging directory is deleted, or with ``keep_failed`` kept for inspection (e.g. ingest's
     quarantine table when every record was bad; ``build`` can name ``staging_uri`` in its error).
     """
     found = lookup(output_dir, stage, key)
     if found is not None:
         if describe is not None:
-            print(describe(read_summary(found.uri)) + " [cached]")
+            head, newline, body = describe(read_summary(found.uri)).partition("\n")
+            print(f"{head} [cached]{newline}{body}")  # on the header line, not after a table's last row
         return found
     staging = storage.join(output_dir, "stages", stage, f".{key}.{uuid.uuid4().hex[:12]}")
     try:
