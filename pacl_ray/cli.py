@@ -329,14 +329,57 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+VAL_METRIC = "val_acc"  # pacl_ray.stages.validation.VAL_METRIC (percent), named here so --help imports no torch
+
+
 def format_train_result(result) -> str:
-    """A training run in a few lines: where it is, what it exported, the loss per epoch."""
+    """A training run in a few lines: where it is, what it exported, the loss per epoch, and the
+    held-out validation probe's accuracy (``val_acc``, percent) when the run had one."""
+    validated = any(VAL_METRIC in row for row in result.history)
     lines = [f"train: {result.uri}{' (cached)' if result.cached else ''}",
              f"  backbone: {result.backbone_checkpoint}", f"  heads:    {result.heads_checkpoint}",
-             "  epoch  partitions  steps  L1      L2      L3      L4      total   samples/s"]
+             "  epoch  partitions  steps  L1      L2      L3      L4      total   samples/s"
+             + ("  val_acc" if validated else "")]
     for row in result.history:
-        lines.append(f"  {row['epoch']:>5}  {row['phase']:>10}  {row['steps']:>5}  " + "  ".join(
-            f"{row[k]:6.3f}" for k in ("L1", "L2", "L3", "L4", "total")) + f"  {row.get('samples_per_s', float('nan')):9.1f}")
+        line = f"  {row['epoch']:>5}  {row['phase']:>10}  {row['steps']:>5}  " + "  ".join(
+            f"{row[k]:6.3f}" for k in ("L1", "L2", "L3", "L4", "total")) + f"  {row.get('samples_per_s', float('nan')):9.1f}"
+        if validated:
+            line += f"  {row[VAL_METRIC]:7.1f}" if VAL_METRIC in row else f"  {'-':>7}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_stage_output(out) -> str:
+    """A finished stage (a :class:`pacl_ray.stages.cache.StageOutput`) in a few lines: whether this
+    command wrote it or reused the cached one, where it is (credentials redacted), and its files
+    (a folder as one entry: its file count and total size), wrapped at 100 columns."""
+    from pacl_ray.formats.storage import redact
+
+    state = "cached, nothing recomputed" if out.cached else "written"
+    lines = [f"{out.stage}: {state}: {redact(out.uri)}"]
+    groups: dict[str, list[int]] = {}
+    for rel, (size, _) in sorted((out.files or {}).items()):
+        top, sep, _ = rel.partition("/")
+        groups.setdefault(top + sep, []).append(size)
+    entries = [f"{name} ({len(sizes)} file{'s' if len(sizes) != 1 else ''}, {_size(sum(sizes))})"
+               if name.endswith("/") else f"{name} ({_size(sizes[0])})" for name, sizes in groups.items()]
+    line = "  files:"
+    for i, entry in enumerate(entries):
+        text = f" {entry}" + ("," if i < len(entries) - 1 else "")
+        if len(line) + len(text) > 100 and line.strip() != "files:":
+            lines.append(line)
+            line = "        "  # under the first entry
+        line += text
+    if entries:
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -374,7 +417,7 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
         from pacl_ray.evaluation.evaluate import main as evaluate_main
 
         return evaluate_main(cfg, backbone=out.backbone_checkpoint.rsplit("/", 1)[0])
-    print(f"{args.command}: {out}")
+    print(format_stage_output(out))
     return 0
 
 
