@@ -327,6 +327,6 @@ def test_worlds_follow_the_content_link(tiny_world):
 def test_report_states_what_the_content_alone_predicts():
     from pacl_ray.world.gap import format_report
 
-    assert "at most 0.55" in format_report({"content_link": 0.4})
-    assert "at most 0.25" in format_report({"content_link": 0.0})
+    assert "at most 55.0" in format_report({"content_link": 0.4})  # percent points, as every accuracy
+    assert "at most 25.0" in format_report({"content_link": 0.0})
     assert "content link" not in format_report({})  # a report of an older world
