@@ -311,6 +311,12 @@ def _epoch_ranges(epochs: list[int]) -> str:
     return f"epoch{'s' if len(epochs) > 1 else ''} {text}"
 
 
+def startup_summary(times: dict[str, float]) -> str:
+    """:func:`startup_line` on the console, in under 100 characters."""
+    return (f"train: first step at {times['start_to_first_step_s']:.1f} s (setup {times['driver_setup_s']:.1f} s, "
+            f"worker start {times['worker_start_s']:.1f} s, then {times['worker_to_first_step_s']:.1f} s)")
+
+
 def plan_summary(plan: TrainingPlan) -> list[str]:
     """The plan on the console, once per run, in lines under 100 characters: steps, epochs and the
     scored partition counts; then, if any, the epochs that take no step, grouped by phase (one line,
@@ -535,7 +541,8 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     startup = startup_times(started_at, fit_at, metrics)
     if startup:
         final.update(startup)
-        log.write(startup_line(startup))
+        log.write(startup_line(startup), echo=False)
+        print(startup_summary(startup))
     cache.mark_complete(uri, {
         "backbone_checkpoint": _relative(uri, exported.backbone), "heads_checkpoint": _relative(uri, exported.heads),
         "export_info": _relative(uri, exported.info), "checkpoint": _relative(uri, checkpoint.path),
