@@ -9,8 +9,10 @@ resolved :class:`RunConfig` and saves it beside its outputs (see :func:`save_con
 Every field declares, next to its definition, its default, a one-line meaning (paper section or
 SPEC choice) and, where it has one, its domain (named choices or a numeric range). Unknown keys,
 values of the wrong type and values outside their domain raise :class:`ConfigError` naming the
-dotted key, the value and what is allowed. ``pacl-ray config`` prints every key
-(:func:`describe_fields`).
+dotted key, the value and what is allowed: an unknown key with its close matches and the valid
+keys of its section, a wrongly typed value with the syntax that works (``e.g. --set
+cluster.ks=[2,3]``), and both with the config file or ``--set`` that wrote them.
+``pacl-ray config`` prints every key (:func:`describe_fields`).
 """
 
 from __future__ import annotations
@@ -881,7 +883,7 @@ def layer_config(*layers: dict | str | list[str] | None) -> dict:
             continue
         if isinstance(layer, str):
             loaded = read_yaml(layer)
-            _check_layer(loaded, RunConfig, "", layer, "yaml")
+            _check_layer(loaded, RunConfig, "", storage.redact(layer), "yaml")
             data = merge(data, loaded)
         elif isinstance(layer, (list, tuple)):
             for text in layer:
