@@ -53,8 +53,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (local path or pyarrow URI)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value with a dotted key, e.g. --set train.epochs=30 (repeatable; "
-             "`pacl-ray config` lists every key)",
+        help="override a config value with a dotted key, e.g. --set train.epochs=30, a list as "
+             "--set cluster.ks=[2,3] (repeatable; `pacl-ray config` lists every key and its type)",
     )
     parser.add_argument("--output-dir", help="where stage outputs go: local path, s3://, gs:// (sets output_dir)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where stage outputs and sweeps go (path, s3://, gs://)")
     p.add_argument("--config", metavar="FILE", help="base YAML config under the space's fixed settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+                   help="override a config value, e.g. --set train.epochs=5, a list as --set cluster.ks=[2,3] "
+                        "(repeatable)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="restore an interrupted sweep of the same name (default: on)")
     p.add_argument("--max-concurrent", type=int, default=0,

@@ -314,7 +314,7 @@ def run_cached(
     ``build(staging_uri)``, which writes the stage's files under ``staging_uri`` and returns its
     summary (a JSON-able dict), saves ``config`` (a RunConfig) there as ``config.yaml``, writes the
     completion record and publishes the directory (see the module docstring). ``describe(summary)``
-    is printed once, with " [cached]" ending its first line on a cache hit. A failing ``build`` leaves nothing published;
+    is printed once, with " [cached]" on a cache hit. A failing ``build`` leaves nothing published;
     its staging directory is deleted, or with ``keep_failed`` kept for inspection (e.g. ingest's
     quarantine table when every record was bad; ``build`` can name ``staging_uri`` in its error).
     """
