@@ -53,8 +53,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (local path or pyarrow URI)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value with a dotted key, e.g. --set train.epochs=30 (repeatable; "
-             "`pacl-ray config` lists every key)",
+        help="override a config value with a dotted key, e.g. --set train.epochs=30, a list as "
+             "--set cluster.ks=[2,3] (repeatable; `pacl-ray config` lists every key and its type)",
     )
     parser.add_argument("--output-dir", help="where stage outputs go: local path, s3://, gs:// (sets output_dir)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where stage outputs and sweeps go (path, s3://, gs://)")
     p.add_argument("--config", metavar="FILE", help="base YAML config under the space's fixed settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+                   help="override a config value, e.g. --set train.epochs=5, a list as --set cluster.ks=[2,3] "
+                        "(repeatable)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="restore an interrupted sweep of the same name (default: on)")
     p.add_argument("--max-concurrent", type=int, default=0,
@@ -329,14 +330,57 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+VAL_METRIC = "val_acc"  # pacl_ray.stages.validation.VAL_METRIC (percent), named here so --help imports no torch
+
+
 def format_train_result(result) -> str:
-    """A training run in a few lines: where it is, what it exported, the loss per epoch."""
+    """A training run in a few lines: where it is, what it exported, the loss per epoch, and the
+    held-out validation probe's accuracy (``val_acc``, percent) when the run had one."""
+    validated = any(VAL_METRIC in row for row in result.history)
     lines = [f"train: {result.uri}{' (cached)' if result.cached else ''}",
              f"  backbone: {result.backbone_checkpoint}", f"  heads:    {result.heads_checkpoint}",
-             "  epoch  partitions  steps  L1      L2      L3      L4      total   samples/s"]
+             "  epoch  partitions  steps  L1      L2      L3      L4      total   samples/s"
+             + ("  val_acc" if validated else "")]
     for row in result.history:
-        lines.append(f"  {row['epoch']:>5}  {row['phase']:>10}  {row['steps']:>5}  " + "  ".join(
-            f"{row[k]:6.3f}" for k in ("L1", "L2", "L3", "L4", "total")) + f"  {row.get('samples_per_s', float('nan')):9.1f}")
+        line = f"  {row['epoch']:>5}  {row['phase']:>10}  {row['steps']:>5}  " + "  ".join(
+            f"{row[k]:6.3f}" for k in ("L1", "L2", "L3", "L4", "total")) + f"  {row.get('samples_per_s', float('nan')):9.1f}"
+        if validated:
+            line += f"  {row[VAL_METRIC]:7.1f}" if VAL_METRIC in row else f"  {'-':>7}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_stage_output(out) -> str:
+    """A finished stage (a :class:`pacl_ray.stages.cache.StageOutput`) in a few lines: whether this
+    command wrote it or reused the cached one, where it is (credentials redacted), and its files
+    (a folder as one entry: its file count and total size), wrapped at 100 columns."""
+    from pacl_ray.formats.storage import redact
+
+    state = "cached, nothing recomputed" if out.cached else "written"
+    lines = [f"{out.stage}: {state}: {redact(out.uri)}"]
+    groups: dict[str, list[int]] = {}
+    for rel, (size, _) in sorted((out.files or {}).items()):
+        top, sep, _ = rel.partition("/")
+        groups.setdefault(top + sep, []).append(size)
+    entries = [f"{name} ({len(sizes)} file{'s' if len(sizes) != 1 else ''}, {_size(sum(sizes))})"
+               if name.endswith("/") else f"{name} ({_size(sizes[0])})" for name, sizes in groups.items()]
+    line = "  files:"
+    for i, entry in enumerate(entries):
+        text = f" {entry}" + ("," if i < len(entries) - 1 else "")
+        if len(line) + len(text) > 100 and line.strip() != "files:":
+            lines.append(line)
+            line = "        "  # under the first entry
+        line += text
+    if entries:
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -374,7 +418,7 @@ def _run_stage(args: argparse.Namespace, cfg: config_mod.RunConfig) -> int:
         from pacl_ray.evaluation.evaluate import main as evaluate_main
 
         return evaluate_main(cfg, backbone=out.backbone_checkpoint.rsplit("/", 1)[0])
-    print(f"{args.command}: {out}")
+    print(format_stage_output(out))
     return 0
 
 

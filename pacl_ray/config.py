@@ -9,13 +9,16 @@ resolved :class:`RunConfig` and saves it beside its outputs (see :func:`save_con
 Every field declares, next to its definition, its default, a one-line meaning (paper section or
 SPEC choice) and, where it has one, its domain (named choices or a numeric range). Unknown keys,
 values of the wrong type and values outside their domain raise :class:`ConfigError` naming the
-dotted key, the value and what is allowed. ``pacl-ray config`` prints every key
-(:func:`describe_fields`).
+dotted key, the value and what is allowed: an unknown key with its close matches and the valid
+keys of its section, a wrongly typed value with the syntax that works (``e.g. --set
+cluster.ks=[2,3]``), and both with the config file or ``--set`` that wrote them.
+``pacl-ray config`` prints every key (:func:`describe_fields`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -435,6 +438,30 @@ class RunConfig:
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+_SAMPLE_LISTS = {bool: [True, False], int: [2, 3], float: [0.5, 1.0], str: ["a", "b"]}
+
+
+def kind_of(annotation: Any) -> str:
+    """A value of ``annotation`` in words: "an integer", "a list of integers", "a number or null"."""
+    if annotation is Any:
+        return "any value"
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        words = [w for a in args if a is not type(None) for w in (("true", "false") if a is bool else (kind_of(a),))]
+        words += ["null"] if type(None) in args else []
+        return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+    if origin is list:
+        return f"a list of {_PLURALS.get(typing.get_args(annotation)[0], 'values')}"
+    if origin is dict:
+        return f"a mapping of names to {_PLURALS.get(typing.get_args(annotation)[1], 'values')}"
+    if dataclasses.is_dataclass(annotation):
+        return "a section (a mapping of its keys)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a type annotation, converting only lossless cases (int -> float)."""
     if annotation is Any:  # free-form values (model.backbone_kwargs): whatever YAML gives
@@ -452,15 +479,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        nested = [e for e in errors if not e.startswith(f"{key}: expected ")]  # an item's or entry's error
+        raise ConfigError(nested[0] if nested else f"{key}: expected {kind_of(annotation)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected {kind_of(annotation)}, got {value!r}")
         (item_type,) = typing.get_args(annotation)
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected {kind_of(annotation)}, got {value!r}")
         key_type, value_type = typing.get_args(annotation)
         return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
@@ -491,6 +519,153 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported annotation {annotation!r}")
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def _example(annotation: Any, value: Any, default: Any) -> Any:
+    """A valid value of ``annotation`` to show in an error: the user's own ``value`` made valid
+    where that is plain (``"2,3"`` -> ``[2, 3]`` for a list), else the default, else a typical value."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        arg = next(a for a in typing.get_args(annotation) if a is not type(None))
+        return _example(arg, value, default)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str) and "," in value:  # "2,3": a list written without brackets
+            try:
+                return [_coerce(yaml.safe_load(part), item_type, "") for part in value.split(",") if part.strip()]
+            except (yaml.YAMLError, ConfigError):
+                pass
+        if isinstance(default, list) and len(default) >= 2:
+            return default[:2]
+        return list(_SAMPLE_LISTS.get(item_type, ["a", "b"]))
+    if origin is dict:
+        if isinstance(default, dict) and default:
+            return dict(list(default.items())[:1])
+        value_type = typing.get_args(annotation)[1]
+        return {"name": _example(value_type, None, None) if value_type is not Any else "value"}
+    if annotation is bool:
+        return bool(default) if isinstance(default, bool) else True
+    if annotation is int:
+        return default if isinstance(default, int) and not isinstance(default, bool) else 1
+    if annotation is float:
+        return default if isinstance(default, (int, float)) and not isinstance(default, bool) else 0.5
+    if annotation is str:
+        return default if isinstance(default, str) and default else "text"
+    return default
+
+
+def _render(value: Any, separator: str = ", ") -> str:
+    """``value`` as YAML flow text (``[2, 3]``, ``{CPU: 2}``, ``true``), items joined by ``separator``."""
+    if isinstance(value, list):
+        return "[" + separator.join(_render(v, separator) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_render(v, separator)}" for k, v in value.items()) + "}"
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def example_text(key: str, annotation: Any, value: Any = None, default: Any = None, style: str = "yaml") -> str:
+    """How to write a valid value of ``key``: ``e.g. --set cluster.ks=[2,3]`` (``style="set"``, a
+    command-line override) or ``e.g. cluster.ks: [2, 3]`` (``"yaml"``: a config or space file);
+    an optional key adds its ``null``."""
+    if dataclasses.is_dataclass(annotation):  # a section: one of its keys
+        first = dataclasses.fields(annotation)[0]
+        return example_text(f"{key}.{first.name}", typing.get_type_hints(annotation)[first.name], None,
+                            getattr(annotation(), first.name), style)
+    example = _example(annotation, value, default)
+    optional = typing.get_origin(annotation) in (Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    if style == "set":
+        text = f"{key}={_render(example, ',')}"
+        text = f"'{text}'" if " " in text else text
+        return f"e.g. --set {text}" + (f" or --set {key}=null" if optional else "")
+    return f"e.g. {key}: {_render(example)}" + (f" or {key}: null" if optional else "")
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def close_keys(prefix: str, name: str, allowed: Any, where: str = "", config_keys: bool = True) -> str:
+    """``did you mean train.epochs? valid keys under train: ...`` for an unknown ``name`` under
+    ``prefix`` (e.g. ``"train."``; ``""``: the top level): close matches
+    (:func:`difflib.get_close_matches`) among ``allowed`` (the names valid there), or, for a config
+    key (``config_keys``) with none there, the same name in another section (``train.sigma`` ->
+    ``partition.sigma``). ``where``: how the valid keys are introduced (default: "under <section>"
+    or "at the top level")."""
+    allowed = sorted(str(a) for a in allowed)
+    name = str(name)
+    matches = [f"{prefix}{m}" for m in difflib.get_close_matches(name, allowed, n=3, cutoff=0.6)]
+    if not matches and config_keys:
+        matches = [k for k in _leaf_keys(RunConfig) if k.rsplit(".", 1)[-1] == name]
+    section = prefix.rstrip(".")
+    where = where or (f"under {section}" if section else "at the top level")
+    guess = f"did you mean {' or '.join(matches)}? " if matches else ""
+    return f"{guess}valid keys {where}: {', '.join(allowed)}"
+
+
+def unknown_key_message(prefix: str, name: str, allowed: Any) -> str:
+    """``unknown config key train.epoch; did you mean train.epochs? valid keys under train: ...``
+    (:func:`close_keys`)."""
+    return f"unknown config key {prefix}{name}; {close_keys(prefix, name, allowed)}"
+
+
+def key_error(key: str, named: bool = True) -> Optional[str]:
+    """Why a dotted ``key`` is not a config value's key (an unknown key, with close matches and the
+    valid keys of its section; a section's name), or None when it is one. Entries of a mapping
+    field (``model.backbone_kwargs.drop_path_rate``) are free-form. ``named=False``: an unknown
+    key's message without its "unknown config key KEY; " head (for callers that name the key)."""
+    cls: Any = RunConfig
+    prefix = ""
+    for part in key.split("."):
+        if typing.get_origin(cls) is dict:
+            return None
+        if not dataclasses.is_dataclass(cls):
+            return f"{prefix.rstrip('.')} is a value, not a section: {key} is not a config key"
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            if f"{prefix}{part}" in RENAMED_KEYS:
+                return f"config key {prefix}{part} was replaced by {RENAMED_KEYS[prefix + part]}"
+            fields = [f.name for f in dataclasses.fields(cls)]
+            return unknown_key_message(prefix, part, fields) if named else close_keys(prefix, part, fields)
+        cls, prefix = hints[part], f"{prefix}{part}."
+    if dataclasses.is_dataclass(cls):
+        fields = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+        return f"{key} is a section, not a key; valid keys under {key}: {fields}"
+    return None
+
+
+def _check_layer(data: dict, cls: type, prefix: str, source: str, style: str) -> None:
+    """One layer's keys and value types (a config file, an override), checked before the layers
+    are merged so that an error names where the key was written (``source``: the file, or
+    ``--set KEY=VALUE``) and shows how to write it (``style``, see :func:`example_text`). Domains and
+    keys that depend on each other are checked after merging (:func:`from_dict`)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            if key in RENAMED_KEYS:
+                raise ConfigError(f"config key {key} was replaced by {RENAMED_KEYS[key]}")
+            raise ConfigError(f"{source}: {unknown_key_message(prefix, name, fields)}")
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            _check_layer(value, annotation, f"{key}.", source, style)
+            continue
+        try:
+            _coerce(value, annotation, key)
+        except ConfigError as err:
+            shown = key if style == "set" else name
+            hint = example_text(shown, annotation, value, getattr(cls(), name), style)
+            raise ConfigError(f"{source}: {err}; {hint}") from None
 
 
 def check_domain(key: str, value: Any, domain: Optional[Domain]) -> None:
@@ -524,14 +699,16 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if unknown and f"{prefix}{unknown[0]}" in RENAMED_KEYS:
         raise ConfigError(f"config key {prefix}{unknown[0]} was replaced by {RENAMED_KEYS[prefix + unknown[0]]}")
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(unknown_key_message(prefix, unknown[0], fields))
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
-        kwargs[name] = _coerce(value, hints[name], key)
+        try:
+            kwargs[name] = _coerce(value, hints[name], key)
+        except ConfigError as err:
+            if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+                raise  # a key inside the section: its own message has its example
+            raise ConfigError(f"{err}; {example_text(key, hints[name], value, getattr(cls(), name))}") from None
         check_domain(key, kwargs[name], fields[name].metadata.get("domain"))
     return cls(**kwargs)
 
@@ -705,8 +882,16 @@ def layer_config(*layers: dict | str | list[str] | None) -> dict:
         if layer is None:
             continue
         if isinstance(layer, str):
-            data = merge(data, read_yaml(layer))
+            loaded = read_yaml(layer)
+            _check_layer(loaded, RunConfig, "", storage.redact(layer), "yaml")
+            data = merge(data, loaded)
         elif isinstance(layer, (list, tuple)):
+            for text in layer:
+                path, value = parse_override(text)
+                nested: Any = value
+                for part in reversed(path):
+                    nested = {part: nested}
+                _check_layer(nested, RunConfig, "", f"--set {text.strip()}", "set")
             apply_overrides(data, list(layer))
         else:
             for key, value in layer.items():

@@ -249,3 +249,88 @@ def test_train_with_the_validation_probe_on_and_no_task_stops_before_ray(tmp_pat
             "--set", "validation.every_epochs=1"]
     assert cli.main(argv) == 2
     assert "validation.every_epochs=1 needs a labelled task: set validation.task=" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- what the console says
+
+
+def test_a_missing_space_is_one_short_line_naming_the_spaces(capsys):
+    """Not the ~900 characters of every path tried: the names there, and that a path works too."""
+    from pacl_ray.sweeps.driver import REPO_ROOT
+
+    names = ", ".join(sorted(p.stem for p in (REPO_ROOT / "tune_spaces").glob("*.yaml")))
+    assert cli.main(["tune", "--space", "nonexist"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"pacl-ray tune: SpaceError: space 'nonexist' not found; names in tune_spaces/: {names}; "
+                   f"or a path to a YAML file\n")
+    assert len(err) < 250 and "default, " in err
+    assert cli.main(["tune", "--space", "tabel5"]) == 2
+    assert "space 'tabel5' not found; did you mean table5" in capsys.readouterr().err
+
+
+def test_unknown_keys_name_the_config_file_and_the_close_matches(tmp_path, capsys):
+    path = tmp_path / "my.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pacl-ray train: ConfigError: {path}: unknown config key train.epoch; did you mean "
+                          f"train.epochs? valid keys under train: ") and err.count("\n") == 1
+    assert cli.main(["tune", "--config", str(path)]) == 2  # a sweep's base config says the same
+    assert f"{path}: unknown config key train.epoch; did you mean train.epochs?" in capsys.readouterr().err
+    assert cli.main(["train", "--set", "train.epoch=3"]) == 2
+    assert capsys.readouterr().err.startswith("pacl-ray train: ConfigError: --set train.epoch=3: unknown config key "
+                                              "train.epoch; did you mean train.epochs? valid keys under train: ")
+
+
+def test_a_list_written_without_brackets_gets_the_list_syntax(capsys):
+    assert cli.main(["cluster", "--set", "cluster.ks=2,3"]) == 2
+    assert capsys.readouterr().err == ("pacl-ray cluster: ConfigError: --set cluster.ks=2,3: cluster.ks: expected a "
+                                       "list of integers, got '2,3'; e.g. --set cluster.ks=[2,3]\n")
+
+
+def _stage_output(tmp_path, cached: bool):
+    from pacl_ray.stages.cache import StageOutput
+
+    files = {"config.yaml": (2602, "a"), "report.json": (913, "b"), "histograms.png": (30492, "c"),
+             "gallery.html": (291840, "d"), "scores/part-0.parquet": (9600, "e"), "scores/part-1.parquet": (100, "f")}
+    return StageOutput("partition", "aa24e082afa13ada", str(tmp_path / "stages" / "partition" / "aa24e082afa13ada"),
+                       cached=cached, files=files)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_stage_commands_end_with_a_summary_not_a_repr(cached, tmp_path, monkeypatch, capsys):
+    from pacl_ray.stages import pipeline, runtime
+
+    monkeypatch.setattr(runtime, "init_ray", lambda cfg=None: None)
+    monkeypatch.setattr(pipeline, "stage_partition", lambda cfg: _stage_output(tmp_path, cached))
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("")
+    assert cli.main(["partition", "--manifest", str(manifest), "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    state = "cached, nothing recomputed" if cached else "written"
+    assert out == (f"partition: {state}: {tmp_path}/stages/partition/aa24e082afa13ada\n"
+                   "  files: config.yaml (2.5 KiB), gallery.html (285.0 KiB), histograms.png (29.8 KiB),\n"
+                   "         report.json (913 B), scores/ (2 files, 9.5 KiB)\n")
+    assert "StageOutput(" not in out
+
+
+def test_stage_summary_redacts_credentials_and_lists_nothing_without_a_record():
+    from pacl_ray.stages.cache import StageOutput
+
+    out = StageOutput("ingest", "k", "s3://AKIA:SECRET@bucket/runs/stages/ingest/k", cached=False)
+    assert cli.format_stage_output(out) == "ingest: written: s3://***@bucket/runs/stages/ingest/k"
+
+
+def test_train_summary_has_the_validation_probe_when_the_run_had_one():
+    from pacl_ray.stages.train import TrainResult
+
+    row = {"phase": "1", "steps": 2, "L1": 1.0, "L2": 0.0, "L3": 0.0, "L4": 0.0, "total": 1.0, "samples_per_s": 50.0}
+    history = [{**row, "epoch": 0}, {**row, "epoch": 1, "val_acc": 41.25}]
+    result = TrainResult("/r", "k", False, "/r/export/backbone.safetensors", "/r/export/heads.safetensors", "", "",
+                         history)
+    lines = cli.format_train_result(result).splitlines()
+    assert lines[3].endswith("total   samples/s  val_acc")
+    assert lines[4] == "      0           1      2   1.000   0.000   0.000   0.000   1.000       50.0        -"
+    assert lines[5] == "      1           1      2   1.000   0.000   0.000   0.000   1.000       50.0     41.2"
+    result.history = [{**row, "epoch": 0}]  # no probe: no column
+    assert "val_acc" not in cli.format_train_result(result)

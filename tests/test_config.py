@@ -334,3 +334,109 @@ def test_saved_configs_never_hold_credentials(tmp_path):
     saved = C.save_config(cfg, str(tmp_path))
     assert "SECRET" not in open(saved).read()
     assert cfg.output_dir == "s3://AKIA:SECRET@bucket/runs"  # the run itself still uses it
+
+
+# --------------------------------------------------------------------------- error messages that help
+
+
+TRAIN_KEYS = ", ".join(sorted(f.name for f in __import__("dataclasses").fields(C.TrainConfig)))
+TOP_KEYS = "cluster, embed, evaluate, ingest, model, name, output_dir, partition, ray, seed, tracking, train, validation"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=3", f"--set train.epoch=3: unknown config key train.epoch; did you mean train.epochs? "
+                      f"valid keys under train: {TRAIN_KEYS}"),
+    ("trian.epochs=3", f"--set trian.epochs=3: unknown config key trian; did you mean train or tracking? "
+                       f"valid keys at the top level: {TOP_KEYS}"),
+    # no close match in the section: the same name in another section
+    ("train.sigma=0.3", f"--set train.sigma=0.3: unknown config key train.sigma; did you mean partition.sigma? "
+                        f"valid keys under train: {TRAIN_KEYS}"),
+    ("train.zzz=1", f"--set train.zzz=1: unknown config key train.zzz; valid keys under train: {TRAIN_KEYS}"),
+])
+def test_unknown_set_keys_name_close_matches_and_the_sections_keys(override, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_unknown_keys_in_a_config_file_name_the_file(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(str(path), ["train.epochs=3"])  # a valid --set does not hide the file's mistake
+    assert str(err.value) == (f"{path}: unknown config key train.epoch; did you mean train.epochs? "
+                              f"valid keys under train: {TRAIN_KEYS}")
+    path.write_text("partiton:\n  sigma: 0.5\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(str(path))
+    assert str(err.value) == (f"{path}: unknown config key partiton; did you mean partition? "
+                              f"valid keys at the top level: {TOP_KEYS}")
+    # a dotted layer (a sweep space's values) has no file to name; the rest is the same
+    with pytest.raises(C.ConfigError) as err:
+        C.layer_config({"train.epoch": 3})
+    assert str(err.value) == f"unknown config key train.epoch; did you mean train.epochs? valid keys under train: {TRAIN_KEYS}"
+
+
+@pytest.mark.parametrize("override,message", [
+    # lists: the kind of item, and the value written as a list
+    ("cluster.ks=2,3", "--set cluster.ks=2,3: cluster.ks: expected a list of integers, got '2,3'; "
+                       "e.g. --set cluster.ks=[2,3]"),
+    ("cluster.ks=2", "--set cluster.ks=2: cluster.ks: expected a list of integers, got 2; e.g. --set cluster.ks=[2,3]"),
+    ("cluster.ks=[2, x]", "--set cluster.ks=[2, x]: cluster.ks[1]: expected an integer, got 'x'; "
+                          "e.g. --set cluster.ks=[2,3]"),
+    ("train.crop_scale=0.5", "--set train.crop_scale=0.5: train.crop_scale: expected a list of numbers, got 0.5; "
+                             "e.g. --set train.crop_scale=[0.5,1.0]"),
+    ("evaluate.tasks=single:fi=/d,x", "--set evaluate.tasks=single:fi=/d,x: evaluate.tasks: expected a list of "
+                                      "strings, got 'single:fi=/d,x'; e.g. --set evaluate.tasks=[single:fi=/d,x]"),
+    # bool, optional bool, int, optional int, float, optional float, str, mapping
+    ("ingest.clean_text=maybe", "--set ingest.clean_text=maybe: ingest.clean_text: expected true/false, got 'maybe'; "
+                                "e.g. --set ingest.clean_text=true"),
+    ("train.compile=maybe", "--set train.compile=maybe: train.compile: expected true, false or null, got 'maybe'; "
+                            "e.g. --set train.compile=true or --set train.compile=null"),
+    ("train.epochs=1.5", "--set train.epochs=1.5: train.epochs: expected an integer, got 1.5; e.g. --set train.epochs=30"),
+    ("train.max_workers=x", "--set train.max_workers=x: train.max_workers: expected an integer or null, got 'x'; "
+                            "e.g. --set train.max_workers=1 or --set train.max_workers=null"),
+    ("partition.sigma=abc", "--set partition.sigma=abc: partition.sigma: expected a number, got 'abc'; "
+                            "e.g. --set partition.sigma=0.7"),
+    ("partition.sigma_factual=x", "--set partition.sigma_factual=x: partition.sigma_factual: expected a number or "
+                                  "null, got 'x'; e.g. --set partition.sigma_factual=0.5 or "
+                                  "--set partition.sigma_factual=null"),
+    ("name=[1]", "--set name=[1]: name: expected a string, got [1]; e.g. --set name=pacl"),
+    ("train.resources_per_worker=4", "--set train.resources_per_worker=4: train.resources_per_worker: expected a "
+                                     "mapping of names to numbers, got 4; "
+                                     "e.g. --set 'train.resources_per_worker={name: 0.5}'"),
+    ("train=3", "--set train=3: train: expected a mapping, got int; e.g. --set train.objective=pacl"),
+])
+def test_type_errors_show_the_type_and_the_syntax_that_works(override, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_every_list_field_gets_the_list_syntax():
+    for info in C.describe_fields():
+        if info.type.startswith("list["):
+            with pytest.raises(C.ConfigError) as err:
+                C.load_config(None, [f"{info.key}=1,2"])
+            assert "expected a list of" in str(err.value), info.key
+            assert f"e.g. --set {info.key}=[" in str(err.value), info.key
+
+
+def test_type_errors_in_files_and_layers_show_yaml_syntax(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("cluster:\n  ks: 2,3\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(str(path))
+    assert str(err.value) == f"{path}: cluster.ks: expected a list of integers, got '2,3'; e.g. ks: [2, 3]"
+    with pytest.raises(C.ConfigError) as err:
+        C.layer_config({"cluster.ks": "2,3"})
+    assert str(err.value) == "cluster.ks: expected a list of integers, got '2,3'; e.g. cluster.ks: [2, 3]"
+
+
+def test_key_error_says_why_a_dotted_key_is_not_a_config_key():
+    assert C.key_error("train.epochs") is None and C.key_error("model.backbone_kwargs.drop_path_rate") is None
+    assert C.key_error("train.epoch") == (f"unknown config key train.epoch; did you mean train.epochs? "
+                                          f"valid keys under train: {TRAIN_KEYS}")
+    assert C.key_error("train.epoch", named=False) == f"did you mean train.epochs? valid keys under train: {TRAIN_KEYS}"
+    assert C.key_error("train") == f"train is a section, not a key; valid keys under train: {TRAIN_KEYS}"
+    assert C.key_error("train.epochs.x") == "train.epochs is a value, not a section: train.epochs.x is not a config key"

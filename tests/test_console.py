@@ -11,6 +11,11 @@ import re
 import pytest
 
 MAX_LINE = 200
+# Prose (a line with its paths and URIs taken out) longer than this: what a user reads in one go.
+MAX_PROSE = 120
+PATH = re.compile(r"\S*/\S*")
+# A dataclass repr such as "StageOutput(stage='ingest', key=..." (a summary should be printed instead).
+DATACLASS_REPR = re.compile(r"\b[A-Z]\w+\(\w+=")
 # A Python dict repr: "{'key': " (json.dumps output uses double quotes and is not printed).
 DICT_REPR = re.compile(r"\{'[^']*': ")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -29,9 +34,11 @@ NOISE = {
 
 
 def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
-    """Every problem of a captured console: tracebacks, Python dict reprs, lines over MAX_LINE
-    characters, ANSI colour codes, Ray's noise (NOISE), a worker's line twice in a row, and each
-    of ``summaries`` (a line prefix) printed other than exactly once."""
+    """Every problem of a captured console: tracebacks, Python dict or dataclass reprs, lines over
+    MAX_LINE characters or over MAX_PROSE without their paths, " [cached]" glued to an indented
+    line (it belongs on a summary's header line), ANSI colour codes, Ray's noise (NOISE), a
+    worker's line twice in a row, and each of ``summaries`` (a line prefix) printed other than
+    exactly once."""
     problems = []
     lines = text.splitlines()
     for number, line in enumerate(lines, 1):
@@ -39,13 +46,20 @@ def console_problems(text: str, summaries: tuple[str, ...] = ()) -> list[str]:
             problems.append(f"line {number}: traceback: " + " | ".join(lines[number - 2: number + 14])[:2000])
         if DICT_REPR.search(line):
             problems.append(f"line {number}: dict repr: {line[:120]}")
+        if DATACLASS_REPR.search(line):
+            problems.append(f"line {number}: dataclass repr: {line[:120]}")
         if len(line) > MAX_LINE:
             problems.append(f"line {number}: {len(line)} characters: {line[:120]}")
+        if line[:1].isspace() and line.endswith(" [cached]"):
+            problems.append(f"line {number}: [cached] after a block's last line: {line[:120]}")
         if ANSI.search(line):
             problems.append(f"line {number}: ANSI colour codes: {line[:120]!r}")
         for kind, pattern in NOISE.items():
             if pattern.search(line):
                 problems.append(f"line {number}: {kind}: {line[:120]}")
+        prose = len(PATH.sub("", line))
+        if prose > MAX_PROSE and not any(p.startswith(f"line {number}: ") for p in problems):
+            problems.append(f"line {number}: {prose} characters besides paths: {line[:120]}")
         if line.startswith("(") and number > 1 and line == lines[number - 2]:
             # a worker's line twice (Ray Train's print patch also prints what it logs)
             problems.append(f"line {number}: worker line repeated: {line[:120]}")
@@ -78,15 +92,23 @@ def test_console_problems_finds_each_kind():
         "To visualize your results with TensorBoard, run: `tensorboard --logdir /tmp/ray/session_2026/artifacts`",
         "partition: 200 pairs", "partition: 200 pairs",
         "(RayTrainWorker pid=3) train: step 3 epoch 1", "(RayTrainWorker pid=3) train: step 3 epoch 1",
+        "ingest: StageOutput(stage='ingest', key='9c78', uri='/tmp/x', cached=True)",
+        "(pacl_trial pid=1) train: epoch 0: phase 1 holds 57 pairs, fewer than one global batch of 64: no step "
+        "(partition counts 1 strong-coupled: 57)",
+        "         20       4       8      22 [cached]",
     ])
     problems = console_problems(bad, summaries=("partition:", "cluster:"))
     assert [p.split(": ")[0] for p in problems] == [
         "line 1", "line 2", "line 3", "line 4", "line 5", "line 5", "line 6", "line 7", "line 8", "line 9",
-        "line 13", "summary 'partition:' printed 2 times", "summary 'cluster:' printed 0 times"]
+        "line 13", "line 14", "line 15", "line 16", "summary 'partition:' printed 2 times",
+        "summary 'cluster:' printed 0 times"]
     assert [p.split(": ")[1] for p in problems[4:10]] == [
         "ANSI colour codes", "Ray log-dedup suffix", "raylet worker-pool warning", "PreemptionWatcher notice",
         "box drawing (Tune's experiment box)", "path into Ray's session folder"]
-    assert console_problems('ok {"json": 1}\n' + "z" * 200, summaries=("ok",)) == []
+    assert [p.split(": ")[1] for p in problems[11:14]] == [
+        "dataclass repr", "141 characters besides paths", "[cached] after a block's last line"]
+    assert console_problems('ok {"json": 1}\n' + "z" * 120 + "\n" + "/" + "p" * 198, summaries=("ok",)) == []
+    assert console_problems("partition: 200 pairs [cached]\n  1 strong-coupled  69") == []
 
 
 def test_console_env_skips_rays_notices_and_allows_every_other_line(monkeypatch):
@@ -125,6 +147,61 @@ def test_once_filter_passes_each_summary_once():
     text = out.getvalue()
     assert text.count("cluster: 200 points") == 1 and "[cached]" not in text
     assert "sigma 0.3\n  1 strong 104" in text and "sigma 0.5\n  1 strong 57" in text
+
+
+def test_once_filter_drops_a_cached_summary_marked_on_its_header(tmp_path, capsys):
+    """A reused stage's summary says " [cached]" on its first line (stages.cache.run_cached), never
+    after the last row of its table; the filter drops it as the same summary."""
+    from pathlib import Path
+
+    from pacl_ray.stages import cache
+    from pacl_ray.sweeps.driver import OnceFilter
+
+    table = "partition: 200 pairs\n  1 strong-coupled  69\n  confusion:\n         20       4"
+    out = io.StringIO()
+    once = OnceFilter(out)
+    once.write(table + "\n")
+    once.write(table.replace("pairs\n", "pairs [cached]\n", 1) + "\n")
+    once.close_block()
+    assert out.getvalue() == table + "\n"
+
+    def build(staging: str) -> dict:
+        (Path(staging) / "report.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(staging) / "report.json").write_text("{}")
+        return {"pairs": 200}
+
+    def describe(summary: dict) -> str:
+        return f"partition: {summary['pairs']} pairs\n  confusion:\n         20       4"
+
+    cache.run_cached(str(tmp_path), "partition", "k1", build, describe=describe)
+    assert capsys.readouterr().out == "partition: 200 pairs\n  confusion:\n         20       4\n"
+    assert cache.run_cached(str(tmp_path), "partition", "k1", build, describe=describe).cached
+    assert capsys.readouterr().out == "partition: 200 pairs [cached]\n  confusion:\n         20       4\n"
+
+
+def test_the_training_plan_is_two_short_lines_once_per_run():
+    """Not one 200-character line per epoch that takes no step: the steps and partition counts,
+    then the epochs with no step grouped by phase (run.log keeps the long form)."""
+    from pacl_ray.stages.train import plan_summary, startup_summary
+    from pacl_ray.stages.train_data import TrainingPlan
+
+    phases = [(1,)] * 4 + [(1, 2, 3)] * 3 + [(1, 2, 3, 4)] * 3
+    plan = TrainingPlan(phases, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2], [57] * 4 + [120] * 3 + [200] * 3,
+                        {1: 57, 2: 31, 3: 32, 4: 80}, 64)
+    assert plan_summary(plan) == [
+        "train: 9 global steps of 64 over 10 epochs; partitions 1-4: 57 / 31 / 32 / 80 pairs",
+        "train: no step in epochs 0-3 (phase 1: 57 pairs): under one global batch of 64"]
+    plan = TrainingPlan([(1,), (1,), (4,), (), (1,), (1,)], [0, 0, 0, 0, 1, 0], [10, 10, 5, 0, 70, 10],
+                        {1: 10, 2: 31, 3: 32, 4: 5}, 64)
+    assert plan_summary(plan)[1] == ("train: no step in these epochs, under one global batch of 64:\n"
+                                     "  epochs 0-1, 5 (phase 1: 10 pairs)\n  epoch 2 (phase 4: 5 pairs)\n"
+                                     "  epoch 3 (phase empty: 0 pairs)")
+    assert plan_summary(TrainingPlan([(1,)], [3], [200], {1: 200}, 64)) == [
+        "train: 3 global steps of 64 over 1 epochs; partitions 1-4: 200 / 0 / 0 / 0 pairs"]
+    times = {"start_to_first_step_s": 10.71, "driver_setup_s": 3.7, "worker_start_s": 0.0, "worker_to_first_step_s": 7.04}
+    assert startup_summary(times) == "train: first step at 10.7 s (setup 3.7 s, worker start 0.0 s, then 7.0 s)"
+    for line in "\n".join(plan_summary(plan) + [startup_summary(times)]).splitlines():
+        assert len("(pacl_trial pid=12345) " + line) <= MAX_PROSE, line
 
 
 def test_progress_lines_have_counts_rate_and_eta(monkeypatch):

@@ -321,7 +321,8 @@ def run_cached(
     found = lookup(output_dir, stage, key)
     if found is not None:
         if describe is not None:
-            print(describe(read_summary(found.uri)) + " [cached]")
+            head, newline, body = describe(read_summary(found.uri)).partition("\n")
+            print(f"{head} [cached]{newline}{body}")  # on the header line, not after a table's last row
         return found
     staging = storage.join(output_dir, "stages", stage, f".{key}.{uuid.uuid4().hex[:12]}")
     try:

@@ -70,6 +70,7 @@ import torch
 
 from pacl_ray.config import RunConfig, model_args, save_config
 from pacl_ray.core import backbones, dist, loss
+from pacl_ray.core.partitions import PARTITION_CODES
 from pacl_ray.formats import storage
 from pacl_ray.stages import cache, runtime
 from pacl_ray.stages.cache import StageOutput
@@ -298,6 +299,46 @@ def _report(worker, row: dict, counters: dict, model, optimizer, scheduler, scal
 # --------------------------------------------------------------------------- the driver
 
 
+def _epoch_ranges(epochs: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``"epochs 0-3, 7"`` (``"epoch 5"`` for one)."""
+    runs: list[list[int]] = []
+    for e in epochs:
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+    return f"epoch{'s' if len(epochs) > 1 else ''} {text}"
+
+
+def startup_summary(times: dict[str, float]) -> str:
+    """:func:`startup_line` on the console, in under 100 characters."""
+    return (f"train: first step at {times['start_to_first_step_s']:.1f} s (setup {times['driver_setup_s']:.1f} s, "
+            f"worker start {times['worker_start_s']:.1f} s, then {times['worker_to_first_step_s']:.1f} s)")
+
+
+def plan_summary(plan: TrainingPlan) -> list[str]:
+    """The plan on the console, once per run, in lines under 100 characters: steps, epochs and the
+    scored partition counts; then, if any, the epochs that take no step, grouped by phase (one line,
+    or one line per phase when several; SPEC "Choice (empty phases)"). ``run.log`` has the long form
+    (:func:`plan_lines`)."""
+    counts = " / ".join(str(plan.counts.get(code, 0)) for code in PARTITION_CODES)
+    lines = [f"train: {plan.total_steps} global steps of {plan.global_batch} over {len(plan.phases)} epochs; "
+             f"partitions 1-4: {counts} pairs"]
+    groups: dict[tuple, list[int]] = {}
+    for epoch in plan.skipped():
+        groups.setdefault((plan.phases[epoch], plan.pairs[epoch]), []).append(epoch)
+    if groups:
+        parts = [f"{_epoch_ranges(epochs)} (phase {''.join(map(str, phase)) or 'empty'}: {pairs} pairs)"
+                 for (phase, pairs), epochs in groups.items()]
+        line = f"train: no step in {'; '.join(parts)}: under one global batch of {plan.global_batch}"
+        if len(line) > 100:  # several phases: one line each
+            line = "\n".join([f"train: no step in these epochs, under one global batch of {plan.global_batch}:",
+                               *(f"  {part}" for part in parts)])
+        lines.append(line)
+    return lines
+
+
 def _summary_path(uri: str, path: str, local: bool = False) -> str:
     """A path stored in ``_SUCCESS`` (relative to the run directory, so no storage credentials are
     written) as a URI of the run directory's kind; ``local``: a plain path for a ``file://`` run
@@ -422,7 +463,9 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
         log.write(str(err))
         raise
     meta = with_codes(meta, codes)
-    log.write(*plan_lines(plan))
+    log.write(*plan_lines(plan), echo=False)  # the full plan in run.log; the console gets it short
+    for line in plan_summary(plan):
+        print(line)
     scaling, use_gpu = _scaling_config(cfg)
     local = in_process and runs_in_process(cfg.train.num_workers, cfg.train.max_workers, use_gpu, callbacks)
     text_dim = int(meta.column("text_feature").type.list_size)
@@ -498,7 +541,8 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
     startup = startup_times(started_at, fit_at, metrics)
     if startup:
         final.update(startup)
-        log.write(startup_line(startup))
+        log.write(startup_line(startup), echo=False)
+        print(startup_summary(startup))
     cache.mark_complete(uri, {
         "backbone_checkpoint": _relative(uri, exported.backbone), "heads_checkpoint": _relative(uri, exported.heads),
         "export_info": _relative(uri, exported.info), "checkpoint": _relative(uri, checkpoint.path),

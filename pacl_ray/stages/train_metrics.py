@@ -102,8 +102,9 @@ class RunLog:
         self.uri = storage.join(run_uri, RUN_LOG)
         self.lines: list[str] = storage.read_text(self.uri).splitlines() if storage.exists(self.uri) else []
 
-    def write(self, *lines: str) -> None:
-        for line in lines:
+    def write(self, *lines: str, echo: bool = True) -> None:
+        """Append ``lines`` to ``run.log``; ``echo``: print them too."""
+        for line in lines if echo else ():
             print(line)
         self.lines.extend(lines)
         storage.write_text(self.uri, "\n".join(self.lines) + "\n")

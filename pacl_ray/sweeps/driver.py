@@ -66,15 +66,36 @@ def resolve_space_path(name: str, cwd: str | None = None) -> str:
         candidates.append(f"{name}.yaml")
     candidates += [os.path.join("tune_spaces", c) for c in list(candidates) if os.sep not in c and "/" not in c]
     roots = [Path(cwd or os.getcwd()), REPO_ROOT, INSTALLED_SPACES_ROOT]
-    tried = []
     for root in roots:
         for candidate in candidates:
             path = Path(candidate).expanduser()
             path = path if path.is_absolute() else root / path
-            tried.append(str(path))
             if path.is_file():
                 return str(path)
-    raise SpaceError(f"space {name!r} not found; looked for: {', '.join(dict.fromkeys(tried))}")
+    raise SpaceError(space_not_found(name, roots))
+
+
+def space_names(roots: list[Path]) -> list[str]:
+    """The names of the space files in ``tune_spaces/`` under each of ``roots``, sorted."""
+    names = set()
+    for root in roots:
+        folder = root / "tune_spaces"
+        if folder.is_dir():
+            names.update(p.stem for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return sorted(names)
+
+
+def space_not_found(name: str, roots: list[Path]) -> str:
+    """One line: ``name`` is neither a file nor a space name, the names there are (with close matches)
+    and that a path to a YAML file works too."""
+    import difflib
+
+    names = space_names(roots)
+    stem = Path(name).name.removesuffix(".yaml").removesuffix(".yml")
+    guess = difflib.get_close_matches(stem, names, n=2, cutoff=0.6)
+    kind = "space file" if os.sep in name or "/" in name or name.endswith((".yaml", ".yml")) else "space"
+    return (f"{kind} {name!r} not found; " + (f"did you mean {' or '.join(guess)}? " if guess else "")
+            + f"names in tune_spaces/: {', '.join(names) or '(none)'}; or a path to a YAML file")
 
 
 # --------------------------------------------------------------------------- configs
@@ -366,11 +387,15 @@ def make_trainable(trial_configs: dict[str, dict], sweep_dir: str, driver_cwd: s
 # --------------------------------------------------------------------------- the driver
 
 
+CACHED = " [cached]"  # what stages.cache.run_cached adds to a reused stage's summary
+
+
 class OnceFilter(io.TextIOBase):
     """A stdout wrapper that passes each printed summary once: output is cut into blocks (a line
     at column 0 and the indented lines under it), and a block equal to one already passed, up to
-    a trailing " [cached]", is dropped. Trials of a sweep share stages, so each would print the
-    same cached summaries again. A block is held only until the next block starts."""
+    a " [cached]" ending its first (or last) line, is dropped. Trials of a sweep share stages, so
+    each would print the same cached summaries again. A block is held only until the next block
+    starts."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -398,7 +423,8 @@ class OnceFilter(io.TextIOBase):
         if not self.block:
             return
         text = "\n".join(self.block)
-        key = text[:-len(" [cached]")] if text.endswith(" [cached]") else text
+        head, newline, body = text.partition("\n")  # " [cached]" ends a summary's first line (stages.cache)
+        key = head.removesuffix(CACHED) + newline + body.removesuffix(CACHED)
         self.block = []
         if key.strip() and key in self.seen:
             return

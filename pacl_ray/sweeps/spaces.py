@@ -355,7 +355,9 @@ def _parse_dataclass(where: str, cls: type, data: Any) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise SpaceError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(sorted(names))}")
+        section = f"of {where.rsplit(': ', 1)[-1]}"  # where = "<path>: metric"
+        raise SpaceError(f"{where}.{unknown[0]}: unknown key; "
+                         f"{config_mod.close_keys('', unknown[0], names, section, config_keys=False)}")
     return cls(**data)
 
 
@@ -372,7 +374,10 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
         raise SpaceError(f"{path}: the top level must be a mapping")
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
-        raise SpaceError(f"{path}: {unknown[0]}: unknown key; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
+        message = config_mod.close_keys("", unknown[0], TOP_LEVEL_KEYS, "of a space file", config_keys=False)
+        if config_mod.leaf_annotation(str(unknown[0])) is not None:  # a config section or key: it goes under fixed
+            message += f"; config values go under fixed, e.g. fixed: {{{unknown[0]}: ...}}"
+        raise SpaceError(f"{path}: {unknown[0]}: unknown key; {message}")
 
     mode = data.get("mode", "one_at_a_time")
     if mode not in MODES:
@@ -400,9 +405,12 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
         if key == SEED_KEY:
             continue  # the seed axis (_parse_seeds)
         if not isinstance(key, str) or "." not in key:
-            raise SpaceError(f"{path}: search.{key}: keys are dotted config keys like partition.sigma")
-        if _leaf_type(key) is None or _is_section(key):
-            raise SpaceError(f"{path}: search.{key}: not a config key (see pacl_ray/config.py)")
+            problem = config_mod.key_error(str(key))
+            raise SpaceError(f"{path}: search.{key}: keys are dotted config keys like partition.sigma"
+                             + (f"; {problem}" if problem else ""))
+        problem = config_mod.key_error(key, named=False)
+        if problem:
+            raise SpaceError(f"{path}: search.{key}: not a config key; {problem}")
         search[key] = parse_domain(path, key, spec)
 
     rows = _parse_rows(path, mode, data.get("rows"), search)
@@ -545,7 +553,8 @@ def _parse_rows(path: str, mode: str, data: Any, search: dict) -> tuple:
             raise SpaceError(f"{where}: expected a mapping with name and set, got {entry!r}")
         unknown = sorted(set(entry) - set(ROW_KEYS))
         if unknown:
-            raise SpaceError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(ROW_KEYS)}")
+            raise SpaceError(f"{where}.{unknown[0]}: unknown key; "
+                             f"{config_mod.close_keys('', unknown[0], ROW_KEYS, 'of a row', config_keys=False)}")
         name = entry.get("name")
         if not isinstance(name, str) or not name.strip():
             raise SpaceError(f"{where}.name: expected a non-empty string, got {name!r}")

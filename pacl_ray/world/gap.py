@@ -84,18 +84,27 @@ def measure_gap(root: Path, backbone_checkpoint: Path, size: WorldSize, seed: in
 
 
 def format_report(report: dict) -> str:
-    """A few human-readable lines: planted split, affective gap, scorer agreement."""
+    """A few human-readable lines: planted split, affective gap, scorer agreement. Accuracies are
+    percent points with one decimal, as in the sweep tables (the report stores fractions); the
+    factual-score AUC stays an AUC in [0, 1]; a value the report lacks is shown as n/a."""
     gap = report.get("gap_probe_accuracy", {})
     split = report.get("planted_split_percent", {})
     scorer = report.get("scorer", {})
+
+    def points(fraction) -> str:
+        return "n/a" if fraction is None else f"{100 * fraction:.1f}"
+
+    def number(value, spec: str = ".1f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
     return "\n".join([
-        "planted partitions (%): " + " / ".join(f"{k}: {v}" for k, v in split.items()),
-        "downstream emotion probe accuracy: random init {random_init}, object-pretrained (start) "
-        "{object_pretrained}, emotion-trained (ceiling) {ceiling}; gap {gap_points} points, chance {chance}".format(
-            **{k: gap.get(k) for k in ("random_init", "object_pretrained", "ceiling", "gap_points", "chance")}
-        ),
-        f"factual scorer: factual-score AUC vs planted {scorer.get('factual_score_auc')}, "
-        f"ANP top-1 emotion accuracy {scorer.get('anp_top1_emotion_accuracy')}",
+        "planted partitions (%): " + " / ".join(f"{k}: {number(v)}" for k, v in split.items()),
+        f"downstream emotion probe accuracy: random init {points(gap.get('random_init'))}, start "
+        f"{points(gap.get('object_pretrained'))}, ceiling {points(gap.get('ceiling'))}; gap "
+        f"{number(gap.get('gap_points'))} points, chance {points(gap.get('chance'))}",
+        "  (start: the object-pretrained backbone PACL starts from; ceiling: trained on emotion labels)",
+        f"factual scorer: factual-score AUC vs planted {number(scorer.get('factual_score_auc'), '.3f')}, "
+        f"ANP top-1 emotion accuracy {points(scorer.get('anp_top1_emotion_accuracy'))}",
     ] + _content_line(report.get("content_link")))
 
 
@@ -105,4 +114,4 @@ def _content_line(link: float | None) -> list[str]:
     if link is None:
         return []
     best = (1 + (len(EMOTIONS) - 1) * link) / len(EMOTIONS)
-    return [f"content link {link}: the object alone predicts emotion with accuracy at most {best:.2f}"]
+    return [f"content link {link}: the object alone predicts emotion with accuracy at most {100 * best:.1f}"]

@@ -48,8 +48,13 @@ def test_space_names_resolve_from_cwd_then_the_repository(tmp_path, monkeypatch)
     local.parent.mkdir()
     local.write_text("mode: product\n")
     assert driver.resolve_space_path("table5_sigma") == str(local)  # the working directory wins
-    with pytest.raises(SpaceError, match="space 'nope' not found; looked for:"):
+    with pytest.raises(SpaceError) as err:
         driver.resolve_space_path("nope")
+    names = ", ".join(sorted(p.stem for p in (REPO / "tune_spaces").glob("*.yaml")))  # cwd's and the repo's
+    assert str(err.value) == f"space 'nope' not found; names in tune_spaces/: {names}; or a path to a YAML file"
+    with pytest.raises(SpaceError) as err:
+        driver.resolve_space_path("table5_sigmaa")
+    assert str(err.value).startswith("space 'table5_sigmaa' not found; did you mean table5_sigma")
 
 
 # --------------------------------------------------------------------------- configs

@@ -108,6 +108,48 @@ def test_bad_spaces_are_clear_errors_naming_file_and_key(data, fragment):
     assert fragment in message
 
 
+SPACE_KEYS = ("asha, baselines, downstream, fixed, layout, max_failures, metric, mode, name, num_samples, repeats, "
+              "resources, rows, search, seed, seeds")
+
+
+def test_unknown_space_keys_name_close_matches_and_the_allowed_keys():
+    import dataclasses
+
+    from pacl_ray.config import TrainConfig
+
+    train_keys = ", ".join(sorted(f.name for f in dataclasses.fields(TrainConfig)))
+    expected = {
+        # the top level of a space file: its own keys; a config section there belongs under fixed
+        "serach": f"serach: unknown key; did you mean search? valid keys of a space file: {SPACE_KEYS}",
+        "train": (f"train: unknown key; valid keys of a space file: {SPACE_KEYS}; config values go under fixed, "
+                  "e.g. fixed: {train: ...}"),
+        # a searched key: the config's close matches and the keys of its section, not "see config.py"
+        "search.train.epoch": (f"search.train.epoch: not a config key; did you mean train.epochs? "
+                               f"valid keys under train: {train_keys}"),
+        "search.train.sigma": (f"search.train.sigma: not a config key; did you mean partition.sigma? "
+                               f"valid keys under train: {train_keys}"),
+        "fixed": (f"fixed: unknown config key train.epoch; did you mean train.epochs? valid keys under train: "
+                  f"{train_keys}"),
+        "metric": "metric.nam: unknown key; did you mean name? valid keys of metric: mode, name",
+        "rows": "rows[0].sett: unknown key; did you mean set? valid keys of a row: labels, name, set",
+    }
+    spaces = {
+        "serach": {"serach": {}}, "train": {"train": {"epochs": 3}},
+        "search.train.epoch": {"search": {"train.epoch": {"grid": [1, 2]}}},
+        "search.train.sigma": {"search": {"train.sigma": {"grid": [0.3, 0.5]}}},
+        "fixed": {"fixed": {"train": {"epoch": 3}}}, "metric": {"metric": {"nam": "e/Acc-4"}},
+        "rows": {"mode": "rows", "rows": [{"name": "a", "sett": {}}]},
+    }
+    for name, data in spaces.items():
+        with pytest.raises(SpaceError) as info:
+            parse_space(data, "spaces/bad.yaml")
+        assert str(info.value) == f"spaces/bad.yaml: {expected[name]}", name
+    with pytest.raises(SpaceError) as info:  # a wrongly typed value: the syntax that works
+        parse_space({"search": {"cluster.ks": {"grid": ["2,3"]}}}, "spaces/bad.yaml")
+    assert str(info.value) == ("spaces/bad.yaml: search.cluster.ks.grid[0]: cluster.ks: expected a list of integers, "
+                               "got '2,3'; e.g. cluster.ks: [2, 3]")
+
+
 def test_load_space_reports_unreadable_and_invalid_yaml(tmp_path):
     with pytest.raises(SpaceError, match="cannot read the space file"):
         load_space(str(tmp_path / "missing.yaml"))

@@ -327,6 +327,27 @@ def test_worlds_follow_the_content_link(tiny_world):
 def test_report_states_what_the_content_alone_predicts():
     from pacl_ray.world.gap import format_report
 
-    assert "at most 0.55" in format_report({"content_link": 0.4})
-    assert "at most 0.25" in format_report({"content_link": 0.0})
+    assert "at most 55.0" in format_report({"content_link": 0.4})  # percent points, as every accuracy
+    assert "at most 25.0" in format_report({"content_link": 0.0})
     assert "content link" not in format_report({})  # a report of an older world
+
+
+def test_report_gives_accuracies_in_percent_points():
+    """Every accuracy as percent points with one decimal, as the sweep tables; the AUC stays an AUC."""
+    from pacl_ray.world.gap import format_report
+
+    report = {
+        "planted_split_percent": {"1": 22.0, "2": 25.0, "3": 26.0, "4": 27.0},
+        "gap_probe_accuracy": {"random_init": 0.3333, "object_pretrained": 0.48, "ceiling": 0.93,
+                               "gap_points": 45.0, "chance": 0.25},
+        "scorer": {"factual_score_auc": 0.4856, "anp_top1_emotion_accuracy": 0.2222},
+        "content_link": 0.4,
+    }
+    assert format_report(report) == "\n".join([
+        "planted partitions (%): 1: 22.0 / 2: 25.0 / 3: 26.0 / 4: 27.0",
+        "downstream emotion probe accuracy: random init 33.3, start 48.0, ceiling 93.0; gap 45.0 points, chance 25.0",
+        "  (start: the object-pretrained backbone PACL starts from; ceiling: trained on emotion labels)",
+        "factual scorer: factual-score AUC vs planted 0.486, ANP top-1 emotion accuracy 22.2",
+        "content link 0.4: the object alone predicts emotion with accuracy at most 55.0",
+    ])
+    assert "random init n/a" in format_report({})  # a report without the measurement
