@@ -39,13 +39,18 @@ mode to at least twice that size and resampled with Lanczos, re-encoded as JPEG 
 
 Errors are :class:`ImageRejected` with a reason from :data:`pacl_ray.formats.tables.QUARANTINE_REASONS`
 (missing_file, unreadable_file, zero_size_image, decompression_bomb, corrupt_image,
-truncated_image), which ingest and the dataset readers quarantine.
+truncated_image), which ingest and the dataset readers quarantine. A file whose header cannot be
+read (not an image, a start marker followed by garbage, a file cut inside its header) is
+corrupt_image; truncated_image is a readable header whose pixel data stops early. A
+decompression_bomb's detail cites the limit passed in (Pillow raises only at twice its limit, and
+its message names that doubled number).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -113,9 +118,38 @@ def read_image_bytes(uri: str) -> bytes:
         raise ImageRejected("unreadable_file", f"{uri}: {err}") from err
 
 
-def _broken_reason(err: Exception) -> str:
-    """Pillow reports a cut-off file as an OSError mentioning truncation; anything else is corrupt."""
-    return "truncated_image" if isinstance(err, OSError) and "truncated" in str(err).lower() else "corrupt_image"
+def _header_fault(err: Exception, size: int) -> ImageRejected:
+    """A failure while Pillow reads the header (before any pixel): always corrupt_image.
+
+    Pillow's ``OSError: Truncated File Read`` there means a header segment declares more bytes
+    than the file holds: a start marker followed by garbage reads that way, and so does a file cut
+    inside its header; neither has any decodable pixel, so both are corrupt (truncated_image is
+    kept for a readable header whose pixel data stops early, see :func:`_pixel_fault`)."""
+    if isinstance(err, OSError) and "truncated file read" in str(err).lower():
+        return ImageRejected("corrupt_image", f"the image header is unreadable: a header segment runs past "
+                                              f"the end of the file ({size} bytes; corrupt, or cut off inside its header)")
+    return ImageRejected("corrupt_image", f"the image header is unreadable ({type(err).__name__}: {err})")
+
+
+def _pixel_fault(err: Exception) -> ImageRejected:
+    """A failure while decoding the pixels: truncated_image when Pillow says the data stops early
+    (``image file is truncated (N bytes not processed)``), else corrupt_image."""
+    message = str(err)
+    if isinstance(err, OSError) and "truncated" in message.lower():
+        return ImageRejected("truncated_image", f"the pixel data ends early, the file is cut off ({message})")
+    return ImageRejected("corrupt_image", f"the pixel data cannot be decoded ({type(err).__name__}: {message})")
+
+
+def _bomb(err: Exception, max_pixels: Optional[int]) -> ImageRejected:
+    """decompression_bomb citing the limit in force (``max_pixels``; Pillow's own when None), not
+    the 2x limit at which Pillow raises instead of warning."""
+    from PIL import Image
+
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels" if found else "the image"
+    return ImageRejected("decompression_bomb", f"{size} exceeds the limit of {limit:,} pixels "
+                                               "(a decompression-bomb guard)")
 
 
 def _orientation(image) -> int:
@@ -207,11 +241,11 @@ def _open(data: bytes, max_pixels: Optional[int], min_side: Optional[int] = None
         try:
             image = Image.open(io.BytesIO(data))
         except bomb_errors as err:
-            raise ImageRejected("decompression_bomb", str(err)) from err
+            raise _bomb(err, max_pixels) from err
         except UnidentifiedImageError as err:
             raise ImageRejected("corrupt_image", f"not a recognised image ({len(data)} bytes)") from err
         except Exception as err:  # e.g. OSError "Truncated File Read" inside the header
-            raise ImageRejected(_broken_reason(err), f"{type(err).__name__}: {err}") from err
+            raise _header_fault(err, len(data)) from err
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     width, height = image.size
@@ -224,9 +258,9 @@ def _open(data: bytes, max_pixels: Optional[int], min_side: Optional[int] = None
             image.draft("RGB", (side, side))
         image.load()
     except bomb_errors as err:
-        raise ImageRejected("decompression_bomb", str(err)) from err
+        raise _bomb(err, max_pixels) from err
     except Exception as err:  # Pillow raises OSError/SyntaxError/ValueError for broken streams
-        raise ImageRejected(_broken_reason(err), f"{type(err).__name__}: {err}") from err
+        raise _pixel_fault(err) from err
     return image, (width, height)
 
 

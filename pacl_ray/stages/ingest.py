@@ -104,7 +104,10 @@ def store_image(data: bytes, max_image_pixels: int, max_image_side: int = 0) -> 
     try:
         return images.store(data, max_image_pixels, max_image_side)
     except images.ImageRejected as err:
-        raise Rejected(err.reason, "image", err.detail) from err
+        detail = err.detail
+        if err.reason == "decompression_bomb":  # the limit is ours: name the key that sets it
+            detail += "; the limit is ingest.max_image_pixels (raise it, or 0 for no limit, to accept the image)"
+        raise Rejected(err.reason, "image", detail) from err
 
 
 def check_image(data: bytes, max_image_pixels: int) -> tuple[bytes, int, int, Optional[str]]:
@@ -214,7 +217,8 @@ def index_duplicates(blocks: Callable[[], Iterable[pa.Table]]) -> pa.Table:
     occurrences' sources) so that only one block at a time is held. Memory: about 30 bytes
     per valid row (id and position), in the one task that runs this.
     """
-    keys = [b.filter(pc.is_null(b.column("reason"))).select(["id", "position"]) for b in blocks()]
+    # An empty block may carry no schema at all (Ray Data's output for no rows): skip it.
+    keys = [b.filter(pc.is_null(b.column("reason"))).select(["id", "position"]) for b in blocks() if b.num_rows]
     keys = [k for k in keys if k.num_rows]
     if not keys:
         return INDEX_SCHEMA.empty_table()
@@ -224,7 +228,8 @@ def index_duplicates(blocks: Callable[[], Iterable[pa.Table]]) -> pa.Table:
     firsts = repeated.column("position_min").combine_chunks()
     if not len(firsts):
         return INDEX_SCHEMA.empty_table()
-    hits = [b.filter(pc.is_in(b.column("position"), value_set=firsts)).select(["position", "source"]) for b in blocks()]
+    hits = [b.filter(pc.is_in(b.column("position"), value_set=firsts)).select(["position", "source"])
+            for b in blocks() if b.num_rows]
     hits = pa.concat_tables(hits).combine_chunks()
     sources = pc.take(hits.column("source"), pc.index_in(firsts, value_set=hits.column("position")))
     return pa.table([repeated.column("id").cast(pa.string()), firsts, sources], schema=INDEX_SCHEMA)
@@ -586,13 +591,14 @@ def _build_steps(cfg: RunConfig, files: list[str], fmt: str, uri: str, progress,
         fn_kwargs={"max_image_pixels": icfg.max_image_pixels, "clean": icfg.clean_text,
                    "max_image_side": icfg.max_image_side},
     ).materialize()
-    progress.update(validated.count())  # from the blocks' metadata
+    n_records = validated.count()  # from the blocks' metadata
+    if n_records == 0:  # empty files: stop before the duplicate and tally steps see schema-less blocks
+        raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")
+    progress.update(n_records)
     progress.phase = "finding duplicate ids"
     index, duplicates = find_duplicates(validated)
     progress.phase = "counting outcomes"
     counts, converted, n_pairs = count_outcomes(validated, duplicates)
-    if sum(counts.values()) + n_pairs == 0:
-        raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")
     summary = summarize(counts, n_pairs, converted)
     summary.update(format=fmt, manifest=icfg.manifest)
 
