@@ -39,9 +39,9 @@ mode to at least twice that size and resampled with Lanczos, re-encoded as JPEG 
 
 Errors are :class:`ImageRejected` with a reason from :data:`pacl_ray.formats.tables.QUARANTINE_REASONS`
 (missing_file, unreadable_file, zero_size_image, decompression_bomb, corrupt_image,
-truncated_image), which ingest and the dataset readers quarantine. A file whose header cannot be
-read (not an image, a start marker followed by garbage, a file cut inside its header) is
-corrupt_image; truncated_image is a readable header whose pixel data stops early. A
+truncated_image), which ingest and the dataset readers quarantine. A file that is not an image, or
+a JPEG start marker followed by garbage, is corrupt_image; a file cut off (inside its header after
+at least one whole segment, or in its pixel data) is truncated_image. A
 decompression_bomb's detail cites the limit passed in (Pillow raises only at twice its limit, and
 its message names that doubled number).
 """
@@ -118,16 +118,47 @@ def read_image_bytes(uri: str) -> bytes:
         raise ImageRejected("unreadable_file", f"{uri}: {err}") from err
 
 
-def _header_fault(err: Exception, size: int) -> ImageRejected:
-    """A failure while Pillow reads the header (before any pixel): always corrupt_image.
+def _jpeg_segments_before_cut(data: bytes) -> Optional[int]:
+    """How many whole header segments a JPEG holds before one that runs past the end of the file;
+    None when the bytes are not such a JPEG (no start marker, a byte where a marker belongs that is
+    not one, a segment length below 2, or a complete header)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at, whole = 2, 0
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: the header is complete
+            return None
+        length = int.from_bytes(data[at + 2: at + 4], "big")
+        if length < 2:
+            return None
+        if at + 2 + length > len(data):
+            return whole
+        whole, at = whole + 1, at + 2 + length
+    return whole
 
-    Pillow's ``OSError: Truncated File Read`` there means a header segment declares more bytes
-    than the file holds: a start marker followed by garbage reads that way, and so does a file cut
-    inside its header; neither has any decodable pixel, so both are corrupt (truncated_image is
-    kept for a readable header whose pixel data stops early, see :func:`_pixel_fault`)."""
+
+def _header_fault(err: Exception, data: bytes) -> ImageRejected:
+    """A failure while Pillow reads the header (before any pixel) -> :class:`ImageRejected`.
+
+    Pillow's ``OSError: Truncated File Read`` there means a header segment claims more bytes than
+    the file holds. **Choice**: in a JPEG whose first segment after the start marker already does
+    (a start marker followed by garbage) that is corrupt_image; after at least one whole segment it
+    is a file cut off inside its header, truncated_image (as a cut in the pixel data is)."""
+    size = len(data)
     if isinstance(err, OSError) and "truncated file read" in str(err).lower():
-        return ImageRejected("corrupt_image", f"the image header is unreadable: a header segment runs past "
-                                              f"the end of the file ({size} bytes; corrupt, or cut off inside its header)")
+        whole = _jpeg_segments_before_cut(data)
+        if whole == 0:
+            return ImageRejected("corrupt_image", f"a JPEG start marker followed by no valid header: the first "
+                                                  f"segment claims more bytes than the file holds ({size} bytes)")
+        where = f"after {whole} whole JPEG header segment(s)" if whole else "inside its header"
+        return ImageRejected("truncated_image", f"the file is cut off {where} ({size} bytes): "
+                                                "a header segment runs past the end")
     return ImageRejected("corrupt_image", f"the image header is unreadable ({type(err).__name__}: {err})")
 
 
@@ -245,7 +276,7 @@ def _open(data: bytes, max_pixels: Optional[int], min_side: Optional[int] = None
         except UnidentifiedImageError as err:
             raise ImageRejected("corrupt_image", f"not a recognised image ({len(data)} bytes)") from err
         except Exception as err:  # e.g. OSError "Truncated File Read" inside the header
-            raise _header_fault(err, len(data)) from err
+            raise _header_fault(err, data) from err
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     width, height = image.size

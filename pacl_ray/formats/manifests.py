@@ -521,9 +521,9 @@ DELIMITER_NAMES = {",": "comma", ";": "semicolon", "|": "pipe", "\t": "tab"}
 
 
 def delimiter_hint(header: list[str], delimiter: str) -> Optional[str]:
-    """Why a header read with ``delimiter`` lacks the required columns, when it is the file using
-    another one: the header split by ``;``, ``|``, tab or comma has them all, or the header is one
-    cell holding that character. None otherwise.
+    """Why a header read with ``delimiter`` lacks the required columns, when the file uses another
+    one: the header is one cell (``delimiter`` never occurs in it) holding ``;``, ``|``, tab or a
+    comma. None otherwise (a header that splits is judged by its columns).
 
     **Choice**: the delimiter is fixed by the suffix (``.csv`` comma, ``.tsv`` tab), not guessed
     (``csv.Sniffer``): post texts are full of commas and semicolons, so a guess can split a valid
@@ -534,8 +534,7 @@ def delimiter_hint(header: list[str], delimiter: str) -> Optional[str]:
     for other, name in DELIMITER_NAMES.items():
         if other == delimiter:
             continue
-        split = [part.strip() for cell in header for part in cell.split(other)]
-        if all(required in split for required in REQUIRED) or (len(header) == 1 and len(split) > 1):
+        if len(header) == 1 and other in header[0]:
             if delimiter == "\t":
                 return f"the header looks {name}-separated; a .tsv must be tab-separated" + (
                     " (or save it as .csv for commas)" if other == "," else "")
