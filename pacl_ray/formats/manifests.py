@@ -688,6 +688,37 @@ def check_header(uri: str, kind: str) -> None:
         check_columns(uri, {f.name: arrow_kind(f.type) for f in schema})
 
 
+def has_records(uri: str, kind: str) -> bool:
+    """Whether a file may hold a record, read only up to its first one: False for a file of 0
+    bytes, a JSONL/JSON file of whitespace only, a CSV/TSV file with at most a header, a Parquet
+    file of 0 rows. True when unsure (unreadable files are judged, and quarantined, by the readers)."""
+    try:
+        fs, path = storage.resolve(uri)
+        if fs.get_file_info(path).size == 0:
+            return False
+        if kind in ("jsonl", "tumemo_json"):
+            with fs.open_input_stream(path) as stream:
+                while True:
+                    chunk = stream.read(READ_CHUNK)
+                    if not chunk:
+                        return False
+                    if chunk.replace(b"\xef\xbb\xbf", b"").strip():
+                        return True
+        if kind in ("csv", "tsv"):
+            rows = iter_csv(uri, "\t" if kind == "tsv" else ",")
+            try:
+                return next(rows, None) is not None
+            finally:
+                rows.close()
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows > 0
+    except Exception:  # a header problem or unreadable file is reported where it is read
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- Parquet
 
 

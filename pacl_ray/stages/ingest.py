@@ -29,7 +29,8 @@ path is printed after the summary. If every record is bad, :class:`IngestError` 
 summary, nothing is published, and the quarantine is kept in ``stages/ingest/{key}.failed/``
 (named in the error; deleted by the next successful run of the same inputs). A whole-file problem
 (a CSV header or Parquet schema without ``image``/``text``, a Parquet column of the wrong type) is
-one :class:`IngestError` naming the file, raised before any row is read or anything written.
+one :class:`IngestError` naming the file, raised before any row is read or anything written; so
+is input without a single record (``no records in ...``: empty files, a CSV header alone).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from pacl_ray.config import RunConfig
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
-INGEST_VERSION = 4  # bump when validation changes what a given input produces (3: original size columns; 4: wrong_type, empty CSV cells)
+INGEST_VERSION = 5  # bump when validation changes what a given input produces (3: original size columns; 4: wrong_type, empty CSV cells; 5: image fault reasons and details)
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "tumemo")
 IMAGE_SUFFIXES = manifests.IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {
@@ -568,12 +569,16 @@ def check_headers(reads: list[tuple[str, str]], workers: int = 16) -> None:
 def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str, failed: str) -> dict:
     """Ingest's work into the staging directory ``uri``; returns the summary. Headers and schemas
     are checked first (:func:`check_headers`: a whole-file problem stops the run before Ray
-    starts and before anything is written). While it runs, a line at least every
+    starts and before anything is written), and inputs without a record (empty files, a header
+    alone) stop it there too. While it runs, a line at least every
     :data:`pacl_ray.stages.runtime.PROGRESS_INTERVAL_S` seconds says which step runs (each is a
     Ray Data job that reports no count of its own) and how many records are validated."""
     from pacl_ray.stages.runtime import init_ray, watched
 
-    check_headers(plan_reads(cfg.ingest.manifest, fmt, files)[0])
+    reads, _, orphans = plan_reads(cfg.ingest.manifest, fmt, files)
+    check_headers(reads)
+    if not orphans and not any(manifests.has_records(*read) for read in reads):
+        raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")  # before Ray starts
     init_ray(cfg.ray)
     with watched("[ingest]", unit="records validated",
                  phase=f"reading and validating the records of {len(files)} input file(s)") as watch:

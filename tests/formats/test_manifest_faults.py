@@ -307,3 +307,17 @@ def test_csv_cells_are_strings_so_only_their_values_can_be_bad(tmp_path):
 
 def test_wrong_type_is_a_registered_reason():
     assert "wrong_type" in tables.QUARANTINE_REASONS and "bad_value" in tables.QUARANTINE_REASONS
+
+
+def test_has_records_reads_only_up_to_the_first_record(tmp_path):
+    cases = {"a.jsonl": ("\n  \n", False), "b.jsonl": ('\n{"image": "a.png"}\n', True), "c.csv": ("", False),
+             "d.csv": ("image,text\n", False), "e.csv": ("image,text\na.png,x\n", True), "f.tsv": ("image\ttext\n", False),
+             "g.csv": ("image,caption\n", True)}  # a header problem is reported by check_header, not here
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_text(content)
+        kind = {"jsonl": "jsonl", "csv": "csv", "tsv": "tsv"}[name.rsplit(".", 1)[1]]
+        assert manifests.has_records(str(tmp_path / name), kind) is expected, name
+    pq.write_table(pa.table({"image": pa.array([], pa.string())}), tmp_path / "h.parquet")
+    assert manifests.has_records(str(tmp_path / "h.parquet"), "parquet") is False
+    (tmp_path / "i.tar").write_bytes(b"")
+    assert manifests.has_records(str(tmp_path / "i.tar"), "webdataset") is False

@@ -206,12 +206,25 @@ def test_failed_and_finished_runs_name_where_the_quarantine_is(ray_local, tmp_pa
 
 
 @pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("empty.csv", ""), ("header.csv", "id,image,text\n"),
-                                           ("blank.jsonl", "\n\n")])
-def test_an_empty_manifest_stops_before_the_duplicate_steps(ray_local, tmp_path, monkeypatch, name, content):
-    """No records: one clean error, raised before the duplicate-id and tally steps (which, given
-    Ray Data's schema-less empty blocks, used to print a worker traceback first)."""
+                                           ("blank.jsonl", "\n \n"), ("rows.parquet", None)])
+def test_an_empty_manifest_is_one_clean_error_before_ray_starts(tmp_path, monkeypatch, name, content):
     manifest = tmp_path / name
-    manifest.write_text(content)
+    if content is None:
+        pq.write_table(pa.table({"image": pa.array([], pa.string()), "text": pa.array([], pa.string())}), manifest)
+    else:
+        manifest.write_text(content)
+    monkeypatch.setattr("pacl_ray.stages.runtime.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(IngestError) as info:
+        run_ingest(make_cfg(tmp_path / "runs", manifest))
+    assert str(info.value) == f"ingest.manifest: no records in {manifest}"
+
+
+def test_no_records_found_by_ray_stop_before_the_duplicate_steps(ray_local, tmp_path, monkeypatch):
+    """An empty JSON list passes the cheap check; the count after validation stops it before the
+    duplicate-id and tally steps (which, given Ray Data's schema-less empty blocks, used to print a
+    worker traceback before the error)."""
+    manifest = tmp_path / "empty.json"
+    manifest.write_text("[]\n")
     monkeypatch.setattr(ingest, "find_duplicates", lambda *a: pytest.fail("the duplicate step ran"))
     with pytest.raises(IngestError) as info:
         run_ingest(make_cfg(tmp_path / "runs", manifest))
