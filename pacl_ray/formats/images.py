@@ -39,13 +39,18 @@ mode to at least twice that size and resampled with Lanczos, re-encoded as JPEG 
 
 Errors are :class:`ImageRejected` with a reason from :data:`pacl_ray.formats.tables.QUARANTINE_REASONS`
 (missing_file, unreadable_file, zero_size_image, decompression_bomb, corrupt_image,
-truncated_image), which ingest and the dataset readers quarantine.
+truncated_image), which ingest and the dataset readers quarantine. A file that is not an image, or
+a JPEG start marker followed by garbage, is corrupt_image; a file cut off (inside its header after
+at least one whole segment, or in its pixel data) is truncated_image. A
+decompression_bomb's detail cites the limit passed in (Pillow raises only at twice its limit, and
+its message names that doubled number).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -113,9 +118,69 @@ def read_image_bytes(uri: str) -> bytes:
         raise ImageRejected("unreadable_file", f"{uri}: {err}") from err
 
 
-def _broken_reason(err: Exception) -> str:
-    """Pillow reports a cut-off file as an OSError mentioning truncation; anything else is corrupt."""
-    return "truncated_image" if isinstance(err, OSError) and "truncated" in str(err).lower() else "corrupt_image"
+def _jpeg_segments_before_cut(data: bytes) -> Optional[int]:
+    """How many whole header segments a JPEG holds before one that runs past the end of the file;
+    None when the bytes are not such a JPEG (no start marker, a byte where a marker belongs that is
+    not one, a segment length below 2, or a complete header)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at, whole = 2, 0
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: the header is complete
+            return None
+        length = int.from_bytes(data[at + 2: at + 4], "big")
+        if length < 2:
+            return None
+        if at + 2 + length > len(data):
+            return whole
+        whole, at = whole + 1, at + 2 + length
+    return whole
+
+
+def _header_fault(err: Exception, data: bytes) -> ImageRejected:
+    """A failure while Pillow reads the header (before any pixel) -> :class:`ImageRejected`.
+
+    Pillow's ``OSError: Truncated File Read`` there means a header segment claims more bytes than
+    the file holds. **Choice**: in a JPEG whose first segment after the start marker already does
+    (a start marker followed by garbage) that is corrupt_image; after at least one whole segment it
+    is a file cut off inside its header, truncated_image (as a cut in the pixel data is)."""
+    size = len(data)
+    if isinstance(err, OSError) and "truncated file read" in str(err).lower():
+        whole = _jpeg_segments_before_cut(data)
+        if whole == 0:
+            return ImageRejected("corrupt_image", f"a JPEG start marker followed by no valid header: the first "
+                                                  f"segment claims more bytes than the file holds ({size} bytes)")
+        where = f"after {whole} whole JPEG header segment(s)" if whole else "inside its header"
+        return ImageRejected("truncated_image", f"the file is cut off {where} ({size} bytes): "
+                                                "a header segment runs past the end")
+    return ImageRejected("corrupt_image", f"the image header is unreadable ({type(err).__name__}: {err})")
+
+
+def _pixel_fault(err: Exception) -> ImageRejected:
+    """A failure while decoding the pixels: truncated_image when Pillow says the data stops early
+    (``image file is truncated (N bytes not processed)``), else corrupt_image."""
+    message = str(err)
+    if isinstance(err, OSError) and "truncated" in message.lower():
+        return ImageRejected("truncated_image", f"the pixel data ends early, the file is cut off ({message})")
+    return ImageRejected("corrupt_image", f"the pixel data cannot be decoded ({type(err).__name__}: {message})")
+
+
+def _bomb(err: Exception, max_pixels: Optional[int]) -> ImageRejected:
+    """decompression_bomb citing the limit in force (``max_pixels``; Pillow's own when None), not
+    the 2x limit at which Pillow raises instead of warning."""
+    from PIL import Image
+
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels" if found else "the image"
+    return ImageRejected("decompression_bomb", f"{size} exceeds the limit of {limit:,} pixels "
+                                               "(a decompression-bomb guard)")
 
 
 def _orientation(image) -> int:
@@ -207,11 +272,11 @@ def _open(data: bytes, max_pixels: Optional[int], min_side: Optional[int] = None
         try:
             image = Image.open(io.BytesIO(data))
         except bomb_errors as err:
-            raise ImageRejected("decompression_bomb", str(err)) from err
+            raise _bomb(err, max_pixels) from err
         except UnidentifiedImageError as err:
             raise ImageRejected("corrupt_image", f"not a recognised image ({len(data)} bytes)") from err
         except Exception as err:  # e.g. OSError "Truncated File Read" inside the header
-            raise ImageRejected(_broken_reason(err), f"{type(err).__name__}: {err}") from err
+            raise _header_fault(err, data) from err
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     width, height = image.size
@@ -224,9 +289,9 @@ def _open(data: bytes, max_pixels: Optional[int], min_side: Optional[int] = None
             image.draft("RGB", (side, side))
         image.load()
     except bomb_errors as err:
-        raise ImageRejected("decompression_bomb", str(err)) from err
+        raise _bomb(err, max_pixels) from err
     except Exception as err:  # Pillow raises OSError/SyntaxError/ValueError for broken streams
-        raise ImageRejected(_broken_reason(err), f"{type(err).__name__}: {err}") from err
+        raise _pixel_fault(err) from err
     return image, (width, height)
 
 

@@ -387,11 +387,19 @@ def _loads(text: str) -> Any:
     return json.loads(text, parse_int=JsonNumber, parse_float=JsonNumber)
 
 
+def json_error(err: json.JSONDecodeError, line: bool = False) -> str:
+    """A JSON parse error as ``<what> at [line L ]column C``: some of ``json``'s messages already end
+    in "at" ("Unterminated string starting at"), which is not repeated."""
+    what = err.msg.rstrip()
+    where = (f"line {err.lineno} " if line else "") + f"column {err.colno}"
+    return f"{what} {where}" if what.endswith(" at") else f"{what} at {where}"
+
+
 def _json_object(text: str, where: str) -> dict:
     try:
         value = _loads(text)
     except json.JSONDecodeError as err:
-        raise Rejected("malformed_record", "record", f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        raise Rejected("malformed_record", "record", f"{where}: not valid JSON ({json_error(err)})") from None
     if not isinstance(value, dict):
         raise Rejected("malformed_record", "record", f"{where}: a JSON {type(value).__name__} where an object was expected")
     return value
@@ -462,7 +470,7 @@ def _json_list(text: str) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as err:
             yield number, Rejected(
                 "malformed_record", "record",
-                f"element {number}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                f"element {number}: not valid JSON ({json_error(err, line=True)}); "
                 "the rest of the list cannot be read",
             )
             return
@@ -509,6 +517,32 @@ class _Lines:
         self.record = self.record[:1]
 
 
+DELIMITER_NAMES = {",": "comma", ";": "semicolon", "|": "pipe", "\t": "tab"}
+
+
+def delimiter_hint(header: list[str], delimiter: str) -> Optional[str]:
+    """Why a header read with ``delimiter`` lacks the required columns, when the file uses another
+    one: the header is one cell (``delimiter`` never occurs in it) holding ``;``, ``|``, tab or a
+    comma. None otherwise (a header that splits is judged by its columns).
+
+    **Choice**: the delimiter is fixed by the suffix (``.csv`` comma, ``.tsv`` tab), not guessed
+    (``csv.Sniffer``): post texts are full of commas and semicolons, so a guess can split a valid
+    file wrongly and quarantine every row, or worse, read a wrong column; a header that only fits
+    another delimiter gets this one-line explanation instead."""
+    if all(name in header for name in REQUIRED):
+        return None
+    for other, name in DELIMITER_NAMES.items():
+        if other == delimiter:
+            continue
+        if len(header) == 1 and other in header[0]:
+            if delimiter == "\t":
+                return f"the header looks {name}-separated; a .tsv must be tab-separated" + (
+                    " (or save it as .csv for commas)" if other == "," else "")
+            fix = "save it as .tsv" if other == "\t" else "or save it as .tsv for tabs"
+            return f"the header looks {name}-separated; a .csv must be comma-separated ({fix})"
+    return None
+
+
 def _csv_encoding(uri: str) -> str:
     fs, path = storage.resolve(uri)
     with fs.open_input_stream(path) as stream:
@@ -552,6 +586,9 @@ def iter_csv(uri: str, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
                 continue  # blank line
             if header is None:
                 header = [c.strip() for c in cells]
+                hint = delimiter_hint(header, delimiter)
+                if hint:
+                    raise ManifestSchemaError(f"{uri}: {hint} (header: {lines.record[0].rstrip()!r:.200})")
                 check_columns(uri, {name: "string" for name in header})
                 continue
             row += 1
@@ -649,6 +686,37 @@ def check_header(uri: str, kind: str) -> None:
         except Exception:  # not Parquet: iter_parquet reports it as unreadable_file
             return
         check_columns(uri, {f.name: arrow_kind(f.type) for f in schema})
+
+
+def has_records(uri: str, kind: str) -> bool:
+    """Whether a file may hold a record, read only up to its first one: False for a file of 0
+    bytes, a JSONL/JSON file of whitespace only, a CSV/TSV file with at most a header, a Parquet
+    file of 0 rows. True when unsure (unreadable files are judged, and quarantined, by the readers)."""
+    try:
+        fs, path = storage.resolve(uri)
+        if fs.get_file_info(path).size == 0:
+            return False
+        if kind in ("jsonl", "tumemo_json"):
+            with fs.open_input_stream(path) as stream:
+                while True:
+                    chunk = stream.read(READ_CHUNK)
+                    if not chunk:
+                        return False
+                    if chunk.replace(b"\xef\xbb\xbf", b"").strip():
+                        return True
+        if kind in ("csv", "tsv"):
+            rows = iter_csv(uri, "\t" if kind == "tsv" else ",")
+            try:
+                return next(rows, None) is not None
+            finally:
+                rows.close()
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows > 0
+    except Exception:  # a header problem or unreadable file is reported where it is read
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------- Parquet
@@ -751,7 +819,7 @@ def normalize_webdataset_sample(sample: dict, source: str, position: int) -> dic
             try:
                 meta = _loads(_decoded(sample["json"], "json"))
             except json.JSONDecodeError as err:
-                raise Rejected("malformed_record", "json", f"unreadable metadata: {err}") from None
+                raise Rejected("malformed_record", "json", f"unreadable metadata: {json_error(err, line=True)}") from None
             if not isinstance(meta, dict):
                 raise wrong_type("json", meta, "a JSON object")
         record["id"] = as_id(meta.get("id")) or record["id"]

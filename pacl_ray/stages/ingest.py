@@ -29,7 +29,8 @@ path is printed after the summary. If every record is bad, :class:`IngestError` 
 summary, nothing is published, and the quarantine is kept in ``stages/ingest/{key}.failed/``
 (named in the error; deleted by the next successful run of the same inputs). A whole-file problem
 (a CSV header or Parquet schema without ``image``/``text``, a Parquet column of the wrong type) is
-one :class:`IngestError` naming the file, raised before any row is read or anything written.
+one :class:`IngestError` naming the file, raised before any row is read or anything written; so
+is input without a single record (``no records in ...``: empty files, a CSV header alone).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from pacl_ray.config import RunConfig
 from pacl_ray.core.text import clean_text
 
 STAGE = "ingest"
-INGEST_VERSION = 4  # bump when validation changes what a given input produces (3: original size columns; 4: wrong_type, empty CSV cells)
+INGEST_VERSION = 5  # bump when validation changes what a given input produces (3: original size columns; 4: wrong_type, empty CSV cells; 5: image fault reasons and details)
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "tumemo")
 IMAGE_SUFFIXES = manifests.IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {
@@ -104,7 +105,10 @@ def store_image(data: bytes, max_image_pixels: int, max_image_side: int = 0) -> 
     try:
         return images.store(data, max_image_pixels, max_image_side)
     except images.ImageRejected as err:
-        raise Rejected(err.reason, "image", err.detail) from err
+        detail = err.detail
+        if err.reason == "decompression_bomb":  # the limit is ours: name the key that sets it
+            detail += "; the limit is ingest.max_image_pixels (raise it, or 0 for no limit, to accept the image)"
+        raise Rejected(err.reason, "image", detail) from err
 
 
 def check_image(data: bytes, max_image_pixels: int) -> tuple[bytes, int, int, Optional[str]]:
@@ -214,7 +218,8 @@ def index_duplicates(blocks: Callable[[], Iterable[pa.Table]]) -> pa.Table:
     occurrences' sources) so that only one block at a time is held. Memory: about 30 bytes
     per valid row (id and position), in the one task that runs this.
     """
-    keys = [b.filter(pc.is_null(b.column("reason"))).select(["id", "position"]) for b in blocks()]
+    # An empty block may carry no schema at all (Ray Data's output for no rows): skip it.
+    keys = [b.filter(pc.is_null(b.column("reason"))).select(["id", "position"]) for b in blocks() if b.num_rows]
     keys = [k for k in keys if k.num_rows]
     if not keys:
         return INDEX_SCHEMA.empty_table()
@@ -224,7 +229,8 @@ def index_duplicates(blocks: Callable[[], Iterable[pa.Table]]) -> pa.Table:
     firsts = repeated.column("position_min").combine_chunks()
     if not len(firsts):
         return INDEX_SCHEMA.empty_table()
-    hits = [b.filter(pc.is_in(b.column("position"), value_set=firsts)).select(["position", "source"]) for b in blocks()]
+    hits = [b.filter(pc.is_in(b.column("position"), value_set=firsts)).select(["position", "source"])
+            for b in blocks() if b.num_rows]
     hits = pa.concat_tables(hits).combine_chunks()
     sources = pc.take(hits.column("source"), pc.index_in(firsts, value_set=hits.column("position")))
     return pa.table([repeated.column("id").cast(pa.string()), firsts, sources], schema=INDEX_SCHEMA)
@@ -563,12 +569,16 @@ def check_headers(reads: list[tuple[str, str]], workers: int = 16) -> None:
 def _build(cfg: RunConfig, files: list[str], fmt: str, uri: str, failed: str) -> dict:
     """Ingest's work into the staging directory ``uri``; returns the summary. Headers and schemas
     are checked first (:func:`check_headers`: a whole-file problem stops the run before Ray
-    starts and before anything is written). While it runs, a line at least every
+    starts and before anything is written), and inputs without a record (empty files, a header
+    alone) stop it there too. While it runs, a line at least every
     :data:`pacl_ray.stages.runtime.PROGRESS_INTERVAL_S` seconds says which step runs (each is a
     Ray Data job that reports no count of its own) and how many records are validated."""
     from pacl_ray.stages.runtime import init_ray, watched
 
-    check_headers(plan_reads(cfg.ingest.manifest, fmt, files)[0])
+    reads, _, orphans = plan_reads(cfg.ingest.manifest, fmt, files)
+    check_headers(reads)
+    if not orphans and not any(manifests.has_records(*read) for read in reads):
+        raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")  # before Ray starts
     init_ray(cfg.ray)
     with watched("[ingest]", unit="records validated",
                  phase=f"reading and validating the records of {len(files)} input file(s)") as watch:
@@ -586,13 +596,14 @@ def _build_steps(cfg: RunConfig, files: list[str], fmt: str, uri: str, progress,
         fn_kwargs={"max_image_pixels": icfg.max_image_pixels, "clean": icfg.clean_text,
                    "max_image_side": icfg.max_image_side},
     ).materialize()
-    progress.update(validated.count())  # from the blocks' metadata
+    n_records = validated.count()  # from the blocks' metadata
+    if n_records == 0:  # empty files: stop before the duplicate and tally steps see schema-less blocks
+        raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")
+    progress.update(n_records)
     progress.phase = "finding duplicate ids"
     index, duplicates = find_duplicates(validated)
     progress.phase = "counting outcomes"
     counts, converted, n_pairs = count_outcomes(validated, duplicates)
-    if sum(counts.values()) + n_pairs == 0:
-        raise IngestError(f"ingest.manifest: no records in {', '.join(files)}")
     summary = summarize(counts, n_pairs, converted)
     summary.update(format=fmt, manifest=icfg.manifest)
 

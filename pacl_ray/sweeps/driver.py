@@ -693,9 +693,26 @@ def run_tune(
         print(f"  {key}: {value:.2f}")
     print(f"\n== Sweep {name}: {report.sweep_dir} ==\n")
     print(report.markdown)
-    print("Exported backbones:")
+    # The export *directory* is what loaders take (timm's "local-dir:", --backbone), and the
+    # architecture is the name to give timm.create_model: config.json's (timm), else export.json's.
+    from pacl_ray.formats import export as export_format
+
+    print('Exported backbones (export directory, architecture; timm: '
+          'timm.create_model("local-dir:<export directory>", pretrained=True)):')
     for outcome in outcomes:
-        print(f"  {outcome.trial.name}: {outcome.backbone or '-'}")
+        folder = outcome.backbone
+        if folder.endswith("/" + export_format.EXPORT_BACKBONE):
+            folder = folder[: -len(export_format.EXPORT_BACKBONE) - 1]
+        architecture = ""
+        if folder:
+            try:
+                architecture = str(export_format.timm_config(folder).get("architecture", ""))
+            except export_format.ExportError:  # not a timm export (open_clip has no config.json)
+                try:
+                    architecture = str(export_format.read_export_meta(folder)["backbone"])
+                except export_format.ExportError:
+                    pass
+        print(f"  {outcome.trial.name}: {folder or '-'}" + (f" (architecture {architecture})" if architecture else ""))
     if partitions:
         print("Partition reports (split, score histograms, gallery):")
         for trial_name, partition in partitions.items():

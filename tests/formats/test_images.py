@@ -177,6 +177,36 @@ def test_decode_errors(data, limit, reason):
     assert info.value.reason == reason
 
 
+def test_a_jpeg_start_marker_followed_by_garbage_is_corrupt_with_a_readable_detail():
+    garbage = bytes((i * 97 + 13) % 256 for i in range(500))
+    with pytest.raises(ImageRejected) as info:
+        images.decode(b"\xff\xd8\xff\xe0" + garbage)  # APP0 whose length runs past the end
+    assert info.value.reason == "corrupt_image"
+    assert "start marker followed by no valid header" in info.value.detail
+    assert "Truncated File Read" not in info.value.detail
+
+
+def test_a_jpeg_cut_inside_its_header_or_pixels_is_truncated_with_a_readable_detail():
+    data = save(halves((64, 64)), "JPEG")
+    with pytest.raises(ImageRejected) as header:
+        images.decode(data[:300])
+    with pytest.raises(ImageRejected) as pixels_:
+        images.decode(data[:-50])
+    assert (header.value.reason, pixels_.value.reason) == ("truncated_image", "truncated_image")
+    assert "cut off after" in header.value.detail and "(300 bytes)" in header.value.detail
+    assert "Truncated File Read" not in header.value.detail
+    assert pixels_.value.detail.startswith("the pixel data ends early")
+
+
+@pytest.mark.parametrize("size", [(101, 100), (200, 200)])  # Pillow warns above the limit, raises above 2x
+def test_a_bomb_detail_cites_the_limit_given_not_pillows_doubled_one(size):
+    with pytest.raises(ImageRejected) as info:
+        images.decode(save(halves(size), "PNG"), 5_000)
+    assert info.value.reason == "decompression_bomb"
+    assert info.value.detail.startswith(f"{size[0] * size[1]:,} pixels exceeds the limit of 5,000 pixels")
+    assert "10000" not in info.value.detail.replace(",", "")
+
+
 def test_bomb_limit_restored_across_threads():
     before = Image.MAX_IMAGE_PIXELS
     big, small = save(halves((101, 100)), "PNG"), save(halves((10, 10)), "PNG")

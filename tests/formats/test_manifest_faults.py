@@ -88,6 +88,37 @@ def test_a_header_without_rows_is_still_checked(tmp_path):
         manifests.check_header(str(path), "csv")
 
 
+@pytest.mark.parametrize(
+    "name, header, said",
+    [
+        ("m.csv", "id;image;text", "the header looks semicolon-separated; a .csv must be comma-separated (or save it as .tsv for tabs)"),
+        ("m.csv", "id|image|text", "the header looks pipe-separated; a .csv must be comma-separated"),
+        ("m.csv", "id\timage\ttext", "the header looks tab-separated; a .csv must be comma-separated (save it as .tsv)"),
+        ("m.csv", "id;img;text", "the header looks semicolon-separated"),  # one cell: the delimiter, whatever the names
+        ("m.tsv", "id,image,text", "the header looks comma-separated; a .tsv must be tab-separated (or save it as .csv for commas)"),
+    ],
+)
+def test_a_header_with_another_delimiter_says_so(tmp_path, name, header, said):
+    path = tmp_path / name
+    path.write_text(f"{header}\n1;a.png;hello\n")
+    kind = "tsv" if name.endswith(".tsv") else "csv"
+    for read in (lambda: manifests.check_header(str(path), kind), lambda: records(path, kind)):
+        with pytest.raises(ManifestSchemaError) as info:
+            read()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{path}: {said}")
+        assert "no column" not in message
+
+
+def test_other_delimiters_inside_a_comma_header_are_not_mistaken(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("id,image,text;notes\n1,a.png,hello\n")  # a column named "text;notes": really no 'text'
+    with pytest.raises(ManifestSchemaError, match=r"no column 'text'"):
+        manifests.check_header(str(path), "csv")
+    (tmp_path / "ok.csv").write_text("id,image,text,a;b\n1,a.png,x;y,z\n")
+    manifests.check_header(str(tmp_path / "ok.csv"), "csv")
+
+
 def test_a_good_header_passes_and_headerless_kinds_are_not_checked(tmp_path):
     good = tmp_path / "m.csv"
     good.write_text("image,text,extra\na.png,t,x\n")
@@ -276,3 +307,17 @@ def test_csv_cells_are_strings_so_only_their_values_can_be_bad(tmp_path):
 
 def test_wrong_type_is_a_registered_reason():
     assert "wrong_type" in tables.QUARANTINE_REASONS and "bad_value" in tables.QUARANTINE_REASONS
+
+
+def test_has_records_reads_only_up_to_the_first_record(tmp_path):
+    cases = {"a.jsonl": ("\n  \n", False), "b.jsonl": ('\n{"image": "a.png"}\n', True), "c.csv": ("", False),
+             "d.csv": ("image,text\n", False), "e.csv": ("image,text\na.png,x\n", True), "f.tsv": ("image\ttext\n", False),
+             "g.csv": ("image,caption\n", True)}  # a header problem is reported by check_header, not here
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_text(content)
+        kind = {"jsonl": "jsonl", "csv": "csv", "tsv": "tsv"}[name.rsplit(".", 1)[1]]
+        assert manifests.has_records(str(tmp_path / name), kind) is expected, name
+    pq.write_table(pa.table({"image": pa.array([], pa.string())}), tmp_path / "h.parquet")
+    assert manifests.has_records(str(tmp_path / "h.parquet"), "parquet") is False
+    (tmp_path / "i.tar").write_bytes(b"")
+    assert manifests.has_records(str(tmp_path / "i.tar"), "webdataset") is False

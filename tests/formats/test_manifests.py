@@ -131,6 +131,17 @@ def test_jsonl_non_object_lines(tmp_path, line, why):
     assert good_ids(rows) == ["a"]
 
 
+def test_json_error_details_read_naturally(tmp_path):
+    path = write_jsonl(tmp_path, [b'{"id": "a", "image": "a.png", "text": "unterminated}', b'{"id": 1,}'])
+    rows = records(path, "jsonl")
+    assert rows[0]["detail"] == "line 1: not valid JSON (Unterminated string starting at column 39)"
+    assert rows[1]["detail"] == "line 2: not valid JSON (Expecting property name enclosed in double quotes at column 10)"
+    listed = tmp_path / "m.json"
+    listed.write_text('[{"id": "a", "text": "cut}]')
+    (bad,) = records(listed, "jsonl")
+    assert "(Unterminated string starting at line 1 column 22)" in bad["detail"] and "at at" not in bad["detail"]
+
+
 def test_json_list_cut_off(tmp_path):
     path = tmp_path / "m.json"
     path.write_text('[{"id": "a", "image": "a.png", "text": "x"}, {"id": "b", "image": "b.png", "text": "y"}, {"id": "c", "te')

@@ -92,6 +92,14 @@ def test_bad_images(data, limit, reason):
     assert info.value.reason == reason and info.value.field == "image"
 
 
+def test_a_bomb_detail_cites_the_configured_limit_and_its_key():
+    for size in ((101, 100), (200, 200)):  # Pillow warns above the limit and raises above twice it
+        with pytest.raises(Rejected) as info:
+            check_image(encode("RGB", size), 5_000)
+        assert info.value.detail.startswith(f"{size[0] * size[1]:,} pixels exceeds the limit of 5,000 pixels")
+        assert "ingest.max_image_pixels" in info.value.detail
+
+
 def test_bomb_limit_is_restored():
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(Rejected):

@@ -200,3 +200,53 @@ def test_failed_and_finished_runs_name_where_the_quarantine_is(ray_local, tmp_pa
     printed = capsys.readouterr().out
     assert f"quarantined records (source file:row, field, reason, detail) are in {out.path('quarantine')}" in printed
     assert not [e for e in _entries(runs / "stages" / "ingest") if e.startswith(".")]
+
+
+# --------------------------------------------------------------------------- 5. empty manifests (Ray)
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("empty.csv", ""), ("header.csv", "id,image,text\n"),
+                                           ("blank.jsonl", "\n \n"), ("rows.parquet", None)])
+def test_an_empty_manifest_is_one_clean_error_before_ray_starts(tmp_path, monkeypatch, name, content):
+    manifest = tmp_path / name
+    if content is None:
+        pq.write_table(pa.table({"image": pa.array([], pa.string()), "text": pa.array([], pa.string())}), manifest)
+    else:
+        manifest.write_text(content)
+    monkeypatch.setattr("pacl_ray.stages.runtime.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(IngestError) as info:
+        run_ingest(make_cfg(tmp_path / "runs", manifest))
+    assert str(info.value) == f"ingest.manifest: no records in {manifest}"
+
+
+def test_no_records_found_by_ray_stop_before_the_duplicate_steps(ray_local, tmp_path, monkeypatch):
+    """An empty JSON list passes the cheap check; the count after validation stops it before the
+    duplicate-id and tally steps (which, given Ray Data's schema-less empty blocks, used to print a
+    worker traceback before the error)."""
+    manifest = tmp_path / "empty.json"
+    manifest.write_text("[]\n")
+    monkeypatch.setattr(ingest, "find_duplicates", lambda *a: pytest.fail("the duplicate step ran"))
+    with pytest.raises(IngestError) as info:
+        run_ingest(make_cfg(tmp_path / "runs", manifest))
+    assert str(info.value) == f"ingest.manifest: no records in {manifest}"
+
+
+def test_an_empty_file_among_good_ones_is_fine(ray_local, tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(buffer, "PNG")
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())  # outside: a folder of images and JSON reads as TumEmo
+    (folder / "a.jsonl").write_text(json.dumps({"id": "1", "image": "../a.png", "text": "fine"}) + "\n")
+    (folder / "b.jsonl").write_text("")
+    out = run_ingest(make_cfg(tmp_path / "runs", folder))
+    assert pq.read_table(out.path("pairs")).column("id").to_pylist() == ["1"]
+
+
+def test_the_duplicate_index_skips_schemaless_empty_blocks():
+    """Ray Data may hand over an empty block without any column: it holds no id to index."""
+    block = pa.Table.from_pylist([{"id": "a", "position": 1, "source": "m:1", "reason": None},
+                                  {"id": "a", "position": 2, "source": "m:2", "reason": None}])
+    index = ingest.index_duplicates(lambda: iter([pa.table({}), block, pa.table({})]))
+    assert index.to_pylist() == [{"id": "a", "first_position": 1, "first_source": "m:1"}]
+    assert ingest.index_duplicates(lambda: iter([pa.table({})])).num_rows == 0
