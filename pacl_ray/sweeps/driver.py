@@ -697,8 +697,7 @@ def run_tune(
     # architecture is the name to give timm.create_model: config.json's (timm), else export.json's.
     from pacl_ray.formats import export as export_format
 
-    print('Exported backbones (export directory, architecture; timm: '
-          'timm.create_model("local-dir:<export directory>", pretrained=True)):')
+    print('Exported backbones (load with timm.create_model("local-dir:<directory>", pretrained=True)):')
     for outcome in outcomes:
         folder = outcome.backbone
         if folder.endswith("/" + export_format.EXPORT_BACKBONE):
