@@ -18,6 +18,7 @@ world) are registered with open_clip on import of this module.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,123 @@ def register_model_configs() -> None:
 
     if MODEL_CONFIG_DIR.is_dir():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+# --------------------------------------------------------------------------- load errors
+
+
+class ModelLoadError(ValueError):
+    """Pretrained weights (or a model's files) could not be loaded. The one-line message names the
+    model id, the config key that chose it, the reason in one sentence and how to fix it."""
+
+
+# Substrings of the Hugging Face Hub's "not cached and no network" errors, also when another
+# library re-raises them as text (open_clip: RuntimeError("Failed to download weights ...: <hub error>")).
+_OFFLINE_MARKERS = ("cannot find the requested files in the local cache", "offline mode is enabled",
+                    "hf_hub_offline", "couldn't connect to", "failed to resolve", "max retries exceeded",
+                    "not the path to a directory containing",
+                    "couldn't find them in the cached files")
+
+
+def _cause_chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while err is not None and err not in chain and len(chain) < 8:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - huggingface_hub comes with timm / transformers
+        return os.path.expanduser("~/.cache/huggingface/hub")
+
+
+def _offline() -> bool:
+    return _truthy(os.environ.get("HF_HUB_OFFLINE", "")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE", ""))
+
+
+def _first_sentence(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    for stop in (". ", "\n"):
+        head, sep, _ = text.partition(stop)
+        if sep:
+            text = head
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def model_load_error(model: str, config_key: str, err: BaseException, fix: str,
+                     weights: str = "") -> ModelLoadError:
+    """The :class:`ModelLoadError` for ``err`` raised while loading ``model`` (chosen by
+    ``config_key``; ``weights``: its pretrained tag / weights setting, when one is named). The
+    reason is one sentence: "not in the local cache" for the Hub's offline/no-network errors
+    (``huggingface_hub.errors.LocalEntryNotFoundError`` and the like, also when re-raised as text),
+    else the first sentence of the error; ``fix`` says what to change."""
+    from_hub = any(type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+                   or any(m in str(e).lower() for m in _OFFLINE_MARKERS) for e in _cause_chain(err))
+    if from_hub:
+        why = ("downloads are off (HF_HUB_OFFLINE=1)" if _offline()
+               else "the Hugging Face Hub could not be reached")
+        reason = f"its weights are not in the local cache ({_hub_cache()}) and {why}"
+        fix = (f"{fix}; or download them once on a machine with network into the same cache "
+               f"(HF_HOME / HF_HUB_CACHE) and copy it here")
+    else:
+        reason = _first_sentence(err)
+    chosen = f"{config_key}={model!r}" if config_key else repr(model)
+    return ModelLoadError(f"{chosen}{f' ({weights})' if weights else ''}: cannot load the model: {reason}. "
+                          f"Fix: {fix}")
+
+
+class _CaptureLoaderLog(logging.Filter):
+    """Holds back the ERROR records a model library logs just before it raises (open_clip:
+    ``logging.error("Failed to download weights ...")`` on the root logger, which would print an
+    ``ERROR:root:`` line); the raised error carries the same text."""
+
+    def __init__(self, packages: tuple[str, ...]):
+        super().__init__()
+        self.packages = packages
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace(os.sep, "/")
+        if record.levelno >= logging.ERROR and any(f"/{p}/" in path for p in self.packages):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def loading(model: str, config_key: str, fix: str, weights: str = "", packages: tuple[str, ...] = ("open_clip",)):
+    """Context of one model load: a failure to find or read the model's files becomes a
+    :class:`ModelLoadError` (see :func:`model_load_error`); ERROR records the library logs on the
+    way (``packages``) are held back. Errors that already name what is wrong
+    (:class:`CheckpointMismatchError`, :class:`ModelLoadError`) and a missing local checkpoint file
+    (FileNotFoundError not from the Hub) pass unchanged."""
+    root = logging.getLogger()
+    capture = _CaptureLoaderLog(packages)
+    # Without a handler, logging.error() would install a stderr handler (basicConfig) for good.
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    root.addFilter(capture)
+    try:
+        yield
+    except (ModelLoadError, CheckpointMismatchError):
+        raise
+    except FileNotFoundError as err:
+        if type(err).__name__ == "LocalEntryNotFoundError":
+            raise model_load_error(model, config_key, err, fix, weights) from err
+        raise
+    except (OSError, RuntimeError, ValueError) as err:
+        raise model_load_error(model, config_key, err, fix, weights) from err
+    finally:
+        root.removeFilter(capture)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
 
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -87,7 +205,10 @@ class TextEncoder(nn.Module):
     ``"mean"`` averages the non-padding tokens (sentence-transformers' usage).
     """
 
-    def __init__(self, name_or_path: str, pooling: str = "cls", max_length: int = 128):
+    def __init__(self, name_or_path: str, pooling: str = "cls", max_length: int = 128, *,
+                 config_key: str = "model.text_encoder"):
+        """Raises :class:`ModelLoadError` (naming ``name_or_path`` and ``config_key``, the config key
+        that chose it) when the tokenizer or model cannot be loaded, e.g. offline and not cached."""
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -97,8 +218,11 @@ class TextEncoder(nn.Module):
         self.name = name_or_path
         self.pooling = pooling
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path)
+        fix = (f"set {config_key} to a local directory holding the model (config.json, weights, tokenizer "
+               f"files: e.g. a copy saved with save_pretrained)")
+        with loading(name_or_path, config_key, fix, packages=("transformers", "huggingface_hub")):
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path)
         self.model.eval().requires_grad_(False)
 
     @property
@@ -144,12 +268,18 @@ class ClipBundle:
     tokenizer: Callable
 
 
-def create_clip(model_name: str, pretrained: str = "") -> ClipBundle:
-    """``open_clip.create_model_and_transforms`` with a pretrained tag or a local checkpoint."""
+def create_clip(model_name: str, pretrained: str = "", *, config_key: str = "partition.clip_model",
+                weights_key: str = "partition.clip_pretrained") -> ClipBundle:
+    """``open_clip.create_model_and_transforms`` with a pretrained tag or a local checkpoint.
+    Raises :class:`ModelLoadError` naming the model, its tag and the config keys (``config_key``,
+    ``weights_key``) when the weights cannot be loaded (e.g. offline and not cached)."""
     import open_clip
 
     register_model_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+    fix = (f"set {weights_key} to a local open_clip checkpoint file (e.g. open_clip_pytorch_model.bin "
+           f"or .safetensors) for {model_name}")
+    with loading(model_name, config_key, fix, weights=f"{weights_key}={pretrained!r}" if pretrained else ""):
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
     model.eval().requires_grad_(False)
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name))
 
@@ -294,6 +424,8 @@ def data_config(model: nn.Module, input_size: int = 0, crop_pct: float | None = 
 def create_backbone(
     name: str, pretrained: str = "true", checkpoint: str = "", input_size: int = 0, *,
     crop_pct: float | None = None, interpolation: str = "", model_kwargs: dict | None = None,
+    config_key: str = "model.backbone", weights_key: str = "model.backbone_pretrained",
+    checkpoint_key: str = "model.backbone_checkpoint",
 ) -> Backbone:
     """Build a pooled-feature backbone from a timm name or ``open_clip:<arch>``.
 
@@ -303,13 +435,16 @@ def create_backbone(
     dropped; any other mismatch raises :class:`CheckpointMismatchError` naming the file and key).
     Transforms come from :func:`data_config` (``input_size``, ``crop_pct``, ``interpolation``
     override the model's pretrained_cfg). Raises ValueError for ``model_kwargs`` or transform
-    overrides on an open_clip tower (it keeps its own).
+    overrides on an open_clip tower (it keeps its own), and :class:`ModelLoadError` (naming the
+    model and ``config_key`` / ``weights_key`` / ``checkpoint_key``, the config keys that chose it)
+    when pretrained weights cannot be loaded, e.g. offline and not cached.
     """
     if is_open_clip_backbone(name):
         if model_kwargs or crop_pct is not None or interpolation:
             raise ValueError(f"{name}: model.backbone_kwargs, model.crop_pct and model.interpolation apply to "
                              f"timm backbones only; open_clip towers keep their own architecture and transforms")
-        return _create_open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, checkpoint)
+        return _create_open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, checkpoint,
+                                          (config_key, weights_key, checkpoint_key))
     import timm
     from timm.data import create_transform
 
@@ -320,7 +455,11 @@ def create_backbone(
         model = timm.create_model(name, pretrained=False, **kwargs)
         load_features_checkpoint(model, checkpoint, name)
     else:
-        model = timm.create_model(name, pretrained=_truthy(pretrained), **kwargs)
+        fix = (f"set {checkpoint_key} to a local weights file (safetensors or torch), or {config_key} to "
+               f"local-dir:<directory holding config.json and model.safetensors>, or {weights_key}=false "
+               f"for random initialisation")
+        with loading(name, config_key, fix, weights=f"{weights_key}={pretrained!r}", packages=("timm",)):
+            model = timm.create_model(name, pretrained=_truthy(pretrained), **kwargs)
     data_cfg = data_config(model, input_size, crop_pct, interpolation)
     return Backbone(
         name=name,
@@ -350,12 +489,16 @@ def check_backbone(name: str, checkpoint: str = "", model_kwargs: dict | None = 
             load_features_checkpoint(model, checkpoint, name)
 
 
-def _create_open_clip_backbone(arch: str, pretrained: str, checkpoint: str) -> Backbone:
+def _create_open_clip_backbone(arch: str, pretrained: str, checkpoint: str, keys: tuple[str, str, str]) -> Backbone:
     import open_clip
 
     register_model_configs()
+    config_key, weights_key, checkpoint_key = keys
     source = os.path.expanduser(checkpoint) if checkpoint else (pretrained or None)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(arch, pretrained=source)
+    fix = f"set {checkpoint_key} to a local open_clip checkpoint file for {arch}, or {weights_key} to another tag"
+    weights = f"{checkpoint_key}={checkpoint!r}" if checkpoint else (f"{weights_key}={pretrained!r}" if pretrained else "")
+    with loading(f"{OPEN_CLIP_PREFIX}{arch}", config_key, fix, weights=weights):
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(arch, pretrained=source)
     visual = model.visual
     dim = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[-1])
     size = visual.image_size

@@ -138,7 +138,8 @@ class ClipScorer:
         # world) identical in every actor, so scores do not depend on which actor ran a batch.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            bundle = backbones.create_clip(model_name, pretrained)
+            bundle = backbones.create_clip(model_name, pretrained, config_key="partition.clip_model",
+                                           weights_key="partition.clip_pretrained")
         self.model = bundle.model.to(self.device)
         self.tokenizer = bundle.tokenizer
         self.precision = precision
@@ -205,7 +206,8 @@ class SentimentScorer:
 
     def __init__(self, model_name: str, pooling: str, precision: str):
         self.device = backbones.default_device()
-        self.encoder = backbones.TextEncoder(model_name, pooling, SENTIMENT_MAX_LENGTH).to(self.device)
+        self.encoder = backbones.TextEncoder(model_name, pooling, SENTIMENT_MAX_LENGTH,
+                                             config_key="partition.sentiment_model").to(self.device)
         self.precision = precision
 
     def __call__(self, batch: dict) -> dict:
