@@ -14,8 +14,8 @@ Pure: no Ray. A space file looks like::
       - {name: "Both: Strong-coupled", labels: {partition: Both}, set: {train.partitions: [1]}}
     baselines:                   # extra named trials (dotted overrides)
       vanilla: {train.objective: clip}
-    downstream: ["fi=imagefolder:/data/FI"]   # evaluate task specs
-    metric: {name: fi/Acc-8, mode: max}
+    downstream: ["single:fi=/data/FI"]          # evaluate task specs
+    metric: {name: FI/Acc-8, mode: max}
     resources: {workers_per_trial: 1, use_gpu: true}
     asha: {grace_period: 1, reduction_factor: 2}   # ranks on val_acc: needs validation.every_epochs
     max_failures: 1              # retries of a trial whose process died (lost node)

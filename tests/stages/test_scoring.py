@@ -108,3 +108,44 @@ def test_pairs_with_a_given_partition_need_no_model_and_keep_their_code(tmp_path
     assert table.schema.equals(RAW_SCORES)
     assert table.column("partition").to_pylist() == [4, None]
     assert np.isnan(table.column("factual_score").to_pylist()[0]) and table.column("planted_partition").to_pylist() == [None, 1]
+
+
+def test_scoring_models_that_cannot_load_name_their_partition_keys(monkeypatch, capfd):
+    """Offline without the weights cached: each scorer raises ModelLoadError (one line, the model,
+    its partition.* key, the reason, the fix) and open_clip's "ERROR:root" line is not printed."""
+    import open_clip.factory
+    import transformers
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from pacl_ray.core.backbones import ModelLoadError
+    from pacl_ray.stages.scoring import ClipScorer, SentimentScorer
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot "
+                                      "find the requested files in the local cache.")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        ClipScorer("ViT-B-32", "openai", ["happy dog"], top_k=1, precision="fp32")
+    message = str(info.value)
+    assert message.startswith("partition.clip_model='ViT-B-32' (partition.clip_pretrained='openai'): ")
+    assert "not in the local cache" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
+    with pytest.raises(ModelLoadError) as info:
+        SentimentScorer("finiteautomata/bertweet-base-sentiment-analysis", "cls", "fp32")
+    assert str(info.value).startswith("partition.sentiment_model='finiteautomata/bertweet-base-sentiment-analysis': ")
+    captured = capfd.readouterr()
+    assert "ERROR:root" not in captured.out + captured.err
+
+
+def test_a_missing_clip_checkpoint_file_names_partition_clip_pretrained(tmp_path):
+    from pacl_ray.core.backbones import ModelLoadError
+    from pacl_ray.stages.scoring import ClipScorer
+
+    missing = str(tmp_path / "clip.safetensors")
+    with pytest.raises(ModelLoadError) as info:
+        ClipScorer(TINY_CLIP, missing, ["happy dog"], top_k=1, precision="fp32")
+    message = str(info.value)
+    assert message.startswith(f"partition.clip_model='{TINY_CLIP}' (partition.clip_pretrained='{missing}'): ")
+    assert "not a known tag or valid file path" in message
