@@ -64,6 +64,12 @@ def _cause_chain(err: BaseException) -> list[BaseException]:
     return chain
 
 
+def _from_hub(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is the Hub's "not cached, cannot download" error."""
+    return any(type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+               or any(m in str(e).lower() for m in _OFFLINE_MARKERS) for e in _cause_chain(err))
+
+
 def _hub_cache() -> str:
     try:
         from huggingface_hub import constants
@@ -94,9 +100,7 @@ def model_load_error(model: str, config_key: str, err: BaseException, fix: str,
     reason is one sentence: "not in the local cache" for the Hub's offline/no-network errors
     (``huggingface_hub.errors.LocalEntryNotFoundError`` and the like, also when re-raised as text),
     else the first sentence of the error; ``fix`` says what to change."""
-    from_hub = any(type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
-                   or any(m in str(e).lower() for m in _OFFLINE_MARKERS) for e in _cause_chain(err))
-    if from_hub:
+    if _from_hub(err):
         why = ("downloads are off (HF_HUB_OFFLINE=1)" if _offline()
                else "the Hugging Face Hub could not be reached")
         reason = f"its weights are not in the local cache ({_hub_cache()}) and {why}"
@@ -146,7 +150,7 @@ def loading(model: str, config_key: str, fix: str, weights: str = "", packages: 
     except (ModelLoadError, CheckpointMismatchError):
         raise
     except FileNotFoundError as err:
-        if type(err).__name__ == "LocalEntryNotFoundError":
+        if _from_hub(err):
             raise model_load_error(model, config_key, err, fix, weights) from err
         raise
     except (OSError, RuntimeError, ValueError) as err:
@@ -256,6 +260,20 @@ class TextEncoder(nn.Module):
         return torch.cat(chunks)[torch.argsort(torch.tensor(order, device=device))]  # back to input order
 
 
+def check_text_model(name_or_path: str, config_key: str = "model.text_encoder") -> None:
+    """Fail fast, on the driver before actors start: the Hugging Face model's config resolves
+    (a local directory, the cache, or a download). Raises :class:`ModelLoadError` as
+    :class:`TextEncoder` does; reads no weights."""
+    from transformers import AutoConfig
+
+    path = resolve_hf_path(name_or_path)
+    if os.path.isdir(path):
+        return
+    fix = f"set {config_key} to a local directory holding the model (config.json, weights, tokenizer files)"
+    with loading(name_or_path, config_key, fix, packages=("transformers", "huggingface_hub")):
+        AutoConfig.from_pretrained(path)
+
+
 # --------------------------------------------------------------------------- CLIP scorers
 
 
@@ -282,6 +300,33 @@ def create_clip(model_name: str, pretrained: str = "", *, config_key: str = "par
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
     model.eval().requires_grad_(False)
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name))
+
+
+def check_clip_weights(model_name: str, pretrained: str = "", *, config_key: str = "partition.clip_model",
+                       weights_key: str = "partition.clip_pretrained") -> None:
+    """Fail fast, on the driver before actors start: the open_clip architecture exists and its
+    pretrained tag's weights file is cached or downloads (once, here, rather than in every actor);
+    a local checkpoint file or no weights (``pretrained=""``) need nothing. Raises
+    :class:`ModelLoadError` as :func:`create_clip` does; builds no model."""
+    import open_clip
+
+    register_model_configs()
+    fix = (f"set {weights_key} to a local open_clip checkpoint file (e.g. open_clip_pytorch_model.bin "
+           f"or .safetensors) for {model_name}")
+    with loading(model_name, config_key, fix, weights=f"{weights_key}={pretrained!r}" if pretrained else ""):
+        if open_clip.get_model_config(model_name) is None:
+            import difflib
+
+            close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3) or ["see open_clip.list_models()"]
+            raise RuntimeError(f"unknown open_clip architecture (close: {', '.join(close)})")
+        if not pretrained or os.path.isfile(os.path.expanduser(pretrained)):
+            return
+        tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not tag:
+            raise RuntimeError(f"pretrained value {pretrained!r} is neither a known tag of {model_name} "
+                               f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)[:4]) or 'none'}, ...) "
+                               f"nor a file")
+        open_clip.download_pretrained(tag)
 
 
 # --------------------------------------------------------------------------- visual backbones
