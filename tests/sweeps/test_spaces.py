@@ -439,3 +439,20 @@ def test_result_columns_follow_the_driver_naming():
     flat = flatten_rows(rows)
     for name in space_names:  # every name the check accepts prefix-matches a flattened column
         assert any(col == name or col.startswith(f"{name}-") for col in flat), (name, flat)
+
+
+def test_tune_refuses_a_typo_metric_before_ray_starts(tmp_path, monkeypatch):
+    """`pacl-ray tune` with data and downstream tasks of one's own checks the metric first."""
+    from pacl_ray.stages import runtime
+    from pacl_ray.sweeps import driver
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *_: pytest.fail("Ray started"))
+    space = tmp_path / "typo.yaml"
+    space.write_text(yaml.safe_dump({"search": {"partition.sigma": {"grid": [0.3]}},
+                                     "metric": {"name": "emotion/Acc2"}}))
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("")
+    with pytest.raises(SpaceError, match=r"typo.yaml: metric.name: 'emotion/Acc2' is not a result column of the "
+                                         r"downstream tasks; valid: emotion/Acc-C, emotion/F1-C"):
+        driver.run_tune(str(space), data=str(manifest), downstream=[f"imagefolder:emotion={tmp_path}"],
+                        output_dir=str(tmp_path / "runs"))
