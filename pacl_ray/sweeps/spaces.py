@@ -14,8 +14,8 @@ Pure: no Ray. A space file looks like::
       - {name: "Both: Strong-coupled", labels: {partition: Both}, set: {train.partitions: [1]}}
     baselines:                   # extra named trials (dotted overrides)
       vanilla: {train.objective: clip}
-    downstream: ["fi=imagefolder:/data/FI"]   # evaluate task specs
-    metric: {name: fi/Acc-8, mode: max}
+    downstream: ["single:fi=/data/FI"]          # evaluate task specs
+    metric: {name: FI/Acc-8, mode: max}
     resources: {workers_per_trial: 1, use_gpu: true}
     asha: {grace_period: 1, reduction_factor: 2}   # ranks on val_acc: needs validation.every_epochs
     max_failures: 1              # retries of a trial whose process died (lost node)
@@ -534,6 +534,67 @@ def check_asha(space: SweepSpace, base: Optional[dict] = None, *, tasks_known: b
         raise SpaceError(
             f"{space.path}: asha: the validation probe needs a labelled task: set validation.task="
             "KIND:DATASET=ROOT (grammar: pacl_ray.evaluation.tasks) or evaluate.tasks (--downstream)")
+
+
+# Result columns per task kind, as pacl_ray.core.metrics.task_metrics names them; "Acc" / "F1"
+# stand for "Acc-C" / "F1-C" (C = class count or hierarchy level, known once the data is read).
+KIND_COLUMNS = {"single": ("Acc", "F1"), "imagefolder": ("Acc", "F1"), "hierarchical": ("Acc", "F1"),
+                "multilabel": ("mAP", "AUC"), "vad": ("MSE", "R2")}
+SUFFIXED_COLUMNS = ("Acc", "F1")
+
+
+def result_columns(base: dict) -> dict[str, tuple[str, ...]]:
+    """The result-column prefixes of a sweep's downstream evaluation, from its resolved ``base``
+    config: ``{"<task>": ("Acc", "F1"), ...}`` with ``<task>`` named as
+    :func:`pacl_ray.sweeps.driver.flatten_rows` names it (display name, ``-<protocol>`` for
+    fine-tuning / zero-shot, ``[<prompt>]`` per zero-shot prompt). Empty when no task is set.
+    Raises :class:`pacl_ray.evaluation.tasks.TaskSpecError` for a malformed task spec."""
+    from pacl_ray.evaluation.tasks import expand_tasks, parse_task
+
+    evaluate = base.get("evaluate") or {}
+    specs = expand_tasks([parse_task(str(t)) for t in evaluate.get("tasks") or []])
+    protocols = [p.strip() for p in str(evaluate.get("protocol") or "linear").split(",") if p.strip()]
+    out: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        columns = KIND_COLUMNS.get(spec.kind, ())
+        name = spec.display.replace("/", "_")
+        for protocol in protocols:
+            if protocol == "linear":
+                out[name] = columns
+            elif protocol == "zeroshot":
+                out[f"{name}-zeroshot"] = columns
+                for prompt in evaluate.get("prompts") or []:
+                    out[f"{name}-zeroshot[{prompt}]".replace("/", "_")] = columns
+            else:
+                out[f"{name}-{protocol}"] = columns
+    return out
+
+
+def metric_matches(name: str, columns: dict[str, tuple[str, ...]]) -> bool:
+    """Whether a space's ``metric.name`` names a result column: ``<task>/<column>`` with ``<task>`` a
+    key of ``columns`` (:func:`result_columns`) and ``<column>`` one of its columns, where
+    ``Acc`` / ``F1`` also match ``Acc-C`` / ``F1-C`` for any C (the prefix matching of
+    :func:`pacl_ray.sweeps.report.resolve_metric`)."""
+    task, _, column = name.rpartition("/")
+    allowed = columns.get(task, ())
+    return column in allowed or any(column.startswith(f"{c}-") and len(column) > len(c) + 1
+                                    for c in allowed if c in SUFFIXED_COLUMNS)
+
+
+def check_metric(space: SweepSpace, base: dict) -> None:
+    """Refuse a ``metric.name`` that will not be a result column, before any trial runs
+    (SpaceError naming the space file, the metric and the valid names). A no-op without a
+    metric or while the downstream tasks are not known yet (``evaluate.tasks`` empty: the
+    embedded world supplies them once built)."""
+    if space.metric is None:
+        return
+    columns = result_columns(base)
+    if not columns or metric_matches(space.metric.name, columns):
+        return
+    valid = ", ".join(f"{task}/{c}-C" if c in SUFFIXED_COLUMNS else f"{task}/{c}"
+                      for task, cols in columns.items() for c in cols)
+    raise SpaceError(f"{space.path}: metric.name: {space.metric.name!r} is not a result column of the downstream "
+                     f"tasks; valid: {valid} (C = the class count, e.g. Acc-4; '<task>/Acc' matches any C)")
 
 
 def _parse_rows(path: str, mode: str, data: Any, search: dict) -> tuple:

@@ -129,3 +129,122 @@ def test_headed_checkpoint_loads_with_the_classifier_dropped_and_a_mismatch_name
     torch.save({k: v for k, v in headed.state_dict().items() if k != "bn1.weight"}, truncated)
     with pytest.raises(backbones.CheckpointMismatchError, match=r"truncated\.pt.*'bn1\.weight' is missing"):
         backbones.create_backbone("test_resnet", "true", checkpoint=str(truncated))
+
+
+# --------------------------------------------------------------------------- load errors (offline, not cached)
+
+
+def _offline_error():
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return LocalEntryNotFoundError(
+        "An error happened while trying to locate the file on the Hub and we cannot find the requested files "
+        "in the local cache. Please check your connection and try again or make sure your Internet connection is on.")
+
+
+def _assert_one_clear_line(err, *fragments):
+    text = str(err)
+    assert "\n" not in text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    assert "Fix:" in text
+
+
+def test_timm_weights_not_cached_offline_is_a_model_load_error_naming_model_and_key(monkeypatch):
+    import timm
+
+    from pacl_ray.core.backbones import ModelLoadError, create_backbone
+
+    real = timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):
+        if pretrained:  # what timm raises through huggingface_hub offline without the weights cached
+            raise _offline_error()
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        create_backbone("test_resnet", "true", input_size=32)
+    _assert_one_clear_line(info.value, "model.backbone='test_resnet'", "model.backbone_pretrained='true'",
+                           "not in the local cache", "HF_HUB_OFFLINE=1", "model.backbone_checkpoint",
+                           "local-dir:", "HF_HOME")
+    assert isinstance(info.value, ValueError)
+    # random initialisation never touches the Hub
+    assert create_backbone("test_resnet", "false", input_size=32).num_features > 0
+
+
+def test_open_clip_tag_not_cached_is_a_model_load_error_without_a_root_log_line(monkeypatch, capfd):
+    import logging
+
+    import open_clip.factory
+
+    from pacl_ray.core.backbones import ModelLoadError, create_backbone, create_clip
+
+    def download_pretrained(cfg, cache_dir=None):
+        raise _offline_error()
+
+    # open_clip's own code then logs "Failed to download weights ..." on the root logger and raises
+    # RuntimeError, as offline without the weights cached.
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", download_pretrained)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    with pytest.raises(ModelLoadError) as info:
+        create_clip("ViT-B-32", "openai", config_key="partition.clip_model", weights_key="partition.clip_pretrained")
+    _assert_one_clear_line(info.value, "partition.clip_model='ViT-B-32'", "partition.clip_pretrained='openai'",
+                           "not in the local cache", "Hub could not be reached", "local open_clip checkpoint")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ModelLoadError) as info:
+        create_backbone("open_clip:ViT-B-32", "openai")
+    _assert_one_clear_line(info.value, "model.backbone='open_clip:ViT-B-32'", "model.backbone_pretrained='openai'")
+    captured = capfd.readouterr()
+    assert "ERROR:root" not in captured.err + captured.out
+    assert "Failed to download" not in captured.err + captured.out
+    assert root.handlers == handlers and not root.filters  # nothing installed for good
+
+
+def test_other_open_clip_errors_keep_their_reason(monkeypatch):
+    from pacl_ray.core.backbones import ModelLoadError, create_clip
+
+    with pytest.raises(ModelLoadError) as info:
+        create_clip("no-such-arch", "", config_key="partition.clip_model")
+    _assert_one_clear_line(info.value, "partition.clip_model='no-such-arch'", "RuntimeError: ")
+    assert "local cache" not in str(info.value)
+
+
+def test_hf_text_encoder_not_cached_is_a_model_load_error_naming_the_key(monkeypatch):
+    import transformers
+
+    from pacl_ray.core.backbones import ModelLoadError, TextEncoder
+
+    def from_pretrained(path, *args, **kwargs):
+        try:
+            raise _offline_error()
+        except FileNotFoundError as err:  # how transformers re-raises the hub's error
+            raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+                          f"them in the cached files.\nCheck your internet connection for {path}.") from err
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        TextEncoder("org/some-encoder")
+    _assert_one_clear_line(info.value, "model.text_encoder='org/some-encoder'", "not in the local cache",
+                           "local directory")
+    with pytest.raises(ModelLoadError, match=r"^partition\.sentiment_model='org/x'"):
+        TextEncoder("org/x", config_key="partition.sentiment_model")
+
+
+def test_cli_reports_a_model_load_error_in_one_line_with_exit_2(monkeypatch, capsys):
+    from pacl_ray import cli
+    from pacl_ray.core.backbones import model_load_error
+
+    def fail(args):
+        raise model_load_error("resnet50", "model.backbone", _offline_error(), "set model.backbone_checkpoint")
+
+    monkeypatch.setitem(cli.COMMAND_HANDLERS, "tune", fail)
+    assert cli.main(["tune"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("pacl-ray tune: ModelLoadError: model.backbone='resnet50'")

@@ -108,3 +108,77 @@ def test_pairs_with_a_given_partition_need_no_model_and_keep_their_code(tmp_path
     assert table.schema.equals(RAW_SCORES)
     assert table.column("partition").to_pylist() == [4, None]
     assert np.isnan(table.column("factual_score").to_pylist()[0]) and table.column("planted_partition").to_pylist() == [None, 1]
+
+
+def test_scoring_models_that_cannot_load_name_their_partition_keys(monkeypatch, capfd):
+    """Offline without the weights cached: each scorer raises ModelLoadError (one line, the model,
+    its partition.* key, the reason, the fix) and open_clip's "ERROR:root" line is not printed."""
+    import open_clip.factory
+    import transformers
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from pacl_ray.core.backbones import ModelLoadError
+    from pacl_ray.stages.scoring import ClipScorer, SentimentScorer
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot "
+                                      "find the requested files in the local cache.")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        ClipScorer("ViT-B-32", "openai", ["happy dog"], top_k=1, precision="fp32")
+    message = str(info.value)
+    assert message.startswith("partition.clip_model='ViT-B-32' (partition.clip_pretrained='openai'): ")
+    assert "not in the local cache" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
+    with pytest.raises(ModelLoadError) as info:
+        SentimentScorer("finiteautomata/bertweet-base-sentiment-analysis", "cls", "fp32")
+    assert str(info.value).startswith("partition.sentiment_model='finiteautomata/bertweet-base-sentiment-analysis': ")
+    captured = capfd.readouterr()
+    assert "ERROR:root" not in captured.out + captured.err
+
+
+def test_a_missing_clip_checkpoint_file_names_partition_clip_pretrained(tmp_path):
+    from pacl_ray.core.backbones import ModelLoadError
+    from pacl_ray.stages.scoring import ClipScorer
+
+    missing = str(tmp_path / "clip.safetensors")
+    with pytest.raises(ModelLoadError) as info:
+        ClipScorer(TINY_CLIP, missing, ["happy dog"], top_k=1, precision="fp32")
+    message = str(info.value)
+    assert message.startswith(f"partition.clip_model='{TINY_CLIP}' (partition.clip_pretrained='{missing}'): ")
+    assert "not a known tag or valid file path" in message
+
+
+def test_scoring_models_are_checked_on_the_driver_before_actors_start(monkeypatch, tmp_path, minilm_path):
+    """Actors that fail to load are retried by Ray with a long traceback; the driver checks first."""
+    import open_clip
+    import transformers
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from pacl_ray.core.backbones import ModelLoadError
+    from pacl_ray.stages.scoring import check_scoring_models
+
+    cfg = tiny_cfg(str(tmp_path / "out"), tmp_path / "m.jsonl", minilm_path)
+    check_scoring_models(cfg.partition, True, True)  # random-init CLIP and a local directory: nothing to fetch
+
+    def offline(*args, **kwargs):
+        try:
+            raise LocalEntryNotFoundError("we cannot find the requested files in the local cache.")
+        except FileNotFoundError as err:  # how open_clip re-raises it
+            raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin)") from err
+
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    cfg.partition.clip_model, cfg.partition.clip_pretrained = "ViT-B-32", "openai"
+    with pytest.raises(ModelLoadError, match=r"^partition\.clip_model='ViT-B-32' \(partition\.clip_pretrained="
+                                             r"'openai'\): cannot load the model: its weights are not in the local cache"):
+        check_scoring_models(cfg.partition, True, False)
+    check_scoring_models(cfg.partition, False, False)  # a model that will not run is not checked
+    cfg.partition.sentiment_model = "org/sentiment"
+    with pytest.raises(ModelLoadError, match=r"^partition\.sentiment_model='org/sentiment': .*local cache"):
+        check_scoring_models(cfg.partition, False, True)
+    cfg.partition.clip_pretrained = "opnai"
+    with pytest.raises(ModelLoadError, match=r"'opnai' is neither a known tag of ViT-B-32 \(openai"):
+        check_scoring_models(cfg.partition, True, False)

@@ -9,7 +9,8 @@ import yaml
 
 from pacl_ray import config
 from pacl_ray.sweeps.spaces import (
-    ASHA_METRICS, Domain, SpaceError, Trial, apply_dotted, check_asha, expand_trials, load_space, parse_space,
+    ASHA_METRICS, Domain, SpaceError, Trial, apply_dotted, check_asha, check_metric, expand_trials, load_space,
+    parse_space, result_columns,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -387,3 +388,71 @@ def test_asha_needs_the_validation_probe_on_with_a_task():
     check_asha(space, _base(validation={"every_epochs": 1}), tasks_known=False)  # the world will supply it
     check_asha(space, _base(validation={"every_epochs": 2}, evaluate={"tasks": ["imagefolder:e=/x"]}))
     check_asha(space, _base(validation={"every_epochs": 1, "task": "single:fi=/data/FI"}))
+
+
+def _with_tasks(*tasks: str, protocol: str = "linear") -> dict:
+    return {"evaluate": {"tasks": list(tasks), "protocol": protocol, "prompts": ["a {} photo"]}}
+
+
+@pytest.mark.parametrize("name", ["emotion/Acc", "emotion/Acc-4", "emotion/F1", "emotion/F1-4",
+                                  "FI/Acc-8", "emotion-finetune/Acc", "emo_v/MSE", "emo_v/R2", "tags/mAP",
+                                  "emotion-zeroshot/Acc", "emotion-zeroshot[a {} photo]/F1-4"])
+def test_metric_naming_a_result_column_passes(name):
+    base = _with_tasks("imagefolder:emotion=/d", "single:fi=/d/FI", "vad:iaps=/d,name=emo_v",
+                       "multilabel:emotic=/d,name=tags", protocol="linear,finetune,zeroshot")
+    check_metric(parse_space({"metric": name}, path="s.yaml"), base)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("emotion/Acc2", "column"), ("emotion/Acc-", "column"), ("emotion/mAP", "kind"), ("emotoin/Acc", "task"),
+    ("emotion-finetune/Acc", "protocol not run"), ("emo_v/Acc", "kind"),
+])
+def test_metric_that_is_no_result_column_is_refused_at_plan_time(name, why):
+    base = _with_tasks("imagefolder:emotion=/d", "vad:iaps=/d,name=emo_v")
+    with pytest.raises(SpaceError) as info:
+        check_metric(parse_space({"metric": name}, path="spaces/typo.yaml"), base)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("spaces/typo.yaml: metric.name: ")
+    assert repr(name) in message
+    assert "valid: emotion/Acc-C, emotion/F1-C, emo_v/MSE, emo_v/R2" in message
+
+
+def test_metric_names_the_task_by_its_display_name_as_the_result_columns_do():
+    with pytest.raises(SpaceError, match=r"'fi/Acc-8' is not a result column.*valid: FI/Acc-C, FI/F1-C"):
+        check_metric(parse_space({"metric": "fi/Acc-8"}), _with_tasks("single:fi=/d/FI"))
+    check_metric(parse_space({"metric": "FI/Acc-8"}), _with_tasks("single:fi=/d/FI"))
+
+
+def test_metric_check_waits_for_the_tasks_and_skips_spaces_without_a_metric():
+    check_metric(parse_space({"metric": "emotion/Acc2"}), {"evaluate": {"tasks": []}})  # world not built yet
+    check_metric(parse_space({}), _with_tasks("imagefolder:emotion=/d"))
+
+
+def test_result_columns_follow_the_driver_naming():
+    from pacl_ray.sweeps.driver import flatten_rows
+
+    columns = result_columns(_with_tasks("imagefolder:emotion=/d", protocol="linear,finetune"))
+    assert columns == {"emotion": ("Acc", "F1"), "emotion-finetune": ("Acc", "F1")}
+    rows = [{"dataset": "emotion", "protocol": p, "Acc-4": 1.0, "F1-4": 2.0} for p in ("linear", "finetune")]
+    space_names = [f"{t}/{c}" for t, cols in columns.items() for c in cols]
+    flat = flatten_rows(rows)
+    for name in space_names:  # every name the check accepts prefix-matches a flattened column
+        assert any(col == name or col.startswith(f"{name}-") for col in flat), (name, flat)
+
+
+def test_tune_refuses_a_typo_metric_before_ray_starts(tmp_path, monkeypatch):
+    """`pacl-ray tune` with data and downstream tasks of one's own checks the metric first."""
+    from pacl_ray.stages import runtime
+    from pacl_ray.sweeps import driver
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *_: pytest.fail("Ray started"))
+    space = tmp_path / "typo.yaml"
+    space.write_text(yaml.safe_dump({"search": {"partition.sigma": {"grid": [0.3]}},
+                                     "metric": {"name": "emotion/Acc2"}}))
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("")
+    with pytest.raises(SpaceError, match=r"typo.yaml: metric.name: 'emotion/Acc2' is not a result column of the "
+                                         r"downstream tasks; valid: emotion/Acc-C, emotion/F1-C"):
+        driver.run_tune(str(space), data=str(manifest), downstream=[f"imagefolder:emotion={tmp_path}"],
+                        output_dir=str(tmp_path / "runs"))
