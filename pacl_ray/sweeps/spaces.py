@@ -109,7 +109,7 @@ class Domain:
 
 @dataclass(frozen=True)
 class Metric:
-    """The result column a sweep optimises, ``"<task>/<column>"``, e.g. ``"fi/Acc-8"``."""
+    """The result column a sweep optimises, ``"<task>/<column>"``, e.g. ``"FI/Acc-8"``."""
 
     name: str
     mode: str = "max"
@@ -437,7 +437,7 @@ def parse_space(data: Any, path: str = "<space>") -> SweepSpace:
     if metric_data is not None:
         metric = _parse_dataclass(f"{path}: metric", Metric, metric_data)
         if not isinstance(metric.name, str) or "/" not in metric.name:
-            raise SpaceError(f"{path}: metric.name: expected '<task>/<column>' like fi/Acc-8, got {metric.name!r}")
+            raise SpaceError(f"{path}: metric.name: expected '<task>/<column>' like FI/Acc-8, got {metric.name!r}")
         if metric.mode not in ("max", "min"):
             raise SpaceError(f"{path}: metric.mode: expected max or min, got {metric.mode!r}")
 
