@@ -163,9 +163,12 @@ def check_backbone(cfg: RunConfig) -> None:
     """Before any stage runs: the configured backbone builds with ``model.backbone_kwargs`` and its
     checkpoint (if any) loads with its classifier dropped. Raises
     :class:`pacl_ray.core.backbones.CheckpointMismatchError` naming the file and the first
-    mismatching key, or ValueError / timm's error for bad kwargs."""
+    mismatching key, or ValueError / timm's error for bad kwargs; and the text encoder resolves
+    (:class:`pacl_ray.core.backbones.ModelLoadError` naming ``model.text_encoder``), so a missing
+    model is one line here rather than a traceback from each Ray Data actor."""
     m = cfg.model
     backbones.check_backbone(m.backbone, local_file(m.backbone_checkpoint), m.backbone_kwargs)
+    backbones.check_text_model(m.text_encoder, "model.text_encoder")
 
 
 def text_dim(name_or_path: str) -> int:
