@@ -12,9 +12,7 @@ No Ray here.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +20,7 @@ import pytest
 
 from pacl_ray.formats import manifests, tables
 from pacl_ray.formats.manifests import ManifestSchemaError
+from tarfiles import tar_file
 
 PNG = b"\x89PNG fake bytes"  # readers never decode images
 
@@ -34,17 +33,6 @@ def verdict(rows: list[dict]) -> tuple:
     """(row or key, reason, field, detail) of the one bad record."""
     (bad,) = [r for r in rows if r["reason"]]
     return bad["source"].rsplit(":", 1)[-1].rsplit("#", 1)[-1], bad["reason"], bad["field"], bad["detail"]
-
-
-def tar_file(path, members: list[tuple[str, bytes]]) -> str:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buffer.getvalue())
-    return str(path)
 
 
 # --------------------------------------------------------------------------- 1. whole-file problems

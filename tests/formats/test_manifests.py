@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +10,7 @@ import pytest
 
 from pacl_ray.formats import manifests, tables
 from pacl_ray.formats.manifests import ROW_BITS
+from tarfiles import tar_bytes
 
 PNG = b"\x89PNG fake bytes"  # readers never decode images
 
@@ -27,16 +26,6 @@ def verdicts(rows: list[dict]) -> list[tuple]:
 
 def good_ids(rows: list[dict]) -> list[str]:
     return [r["id"] for r in rows if not r["reason"]]
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- writers: one manifest per format

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +24,7 @@ from pacl_ray.config import RunConfig
 from pacl_ray.formats import manifests
 from pacl_ray.stages import ingest
 from pacl_ray.stages.ingest import IngestError, run_ingest
+from tarfiles import tar_file
 
 PNG = b"\x89PNG fake bytes"
 
@@ -37,17 +37,6 @@ def validated(path, kind, images=None) -> list[tuple[str, str, str]]:
         row = ingest.validate_record(record, 10**8, True)
         out.append((row["source"].rsplit(":", 1)[-1].rsplit("#", 1)[-1].rsplit("/", 1)[-1], row["reason"], row["field"]))
     return out
-
-
-def tar_file(path, members) -> str:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buffer.getvalue())
-    return str(path)
 
 
 # --------------------------------------------------------------------------- 2. empty vs absent text
