@@ -182,7 +182,10 @@ def install_stop_handlers(reset: bool = False) -> None:
     exits 128 + the signal's number. Called by the command line at its start, and again by
     :func:`init_ray` after ``ray.init``: Ray's driver replaces the SIGTERM handler (``ray.init``
     installs one that exits, its C++ core worker an Abseil failure handler that dumps every
-    thread's stack and ends the process with 139). Main thread only (Python's rule for signals).
+    thread's stack and ends the process with 139). Ray's public switch for that handler,
+    ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1``, is not set: it would also drop the stack dumps of real
+    crashes (SIGSEGV) in every Ray process; replacing the driver's SIGTERM handler is enough (Ray's
+    other processes block SIGINT and exit quietly on SIGTERM). Main thread only (Python's rule).
     ``reset``: forget a signal received before (a new command in the same process)."""
     import signal
     import threading

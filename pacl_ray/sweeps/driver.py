@@ -23,6 +23,14 @@ How a sweep runs:
 5. Outputs under ``{output_dir}/sweeps/<name>/``: ``results.md`` and ``results.csv`` (the layout
    of the paper's Table 5, plus each trial's start-to-first-step seconds), ``plot_<key>.png`` per searched key, ``best_config.yaml``, and
    ``trials.json`` with each trial's metrics and exported backbone.
+6. Interrupted (Ctrl-C or SIGTERM while trials run): Tune saves the experiment's state and stops the
+   running trials (a first Ctrl-C; :class:`TuneInterruptWatch`), or the run stops at once (SIGTERM,
+   :func:`pacl_ray.stages.runtime.install_stop_handlers`). Trials it stopped are ``interrupted``,
+   never "failed"; ``results.md`` then starts with ``INCOMPLETE: interrupted, N of M trials
+   finished`` (``results.csv`` and ``trials.json`` say so too), no best config is chosen and no
+   ``best_config.yaml`` is written (one from an earlier run of the sweep is removed), and
+   :class:`SweepInterrupted` reaches the command line: exit 130 (SIGINT) or 143 (SIGTERM) with
+   the command that resumes. (SIGTERM stops before the report is written: nothing is written.)
 """
 
 from __future__ import annotations

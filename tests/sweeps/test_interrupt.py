@@ -166,7 +166,7 @@ def _tune(tmp_path: Path, out: str, sig: int | None = None) -> tuple[int, str]:
 
 def _assert_interrupted(status: int, text: str, expected: int, out: str) -> None:
     assert status == expected, text[-3000:]
-    assert f"resume with: pacl-ray tune --world tiny" in text
+    assert "resume with: pacl-ray tune --world tiny" in text
     assert "Traceback" not in text and "Tuner.restore" not in text and "SIGTERM received" not in text
     assert "== Best config" not in text
     sweep_dir = Path(out) / "sweeps" / "default"
@@ -182,6 +182,8 @@ def test_ctrl_c_during_trials_exits_130_and_the_rerun_resumes(tmp_path):
     _assert_interrupted(status, text, 130, out)
     assert "pacl-ray tune: interrupted (0 of 2 trials finished" in text or "pacl-ray tune: interrupted (1 of 2" in text
     assert "[tune] interrupted: saving the sweep's state" in text
+    results = (Path(out) / "sweeps" / "default" / "results.md").read_text()  # Tune ended the run: written
+    assert results.startswith("**INCOMPLETE: interrupted,") and "| interrupted |" in results
     assert "failed" not in text.split("[tune] interrupted", 1)[1]  # stopped trials are not failures
     status, text = _tune(tmp_path, out)
     assert status == 0, text[-3000:]
