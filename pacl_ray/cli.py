@@ -12,8 +12,10 @@ whose cached output is missing.
 
 Exit status: 0 done; 1 a sweep trial failed; 2 a user error (bad config value, missing or
 unreadable input, unwritable output directory, bad dataset or task), reported in one line on
-stderr without a traceback; 130 interrupted (Ctrl-C), with what was kept and the command that
-resumes.
+stderr without a traceback; 130 interrupted (Ctrl-C, SIGINT) and 143 stopped (SIGTERM: ``timeout``,
+``docker stop``, Slurm, ``ray job stop``), either with what was kept and the command that resumes.
+A sweep stopped while its trials run says how many finished; its results.md is marked INCOMPLETE
+and it writes no best_config.yaml. Further signals while it shuts down are ignored.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from typing import Any, Callable
 
 from pacl_ray import __version__
 from pacl_ray import config as config_mod
-from pacl_ray.stages.runtime import RayStartError
+from pacl_ray.stages.runtime import (
+    RayStartError, exit_within, ignore_stop_signals, install_stop_handlers, stop_signal,
+)
 
 STAGES = ("ingest", "partition", "embed", "cluster", "train", "evaluate", "run")
 COMMANDS = (*STAGES, "tune", "world", "config")
@@ -313,13 +318,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _Interrupt.kept = ""
+    install_stop_handlers(reset=True)  # SIGTERM like Ctrl-C (again after ray.init, which replaces it)
     try:
         return COMMAND_HANDLERS[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        received = stop_signal()  # 0: a KeyboardInterrupt raised in this process, not a signal
+        if received:
+            ignore_stop_signals()  # a second Ctrl-C must not break Ray's shutdown into a traceback
+        signum = received or signal.SIGINT
         kept = _Interrupt.kept or "nothing yet (it stopped before any work started)"
-        print(f"\npacl-ray {args.command}: interrupted; {kept}.\n"
-              f"resume with: {shlex.join(['pacl-ray', *argv])}", file=sys.stderr)
-        return 130
+        detail = f" ({err})" if str(err) else ""  # a sweep: how many trials finished
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"\npacl-ray {args.command}: {how}{detail}; {kept}.\n"
+              f"resume with: {shlex.join(['pacl-ray', *argv])}", file=sys.stderr, flush=True)
+        if received:
+            exit_within(128 + int(signum))  # Ray's shutdown waits for a GCS that SIGTERM may have killed
+        return 128 + int(signum)
     except _user_errors() as err:
         # Bad input, not a bug: the message names the file, row and field (or the config key,
         # value and what is allowed); no traceback.

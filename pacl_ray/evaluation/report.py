@@ -201,7 +201,8 @@ def markdown_table(lead: Sequence[str], rows: Sequence[LayoutRow], columns: Sequ
     for row in rows:
         cells = [format_cell(k.rsplit("/", 1)[-1], row.values.get(k), row.spread.get(k)) for _, k in columns]
         if row.error and not row.values and cells:
-            cells = [f"failed: {row.error[:40]}"] + ["-"] * (len(cells) - 1)
+            # "interrupted": a sweep stopped before the row ran (pacl_ray.sweeps.driver), not a failure
+            cells = [row.error if row.error == "interrupted" else f"failed: {row.error[:40]}"] + ["-"] * (len(cells) - 1)
         lines.append("| " + " | ".join([str(c) for c in row.cells] + cells) + " |")
     return "\n".join(lines) + "\n"
 

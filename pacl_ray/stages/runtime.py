@@ -163,7 +163,95 @@ def init_ray(cfg: RayConfig | None = None) -> None:
                 "other heavy jobs or lower ray.num_cpus; Ray's logs are under /tmp/ray/session_latest/logs"):
             ray.init(address="local", num_cpus=local_num_cpus(cfg), num_gpus=cfg.num_gpus,
                      include_dashboard=False, **kwargs)
+    if _stop.wanted:
+        install_stop_handlers()  # ray.init replaced the SIGTERM handler (stop_handlers docstring)
     configure_driver_console()
+
+
+# --------------------------------------------------------------------------- stop signals
+
+
+class _stop:
+    wanted = False  # the command line asked for stop_handlers (a library caller keeps its own)
+    received = 0  # the first stop signal received (signal.SIGINT or signal.SIGTERM), 0 if none
+
+
+def install_stop_handlers(reset: bool = False) -> None:
+    """SIGTERM (``timeout``, ``docker stop``, Slurm, ``ray job stop``) is handled like a Ctrl-C outside
+    ``Tuner.fit`` (KeyboardInterrupt, :func:`_on_stop_signal`) and both are remembered (:func:`stop_signal`), so the command line reports an interrupted run and
+    exits 128 + the signal's number. Called by the command line at its start, and again by
+    :func:`init_ray` after ``ray.init``: Ray's driver replaces the SIGTERM handler (``ray.init``
+    installs one that exits, its C++ core worker an Abseil failure handler that dumps every
+    thread's stack and ends the process with 139). Ray's public switch for that handler,
+    ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1``, is not set: it would also drop the stack dumps of real
+    crashes (SIGSEGV) in every Ray process; replacing the driver's SIGTERM handler is enough (Ray's
+    other processes block SIGINT and exit quietly on SIGTERM). Main thread only (Python's rule).
+    ``reset``: forget a signal received before (a new command in the same process)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _stop.wanted = True
+    if reset:
+        _stop.received = 0
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_stop_signal)
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    """Remember the first stop signal and raise KeyboardInterrupt in the main thread.
+
+    SIGTERM does not take Ray Tune's graceful path (its SIGINT handler saves the experiment and
+    then stops each trial, about 10 s on a small machine): whoever sends SIGTERM often sends it to
+    Ray's own processes too (Slurm, a process group) and kills for good soon after (``docker
+    stop``: 10 s), and that path waits on the cluster. Tune saves the experiment as it runs, and
+    training resumes from its checkpoint, so stopping at once loses no finished work."""
+    _stop.received = _stop.received or signum
+    raise KeyboardInterrupt
+
+
+def note_stop_signal(signum: int) -> None:
+    """Record a stop signal that another handler received (Ray Tune's SIGINT handler)."""
+    _stop.received = _stop.received or signum
+
+
+def stop_signal() -> int:
+    """The first stop signal received since :func:`install_stop_handlers` (0: none)."""
+    return _stop.received
+
+
+SHUTDOWN_GRACE_S = 20.0  # an interrupted command's exit: longest wait for Ray's shutdown
+
+
+def exit_within(status: int, seconds: float = SHUTDOWN_GRACE_S) -> None:
+    """Make sure an interrupted command ends with ``status`` within ``seconds``: a daemon timer
+    ends the process then if Ray's atexit shutdown still waits. A SIGTERM sent to the whole process
+    group (Slurm, ``kill -- -PGID``) kills Ray's GCS as well, and the driver's shutdown would then
+    wait 60 s for it and exit 1. Ray's local processes are bound to the driver (kernel
+    fate-sharing), so they go with it."""
+    import threading
+
+    def end() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+
+
+def ignore_stop_signals() -> None:
+    """While an interrupted command shuts down (Ray's atexit ``shutdown`` kills its processes), a
+    further Ctrl-C or SIGTERM must not end it in a traceback: both are ignored from here on."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _start_errors:

@@ -23,6 +23,14 @@ How a sweep runs:
 5. Outputs under ``{output_dir}/sweeps/<name>/``: ``results.md`` and ``results.csv`` (the layout
    of the paper's Table 5, plus each trial's start-to-first-step seconds), ``plot_<key>.png`` per searched key, ``best_config.yaml``, and
    ``trials.json`` with each trial's metrics and exported backbone.
+6. Interrupted (Ctrl-C or SIGTERM while trials run): Tune saves the experiment's state and stops the
+   running trials (a first Ctrl-C; :class:`TuneInterruptWatch`), or the run stops at once (SIGTERM,
+   :func:`pacl_ray.stages.runtime.install_stop_handlers`). Trials it stopped are ``interrupted``,
+   never "failed"; ``results.md`` then starts with ``INCOMPLETE: interrupted, N of M trials
+   finished`` (``results.csv`` and ``trials.json`` say so too), no best config is chosen and no
+   ``best_config.yaml`` is written (one from an earlier run of the sweep is removed), and
+   :class:`SweepInterrupted` reaches the command line: exit 130 (SIGINT) or 143 (SIGTERM) with
+   the command that resumes. (SIGTERM stops before the report is written: nothing is written.)
 """
 
 from __future__ import annotations
@@ -573,15 +581,99 @@ def run_sweep(
                 trial_dirname_creator=_TrialNamer(hyperparameters)),
             run_config=tune_run_config(experiment_root, experiment_name, space.max_failures, callbacks),
         )
-    grid = tuner.fit()
-    outcomes = collect_outcomes(grid, trials)
-    report = write_report(space, base, trial_configs, outcomes, sweep_dir, initial)
+    with TuneInterruptWatch(log) as watch:
+        grid = tuner.fit()
+    interrupted = watch.interrupted or not grid_finished(grid)
+    outcomes = collect_outcomes(grid, trials, interrupted=interrupted)
+    finished = sum(1 for o in outcomes if o.error != INTERRUPTED)  # evaluated, or failed for good
+    incomplete = f"interrupted, {finished} of {len(outcomes)} trials finished" if interrupted else ""
+    report = write_report(space, base, trial_configs, outcomes, sweep_dir, initial, incomplete=incomplete)
     report.result_grid = grid
+    if interrupted:
+        stopped = [o.trial.name for o in outcomes if o.error == INTERRUPTED]
+        log(f"[tune] stopped, not finished: {', '.join(stopped) or 'none'}")
+        raise SweepInterrupted(f"{finished} of {len(outcomes)} trials finished; incomplete table: "
+                               f"{storage.join(sweep_dir, 'results.md')}")
     return outcomes, report, partitions
 
 
-def collect_outcomes(grid: Any, trials: list[Trial]) -> list[TrialOutcome]:
-    """Per trial (in sweep order): its last reported metrics, exported backbone, or error."""
+INTERRUPTED = "interrupted"  # a trial's error when the sweep was stopped while it ran or waited
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped (Ctrl-C or SIGTERM) while its trials ran: Tune saved the experiment's
+    state (a relaunch restores it) and the report was written marked incomplete. ``str()`` says
+    how many trials finished."""
+
+
+class TuneInterruptWatch:
+    """Around ``Tuner.fit()``: learns whether Tune's SIGINT handler stopped the run and keeps
+    Tune's console lines about it in our words.
+
+    Tune 2.x installs its own SIGINT handler for ``fit`` (``ray.tune.tune._setup_signal_catching``):
+    a first Ctrl-C logs "Stop signal received ...", ends the loop, saves the experiment state,
+    stops the running trials and returns a ResultGrid as if the run were done, after logging
+    "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)" (a second
+    Ctrl-C raises KeyboardInterrupt at once). ``fit`` says nothing else about it, so those log
+    records of the ``ray.tune.tune`` logger are what this watches: the first is replaced by one
+    line, the restore hint (the command line prints the command that resumes instead) and the
+    "Trials did not complete" list are dropped. The SIGINT handler in place before ``fit`` is put
+    back afterwards (Tune leaves its own installed when the run ends normally)."""
+
+    LOGGER = "ray.tune.tune"
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log
+        self.interrupted = False
+
+    def filter(self, record: Any) -> bool:
+        message = str(record.msg)
+        if message.startswith("Stop signal received"):
+            import signal
+
+            from pacl_ray.stages.runtime import note_stop_signal
+
+            self.interrupted = True
+            note_stop_signal(signal.SIGINT)
+            self.log("[tune] interrupted: saving the sweep's state, then stopping the running trials (their "
+                     "lines go on until they stop; they are not results, the same command resumes them)")
+            return False
+        if "has been interrupted" in message or (self.interrupted and message.startswith("Trials did not complete")):
+            return False
+        return True
+
+    def __enter__(self) -> "TuneInterruptWatch":
+        import logging
+        import signal
+        import threading
+
+        self._main = threading.current_thread() is threading.main_thread()
+        self._sigint = signal.getsignal(signal.SIGINT) if self._main else None
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import logging
+        import signal
+
+        logging.getLogger(self.LOGGER).removeFilter(self)
+        if self._main and self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+
+
+def grid_finished(grid: Any) -> bool:
+    """Every trial of the ResultGrid ended (terminated or errored): a trial still pending
+    means the run was stopped before it."""
+    try:
+        return grid.num_terminated + grid.num_errors >= len(grid)
+    except (AttributeError, TypeError):  # a test's stand-in grid: a plain list of results
+        return True
+
+
+def collect_outcomes(grid: Any, trials: list[Trial], interrupted: bool = False) -> list[TrialOutcome]:
+    """Per trial (in sweep order): its last reported metrics, exported backbone, or error. When
+    the sweep was ``interrupted``, a trial that neither finished its evaluation nor failed is
+    :data:`INTERRUPTED` (Tune stopped it), not "stopped early" (a scheduler's decision)."""
     by_name: dict[str, TrialOutcome] = {}
     for result in grid:
         name = (result.config or {}).get("trial")
@@ -594,11 +686,12 @@ def collect_outcomes(grid: Any, trials: list[Trial]) -> list[TrialOutcome]:
                      if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
                      and metrics.get("evaluated")},
             backbone=str(metrics.get("backbone_checkpoint", "") or ""),
-            error=_short_error(result.error) if result.error else ("" if metrics.get("evaluated") else "stopped early"),
+            error=_short_error(result.error) if result.error else (
+                "" if metrics.get("evaluated") else INTERRUPTED if interrupted else "stopped early"),
             start_to_first_step_s=_float_or_none(metrics.get("start_to_first_step_s")),
         )
         by_name[name] = outcome
-    return [by_name.get(t.name, TrialOutcome(t, error="not run")) for t in trials]
+    return [by_name.get(t.name, TrialOutcome(t, error=INTERRUPTED if interrupted else "not run")) for t in trials]
 
 
 def _float_or_none(value: Any) -> float | None:

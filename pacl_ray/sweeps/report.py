@@ -164,6 +164,11 @@ def _fmt_metric(value: Any, spread: Any = None) -> str:
 STARTUP_COLUMN = "first step (s)"  # the trial's start to its first training step (issue #21)
 
 
+def _error_cell(error: str) -> str:
+    """A row without values: "interrupted" (the sweep was stopped; not a failure) or "failed: ..."."""
+    return error if error == "interrupted" else f"failed: {error[:40]}"
+
+
 def results_markdown(rows: list[dict], columns: list[str]) -> str:
     """The table as Markdown: hyperparameter | value | <task>/<metric> ... (on a seed axis each
     cell is ``mean ± std`` over the seeds, and a ``seeds`` column counts them; when a trial trained
@@ -180,7 +185,7 @@ def results_markdown(rows: list[dict], columns: list[str]) -> str:
         previous = r["hyperparameter"]
         cells = [_fmt_metric(r["metrics"].get(c), r.get("spread", {}).get(c)) for c in columns]
         if r["error"] and not r["metrics"]:
-            cells = [f"failed: {r['error'][:40]}"] + ["-"] * (len(columns) - 1) if columns else []
+            cells = [_error_cell(r["error"])] + ["-"] * (len(columns) - 1) if columns else []
         if with_seeds:
             cells.append(str(len(r.get("seeds") or [])) if r.get("seeds") else "-")
         if with_startup:
@@ -188,6 +193,16 @@ def results_markdown(rows: list[dict], columns: list[str]) -> str:
             cells.append("-" if start is None else f"{float(start):.1f}")
         lines.append("| " + " | ".join([section, r["value"]] + cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mark_csv(csv_text: str, incomplete: str) -> str:
+    """A last ``incomplete`` column saying why every row may be partial."""
+    rows = list(csv.reader(io.StringIO(csv_text)))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    for i, row in enumerate(rows):
+        writer.writerow(row + ["incomplete" if i == 0 else incomplete])
+    return out.getvalue()
 
 
 def results_csv(rows: list[dict], columns: list[str]) -> str:
@@ -366,8 +381,14 @@ class SweepReport:
 
 
 def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
-                 outcomes: list[TrialOutcome], sweep_dir: str, initial: dict | None = None) -> SweepReport:
-    """Table (Markdown + CSV), one plot per searched key, best config and trials.json."""
+                 outcomes: list[TrialOutcome], sweep_dir: str, initial: dict | None = None,
+                 incomplete: str = "") -> SweepReport:
+    """Table (Markdown + CSV), one plot per searched key, best config and trials.json.
+
+    ``incomplete`` (e.g. "interrupted, 1 of 3 trials finished"): the sweep did not finish, and
+    nothing may look as if it had: results.md starts with ``INCOMPLETE: <incomplete>``, trials.json
+    carries ``"incomplete"``, results.csv has an ``incomplete`` column, and no best config is
+    chosen (no best_config.yaml; one left by an earlier run of this sweep is removed)."""
     columns = metric_columns(outcomes, initial)
     metric = resolve_metric(space.metric.name, columns) if space.metric else default_metric(columns)
     if space.metric and not metric and columns:
@@ -377,6 +398,10 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
     mode = space.metric.mode if space.metric else "max"
     rows = table_rows(space, base, outcomes, initial)
     markdown, csv_text = layout_markdown(space, base, outcomes, initial), results_csv(rows, columns)
+    if incomplete:
+        markdown = (f"**INCOMPLETE: {incomplete}.** Rows marked interrupted are not results; "
+                    f"rerun the same command to resume the sweep.\n\n" + markdown)
+        csv_text = _mark_csv(csv_text, incomplete)
     storage.write_text(storage.join(sweep_dir, "results.md"), markdown)
     storage.write_text(storage.join(sweep_dir, "results.csv"), csv_text)
 
@@ -392,8 +417,11 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
         storage.write_bytes(uri, plot_hyperparameter(key, rows, columns, metric, reference, domain.log_scale))
         plots.append(uri)
 
-    best = best_outcome(aggregate_seeds(outcomes), metric, mode) if metric else None  # by mean over seeds
+    best = best_outcome(aggregate_seeds(outcomes), metric, mode) if metric and not incomplete else None
     best_yaml = ""
+    if incomplete and storage.exists(storage.join(sweep_dir, "best_config.yaml")):
+        fs, path = storage.resolve(storage.join(sweep_dir, "best_config.yaml"))
+        fs.delete_file(path)
     if best is not None:
         # a seed axis' best row: the config of its first seed
         best_yaml = config_mod.dump_config(config_mod.from_dict(trial_configs[(best.members or [best.trial.name])[0]]))
@@ -404,7 +432,8 @@ def write_report(space: SweepSpace, base: dict, trial_configs: dict[str, dict],
         for o in outcomes
     ]
     storage.write_text(storage.join(sweep_dir, "trials.json"),
-                       json.dumps({"metric": metric, "mode": mode, "initial": initial,
+                       json.dumps({**({"incomplete": incomplete} if incomplete else {}),
+                                   "metric": metric, "mode": mode, "initial": initial,
                                    "best": best.trial.name if best else None, "trials": trials_json},
                                   indent=2, default=str))
     return SweepReport(sweep_dir, markdown, csv_text, best, best_yaml, metric, plots)
