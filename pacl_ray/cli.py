@@ -223,6 +223,8 @@ def _overrides_from_flags(args: argparse.Namespace) -> list[str]:
 def _check_inputs(cfg: config_mod.RunConfig, command: str) -> None:
     """Input files that must exist before any work starts (a glob or URI is left to the stage)."""
     manifest = cfg.ingest.manifest
+    if command != "evaluate" and not manifest.strip():  # every stage reads the ingested pairs
+        raise config_mod.ConfigError("ingest.manifest is empty: pass --manifest FILE (or set ingest.manifest)")
     if command != "evaluate" and manifest and "://" not in manifest and not any(c in manifest for c in "*?["):
         path = os.path.expanduser(manifest)
         if not os.path.exists(path):

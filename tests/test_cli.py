@@ -116,6 +116,9 @@ def test_missing_inputs_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
     assert cli.main(["ingest", "--manifest", str(tmp_path / "gone.jsonl"), "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "ingest.manifest=" in err and "gone.jsonl" in err and "no such file" in err
+    for command in ("run", "partition"):  # no manifest at all: said before Ray starts
+        assert cli.main([command, "--output-dir", str(tmp_path)]) == 2
+        assert "ingest.manifest is empty: pass --manifest FILE" in capsys.readouterr().err
     assert cli.main(["tune", "--space", str(tmp_path / "nospace.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
 
