@@ -67,8 +67,23 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _command(sub: Any, name: str, summary: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
     epilog = "example:\n" + "\n".join(f"  {e}" for e in examples)
-    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
-                          formatter_class=_Formatter)
+    _COMMAND_PARSERS[name] = sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                                            formatter_class=_Formatter)
+    return _COMMAND_PARSERS[name]
+
+
+_COMMAND_PARSERS: dict[str, argparse.ArgumentParser] = {}  # filled by build_parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; an unknown flag is reported with its command's usage (``pacl-ray tune
+    --epochs 3``: tune's flags), not the top-level one, exit 2."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _COMMAND_PARSERS[args.command].error(f"unrecognized arguments: {' '.join(unknown)} "
+                                        f"(config values: --set KEY=VALUE, e.g. --set train.epochs=3)")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,7 +333,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _Interrupt.kept = ""
     install_stop_handlers(reset=True)  # SIGTERM like Ctrl-C (again after ray.init, which replaces it)
     try:

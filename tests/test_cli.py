@@ -150,7 +150,8 @@ def test_stage_user_errors_exit_2_in_one_line(kind, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: None)
     monkeypatch.setattr(pacl_ray.stages.pipeline, "stage_cluster", fails)
-    assert cli.main(["cluster", "--output-dir", str(tmp_path)]) == 2
+    (tmp_path / "m.jsonl").touch()  # an existing manifest: the stage itself is mocked
+    assert cli.main(["cluster", "--manifest", str(tmp_path / "m.jsonl"), "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"pacl-ray cluster: {type(_error(kind)).__name__}: {kind}: /data/x.csv row 3 field 'label'")
@@ -165,8 +166,9 @@ def test_a_bug_is_not_a_user_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pacl_ray.stages.runtime, "init_ray", lambda cfg=None: None)
     monkeypatch.setattr(pacl_ray.stages.pipeline, "stage_cluster", bug)
+    (tmp_path / "m.jsonl").touch()
     with pytest.raises(KeyError):  # a traceback, for a bug report
-        cli.main(["cluster", "--output-dir", str(tmp_path)])
+        cli.main(["cluster", "--manifest", str(tmp_path / "m.jsonl"), "--output-dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("command", [["ingest", "--manifest", "{manifest}"], ["tune"], ["world", "--cache-dir"]])
@@ -337,3 +339,12 @@ def test_train_summary_has_the_validation_probe_when_the_run_had_one():
     assert lines[5] == "      1           1      2   1.000   0.000   0.000   0.000   1.000       50.0     41.2"
     result.history = [{**row, "epoch": 0}]  # no probe: no column
     assert "val_acc" not in cli.format_train_result(result)
+
+
+def test_an_unknown_flag_gets_its_commands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["tune", "--epochs", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: pacl-ray tune ")
+    assert "pacl-ray tune: error: unrecognized arguments: --epochs 3 (config values: --set KEY=VALUE" in err
