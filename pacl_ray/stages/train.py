@@ -486,6 +486,10 @@ def run_train(cfg: RunConfig, ingest: StageOutput, partition: StageOutput, embed
         record_fs.delete_file(record_path)
     loop_config = {"cfg": cfg, "dataset": dataset, "order": order, "plan": plan, "text_dim": text_dim, "run_uri": uri,
                    "fault": fault, "validation": ray.put(validation) if validation is not None else None}
+    earlier = latest_checkpoint(uri)  # an earlier launch of this run (interrupted, crashed, preempted)
+    if earlier is not None:
+        log.write(f"train: resuming from the checkpoint at global step {earlier[0]} of {plan.total_steps} "
+                  f"(an earlier launch of this run)")
     fit_at = time.time()
     if local:
         def launch():  # each try resumes from the run's latest checkpoint of either kind

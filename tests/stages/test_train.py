@@ -258,6 +258,8 @@ def test_interrupted_run_relaunched_continues(ray_local, tables, runs, tmp_path)
     assert result.uri == _run_dirs(tmp_path / "relaunch")[0]
     assert [r["global_step"] for r in state["step_rows"]] == list(range(TOTAL_STEPS))
     assert state["step_rows"][:4] == crashed["step_rows"]  # carried over (wall-clock times included), not re-run
+    assert f"train: resuming from the checkpoint at global step 4 of {TOTAL_STEPS}" in \
+        open(os.path.join(result.uri, "run.log")).read()
     clean = _final_state(runs["one"])["model"]
     for name, value in state["model"].items():
         assert torch.equal(value, clean[name]), name
