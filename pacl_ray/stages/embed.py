@@ -163,12 +163,9 @@ def check_backbone(cfg: RunConfig) -> None:
     """Before any stage runs: the configured backbone builds with ``model.backbone_kwargs`` and its
     checkpoint (if any) loads with its classifier dropped. Raises
     :class:`pacl_ray.core.backbones.CheckpointMismatchError` naming the file and the first
-    mismatching key, or ValueError / timm's error for bad kwargs; and the text encoder resolves
-    (:class:`pacl_ray.core.backbones.ModelLoadError` naming ``model.text_encoder``), so a missing
-    model is one line here rather than a traceback from each Ray Data actor."""
+    mismatching key, or ValueError / timm's error for bad kwargs."""
     m = cfg.model
     backbones.check_backbone(m.backbone, local_file(m.backbone_checkpoint), m.backbone_kwargs)
-    backbones.check_text_model(m.text_encoder, "model.text_encoder")
 
 
 def text_dim(name_or_path: str) -> int:
@@ -185,6 +182,9 @@ def run_embed(cfg: RunConfig, ingest: StageOutput) -> StageOutput:
     m, e = cfg.model, cfg.embed
 
     def build(uri: str) -> dict:
+        # On the driver, before any actor starts: a text encoder that cannot be loaded is one line
+        # (ModelLoadError naming model.text_encoder), not a traceback from each Ray Data actor.
+        backbones.check_text_model(m.text_encoder, "model.text_encoder")
         pairs_files = cache.table_files(ingest, "pairs")
         features_uri = storage.join(uri, "features")
         image_kwargs = dict(backbone=m.backbone, pretrained=m.backbone_pretrained, checkpoint=m.backbone_checkpoint,
