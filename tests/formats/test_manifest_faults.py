@@ -259,13 +259,15 @@ WRONG = [
 READERS = {"jsonl": _jsonl, "json-list": _json_list, "tumemo-json": _tumemo_json, "webdataset-json": _webdataset_json}
 
 
-@pytest.mark.parametrize("reader", list(READERS))
-@pytest.mark.parametrize("bad, field, said", WRONG, ids=[f"{w[1]}-{i}" for i, w in enumerate(WRONG)])
+# TumEmo finds images by id and WebDataset images are tar members (always bytes): neither reads an
+# image field, so those pairs are not cases.
+WRONG_CASES = [pytest.param(reader, *case, id=f"{reader}-{case[1]}-{i}")
+               for reader in READERS for i, case in enumerate(WRONG)
+               if not (case[1] == "image" and reader in ("tumemo-json", "webdataset-json"))]
+
+
+@pytest.mark.parametrize("reader, bad, field, said", WRONG_CASES)
 def test_a_value_of_the_wrong_type_is_wrong_type(tmp_path, reader, bad, field, said):
-    if reader == "tumemo-json" and field == "image":
-        pytest.skip("TumEmo finds images by id; an image field is ignored")
-    if reader == "webdataset-json" and field == "image":
-        pytest.skip("WebDataset images are tar members, always bytes")
     rows = READERS[reader](tmp_path, bad)
     _, reason, got_field, detail = verdict(rows)
     assert (reason, got_field) == ("wrong_type", field) and said in detail, detail
