@@ -33,6 +33,14 @@ class TrialProgress(Callback):
         builtin_print = getattr(log, "__module__", None) == "builtins" and getattr(log, "__name__", "") == "print"
         self._log = None if builtin_print else log
         self.start = self.last = time.monotonic()
+        self.done_before: int | None = None  # trials finished before this launch (a restored sweep's)
+
+    def setup(self, **info) -> None:
+        """Tune calls this at the start of every launch, a restored sweep's included (whose
+        callbacks come back unpickled, with the first launch's clock): the ``[N s]`` stamps and the
+        ETA count from this launch and over the trials it runs."""
+        self.start = self.last = time.monotonic()
+        self.done_before = None
 
     def log(self, message: str) -> None:
         (self._log or print)(message)
@@ -46,10 +54,13 @@ class TrialProgress(Callback):
         # so that trial (``ended``) is counted as done here, not as running.
         done = sum(t is ended or t.status in ("TERMINATED", "ERROR") for t in trials)
         running = sum(t is not ended and t.status == "RUNNING" for t in trials)
+        if self.done_before is None:  # the first line of this launch: what an earlier one finished
+            self.done_before = done - (ended is not None)
         elapsed = time.monotonic() - self.start
+        done_here = done - self.done_before
         eta = ""
-        if 0 < done < self.total:
-            eta = f", ETA {elapsed / done * (self.total - done):.0f} s"
+        if 0 < done_here and done < self.total:
+            eta = f", ETA {elapsed / done_here * (self.total - done):.0f} s"
         return f"{done}/{self.total} trials done, {running} running [{elapsed:.0f} s{eta}]"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:

@@ -36,6 +36,30 @@ def test_trial_progress_lines(monkeypatch):
     ]
 
 
+def test_a_restored_sweeps_progress_counts_from_its_own_launch(monkeypatch):
+    """Tune unpickles a restored sweep's callbacks with the first launch's clock; setup() (called
+    at every launch) restarts the stamps, and the ETA covers only what this launch finished."""
+    import pickle
+
+    lines: list[str] = []
+    now = [1000.0]
+    monkeypatch.setattr("pacl_ray.sweeps.tracking.time.monotonic", lambda: now[0])
+    first = TrialProgress(3, heartbeat_s=30)
+    now[0] = 5.0  # another process: another monotonic origin
+    progress = pickle.loads(pickle.dumps(first))
+    progress._log = lines.append
+    progress.setup(stop=None)
+    trial = lambda name, status: types.SimpleNamespace(config={"trial": name}, status=status)  # noqa: E731
+    trials = [trial("a", "TERMINATED"), trial("b", "RUNNING"), trial("c", "PENDING")]
+    progress.on_trial_start(0, trials, trials[1])
+    now[0] = 25.0
+    progress.on_trial_complete(1, trials, trials[1])
+    assert lines == [
+        "[tune] trial b started; 1/3 trials done, 1 running [0 s]",
+        "[tune] trial b finished; 2/3 trials done, 0 running [20 s, ETA 20 s]",
+    ]
+
+
 def test_trial_progress_counts_the_ending_trial_as_done():
     """Tune calls on_trial_complete / on_trial_error while the trial's status is still RUNNING."""
     lines: list[str] = []
