@@ -92,22 +92,18 @@ def model_load_error(model: str, config_key: str, err: BaseException, fix: str,
                           f"Fix: {fix}")
 
 
-class _CaptureLoaderLog(logging.Filter):
-    """Holds back the ERROR records a model library logs just before it raises (open_clip:
+class _HoldBackLoaderErrors(logging.Filter):
+    """Drops the ERROR records a model library logs just before it raises (open_clip:
     ``logging.error("Failed to download weights ...")`` on the root logger, which would print an
     ``ERROR:root:`` line); the raised error carries the same text."""
 
     def __init__(self, packages: tuple[str, ...]):
         super().__init__()
         self.packages = packages
-        self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         path = record.pathname.replace(os.sep, "/")
-        if record.levelno >= logging.ERROR and any(f"/{p}/" in path for p in self.packages):
-            self.records.append(record)
-            return False
-        return True
+        return not (record.levelno >= logging.ERROR and any(f"/{p}/" in path for p in self.packages))
 
 
 @contextlib.contextmanager
@@ -118,12 +114,13 @@ def loading(model: str, config_key: str, fix: str, weights: str = "", packages: 
     (:class:`CheckpointMismatchError`, :class:`ModelLoadError`) and a missing local checkpoint file
     (FileNotFoundError not from the Hub) pass unchanged."""
     root = logging.getLogger()
-    capture = _CaptureLoaderLog(packages)
-    # Without a handler, logging.error() would install a stderr handler (basicConfig) for good.
-    placeholder = logging.NullHandler() if not root.handlers else None
-    if placeholder is not None:
-        root.addHandler(placeholder)
-    root.addFilter(capture)
+    hold_back = _HoldBackLoaderErrors(packages)
+    # logging.error() on a root logger without handlers calls basicConfig, which installs a stderr
+    # handler for good; a NullHandler for the duration of the load keeps the root as it was.
+    null_handler = logging.NullHandler() if not root.handlers else None
+    if null_handler is not None:
+        root.addHandler(null_handler)
+    root.addFilter(hold_back)
     try:
         yield
     except (ModelLoadError, CheckpointMismatchError):
@@ -135,6 +132,6 @@ def loading(model: str, config_key: str, fix: str, weights: str = "", packages: 
     except (OSError, RuntimeError, ValueError) as err:
         raise model_load_error(model, config_key, err, fix, weights) from err
     finally:
-        root.removeFilter(capture)
-        if placeholder is not None:
-            root.removeHandler(placeholder)
+        root.removeFilter(hold_back)
+        if null_handler is not None:
+            root.removeHandler(null_handler)
