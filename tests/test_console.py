@@ -366,3 +366,27 @@ def test_a_ray_start_failure_is_one_line_with_advice(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pacl-ray world: RayStartError: could not start a local Ray")
     assert "Traceback" not in err[0]
+
+
+def test_worker_processes_drop_an_unraisable_systemexit_only(monkeypatch, capsys):
+    """Ray's SIGTERM handler raising SystemExit inside a weakref callback of an exiting trial actor
+    printed "Exception ignored in ... SystemExit: 1" with a traceback; other unraisables still print."""
+    import gc
+    import sys
+
+    from pacl_ray.stages.runtime import quiet_exit_unraisable
+
+    class Raises:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):  # an exception here is "unraisable": it goes to sys.unraisablehook
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", quiet_exit_unraisable)
+    Raises(SystemExit(1))
+    gc.collect()
+    assert capsys.readouterr().err == ""
+    Raises(ValueError("a real one"))
+    gc.collect()
+    assert "ValueError: a real one" in capsys.readouterr().err

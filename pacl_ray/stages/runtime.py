@@ -285,6 +285,18 @@ def setup_worker() -> None:
     # Ray Train's workers log the root logger's INFO records to the console: timm's "Loaded ...
     # from checkpoint '<path>'" for every backbone build (the stages say what they load).
     logging.getLogger("timm").setLevel(logging.WARNING)
+    sys.unraisablehook = quiet_exit_unraisable
+
+
+def quiet_exit_unraisable(unraisable: "sys.UnraisableHookArgs") -> None:
+    """``sys.unraisablehook`` of Ray's worker processes: a ``SystemExit`` that cannot propagate
+    is dropped; anything else goes to Python's default hook. Why: Ray ends a finished trial's actor
+    with SIGTERM, and its worker's handler raises ``SystemExit``; when the signal lands while a
+    weakref callback or finalizer runs, Python prints "Exception ignored in ... SystemExit: 1"
+    with a traceback on the console, about a process that is exiting as it should."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def echo(line: str) -> None:
